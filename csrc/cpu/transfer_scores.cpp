@@ -1,0 +1,65 @@
+// transfer_scores on the CPU: per item, gather the masked keys, one BLAS GEMM for the query x key cosine block,
+// then per query row the thresholded-softmax statistics and the weighted mass, without storing the softmax.
+// Spec: mrprune.reference.transfer_scores.
+#include "mrprune/cpu/common.h"
+
+namespace mrprune::cpu {
+
+Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Tensor key_mask,
+                           std::optional<Tensor> key_weights, double threshold, double temperature) {
+  check_tensor(queries, "queries", 3, ScalarType::Float);
+  check_tensor(query_lengths, "query_lengths", 1, ScalarType::Long);
+  check_tensor(keys, "keys", 3, ScalarType::Float);
+  check_tensor(key_mask, "key_mask", 2, ScalarType::Bool);
+  if (key_weights.has_value()) check_tensor(*key_weights, "key_weights", 2, ScalarType::Float);
+  const int64_t batch = queries.size(0), max_queries = queries.size(1), dim = queries.size(2);
+  const int64_t max_keys = keys.size(1);
+  const float thr = static_cast<float>(threshold), temp = static_cast<float>(temperature);
+  Tensor prop = torch::stable::new_zeros(queries, {batch, max_queries});
+  std::vector<float> query_unit(static_cast<size_t>(max_queries * dim)), key_rows(static_cast<size_t>(max_keys * dim)),
+      key_unit(static_cast<size_t>(max_keys * dim)), key_norms(max_keys), weight(max_keys),
+      similarity(static_cast<size_t>(max_queries * max_keys));
+  const int64_t* qlen = query_lengths.const_data_ptr<int64_t>();
+  const bool* mask = key_mask.const_data_ptr<bool>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t m = qlen[b];
+    const float* key_src = keys.const_data_ptr<float>() + b * max_keys * dim;
+    int64_t selected = 0;
+    for (int64_t j = 0; j < max_keys; ++j) {
+      if (!mask[b * max_keys + j]) continue;
+      std::copy(key_src + j * dim, key_src + (j + 1) * dim, key_rows.begin() + selected * dim);
+      if (key_weights.has_value()) weight[selected] = key_weights->const_data_ptr<float>()[b * max_keys + j];
+      ++selected;
+    }
+    if (selected == 0 || m == 0) continue;  // nothing pruned to transfer from: prop stays 0 (not 0/0)
+    normalize_rows(key_rows.data(), selected, dim, key_unit.data(), key_norms.data());
+    if (!key_weights.has_value()) std::copy(key_norms.begin(), key_norms.begin() + selected, weight.begin());
+    normalize_rows(queries.const_data_ptr<float>() + b * max_queries * dim, m, dim, query_unit.data(), nullptr);
+    matmul_into(float_view(query_unit.data(), m, dim, dim, 1), float_view(key_unit.data(), dim, selected, 1, dim),
+                float_view(similarity.data(), m, selected, selected, 1));
+    float* out = prop.mutable_data_ptr<float>() + b * max_queries;
+    torch::stable::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float* row = similarity.data() + i * selected;
+        const EdgeRowStats stats = edge_row_stats(row, selected, thr, temp);
+        float mass = 0.f, z;
+        if (stats.edges == 0) {  // uniform row (the official -5000 fill): the mean weight, over |keys| again
+          for (int64_t j = 0; j < selected; ++j) mass += weight[j];
+          out[i] = mass / static_cast<float>(selected) / static_cast<float>(selected);
+          continue;
+        }
+        for (int64_t j = 0; j < selected; ++j) {
+          if (is_edge(row[j], thr, temp, &z)) mass += weight[j] * (std::exp(z - stats.max_logit) / stats.denominator);
+        }
+        out[i] = mass / static_cast<float>(stats.edges);
+      }
+    });
+  }
+  return prop;
+}
+
+}  // namespace mrprune::cpu
+
+STABLE_TORCH_LIBRARY_IMPL(mrprune, CPU, m) {
+  m.impl("_transfer_scores_cpu", TORCH_BOX(&mrprune::cpu::transfer_scores_cpu));
+}

@@ -1,0 +1,179 @@
+"""The ``torch.ops.mrprune`` library: one schema per op, its fake, and the router that validates then dispatches.
+
+Each public op ``name`` is defined here once (Python ``DEF``; the C++ side only registers ``*_IMPL`` kernels). Its
+CPU and CUDA kernels are this module's router, which validates the arguments (``mrprune._validation``) and calls the
+implementation chosen by ``mrprune.backends``: the eager reference, the C++ CPU kernel (private op
+``_<name>_cpu``), the CUDA C++ kernel (``_<name>_cuda``) or Triton (``_<name>_triton``, registered by
+``mrprune.triton_kernels``). The private C++ ops share the public schema and receive canonical inputs: contiguous,
+float32 features, int64 indices.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from . import _validation, backends, reference
+
+# Shapes: B batch, N padded tokens, M padded query tokens, D features, k budget. Scores and graphs are float32
+# (float64 for float64 input); indices int64.
+SCHEMAS = {
+    # features [B,N,D], lengths [B] -> graph [B,N,N], degree [B,N]
+    "cosine_graph": "(Tensor features, Tensor lengths, float threshold=0.5, float temperature=0.03) -> (Tensor, Tensor)",
+    # graph [B,N,N], degree [B,N], weights [B,N], lengths [B] -> scores [B,N]
+    "graph_propagate": "(Tensor graph, Tensor degree, Tensor weights, Tensor lengths, int iterations=1) -> Tensor",
+    # features [B,N,D], lengths [B], weights [B,N]? -> scores [B,N]
+    "graph_scores": (
+        "(Tensor features, Tensor lengths, Tensor? weights=None, float threshold=0.5, float temperature=0.03, "
+        "int iterations=1) -> Tensor"
+    ),
+    # queries [B,M,D], query_lengths [B], keys [B,N,D], key_mask [B,N] bool, key_weights [B,N]? -> prop [B,M]
+    "transfer_scores": (
+        "(Tensor queries, Tensor query_lengths, Tensor keys, Tensor key_mask, Tensor? key_weights=None, "
+        "float threshold=0.5, float temperature=0.03) -> Tensor"
+    ),
+    # features [B,N,D], lengths [B], gate [B,N]?, seed [B]? -> indices [B,k] int64, energies [B,k]
+    "greedy_residual_select": (
+        "(Tensor features, Tensor lengths, int k, Tensor? gate=None, Tensor? seed=None, float exhaustion_tol=1e-05, "
+        "str algorithm='auto') -> (Tensor, Tensor)"
+    ),
+    # scores [B,N], lengths [B] -> indices [B,k] int64
+    "topk_indices": "(Tensor scores, Tensor lengths, int k, bool sort_indices=False) -> Tensor",
+}
+#: Ops with a CUDA C++ kernel (``csrc/cuda/<op>.cu``).
+CUDA_OPS = ("topk_indices",)
+
+_lib = torch.library.Library("mrprune", "DEF")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+    _lib.define(f"_{_name}_cpu" + _schema)
+for _name in CUDA_OPS:
+    _lib.define(f"_{_name}_cuda" + SCHEMAS[_name])
+
+
+def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _int64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.int64).contiguous()
+
+
+# --- canonical argument conversion for the C++ kernels (float32 values, int64 indices, contiguous) -----------------
+_CANONICAL: dict[str, Callable[..., tuple]] = {
+    "cosine_graph": lambda x, lens, thr, temp: (_float32(x), _int64(lens), thr, temp),
+    "graph_propagate": lambda g, deg, w, lens, it: (_float32(g), _float32(deg), _float32(w), _int64(lens), it),
+    "graph_scores": lambda x, lens, w, thr, temp, it: (_float32(x), _int64(lens), _float32(w), thr, temp, it),
+    "transfer_scores": lambda q, ql, k, km, kw, thr, temp: (
+        _float32(q), _int64(ql), _float32(k), km.contiguous(), _float32(kw), thr, temp
+    ),
+    "greedy_residual_select": lambda x, lens, k, gate, seed, tol, alg: (
+        _float32(x), _int64(lens), k, _float32(gate), _int64(seed), tol, alg
+    ),
+    "topk_indices": lambda s, lens, k, sort: (_float32(s), _int64(lens), k, sort),
+}
+
+_VALIDATE = {
+    "cosine_graph": _validation.cosine_graph,
+    "graph_propagate": _validation.graph_propagate,
+    "graph_scores": _validation.graph_scores,
+    "transfer_scores": _validation.transfer_scores,
+    "greedy_residual_select": _validation.greedy_residual_select,
+    "topk_indices": _validation.topk_indices,
+}
+
+
+def _private_op(name: str, suffix: str) -> Callable:
+    private = getattr(torch.ops.mrprune, f"_{name}_{suffix}").default
+    canonical = _CANONICAL[name]
+    return lambda *args: private(*canonical(*args))
+
+
+def _make_router(name: str) -> Callable:
+    validate = _VALIDATE[name]
+    signature = inspect.signature(getattr(reference, name))  # the schema's argument order and defaults
+
+    def router(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        args = tuple(bound.arguments.values())
+        validate(name, *args)
+        first = args[0]
+        return backends.resolve(name, first.device, first.dtype)(*args)
+
+    router.__name__ = f"{name}_router"
+    return router
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mrprune::{op}", key)
+
+
+def register_compiled_kernels() -> None:
+    """Register the C++ CPU and CUDA kernels that the loaded extension provides (called after importing ``_C``)."""
+    for name in SCHEMAS:
+        if _has_kernel(f"_{name}_cpu", "CPU"):
+            backends.register(name, "cpp", _private_op(name, "cpu"))
+    for name in CUDA_OPS:
+        if _has_kernel(f"_{name}_cuda", "CUDA"):
+            backends.register(name, "cuda", _private_op(name, "cuda"))
+
+
+for _name in SCHEMAS:
+    backends.register(_name, "reference", getattr(reference, _name))
+    torch.library.register_kernel(f"mrprune::{_name}", ("cpu", "cuda"), _make_router(_name), lib=_lib)
+
+
+# --- fakes (shapes only; the same shape checks as the real call) ------------------------------------------------
+
+
+def _score_dtype(t: torch.Tensor) -> torch.dtype:
+    return reference.compute_dtype(t.dtype)
+
+
+@torch.library.register_fake("mrprune::cosine_graph", lib=_lib)
+def _cosine_graph_fake(features, lengths, threshold=0.5, temperature=0.03):
+    _validation.cosine_graph("cosine_graph", features, lengths, threshold, temperature)
+    batch, tokens, _ = features.shape
+    dtype = _score_dtype(features)
+    return features.new_empty(batch, tokens, tokens, dtype=dtype), features.new_empty(batch, tokens, dtype=dtype)
+
+
+@torch.library.register_fake("mrprune::graph_propagate", lib=_lib)
+def _graph_propagate_fake(graph, degree, weights, lengths, iterations=1):
+    _validation.graph_propagate("graph_propagate", graph, degree, weights, lengths, iterations)
+    return graph.new_empty(graph.shape[:2], dtype=_score_dtype(graph))
+
+
+@torch.library.register_fake("mrprune::graph_scores", lib=_lib)
+def _graph_scores_fake(features, lengths, weights=None, threshold=0.5, temperature=0.03, iterations=1):
+    _validation.graph_scores("graph_scores", features, lengths, weights, threshold, temperature, iterations)
+    return features.new_empty(features.shape[:2], dtype=_score_dtype(features))
+
+
+@torch.library.register_fake("mrprune::transfer_scores", lib=_lib)
+def _transfer_scores_fake(queries, query_lengths, keys, key_mask, key_weights=None, threshold=0.5, temperature=0.03):
+    _validation.transfer_scores(
+        "transfer_scores", queries, query_lengths, keys, key_mask, key_weights, threshold, temperature
+    )
+    return queries.new_empty(queries.shape[:2], dtype=_score_dtype(queries))
+
+
+@torch.library.register_fake("mrprune::greedy_residual_select", lib=_lib)
+def _greedy_residual_select_fake(features, lengths, k, gate=None, seed=None, exhaustion_tol=1e-5, algorithm="auto"):
+    _validation.greedy_residual_select(
+        "greedy_residual_select", features, lengths, k, gate, seed, exhaustion_tol, algorithm
+    )
+    batch = features.shape[0]
+    return (
+        features.new_empty(batch, k, dtype=torch.int64),
+        features.new_empty(batch, k, dtype=_score_dtype(features)),
+    )
+
+
+@torch.library.register_fake("mrprune::topk_indices", lib=_lib)
+def _topk_indices_fake(scores, lengths, k, sort_indices=False):
+    _validation.topk_indices("topk_indices", scores, lengths, k, sort_indices)
+    return scores.new_empty(scores.shape[0], k, dtype=torch.int64)

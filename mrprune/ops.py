@@ -1,0 +1,111 @@
+"""Typed entry points to the ``torch.ops.mrprune`` primitives.
+
+All ops are batched over padded inputs with ``lengths[B]`` (padded positions never contribute and are never picked),
+accept float16/bfloat16/float32 features (computed in float32) or float64 (the reference, in float64), return
+fixed-size outputs (so they work under ``torch.compile`` and CUDA graphs), and are inference-only (no autograd).
+Each validates its arguments before any kernel runs. The math of each op is specified in :mod:`mrprune.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library  # noqa: F401  (defines torch.ops.mrprune)
+
+__all__ = [
+    "cosine_graph",
+    "graph_propagate",
+    "graph_scores",
+    "transfer_scores",
+    "greedy_residual_select",
+    "topk_indices",
+]
+
+
+def cosine_graph(
+    features: torch.Tensor, lengths: torch.Tensor, threshold: float = 0.5, temperature: float = 0.03
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thresholded-softmax cosine-similarity graph (MR-Pruner / G-Prune affinity).
+
+    ``features [B, N, D]``, ``lengths [B]`` → ``graph [B, N, N]`` (row-stochastic on each item's valid block),
+    ``degree [B, N]`` (edge count ``#{j: cos >= threshold}``, or ``n_b`` for a row without edges). See
+    :func:`mrprune.reference.cosine_graph`.
+    """
+    return torch.ops.mrprune.cosine_graph.default(features, lengths, threshold, temperature)
+
+
+def graph_propagate(
+    graph: torch.Tensor, degree: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor, iterations: int = 1
+) -> torch.Tensor:
+    """Scores ``(w^T P^t) / degree`` by ``t`` vector-matrix products.
+
+    ``graph [B, N, N]``, ``degree [B, N]``, ``weights [B, N]``, ``lengths [B]`` → ``scores [B, N]``. See
+    :func:`mrprune.reference.graph_propagate`.
+    """
+    return torch.ops.mrprune.graph_propagate.default(graph, degree, weights, lengths, iterations)
+
+
+def graph_scores(
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    threshold: float = 0.5,
+    temperature: float = 0.03,
+    iterations: int = 1,
+) -> torch.Tensor:
+    """Fused graph scoring: features to ``(w^T P^t) / degree`` without handing back the ``N x N`` graph.
+
+    ``features [B, N, D]``, ``lengths [B]``, ``weights [B, N]`` (``None``: the feature norms) → ``scores [B, N]``.
+    MR-Pruner uses ``iterations=1``, G-Prune ``5``. See :func:`mrprune.reference.graph_scores`.
+    """
+    return torch.ops.mrprune.graph_scores.default(features, lengths, weights, threshold, temperature, iterations)
+
+
+def transfer_scores(
+    queries: torch.Tensor,
+    query_lengths: torch.Tensor,
+    keys: torch.Tensor,
+    key_mask: torch.Tensor,
+    key_weights: torch.Tensor | None = None,
+    threshold: float = 0.5,
+    temperature: float = 0.03,
+) -> torch.Tensor:
+    """MR-Pruner's cross-resolution transfer from a masked subset of keys to every query.
+
+    ``queries [B, M, D]``, ``query_lengths [B]``, ``keys [B, N, D]``, ``key_mask [B, N]`` bool, ``key_weights
+    [B, N]`` (``None``: key norms) → ``prop [B, M]``, 0 where an item selects no key. See
+    :func:`mrprune.reference.transfer_scores`.
+    """
+    return torch.ops.mrprune.transfer_scores.default(
+        queries, query_lengths, keys, key_mask, key_weights, threshold, temperature
+    )
+
+
+def greedy_residual_select(
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    gate: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    exhaustion_tol: float = 1e-5,
+    algorithm: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy gated residual-energy selection (ResPrune), ``k`` picks per item in one call.
+
+    ``features [B, N, D]``, ``lengths [B]``, ``gate [B, N]`` (``None``: 1), ``seed [B]`` (``None`` or negative:
+    no forced first pick) → ``indices [B, k]`` int64 in pick order (-1 past ``n_b``), ``energies [B, k]`` (residual
+    energy of each pick when picked). Ties go to the lower index. See
+    :func:`mrprune.reference.greedy_residual_select`.
+    """
+    return torch.ops.mrprune.greedy_residual_select.default(
+        features, lengths, k, gate, seed, exhaustion_tol, algorithm
+    )
+
+
+def topk_indices(scores: torch.Tensor, lengths: torch.Tensor, k: int, sort_indices: bool = False) -> torch.Tensor:
+    """Deterministic top-k over valid tokens: larger score first, ties to the lower index.
+
+    ``scores [B, N]``, ``lengths [B]`` → ``indices [B, k]`` int64 in score order, or ascending when
+    ``sort_indices``; -1 past ``n_b``. See :func:`mrprune.reference.topk_indices`.
+    """
+    return torch.ops.mrprune.topk_indices.default(scores, lengths, k, sort_indices)
