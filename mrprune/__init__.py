@@ -13,9 +13,11 @@ import os
 from . import _library, backends, ops, reference
 from .ops import (
     cosine_graph,
+    diversity_select,
     graph_propagate,
     graph_scores,
     greedy_residual_select,
+    max_cosine,
     topk_indices,
     transfer_scores,
 )
@@ -45,9 +47,11 @@ __all__ = [
     "HAS_EXTENSION",
     "backends",
     "cosine_graph",
+    "diversity_select",
     "graph_propagate",
     "graph_scores",
     "greedy_residual_select",
+    "max_cosine",
     "ops",
     "reference",
     "topk_indices",

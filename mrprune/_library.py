@@ -39,6 +39,10 @@ SCHEMAS = {
         "(Tensor features, Tensor lengths, int k, Tensor? gate=None, Tensor? seed=None, float exhaustion_tol=1e-05, "
         "str algorithm='auto') -> (Tensor, Tensor)"
     ),
+    # features [B,N,D], lengths [B] -> indices [B,k] int64
+    "diversity_select": "(Tensor features, Tensor lengths, int k, bool mask_picked=True) -> Tensor",
+    # queries [B,M,D], query_lengths [B], keys [B,N,D], key_lengths [B] -> rho [B,M]
+    "max_cosine": "(Tensor queries, Tensor query_lengths, Tensor keys, Tensor key_lengths) -> Tensor",
     # scores [B,N], lengths [B] -> indices [B,k] int64
     "topk_indices": "(Tensor scores, Tensor lengths, int k, bool sort_indices=False) -> Tensor",
 }
@@ -72,6 +76,8 @@ _CANONICAL: dict[str, Callable[..., tuple]] = {
     "greedy_residual_select": lambda x, lens, k, gate, seed, tol, alg: (
         _float32(x), _int64(lens), k, _float32(gate), _int64(seed), tol, alg
     ),
+    "diversity_select": lambda x, lens, k, mask: (_float32(x), _int64(lens), k, mask),
+    "max_cosine": lambda q, ql, k, kl: (_float32(q), _int64(ql), _float32(k), _int64(kl)),
     "topk_indices": lambda s, lens, k, sort: (_float32(s), _int64(lens), k, sort),
 }
 
@@ -81,6 +87,8 @@ _VALIDATE = {
     "graph_scores": _validation.graph_scores,
     "transfer_scores": _validation.transfer_scores,
     "greedy_residual_select": _validation.greedy_residual_select,
+    "diversity_select": _validation.diversity_select,
+    "max_cosine": _validation.max_cosine,
     "topk_indices": _validation.topk_indices,
 }
 
@@ -171,6 +179,18 @@ def _greedy_residual_select_fake(features, lengths, k, gate=None, seed=None, exh
         features.new_empty(batch, k, dtype=torch.int64),
         features.new_empty(batch, k, dtype=_score_dtype(features)),
     )
+
+
+@torch.library.register_fake("mrprune::diversity_select", lib=_lib)
+def _diversity_select_fake(features, lengths, k, mask_picked=True):
+    _validation.diversity_select("diversity_select", features, lengths, k, mask_picked)
+    return features.new_empty(features.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.register_fake("mrprune::max_cosine", lib=_lib)
+def _max_cosine_fake(queries, query_lengths, keys, key_lengths):
+    _validation.max_cosine("max_cosine", queries, query_lengths, keys, key_lengths)
+    return queries.new_empty(queries.shape[:2], dtype=_score_dtype(queries))
 
 
 @torch.library.register_fake("mrprune::topk_indices", lib=_lib)

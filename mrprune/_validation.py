@@ -71,6 +71,14 @@ def weights(op: str, name: str, w: torch.Tensor | None, expected: tuple[int, ...
         raise ValueError(f"mrprune.{op}: {name} must be non-negative")
 
 
+def queries_and_keys(op: str, queries: torch.Tensor, keys: torch.Tensor) -> int:
+    """Queries ``[B, M, D]`` and keys ``[B, N, D]`` must agree on ``B`` and ``D``; returns ``B``."""
+    batch, _, dim = queries.shape
+    if keys.shape[0] != batch or keys.shape[2] != dim:
+        raise ValueError(f"mrprune.{op}: keys must be [B={batch}, N, D={dim}] like the queries, got {tuple(keys.shape)}")
+    return batch
+
+
 def graph_hyper(op: str, threshold: float, temperature: float) -> None:
     if not math.isfinite(threshold):
         raise ValueError(f"mrprune.{op}: threshold must be finite, got {threshold}")
@@ -140,11 +148,7 @@ def transfer_scores(
     features(op, "queries", queries)
     features(op, "keys", keys)
     same_device(op, queries, query_lengths=query_lengths, keys=keys, key_mask=key_mask, key_weights=key_weights)
-    batch, _, dim = queries.shape
-    if keys.shape[0] != batch or keys.shape[2] != dim:
-        raise ValueError(
-            f"mrprune.{op}: keys must be [B={batch}, N, D={dim}] like the queries, got {tuple(keys.shape)}"
-        )
+    batch = queries_and_keys(op, queries, keys)
     lengths(op, query_lengths, batch, queries.shape[1], name="query_lengths")
     if key_mask.dtype != torch.bool:
         raise TypeError(f"mrprune.{op}: key_mask must be bool, got {key_mask.dtype}")
@@ -182,6 +186,27 @@ def greedy_residual_select(
     if algorithm not in ("auto", "gram", "basis"):
         raise ValueError(f"mrprune.{op}: algorithm must be 'auto', 'gram' or 'basis', got {algorithm!r}")
     finite(op, "features", x)
+
+
+def diversity_select(op: str, x: torch.Tensor, lens: torch.Tensor, k: int, mask_picked: bool) -> None:
+    features(op, "features", x)
+    same_device(op, x, lengths=lens)
+    lengths(op, lens, x.shape[0], x.shape[1])
+    budget(op, k, x.shape[1])
+    finite(op, "features", x)
+
+
+def max_cosine(
+    op: str, queries: torch.Tensor, query_lengths: torch.Tensor, keys: torch.Tensor, key_lengths: torch.Tensor
+) -> None:
+    features(op, "queries", queries)
+    features(op, "keys", keys)
+    same_device(op, queries, query_lengths=query_lengths, keys=keys, key_lengths=key_lengths)
+    batch = queries_and_keys(op, queries, keys)
+    lengths(op, query_lengths, batch, queries.shape[1], name="query_lengths")
+    lengths(op, key_lengths, batch, keys.shape[1], name="key_lengths")
+    finite(op, "queries", queries)
+    finite(op, "keys", keys)
 
 
 def topk_indices(op: str, scores: torch.Tensor, lens: torch.Tensor, k: int, sort_indices: bool) -> None:

@@ -18,6 +18,8 @@ __all__ = [
     "graph_scores",
     "transfer_scores",
     "greedy_residual_select",
+    "diversity_select",
+    "max_cosine",
     "topk_indices",
 ]
 
@@ -100,6 +102,27 @@ def greedy_residual_select(
     return torch.ops.mrprune.greedy_residual_select.default(
         features, lengths, k, gate, seed, exhaustion_tol, algorithm
     )
+
+
+def diversity_select(features: torch.Tensor, lengths: torch.Tensor, k: int, mask_picked: bool = True) -> torch.Tensor:
+    """Greedy max-min cosine-distance selection (DivPrune), ``k`` picks per item in one call.
+
+    ``features [B, N, D]``, ``lengths [B]`` → ``indices [B, k]`` int64 in pick order (-1 past ``n_b``). The first pick
+    is the most isolated token; ``mask_picked=False`` reproduces the official code, which can pick a token twice.
+    See :func:`mrprune.reference.diversity_select`.
+    """
+    return torch.ops.mrprune.diversity_select.default(features, lengths, k, mask_picked)
+
+
+def max_cosine(
+    queries: torch.Tensor, query_lengths: torch.Tensor, keys: torch.Tensor, key_lengths: torch.Tensor
+) -> torch.Tensor:
+    """Largest cosine of each query with the valid keys (ResPrune's text relevance).
+
+    ``queries [B, M, D]``, ``query_lengths [B]``, ``keys [B, N, D]``, ``key_lengths [B]`` → ``rho [B, M]``
+    (``-inf`` for an item without keys). See :func:`mrprune.reference.max_cosine`.
+    """
+    return torch.ops.mrprune.max_cosine.default(queries, query_lengths, keys, key_lengths)
 
 
 def topk_indices(scores: torch.Tensor, lengths: torch.Tensor, k: int, sort_indices: bool = False) -> torch.Tensor:

@@ -35,6 +35,8 @@ __all__ = [
     "graph_scores",
     "transfer_scores",
     "greedy_residual_select",
+    "diversity_select",
+    "max_cosine",
     "topk_indices",
 ]
 
@@ -305,6 +307,77 @@ def greedy_residual_select(
                 energy = torch.where(energy <= exhaustion_tol * initial, 0.0, energy)
             energy[j] = 0
     return indices, energies
+
+
+def diversity_select(features: torch.Tensor, lengths: torch.Tensor, k: int, mask_picked: bool = True) -> torch.Tensor:
+    """Greedy max-min cosine-distance selection (DivPrune; research/algorithms.md §5), ``k`` picks per item.
+
+    With ``d_ij = 1 - cos(x_i, x_j)``: the first pick is the token whose nearest *other* token is farthest (the
+    largest second-smallest value of its column of ``d``; the smallest is the self-distance); every later pick is
+    ``argmax_j min_{s in S} d_sj``, ties to the lower index.
+
+    Parameters
+    ----------
+    features : Tensor ``[B, N, D]``
+    lengths : Tensor ``[B]``, int64
+    k : int, ``0 <= k <= N``
+    mask_picked : bool
+        Exclude picked tokens from later steps. The official code does not: a picked token only loses because its
+        self-distance is about 0, so exact duplicates (LLaVA-NeXT's newline tokens) or rounding can pick an index
+        twice; ``False`` reproduces that.
+
+    Returns
+    -------
+    indices : Tensor ``[B, k]``, int64, in pick order; -1 past ``n_b``.
+    """
+    dtype = compute_dtype(features.dtype)
+    indices = torch.full((features.shape[0], k), -1, dtype=torch.int64, device=features.device)
+    for b in range(features.shape[0]):
+        n = int(lengths[b])
+        if n == 0 or k == 0:
+            continue
+        x = normalize_rows(features[b, :n].to(dtype))
+        distance = 1 - x @ x.T
+        first_score = distance.sort(dim=0).values[1] if n > 1 else distance[0]
+        j = int(torch.argmax(first_score))
+        nearest = torch.full((n,), float("inf"), dtype=dtype, device=x.device)
+        picked = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for t in range(min(k, n)):
+            indices[b, t] = j
+            picked[j] = True
+            nearest = torch.minimum(nearest, distance[j])
+            score = nearest.masked_fill(picked, float("-inf")) if mask_picked else nearest
+            j = int(torch.argmax(score))
+    return indices
+
+
+def max_cosine(
+    queries: torch.Tensor, query_lengths: torch.Tensor, keys: torch.Tensor, key_lengths: torch.Tensor
+) -> torch.Tensor:
+    """Largest cosine similarity of each query with the valid keys (ResPrune's text relevance ``rho``).
+
+    Parameters
+    ----------
+    queries : Tensor ``[B, M, D]`` (visual tokens)
+    query_lengths : Tensor ``[B]``, int64
+    keys : Tensor ``[B, N, D]`` (text token embeddings)
+    key_lengths : Tensor ``[B]``, int64
+
+    Returns
+    -------
+    rho : Tensor ``[B, M]`` (float32, or float64 for float64 input); ``-inf`` for an item without keys (the max of
+    nothing), 0 for padded queries.
+    """
+    dtype = compute_dtype(queries.dtype)
+    rho = queries.new_zeros(queries.shape[:2], dtype=dtype)
+    for b in range(queries.shape[0]):
+        m, n = int(query_lengths[b]), int(key_lengths[b])
+        if n == 0:
+            rho[b, :m] = float("-inf")
+            continue
+        similarity = normalize_rows(queries[b, :m].to(dtype)) @ normalize_rows(keys[b, :n].to(dtype)).T
+        rho[b, :m] = similarity.max(dim=1).values
+    return rho
 
 
 def topk_indices(scores: torch.Tensor, lengths: torch.Tensor, k: int, sort_indices: bool = False) -> torch.Tensor:
