@@ -58,12 +58,13 @@ def main() -> None:
     if not mrprune.HAS_EXTENSION:
         raise SystemExit("mrprune._C is not built: nothing to compare the reference with")
     min_run = 0.05 if args.quick else 1.0
-    print(f"# CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# CPU: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'op':42s} {'reference ms':>13s} {'C++ ms':>9s} {'speed-up':>9s}")
     for label, (op, op_args) in _cases(args.quick).items():
-        ref = lambda: getattr(reference, op)(*op_args)  # noqa: E731
-        cpp = lambda: mrprune.backends.implementations(op)["cpp"](*op_args)  # noqa: E731
-        t_ref, t_cpp = _time(ref, min_run), _time(cpp, min_run)
+        ref, cpp = getattr(reference, op), mrprune.backends.implementations(op)["cpp"]
+        t_ref = _time(lambda f=ref, a=op_args: f(*a), min_run)
+        t_cpp = _time(lambda f=cpp, a=op_args: f(*a), min_run)
         print(f"{label:42s} {t_ref * 1e3:13.1f} {t_cpp * 1e3:9.1f} {t_ref / t_cpp:8.1f}x")
 
 

@@ -21,7 +21,9 @@ from . import _validation, backends, reference
 # (float64 for float64 input); indices int64.
 SCHEMAS = {
     # features [B,N,D], lengths [B] -> graph [B,N,N], degree [B,N]
-    "cosine_graph": "(Tensor features, Tensor lengths, float threshold=0.5, float temperature=0.03) -> (Tensor, Tensor)",
+    "cosine_graph": (
+        "(Tensor features, Tensor lengths, float threshold=0.5, float temperature=0.03) -> (Tensor, Tensor)"
+    ),
     # graph [B,N,N], degree [B,N], weights [B,N], lengths [B] -> scores [B,N]
     "graph_propagate": "(Tensor graph, Tensor degree, Tensor weights, Tensor lengths, int iterations=1) -> Tensor",
     # features [B,N,D], lengths [B], weights [B,N]? -> scores [B,N]
@@ -71,10 +73,22 @@ _CANONICAL: dict[str, Callable[..., tuple]] = {
     "graph_propagate": lambda g, deg, w, lens, it: (_float32(g), _float32(deg), _float32(w), _int64(lens), it),
     "graph_scores": lambda x, lens, w, thr, temp, it: (_float32(x), _int64(lens), _float32(w), thr, temp, it),
     "transfer_scores": lambda q, ql, k, km, kw, thr, temp: (
-        _float32(q), _int64(ql), _float32(k), km.contiguous(), _float32(kw), thr, temp
+        _float32(q),
+        _int64(ql),
+        _float32(k),
+        km.contiguous(),
+        _float32(kw),
+        thr,
+        temp,
     ),
     "greedy_residual_select": lambda x, lens, k, gate, seed, tol, alg: (
-        _float32(x), _int64(lens), k, _float32(gate), _int64(seed), tol, alg
+        _float32(x),
+        _int64(lens),
+        k,
+        _float32(gate),
+        _int64(seed),
+        tol,
+        alg,
     ),
     "diversity_select": lambda x, lens, k, mask: (_float32(x), _int64(lens), k, mask),
     "max_cosine": lambda q, ql, k, kl: (_float32(q), _int64(ql), _float32(k), _int64(kl)),

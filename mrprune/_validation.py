@@ -75,7 +75,9 @@ def queries_and_keys(op: str, queries: torch.Tensor, keys: torch.Tensor) -> int:
     """Queries ``[B, M, D]`` and keys ``[B, N, D]`` must agree on ``B`` and ``D``; returns ``B``."""
     batch, _, dim = queries.shape
     if keys.shape[0] != batch or keys.shape[2] != dim:
-        raise ValueError(f"mrprune.{op}: keys must be [B={batch}, N, D={dim}] like the queries, got {tuple(keys.shape)}")
+        raise ValueError(
+            f"mrprune.{op}: keys must be [B={batch}, N, D={dim}] like the queries, got {tuple(keys.shape)}"
+        )
     return batch
 
 
@@ -127,7 +129,13 @@ def graph_propagate(
 
 
 def graph_scores(
-    op: str, x: torch.Tensor, lens: torch.Tensor, w: torch.Tensor | None, threshold: float, temperature: float, iters: int
+    op: str,
+    x: torch.Tensor,
+    lens: torch.Tensor,
+    w: torch.Tensor | None,
+    threshold: float,
+    temperature: float,
+    iters: int,
 ) -> None:
     cosine_graph(op, x, lens, threshold, temperature)
     same_device(op, x, weights=w)

@@ -99,9 +99,7 @@ def greedy_residual_select(
     energy of each pick when picked). Ties go to the lower index. See
     :func:`mrprune.reference.greedy_residual_select`.
     """
-    return torch.ops.mrprune.greedy_residual_select.default(
-        features, lengths, k, gate, seed, exhaustion_tol, algorithm
-    )
+    return torch.ops.mrprune.greedy_residual_select.default(features, lengths, k, gate, seed, exhaustion_tol, algorithm)
 
 
 def diversity_select(features: torch.Tensor, lengths: torch.Tensor, k: int, mask_picked: bool = True) -> torch.Tensor:
