@@ -11,6 +11,8 @@ import logging
 import os
 
 from . import _library, backends, ops, reference
+from .layouts import GridLayout, LlavaNextLayout
+from .methods import PRESETS, DivPrune, GPrune, MRPruner, Pruner, RandomPruner, ResPrune, preset
 from .ops import (
     cosine_graph,
     diversity_select,
@@ -45,6 +47,16 @@ HAS_EXTENSION = _load_extension()
 
 __all__ = [
     "HAS_EXTENSION",
+    "PRESETS",
+    "DivPrune",
+    "GPrune",
+    "GridLayout",
+    "LlavaNextLayout",
+    "MRPruner",
+    "Pruner",
+    "RandomPruner",
+    "ResPrune",
+    "preset",
     "backends",
     "cosine_graph",
     "diversity_select",
