@@ -6,8 +6,8 @@ namespace mrprune::cpu {
 
 std::tuple<Tensor, Tensor> cosine_graph_cpu(Tensor features, Tensor lengths, double threshold, double temperature) {
   check_tensor(features, "features", 3, ScalarType::Float);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long);
   const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
+  check_lengths(lengths, "lengths", batch, tokens);
   Tensor graph = torch::stable::new_zeros(features, {batch, tokens, tokens});
   Tensor degree = torch::stable::new_zeros(features, {batch, tokens});
   std::vector<float> normalized(static_cast<size_t>(tokens * dim));

@@ -36,8 +36,8 @@ int64_t first_argmax(const std::vector<float>& score, const std::vector<uint8_t>
 
 Tensor diversity_select_cpu(Tensor features, Tensor lengths, int64_t k, bool mask_picked) {
   check_tensor(features, "features", 3, ScalarType::Float);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long);
   const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
+  check_lengths(lengths, "lengths", batch, tokens);
   STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
   Tensor out = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);
   int64_t* indices = out.mutable_data_ptr<int64_t>();

@@ -8,8 +8,11 @@ Tensor graph_propagate_cpu(Tensor graph, Tensor degree, Tensor weights, Tensor l
   check_tensor(graph, "graph", 3, ScalarType::Float);
   check_tensor(degree, "degree", 2, ScalarType::Float);
   check_tensor(weights, "weights", 2, ScalarType::Float);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long);
   const int64_t batch = graph.size(0), tokens = graph.size(1);
+  check_lengths(lengths, "lengths", batch, tokens);
+  check_sizes(graph, "graph", {batch, tokens, tokens});
+  check_sizes(degree, "degree", {batch, tokens});
+  check_sizes(weights, "weights", {batch, tokens});
   Tensor scores = torch::stable::new_zeros(weights, {batch, tokens});
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {

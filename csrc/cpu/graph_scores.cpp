@@ -7,9 +7,10 @@ namespace mrprune::cpu {
 Tensor graph_scores_cpu(Tensor features, Tensor lengths, std::optional<Tensor> weights, double threshold,
                         double temperature, int64_t iterations) {
   check_tensor(features, "features", 3, ScalarType::Float);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long);
   if (weights.has_value()) check_tensor(*weights, "weights", 2, ScalarType::Float);
   const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
+  check_lengths(lengths, "lengths", batch, tokens);
+  if (weights.has_value()) check_sizes(*weights, "weights", {batch, tokens});
   Tensor scores = torch::stable::new_zeros(features, {batch, tokens});
   Tensor workspace = torch::stable::new_empty(features, {tokens, tokens});
   float* p = workspace.mutable_data_ptr<float>();

@@ -5,8 +5,7 @@
 //          that stays in cache.
 //  * basis (Gram-Schmidt, as the ResPrune paper describes): per pick, orthogonalise x_j twice against the basis Q
 //          and update e -= (X q)^2, i.e. one memory-bound GEMV over all of X per step.
-// For LLaVA shapes the Gram GEMM is far cheaper than k passes over X; the basis form wins when k is tiny next to
-// n, or when the n x n Gram does not fit in memory (see choose_gram). Spec: mrprune.reference.greedy_residual_select.
+// Which is faster depends on n, k and D (see choose_gram). Spec: mrprune.reference.greedy_residual_select.
 #include "mrprune/cpu/common.h"
 
 #include <numeric>
@@ -15,15 +14,18 @@
 namespace mrprune::cpu {
 namespace {
 
-// Gram when n^2 D / gemm_rate < k n D / gemv_rate, i.e. k > n * gemv_rate / gemm_rate. On the 2-core development
-// machine (MKL) a float32 GEMM runs ~40x faster per flop than a GEMV that streams X from memory; 32 leaves margin
-// for the O(n k^2) Cholesky updates. Above 1 GiB of Gram the basis form is used whatever k is.
-bool choose_gram(const std::string& algorithm, int64_t n, int64_t k) {
+// Cost model, in multiply-adds: gram = n^2 D / 2 at GEMM speed + n k^2 / 2 streamed (the factor updates);
+// basis = n k D streamed (one GEMV over X per pick) + k^2 D (re-orthogonalisation). A float32 GEMM runs about
+// kGemmSpeedup times faster per multiply-add than the streamed loops on the development CPU (2-core EPYC, MKL), so
+// gram wins when n D / kGemmSpeedup + k^2 < k D, e.g. k = 640 of n = 2880 at D = 4096 (LLaVA-NeXT), but not at
+// D = 512 or for k = 64 of n = 16k. A Gram over 1 GiB is never built.
+bool choose_gram(const std::string& algorithm, int64_t n, int64_t k, int64_t dim) {
   if (algorithm == "gram") return true;
   if (algorithm == "basis") return false;
-  constexpr int64_t kGemmOverGemv = 32;
+  constexpr int64_t kGemmSpeedup = 16;
   constexpr int64_t kMaxGramBytes = int64_t{1} << 30;
-  return n * n * static_cast<int64_t>(sizeof(float)) <= kMaxGramBytes && k * kGemmOverGemv >= n;
+  if (n * n * static_cast<int64_t>(sizeof(float)) > kMaxGramBytes) return false;
+  return n * dim / kGemmSpeedup + k * k < k * dim;
 }
 
 // The next pivot: argmax over unpicked tokens of gate * energy, ties to the lower index; -1 when no score is > 0.
@@ -139,10 +141,12 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cpu(Tensor features, Tensor le
                                                       std::optional<Tensor> gate, std::optional<Tensor> seed,
                                                       double exhaustion_tol, std::string algorithm) {
   check_tensor(features, "features", 3, ScalarType::Float);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long);
   if (gate.has_value()) check_tensor(*gate, "gate", 2, ScalarType::Float);
   if (seed.has_value()) check_tensor(*seed, "seed", 1, ScalarType::Long);
   const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
+  check_lengths(lengths, "lengths", batch, tokens);
+  if (gate.has_value()) check_sizes(*gate, "gate", {batch, tokens});
+  if (seed.has_value()) check_sizes(*seed, "seed", {batch});
   STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
   STD_TORCH_CHECK(algorithm == "auto" || algorithm == "gram" || algorithm == "basis",
                   "mrprune: algorithm must be 'auto', 'gram' or 'basis'");
@@ -174,7 +178,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cpu(Tensor features, Tensor le
     energy = initial;
     picked.assign(n, 0);
     int64_t count = 0;
-    if (choose_gram(algorithm, n, k)) {
+    if (choose_gram(algorithm, n, std::min(k, n), dim)) {
       gram.resize(static_cast<size_t>(n * n));
       factor.resize(static_cast<size_t>(std::min(k, n) * n));
       select_gram(item, gram.data(), factor.data(), energy, initial, picked, count);

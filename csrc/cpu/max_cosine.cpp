@@ -6,11 +6,12 @@ namespace mrprune::cpu {
 
 Tensor max_cosine_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Tensor key_lengths) {
   check_tensor(queries, "queries", 3, ScalarType::Float);
-  check_tensor(query_lengths, "query_lengths", 1, ScalarType::Long);
   check_tensor(keys, "keys", 3, ScalarType::Float);
-  check_tensor(key_lengths, "key_lengths", 1, ScalarType::Long);
   const int64_t batch = queries.size(0), max_queries = queries.size(1), dim = queries.size(2);
   const int64_t max_keys = keys.size(1);
+  check_lengths(query_lengths, "query_lengths", batch, max_queries);
+  check_lengths(key_lengths, "key_lengths", batch, max_keys);
+  check_sizes(keys, "keys", {batch, max_keys, dim});
   Tensor rho = torch::stable::new_zeros(queries, {batch, max_queries});
   std::vector<float> query_unit(static_cast<size_t>(max_queries * dim)), key_unit(static_cast<size_t>(max_keys * dim)),
       similarity(static_cast<size_t>(max_queries * max_keys));

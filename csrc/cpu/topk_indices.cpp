@@ -9,8 +9,8 @@ namespace mrprune::cpu {
 
 Tensor topk_indices_cpu(Tensor scores, Tensor lengths, int64_t k, bool sort_indices) {
   check_tensor(scores, "scores", 2, ScalarType::Float);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long);
   const int64_t batch = scores.size(0), tokens = scores.size(1);
+  check_lengths(lengths, "lengths", batch, tokens);
   STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
   Tensor out = torch::stable::new_empty(scores, {batch, k}, ScalarType::Long);
   const float* s = scores.const_data_ptr<float>();

@@ -8,12 +8,15 @@ namespace mrprune::cpu {
 Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Tensor key_mask,
                            std::optional<Tensor> key_weights, double threshold, double temperature) {
   check_tensor(queries, "queries", 3, ScalarType::Float);
-  check_tensor(query_lengths, "query_lengths", 1, ScalarType::Long);
   check_tensor(keys, "keys", 3, ScalarType::Float);
   check_tensor(key_mask, "key_mask", 2, ScalarType::Bool);
   if (key_weights.has_value()) check_tensor(*key_weights, "key_weights", 2, ScalarType::Float);
   const int64_t batch = queries.size(0), max_queries = queries.size(1), dim = queries.size(2);
   const int64_t max_keys = keys.size(1);
+  check_lengths(query_lengths, "query_lengths", batch, max_queries);
+  check_sizes(keys, "keys", {batch, max_keys, dim});
+  check_sizes(key_mask, "key_mask", {batch, max_keys});
+  if (key_weights.has_value()) check_sizes(*key_weights, "key_weights", {batch, max_keys});
   const float thr = static_cast<float>(threshold), temp = static_cast<float>(temperature);
   Tensor prop = torch::stable::new_zeros(queries, {batch, max_queries});
   std::vector<float> query_unit(static_cast<size_t>(max_queries * dim)), key_rows(static_cast<size_t>(max_keys * dim)),

@@ -17,6 +17,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -37,7 +38,24 @@ inline void check_tensor(const Tensor& t, const char* name, int64_t dim, ScalarT
   STD_TORCH_CHECK(t.is_contiguous(), "mrprune: ", name, " must be contiguous");
 }
 
-inline const Tensor* optional_ptr(const std::optional<Tensor>& t) { return t.has_value() ? &t.value() : nullptr; }
+inline void check_sizes(const Tensor& t, const char* name, std::initializer_list<int64_t> sizes) {
+  int64_t dim = 0;
+  for (int64_t size : sizes) {
+    STD_TORCH_CHECK(t.size(dim) == size, "mrprune: ", name, " has size ", t.size(dim), " at dim ", dim, ", expected ",
+                    size);
+    ++dim;
+  }
+}
+
+// lengths must be int64 [batch] with values in [0, tokens]: the kernels index rows by them.
+inline void check_lengths(const Tensor& lengths, const char* name, int64_t batch, int64_t tokens) {
+  check_tensor(lengths, name, 1, ScalarType::Long);
+  STD_TORCH_CHECK(lengths.size(0) == batch, "mrprune: ", name, " must have one entry per batch item");
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    STD_TORCH_CHECK(0 <= len[b] && len[b] <= tokens, "mrprune: ", name, " must lie in [0, N]");
+  }
+}
 
 // A no-copy [rows, cols] view of a float buffer with the given strides (a transposed view is just swapped strides).
 inline Tensor float_view(const float* data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
