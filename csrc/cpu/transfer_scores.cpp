@@ -46,15 +46,11 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
         const float* row = similarity.data() + i * selected;
         const EdgeRowStats stats = edge_row_stats(row, selected, thr, temp);
         float mass = 0.f, z;
-        if (stats.edges == 0) {  // uniform row (the official -5000 fill): the mean weight, over |keys| again
-          for (int64_t j = 0; j < selected; ++j) mass += weight[j];
-          out[i] = mass / static_cast<float>(selected) / static_cast<float>(selected);
-          continue;
-        }
         for (int64_t j = 0; j < selected; ++j) {
-          if (is_edge(row[j], thr, temp, &z)) mass += weight[j] * (std::exp(z - stats.max_logit) / stats.denominator);
+          const float numerator = is_edge(row[j], thr, temp, &z) ? std::exp(z - stats.max_logit) : stats.fill;
+          mass += weight[j] * (numerator / stats.denominator);
         }
-        out[i] = mass / static_cast<float>(stats.edges);
+        out[i] = mass / stats.degree(selected);
       }
     });
   }

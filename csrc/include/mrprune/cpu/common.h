@@ -112,23 +112,28 @@ inline void symmetric_gram(const float* x, int64_t n, int64_t d, float* s, int64
   });
 }
 
-// The edge rule of the official code for one similarity value.
+// The edge rule of the official code for one similarity value: it zeroes S < threshold, divides by the
+// temperature and treats |logit| < 1e-6 as "no edge" (the -5000 fill).
 inline bool is_edge(float similarity, float threshold, float temperature, float* logit) {
-  const float z = (similarity >= threshold ? similarity : 0.f) / temperature;
-  *logit = z;
-  return std::fabs(z) >= kZeroLogitTol;
+  if (!(similarity >= threshold)) return false;
+  *logit = similarity / temperature;
+  return std::fabs(*logit) >= kZeroLogitTol;
 }
 
-// Row statistics of the thresholded softmax over one similarity row of length m: the max logit over edges, the
-// softmax denominator, and the edge count. A row without edges is uniform (the official -5000 fill).
+// Statistics of the thresholded softmax of one similarity row of length m, where non-edges keep the official
+// logit -5000 (so a row without edges is uniform, and a row whose edge logits all lie far below -5000 puts its
+// mass on the non-edges, exactly as the official softmax does).
 struct EdgeRowStats {
   float max_logit;
   float denominator;
-  int64_t edges;
+  float fill;     // exp(-5000 - max_logit): the unnormalised probability of every non-edge
+  int64_t edges;  // the degree (m when there is no edge)
+
+  float degree(int64_t m) const { return static_cast<float>(edges > 0 ? edges : m); }
 };
 
 inline EdgeRowStats edge_row_stats(const float* similarity, int64_t m, float threshold, float temperature) {
-  EdgeRowStats stats{-std::numeric_limits<float>::infinity(), 0.f, 0};
+  EdgeRowStats stats{-std::numeric_limits<float>::infinity(), 0.f, 0.f, 0};
   float z;
   for (int64_t j = 0; j < m; ++j) {
     if (is_edge(similarity[j], threshold, temperature, &z)) {
@@ -136,6 +141,10 @@ inline EdgeRowStats edge_row_stats(const float* similarity, int64_t m, float thr
       ++stats.edges;
     }
   }
+  const int64_t non_edges = m - stats.edges;
+  if (non_edges > 0) stats.max_logit = std::max(stats.max_logit, kEdgeFillLogit);
+  stats.fill = non_edges > 0 ? std::exp(kEdgeFillLogit - stats.max_logit) : 0.f;
+  stats.denominator = static_cast<float>(non_edges) * stats.fill;
   for (int64_t j = 0; j < m && stats.edges > 0; ++j) {
     if (is_edge(similarity[j], threshold, temperature, &z)) stats.denominator += std::exp(z - stats.max_logit);
   }
@@ -145,16 +154,12 @@ inline EdgeRowStats edge_row_stats(const float* similarity, int64_t m, float thr
 // P row = thresholded softmax of a similarity row (in place is fine); returns the degree (edges, or m if none).
 inline float edge_softmax_row(const float* similarity, int64_t m, float threshold, float temperature, float* probs) {
   const EdgeRowStats stats = edge_row_stats(similarity, m, threshold, temperature);
-  if (stats.edges == 0) {
-    for (int64_t j = 0; j < m; ++j) probs[j] = 1.f / static_cast<float>(m);
-    return static_cast<float>(m);
-  }
   float z;
   for (int64_t j = 0; j < m; ++j) {
-    probs[j] = is_edge(similarity[j], threshold, temperature, &z) ? std::exp(z - stats.max_logit) / stats.denominator
-                                                                  : 0.f;
+    probs[j] = (is_edge(similarity[j], threshold, temperature, &z) ? std::exp(z - stats.max_logit) : stats.fill) /
+               stats.denominator;
   }
-  return static_cast<float>(stats.edges);
+  return stats.degree(m);
 }
 
 // Thresholded softmax of every row of S[:n, :n] (row stride lds), in place; degree[i] as edge_softmax_row.

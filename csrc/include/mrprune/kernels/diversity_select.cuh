@@ -1,0 +1,122 @@
+// diversity_select (DivPrune) on CUDA, device code (torch-free). Spec: mrprune.reference.diversity_select;
+// launcher and binding: csrc/cuda/diversity_select.cu.
+//
+// Built on the selection skeleton of kernels/greedy_residual_select.cuh:
+//   1. row_norm_kernel<kNormalize = true>: u_i = x_i / max(||x_i||, 1e-12);
+//   2. gram_kernel: S = U U^T in FP32, bitwise symmetric (so a column of d = 1 - S is the same as a row, and the
+//      exact step-0 tie between two mutual nearest neighbours goes to the lower index, as in the spec);
+//   3. first_score_kernel: score_j = the second-smallest value of column j of d (the nearest *other* token; the
+//      smallest is the self-distance), read as row j, one warp per token;
+//   4. diversity_select_kernel: one block per item runs all k steps: j = argmax score (ties to the lower index),
+//      then per step nearest_i = min(nearest_i, 1 - S[j, i]) and the block argmax of nearest (picked tokens at -inf
+//      with mask_picked). A step streams one row of S (n floats) and does O(n) work, so a single block per item is
+//      the fastest layout (no cross-block exchange on the critical path); the state (nearest, picked) stays in
+//      shared memory when it fits, else in a global workspace, and each thread only ever touches its own tokens.
+// d = 1 - s is rounded in float32 exactly as the reference computes `1 - x @ x.T`.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "mrprune/kernels/greedy_residual_select.cuh"
+
+namespace mrprune::kernels::diversity {
+
+using selection::better;
+using selection::Pick;
+
+constexpr int kScoreThreads = 256;
+constexpr int kSelectThreads = 1024;
+
+// score[b, j] = second-smallest of {1 - S[b, j, i] : i < n_b} (the smallest itself when n_b == 1), 0 for padding.
+// One warp per token j over the flattened [items * N] tokens. The (smallest, second) pairs merge exactly:
+// merge((a1, a2), (b1, b2)) = (min(a1, b1), min(max(a1, b1), min(a2, b2))) is the two smallest of the union.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    first_score_kernel(const float* __restrict__ sim, const int64_t* __restrict__ lengths, int64_t rows,
+                       int n_tokens, float* __restrict__ score) {
+  constexpr int kWarps = kThreads / 32;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (r >= rows) return;  // warp-uniform
+  const int64_t b = r / n_tokens;
+  const int j = static_cast<int>(r - b * n_tokens);
+  const int n = selection::valid_length(lengths, b, n_tokens);
+  if (j >= n) {
+    if (lane == 0) score[r] = 0.f;
+    return;
+  }
+  const float* row = sim + r * static_cast<int64_t>(n_tokens);  // row j of item b (= column j: S is symmetric)
+  float first = selection::positive_infinity(), second = first;
+  for (int i = lane; i < n; i += 32) {
+    const float d = 1.f - __ldg(row + i);
+    second = fminf(second, fmaxf(first, d));
+    first = fminf(first, d);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float f = __shfl_xor_sync(0xffffffffu, first, offset);
+    const float s = __shfl_xor_sync(0xffffffffu, second, offset);
+    second = fminf(fmaxf(first, f), fminf(second, s));
+    first = fminf(first, f);
+  }
+  if (lane == 0) score[r] = n > 1 ? second : first;
+}
+
+// One block per item (grid = items). sim: [items, N, N]; first: [items, N]; out: [items, k] prefilled with -1.
+// State: when state_in_shared, dynamic shared memory holds nearest [N] floats then picked [N] bytes; otherwise the
+// workspaces nearest_ws [items, N] and picked_ws [items, N] (zeroing not needed: initialised here).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads, 1)
+    diversity_select_kernel(const float* __restrict__ sim, const float* __restrict__ first,
+                            const int64_t* __restrict__ lengths, int n_tokens, int k, bool mask_picked,
+                            bool state_in_shared, float* __restrict__ nearest_ws, uint8_t* __restrict__ picked_ws,
+                            int64_t* __restrict__ out) {
+  extern __shared__ __align__(16) float smem[];
+  __shared__ Pick scratch[kThreads / 32];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t item = blockIdx.x;
+  const int n = selection::valid_length(lengths, item, n_tokens);
+  const int m = k < n ? k : n;
+  if (m == 0) return;  // block-uniform
+
+  const int64_t row0 = item * n_tokens;
+  float* nearest = state_in_shared ? smem : nearest_ws + row0;
+  uint8_t* picked = state_in_shared ? reinterpret_cast<uint8_t*>(smem + n_tokens) : picked_ws + row0;
+  const float* item_sim = sim + row0 * n_tokens;
+  int64_t* item_out = out + item * k;
+
+  // Thread-private state: token i belongs to thread i % kThreads for the whole run (no barrier needed for it).
+  Pick best = selection::no_pick();
+  for (int i = tid; i < n; i += kThreads) {
+    nearest[i] = selection::positive_infinity();
+    picked[i] = 0;
+    const Pick c{__ldg(first + row0 + i), 0.f, i};
+    if (better(c, best)) best = c;
+  }
+  int j = selection::block_best<kThreads>(best, scratch).index;
+
+  const float minus_inf = selection::negative_infinity();
+  for (int t = 0; t < m; ++t) {
+    if (tid == 0) item_out[t] = j;
+    const float* row = item_sim + static_cast<int64_t>(j) * n_tokens;
+    best = selection::no_pick();
+    for (int i = tid; i < n; i += kThreads) {
+      const float near = fminf(nearest[i], 1.f - __ldg(row + i));
+      nearest[i] = near;
+      bool is_picked = picked[i] != 0;
+      if (i == j) {
+        picked[i] = 1;
+        is_picked = true;
+      }
+      const Pick c{(mask_picked && is_picked) ? minus_inf : near, 0.f, i};
+      if (better(c, best)) best = c;
+    }
+    if (t + 1 == m) break;  // block-uniform
+    j = selection::block_best<kThreads>(best, scratch).index;
+  }
+}
+
+}  // namespace mrprune::kernels::diversity

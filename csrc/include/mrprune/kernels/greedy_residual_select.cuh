@@ -1,0 +1,558 @@
+// greedy_residual_select on CUDA, device code (torch-free), and the selection skeleton it shares with
+// diversity_select (kernels/diversity_select.cuh): a symmetric Gram kernel, row norms, and block / cross-block
+// argmax with ties to the lower index. Spec: mrprune.reference.greedy_residual_select; launcher and binding:
+// csrc/cuda/greedy_residual_select.cu.
+//
+// The algorithm is the weighted pivoted partial Cholesky of G = X X^T (research/algorithms.md §4.5), the same
+// greedy as the reference's Gram-Schmidt form: with e_i the residual energy of token i (initially ||x_i||^2), g_i the
+// gate, and C the [n, rank] factor of the pivots so far (row i = token i's coefficients),
+//     pick j = argmax_{i unpicked} g_i e_i (ties to the lower index; the seed first if given),
+//     c_i = (G[j, i] - C[j, :] . C[i, :]) / sqrt(e_j),   C[:, rank] = c,   e_i = max(e_i - c_i^2, 0),
+//     e_i = 0 when e_i <= tol * ||x_i||^2 (spanned: never a pivot),
+// and once no unpicked token scores > 0, the rest are filled by descending gate, then ascending index.
+// G[j, :] comes from one of two row sources (the "form", chosen by the launcher):
+//   * gram: a precomputed N x N Gram (gram_kernel below, one launch per chunk of items), read one row per step;
+//   * rows: G[j, i] = x_j . x_i computed on the fly, one GEMV over the item's features per step (the cost profile
+//           of the reference's basis form, without any N x N memory).
+//
+// One launch runs all k steps of every item (greedy_select_kernel): a cooperative launch of `parts` persistent
+// blocks per item, block p owning a contiguous range of columns (tokens). Per step every block updates its own
+// columns (factor row entries, energies), finds its best candidate, and the item's blocks exchange candidates
+// through a per-item all-gather in global memory (Slot, release/acquire; all blocks are co-resident because the
+// launch is cooperative), so every block knows the next pivot after one exchange. The factor lives in global
+// memory ([n, ldf] per item, each row written by its owner and read whole by everyone when it becomes the pivot);
+// each block keeps the leading entries of its own rows in shared memory, so for LLaVA sizes (k = 640 of
+// N = 2880 over ~132 blocks) the per-step reads never leave the SM.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mrprune::kernels::selection {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float negative_infinity() { return __int_as_float(static_cast<int>(0xff800000u)); }
+__device__ __forceinline__ float positive_infinity() { return __int_as_float(0x7f800000); }
+
+// lengths[b] clamped to [0, n_tokens] (the Python router validates it; the clamp keeps a bad length in bounds).
+__device__ __forceinline__ int valid_length(const int64_t* lengths, int64_t b, int n_tokens) {
+  const int64_t n = lengths[b];
+  return n < 0 ? 0 : (n > n_tokens ? n_tokens : static_cast<int>(n));
+}
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release(int* p, int v) {
+  asm volatile("st.release.gpu.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// A candidate pivot: its gated score, its un-gated energy (the value reported for a pick) and its token index
+// (-1: none). `better` is a strict total order on candidates with an index: larger score first, then the lower
+// index; any candidate beats none. Every reduction below is therefore exact and independent of the order in which
+// candidates meet.
+struct Pick {
+  float score;
+  float energy;
+  int index;
+};
+
+__device__ __forceinline__ Pick no_pick() { return Pick{0.f, 0.f, -1}; }
+
+__device__ __forceinline__ bool better(const Pick& a, const Pick& b) {
+  if (a.index < 0) return false;
+  if (b.index < 0) return true;
+  if (a.score != b.score) return a.score > b.score;
+  return a.index < b.index;
+}
+
+__device__ __forceinline__ Pick warp_best(Pick p) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    Pick o;
+    o.score = __shfl_xor_sync(0xffffffffu, p.score, offset);
+    o.energy = __shfl_xor_sync(0xffffffffu, p.energy, offset);
+    o.index = __shfl_xor_sync(0xffffffffu, p.index, offset);
+    if (better(o, p)) p = o;
+  }
+  return p;
+}
+
+// The best candidate of the block, returned to every thread. scratch: kThreads / 32 entries of shared memory.
+// Starts and ends with a barrier-free warp phase; contains two __syncthreads (call it from uniform control flow).
+template <int kThreads>
+__device__ __forceinline__ Pick block_best(Pick p, Pick* scratch) {
+  constexpr int kWarps = kThreads / 32;
+  p = warp_best(p);
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  if (lane == 0) scratch[warp] = p;
+  __syncthreads();
+  Pick best = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) {
+    if (better(scratch[w], best)) best = scratch[w];
+  }
+  __syncthreads();  // scratch may be rewritten right after
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cross-block exchange: a per-item all-gather of one candidate per block
+// ---------------------------------------------------------------------------------------------------------------
+//
+// slots: [2][items][parts] (double-buffered by round parity), zeroed before the launch. In round q (q = 0, 1, ...,
+// consecutive rounds alternate parity) block p writes its candidate to slot [q & 1][item][p] with tag q + 1
+// (payload first, then the tag with release semantics after a fence), and every block of the item waits until all
+// `parts` slots of the round carry that tag (acquire), then reduces them. Reusing a parity buffer two rounds later is
+// safe: a block can only publish round q + 2 after it has seen every block's round q + 1 candidate, which each
+// block published after it had finished reading round q. Writes a block made before publishing (factor rows,
+// picked flags) are visible to every block after the exchange (the pattern of cooperative_groups' grid sync:
+// __syncthreads, fence + release by one thread; acquire by the readers, then __syncthreads); such data
+// is still read with ld.global.cg (L2) so that no stale L1 line can be hit. The readers need no fence after the
+// acquire (cooperative_groups' grid sync likewise ends its wait with an ld.acquire.gpu on sm_70+). An item served by
+// a single block skips the exchange.
+struct alignas(16) Slot {
+  float score;
+  float energy;
+  int index;
+  int tag;
+};
+
+template <int kThreads>
+__device__ Pick exchange(Pick mine, Slot* item_slots_even, Slot* item_slots_odd, int part, int parts, int round,
+                         Pick* scratch) {
+  const Pick block = block_best<kThreads>(mine, scratch);  // ends with __syncthreads: the block's writes are done
+  if (parts == 1) return block;                            // item-uniform: a lone block needs no exchange
+  Slot* slots = (round & 1) ? item_slots_odd : item_slots_even;
+  const int tag = round + 1;
+  if (threadIdx.x == 0) {
+    Slot* s = slots + part;
+    __stcg(&s->score, block.score);
+    __stcg(&s->energy, block.energy);
+    __stcg(&s->index, block.index);
+    __threadfence();
+    store_release(&s->tag, tag);
+  }
+  Pick best = no_pick();
+  for (int q = static_cast<int>(threadIdx.x); q < parts; q += kThreads) {
+    const Slot* s = slots + q;
+    while (load_acquire(&s->tag) != tag) __nanosleep(20);  // the last (successful) load is the acquire
+    const Pick c{__ldcg(&s->score), __ldcg(&s->energy), __ldcg(&s->index)};
+    if (better(c, best)) best = c;
+  }
+  return block_best<kThreads>(best, scratch);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Row norms
+// ---------------------------------------------------------------------------------------------------------------
+
+// out[r] = ||x_r||^2 (kNormalize = false) for the valid rows of every item, 0 for padding; or, kNormalize = true,
+// u_r = x_r / max(||x_r||, 1e-12) written to `normalized` (the reference's normalize_rows; padding rows untouched).
+// One warp per row over the flattened [items * N] rows; a fixed reduction order, so results are deterministic.
+template <int kThreads, bool kNormalize>
+__global__ void __launch_bounds__(kThreads)
+    row_norm_kernel(const float* __restrict__ x, const int64_t* __restrict__ lengths, int64_t rows, int n_tokens,
+                    int dim, float* __restrict__ out, float* __restrict__ normalized) {
+  constexpr int kWarps = kThreads / 32;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (r >= rows) return;  // warp-uniform
+  const int64_t b = r / n_tokens;
+  const int i = static_cast<int>(r - b * n_tokens);
+  if (i >= valid_length(lengths, b, n_tokens)) {
+    if (!kNormalize && lane == 0) out[r] = 0.f;
+    return;
+  }
+  const float* row = x + r * static_cast<int64_t>(dim);
+  float sum = 0.f;
+  for (int c = lane; c < dim; c += 32) sum = fmaf(row[c], row[c], sum);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if constexpr (kNormalize) {
+    const float denom = fmaxf(sqrtf(sum), 1e-12f);
+    float* dst = normalized + r * static_cast<int64_t>(dim);
+    for (int c = lane; c < dim; c += 32) dst[c] = row[c] / denom;
+  } else {
+    if (lane == 0) out[r] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Symmetric Gram: S[b, i, j] = sum_c x[b, i, c] x[b, j, c] for i, j < n_b
+// ---------------------------------------------------------------------------------------------------------------
+//
+// A plain FP32 (FFMA, never TF32) tiled GEMM of the item's rows with themselves: 128 x 128 output tiles, k-tiles of
+// 8 double-buffered through shared memory, 256 threads with an 8 x 8 register tile each (two 4-wide halves, so every
+// shared-memory read is a conflict-free float4 broadcast). Grid (T, T, items) with T = ceil(N / 128); only the
+// tiles on or above the diagonal compute (half the multiply-adds), and each writes its block of S and, mirrored, the
+// transposed block, so S is exactly (bitwise) symmetric, as the CPU kernels' symmetric_gram. The diagonal tiles are
+// symmetric too: entries (i, j) and (j, i) accumulate the same products in the same order (fma is commutative in
+// its factors). Only the valid n_b x n_b block of each item is written; padding rows and columns are never read.
+// Why our own kernel rather than cuBLAS: no dependence on torch's TF32 switches (which would change the picks), an
+// exactly symmetric result, half the work, and no workspace or handle (N = 2880, D = 4096: about 17 G FMA).
+constexpr int kGramTile = 128;
+constexpr int kGramK = 8;
+constexpr int kGramThreads = 256;
+
+template <bool kVec4>
+__global__ void __launch_bounds__(kGramThreads, 2)
+    gram_kernel(const float* __restrict__ x, const int64_t* __restrict__ lengths, int n_tokens, int dim,
+                float* __restrict__ gram) {
+  constexpr int kPad = kGramTile + 4;  // row stride of the k-major tiles (keeps float4 alignment, spreads banks)
+  __shared__ __align__(16) float tile_a[2][kGramK][kPad];
+  __shared__ __align__(16) float tile_b[2][kGramK][kPad];
+
+  const int tile_j = static_cast<int>(blockIdx.x), tile_i = static_cast<int>(blockIdx.y);
+  if (tile_i > tile_j) return;  // block-uniform: the lower triangle is written by the mirror stores
+  const int64_t b = blockIdx.z;
+  const int n = valid_length(lengths, b, n_tokens);
+  const int i0 = tile_i * kGramTile, j0 = tile_j * kGramTile;
+  if (j0 >= n) return;  // i0 <= j0
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid & 15, ty = tid >> 4;
+  // Loader: thread tid brings 4 consecutive features of row (tid / 2) of each operand tile.
+  const int load_row = tid >> 1, load_col = (tid & 1) * 4;
+  const int row_a = i0 + load_row, row_b = j0 + load_row;
+  const bool ok_a = row_a < n, ok_b = row_b < n;
+  const float* item = x + b * static_cast<int64_t>(n_tokens) * dim;
+  const float* src_a = item + static_cast<int64_t>(ok_a ? row_a : 0) * dim;
+  const float* src_b = item + static_cast<int64_t>(ok_b ? row_b : 0) * dim;
+
+  float reg_a[4], reg_b[4];
+  auto load = [&](int k0) {
+    const int c = k0 + load_col;
+    if constexpr (kVec4) {  // dim % 4 == 0: c < dim implies c + 3 < dim, and rows are 16-byte aligned
+      float4 va = make_float4(0.f, 0.f, 0.f, 0.f), vb = va;
+      if (ok_a && c < dim) va = __ldg(reinterpret_cast<const float4*>(src_a + c));
+      if (ok_b && c < dim) vb = __ldg(reinterpret_cast<const float4*>(src_b + c));
+      reg_a[0] = va.x, reg_a[1] = va.y, reg_a[2] = va.z, reg_a[3] = va.w;
+      reg_b[0] = vb.x, reg_b[1] = vb.y, reg_b[2] = vb.z, reg_b[3] = vb.w;
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        reg_a[q] = (ok_a && c + q < dim) ? __ldg(src_a + c + q) : 0.f;
+        reg_b[q] = (ok_b && c + q < dim) ? __ldg(src_b + c + q) : 0.f;
+      }
+    }
+  };
+  auto store = [&](int buf) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      tile_a[buf][load_col + q][load_row] = reg_a[q];
+      tile_b[buf][load_col + q][load_row] = reg_b[q];
+    }
+  };
+
+  float acc[8][8];
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) acc[r][c] = 0.f;
+  }
+
+  const int k_tiles = (dim + kGramK - 1) / kGramK;
+  load(0);
+  store(0);
+  __syncthreads();
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int buf = kt & 1;
+    const bool more = kt + 1 < k_tiles;
+    if (more) load((kt + 1) * kGramK);  // global loads in flight during the FMAs below
+#pragma unroll
+    for (int kk = 0; kk < kGramK; ++kk) {
+      const float4 a0 = *reinterpret_cast<const float4*>(&tile_a[buf][kk][ty * 4]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&tile_a[buf][kk][64 + ty * 4]);
+      const float4 b0 = *reinterpret_cast<const float4*>(&tile_b[buf][kk][tx * 4]);
+      const float4 b1 = *reinterpret_cast<const float4*>(&tile_b[buf][kk][64 + tx * 4]);
+      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float bb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+      for (int r = 0; r < 8; ++r) {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) acc[r][c] = fmaf(a[r], bb[c], acc[r][c]);
+      }
+    }
+    // The other buffer was last read in iteration kt - 1, which every thread finished before the barrier below
+    // (iteration kt - 1's); the barrier after the store publishes it for iteration kt + 1.
+    if (more) store(buf ^ 1);
+    __syncthreads();
+  }
+
+  float* out = gram + b * static_cast<int64_t>(n_tokens) * n_tokens;
+  const bool mirror = tile_i != tile_j;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const int i = i0 + (r < 4 ? ty * 4 + r : 64 + ty * 4 + (r - 4));
+    if (i >= n) continue;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const int j = j0 + (c < 4 ? tx * 4 + c : 64 + tx * 4 + (c - 4));
+      if (j >= n) continue;
+      out[static_cast<int64_t>(i) * n_tokens + j] = acc[r][c];
+      if (mirror) out[static_cast<int64_t>(j) * n_tokens + i] = acc[r][c];
+    }
+  }
+}
+
+}  // namespace mrprune::kernels::selection
+
+namespace mrprune::kernels::greedy {
+
+using selection::better;
+using selection::Pick;
+using selection::Slot;
+
+// Threads per selection block; one block per SM (large dynamic shared memory), 32 warps to keep many factor loads
+// in flight.
+constexpr int kSelectThreads = 1024;
+// A block owns at least this many columns of its item (fewer and it would mostly wait in the exchange).
+constexpr int kMinColumnsPerBlock = 16;
+
+struct Params {
+  const float* x;             // [items, N, D] features (rows form: read every step; gram form: unused)
+  const float* gram;          // [items, N, N] Gram (gram form) or nullptr
+  const float* initial;       // [items, N] ||x_i||^2
+  const float* gate;          // [items, N] or nullptr (all 1)
+  const int64_t* seed;        // [items] or nullptr (no seeds)
+  const int64_t* lengths;     // [items]
+  float* energy;              // [items, N] workspace: running residual energies (owner block only)
+  uint8_t* picked;            // [items, N] workspace, zeroed: 1 once picked
+  float* factor;              // [items, N, ldf] workspace, zeroed: factor row of every token
+  Slot* slots;                // [2, items, blocks_per_item] workspace, zeroed
+  int64_t* out_indices;       // [items, k], prefilled with -1
+  float* out_energies;        // [items, k], prefilled with 0
+  int n_tokens, dim, k;
+  int ldf;                    // factor row stride (>= min(k, N), multiple of 4)
+  int blocks_per_item;        // P: blocks launched per item (grid = items * P)
+  int cache_cols, cache_ld;   // shared-memory factor cache: entries [0, cache_ld) of own local columns < cache_cols
+  float tol;                  // exhaustion_tol
+  bool vec_x;                 // rows form: features rows are 16-byte aligned with D % 4 == 0 (float4 loads)
+};
+
+// Columns of item with n tokens: parts blocks (<= P) of width columns each, the last one possibly shorter; every
+// block below `parts` owns at least one column. The same formula runs on the host (cache sizing).
+__host__ __device__ __forceinline__ void partition(int n, int blocks_per_item, int* parts, int* width) {
+  int p = (n + kMinColumnsPerBlock - 1) / kMinColumnsPerBlock;
+  p = p < blocks_per_item ? p : blocks_per_item;
+  p = p < 1 ? 1 : p;
+  const int w = (n + p - 1) / p;
+  *width = w;
+  *parts = w > 0 ? (n + w - 1) / w : 1;
+}
+
+// Dynamic shared memory: [ldf] pivot row | [cache_cols * cache_ld] leading factor entries of the own columns.
+// Static: the block_best scratch and one fill tile.
+template <int kThreads, bool kGram>
+__global__ void __launch_bounds__(kThreads, 1) greedy_select_kernel(const Params p) {
+  extern __shared__ __align__(16) float smem[];
+  __shared__ Pick scratch[kThreads / 32];
+  __shared__ float fill_tile[kThreads];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int item = static_cast<int>(blockIdx.x) / p.blocks_per_item;
+  const int part = static_cast<int>(blockIdx.x) % p.blocks_per_item;
+  const int items = static_cast<int>(gridDim.x) / p.blocks_per_item;
+  const int n_tokens = p.n_tokens;
+  const int n = selection::valid_length(p.lengths, item, n_tokens);
+  const int m = p.k < n ? p.k : n;  // picks of this item
+  if (m == 0) return;               // item-uniform
+  int parts, width;
+  partition(n, p.blocks_per_item, &parts, &width);
+  if (part >= parts) return;  // item-uniform for the blocks that stay: they all agree on `parts`
+  const int c0 = part * width;
+  const int c1 = c0 + width < n ? c0 + width : n;
+  const int own = c1 - c0;  // >= 1
+
+  const int64_t row0 = static_cast<int64_t>(item) * n_tokens;
+  const float* initial = p.initial + row0;
+  const float* gate = p.gate != nullptr ? p.gate + row0 : nullptr;
+  float* energy = p.energy + row0;
+  uint8_t* picked = p.picked + row0;
+  const int ldf = p.ldf;
+  float* factor = p.factor + row0 * ldf;
+  Slot* slots_even = p.slots + static_cast<int64_t>(item) * p.blocks_per_item;
+  Slot* slots_odd = p.slots + static_cast<int64_t>(items + item) * p.blocks_per_item;
+  int64_t* out_indices = p.out_indices + static_cast<int64_t>(item) * p.k;
+  float* out_energies = p.out_energies + static_cast<int64_t>(item) * p.k;
+
+  float* piv = smem;
+  float* cache = smem + ldf;
+  const int cache_cols = p.cache_ld > 0 ? p.cache_cols : 0;
+  const int cache_ld = p.cache_ld;
+  for (int q = tid; q < cache_cols * cache_ld; q += kThreads) cache[q] = 0.f;  // entries past the rank read as 0
+  for (int i = c0 + tid; i < c1; i += kThreads) energy[i] = __ldg(initial + i);
+
+  // One warp per own column (columns round-robin over the warps). The dot products run over float4 chunks: lane q
+  // takes chunks q, q + 32, ... in order, then a fixed butterfly sums the lanes. This order depends neither on how
+  // the columns are split between blocks (the batch size) nor on the features' addresses (misaligned rows take the
+  // same chunks with scalar loads), so results are bitwise reproducible across batch compositions and paddings.
+  constexpr int kWarps = kThreads / 32;
+  const int lane = tid & 31, warp = tid >> 5;
+  const bool vec_x = p.vec_x;
+  const int dim_chunks = (p.dim + 3) >> 2;
+
+  // Candidate of this block: the best unpicked own column with a positive gated energy.
+  auto scan = [&]() {
+    Pick best = selection::no_pick();
+    for (int i = c0 + tid; i < c1; i += kThreads) {
+      if (picked[i]) continue;
+      const float e = energy[i];
+      const float score = (gate != nullptr ? __ldg(gate + i) : 1.f) * e;
+      if (score > 0.f) {
+        const Pick c{score, e, i};
+        if (better(c, best)) best = c;
+      }
+    }
+    return best;
+  };
+
+  __syncthreads();  // energies initialised, cache zeroed
+
+  int t = 0, rank = 0, j = -1;
+  float ej = 0.f;
+  const int64_t seed = p.seed != nullptr ? p.seed[item] : -1;
+  bool greedy = true;
+  if (seed >= 0 && seed < n) {
+    j = static_cast<int>(seed);
+    ej = __ldg(initial + j);
+  } else {
+    const Pick best = selection::exchange<kThreads>(scan(), slots_even, slots_odd, part, parts, 0, scratch);
+    greedy = best.index >= 0;
+    j = best.index;
+    ej = best.energy;
+  }
+
+  while (greedy) {
+    // Pick j (energy ej): record it, then explain it away from every own column.
+    if (part == 0 && tid == 0) {
+      out_indices[t] = j;
+      out_energies[t] = ej;
+    }
+    if (tid == 0 && c0 <= j && j < c1) picked[j] = 1;
+    if (ej > 0.f) {
+      const int r4 = (rank + 3) & ~3;  // float4 steps; entries [rank, r4) are zero on both sides
+      const float* pivot_row = factor + static_cast<int64_t>(j) * ldf;
+      for (int q = tid; q < r4; q += kThreads) piv[q] = q < rank ? __ldcg(pivot_row + q) : 0.f;
+      __syncthreads();
+      const float inv_pivot = 1.f / sqrtf(ej);
+      const float4* piv4 = reinterpret_cast<const float4*>(piv);
+      const float* gram_row = kGram ? p.gram + (row0 + j) * static_cast<int64_t>(n_tokens) : nullptr;
+      const float* xj = kGram ? nullptr : p.x + (row0 + j) * static_cast<int64_t>(p.dim);
+      // Warp-uniform loop (the shuffles below use the full mask).
+      for (int l = warp; l < own; l += kWarps) {
+        const int i = c0 + l;
+        float g_ji = 0.f, e_i = 0.f, e0_i = 0.f;
+        if (lane == 0) {  // issue the scalar loads early; they complete during the dot products
+          if constexpr (kGram) g_ji = __ldg(gram_row + i);
+          e_i = energy[i];
+          e0_i = __ldg(initial + i);
+        }
+        float dot_c = 0.f, dot_x = 0.f;
+        int q = lane;
+        if (l < cache_cols) {  // leading entries of the own factor row from shared memory
+          const int cached4 = (r4 < cache_ld ? r4 : cache_ld) >> 2;
+          const float4* row = reinterpret_cast<const float4*>(cache + static_cast<int64_t>(l) * cache_ld);
+          for (; q < cached4; q += 32) {
+            const float4 a = piv4[q], c = row[q];
+            dot_c = fmaf(a.x, c.x, dot_c);
+            dot_c = fmaf(a.y, c.y, dot_c);
+            dot_c = fmaf(a.z, c.z, dot_c);
+            dot_c = fmaf(a.w, c.w, dot_c);
+          }
+        }
+        {  // the rest from global memory (same chunk sequence per lane)
+          const float4* row = reinterpret_cast<const float4*>(factor + static_cast<int64_t>(i) * ldf);
+          for (; q < (r4 >> 2); q += 32) {
+            const float4 a = piv4[q], c = __ldcg(row + q);
+            dot_c = fmaf(a.x, c.x, dot_c);
+            dot_c = fmaf(a.y, c.y, dot_c);
+            dot_c = fmaf(a.z, c.z, dot_c);
+            dot_c = fmaf(a.w, c.w, dot_c);
+          }
+        }
+        if constexpr (!kGram) {  // G[j, i] = x_j . x_i on the fly
+          const float* xi = p.x + (row0 + i) * static_cast<int64_t>(p.dim);
+          for (int c4 = lane; c4 < dim_chunks; c4 += 32) {
+            float4 a, v;
+            if (vec_x) {
+              a = __ldg(reinterpret_cast<const float4*>(xj) + c4);
+              v = __ldg(reinterpret_cast<const float4*>(xi) + c4);
+            } else {
+              const int c = 4 * c4;
+              a.x = __ldg(xj + c), v.x = __ldg(xi + c);
+              a.y = c + 1 < p.dim ? __ldg(xj + c + 1) : 0.f, v.y = c + 1 < p.dim ? __ldg(xi + c + 1) : 0.f;
+              a.z = c + 2 < p.dim ? __ldg(xj + c + 2) : 0.f, v.z = c + 2 < p.dim ? __ldg(xi + c + 2) : 0.f;
+              a.w = c + 3 < p.dim ? __ldg(xj + c + 3) : 0.f, v.w = c + 3 < p.dim ? __ldg(xi + c + 3) : 0.f;
+            }
+            dot_x = fmaf(a.x, v.x, dot_x);
+            dot_x = fmaf(a.y, v.y, dot_x);
+            dot_x = fmaf(a.z, v.z, dot_x);
+            dot_x = fmaf(a.w, v.w, dot_x);
+          }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) {
+          dot_c += __shfl_xor_sync(0xffffffffu, dot_c, offset);
+          if constexpr (!kGram) dot_x += __shfl_xor_sync(0xffffffffu, dot_x, offset);
+        }
+        if (lane == 0) {
+          const float g = kGram ? g_ji : dot_x;
+          const float c = (g - dot_c) * inv_pivot;
+          factor[static_cast<int64_t>(i) * ldf + rank] = c;
+          if (l < cache_cols && rank < cache_ld) cache[static_cast<int64_t>(l) * cache_ld + rank] = c;
+          float e = fmaxf(e_i - c * c, 0.f);
+          if (e <= p.tol * e0_i) e = 0.f;
+          energy[i] = e;
+        }
+      }
+      ++rank;
+    }
+    __syncthreads();  // energies, picked flag and factor entries written; piv free for the next step
+    if (++t == m) break;
+    const Pick best = selection::exchange<kThreads>(scan(), slots_even, slots_odd, part, parts, t, scratch);
+    if (best.index < 0) break;  // every unpicked token scores 0: fill
+    j = best.index;
+    ej = best.energy;
+  }
+  if (t == m) return;
+
+  // Fill: the unpicked tokens by descending gate, then ascending index, into slots [t, m). Token i goes to
+  // t + #{unpicked l : g_l > g_i or (g_l == g_i and l < i)} (a rank count, as topk_indices). Every block of the item
+  // arrives here after the same exchange (or at t = 0 without one), so every picked flag is visible.
+  for (int base = c0; base < c1; base += kThreads) {
+    const int i = base + tid;
+    const bool mine = i < c1 && !picked[i];
+    const float gi = mine ? (gate != nullptr ? __ldg(gate + i) : 1.f) : 0.f;
+    int before = 0;
+    for (int l0 = 0; l0 < n; l0 += kThreads) {
+      const int l = l0 + tid;
+      // Picked and out-of-range tokens read as -inf: below every gate (gates are >= 0), never counted.
+      fill_tile[tid] = (l < n && __ldcg(picked + l) == 0) ? (gate != nullptr ? __ldg(gate + l) : 1.f)
+                                                          : selection::negative_infinity();
+      __syncthreads();
+      if (mine) {
+        const int count = n - l0 < kThreads ? n - l0 : kThreads;
+        for (int q = 0; q < count; ++q) {
+          const float v = fill_tile[q];
+          before += (v > gi) || (v == gi && l0 + q < i);
+        }
+      }
+      __syncthreads();
+    }
+    const int slot = t + before;
+    if (mine && slot < m) out_indices[slot] = i;
+  }
+}
+
+}  // namespace mrprune::kernels::greedy

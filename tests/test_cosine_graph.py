@@ -1,0 +1,377 @@
+"""Tests of ``mrprune.cosine_graph``: the reference against brute force, every kernel backend against the float64
+reference, invariants, edge cases, batching, argument validation, opcheck and torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mrprune
+from mrprune import reference, testing
+from tests.utils import INPUT_DTYPES, assert_close, clustered, kernel_backends, oracle, padded, run
+
+OP = "cosine_graph"
+BACKENDS = kernel_backends(OP)
+# Float32 kernels decide an edge whose float64 cosine lies within DELTA of the threshold either way (their rounding
+# error is ~1e-6 at D = 4096): rows with such an entry are left out of elementwise comparisons.
+DELTA = 1e-5
+
+
+# --- brute force (explicit loops, float64 Python floats) ------------------------------------------------------------
+
+
+def brute_cosine_graph(x: list[list[float]], threshold: float, temperature: float):
+    """The module-docstring spec, written with Python loops: returns (P as nested lists, degree list)."""
+    n = len(x)
+    units = []
+    for row in x:
+        norm = max(math.sqrt(sum(v * v for v in row)), 1e-12)
+        units.append([v / norm for v in row])
+    graph, degree = [], []
+    for i in range(n):
+        logits, edges = [], 0
+        for j in range(n):
+            s = sum(units[i][c] * units[j][c] for c in range(len(units[i])))
+            z = (s if s >= threshold else 0.0) / temperature
+            if abs(z) >= 1e-6:
+                logits.append(z)
+                edges += 1
+            else:
+                logits.append(-5000.0)
+        top = max(logits)
+        exps = [math.exp(z - top) for z in logits]
+        total = sum(exps)
+        graph.append([e / total for e in exps])
+        degree.append(float(edges) if edges > 0 else float(n))
+    return graph, degree
+
+
+def _tiny_random(n: int, dim: int, seed: int) -> list[list[float]]:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+
+
+TINY_CASES = {
+    "random": (_tiny_random(6, 4, seed=1), 0.5, 0.03),
+    "random_t01": (_tiny_random(7, 3, seed=2), 0.2, 0.1),
+    "zero_vector": ([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.5, 0.1], [-1.0, 0.0, 3.0]], 0.5, 0.03),
+    "high_threshold": ([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], 1.5, 0.03),
+    "threshold_zero": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [-1, 0.2, 0.0], [0.0, 0.0, 0.0]], 0.0, 0.1),
+    "threshold_negative": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.0, 0.5], [0.3, -2.0, 1.0]], -0.4, 0.1),
+    # cos([3, 4], [1, 0]) = 3/5 = 0.6 exactly: an entry equal to the threshold is an edge; the duplicates tie.
+    "tie_at_threshold": ([[3.0, 4.0], [1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-1.0, 1.0], [3.0, 4.0]], 0.6, 0.05),
+    # exp((-0.995 - 1) / 1e-3) underflows to 0, but that entry is still an edge: the degree counts it.
+    "underflowing_edge": ([[1.0, 0.0], [-1.0, 0.1], [0.5, 0.5]], -1.0, 1e-3),
+    "single": ([[0.5, -1.0, 2.0, 0.0, 1.0]], 0.5, 0.03),
+}
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_reference_matches_brute_force(case):
+    """reference.cosine_graph equals the loop implementation of the spec (with padding garbage around the item)."""
+    rows, threshold, temperature = TINY_CASES[case]
+    want_graph, want_degree = brute_cosine_graph(rows, threshold, temperature)
+    n, dim = len(rows), len(rows[0])
+    x = torch.full((2, n + 2, dim), 7.0, dtype=torch.float64)
+    x[1, :n] = torch.tensor(rows, dtype=torch.float64)
+    graph, degree = reference.cosine_graph(x, torch.tensor([0, n]), threshold, temperature)
+    expected_graph = torch.zeros(2, n + 2, n + 2, dtype=torch.float64)
+    expected_graph[1, :n, :n] = torch.tensor(want_graph, dtype=torch.float64)
+    expected_degree = torch.zeros(2, n + 2, dtype=torch.float64)
+    expected_degree[1, :n] = torch.tensor(want_degree, dtype=torch.float64)
+    torch.testing.assert_close(graph, expected_graph, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(degree, expected_degree, rtol=0, atol=0)
+
+
+def test_brute_force_cases_exercise_the_rules():
+    """The tiny cases really contain edge-less rows, a cosine equal to the threshold, and S = 0 non-edges."""
+    _, degree = brute_cosine_graph(*TINY_CASES["high_threshold"])
+    assert degree == [3.0, 3.0, 3.0]
+    graph, degree = brute_cosine_graph(*TINY_CASES["tie_at_threshold"])
+    assert graph[0][1] > 0 and graph[0][1] == graph[0][2] and graph[0][0] == graph[0][5] and graph[0][4] == 0.0
+    assert degree[0] == 5.0  # 0, 1, 2 (cos = 0.6), 3 (0.8), 5 (1); not 4 (0.14)
+    graph, degree = brute_cosine_graph(*TINY_CASES["underflowing_edge"])
+    assert graph[0][1] == 0.0 and degree[0] == 3.0
+    graph, degree = brute_cosine_graph(*TINY_CASES["threshold_zero"])
+    assert graph[0][1] == 0.0 and degree[4] == 5.0  # orthogonal (S = 0) is no edge; the zero vector has none
+
+
+# --- kernels against the float64 reference ------------------------------------------------------------------------
+
+
+def near_threshold_rows(x: torch.Tensor, lengths: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``[B, N]`` bool: valid rows with a float64 cosine within DELTA of the threshold (or a tiny non-zero cosine when
+    the threshold is <= 0, for the |S / T| >= 1e-6 rule): float32 may legitimately decide those edges either way."""
+    out = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for b, n in enumerate(lengths.tolist()):
+        u = x[b, :n].double()
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        s = u @ u.T
+        ambiguous = (s - threshold).abs() < DELTA
+        if threshold <= DELTA:
+            ambiguous |= s.abs() < DELTA
+        out[b, :n] = (ambiguous & (s != 0)).any(dim=1)  # an exact 0 (zero vector, orthogonal) is never an edge
+    return out
+
+
+def check_against_oracle(backend, x, lengths, threshold, temperature, max_ambiguous=0.1):
+    graph, degree = run(OP, backend, x, lengths, threshold, temperature)
+    want_graph, want_degree = oracle(OP, x, lengths, threshold, temperature)
+    assert graph.dtype == degree.dtype == torch.float32
+    assert graph.shape == want_graph.shape and degree.shape == want_degree.shape
+    keep = ~near_threshold_rows(x, lengths, threshold)
+    assert (~keep).sum() <= max_ambiguous * max(int(lengths.sum()), 1), "inputs too close to the threshold"
+    assert_close(graph[keep], want_graph[keep])  # elementwise, every column of every kept row (padding included)
+    assert torch.equal(degree[keep].double(), want_degree[keep])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_kernel_matches_reference_tiny(backend, case):
+    """The brute-force cases (zero vectors, no edges, thresholds <= 0) through the kernels match the reference (a row
+    whose cosine equals the threshold exactly is left out: float32 may round it either way)."""
+    rows, threshold, temperature = TINY_CASES[case]
+    check_against_oracle(backend, torch.tensor(rows)[None], torch.tensor([len(rows)]), threshold, temperature, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 7, 33, 257])
+@pytest.mark.parametrize("dim", [3, 64, 130])
+@pytest.mark.parametrize(("threshold", "temperature"), [(0.5, 0.03), (0.2, 0.1)])
+def test_kernel_matches_reference_clustered(backend, n, dim, threshold, temperature):
+    """Odd token counts and feature sizes of clustered features (single item) match the float64 reference."""
+    gen = torch.Generator().manual_seed(n * 1000 + dim)
+    x = clustered(n, dim, generator=gen)[None]
+    check_against_oracle(backend, x, torch.tensor([n]), threshold, temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("threshold", [0.5, 0.2])
+@pytest.mark.parametrize("temperature", [0.03, 0.1])
+def test_kernel_matches_reference_llava(backend, dtype, threshold, temperature):
+    """Synthetic LLaVA-NeXT tokens (12 x 12 high-res grid, D = 256) in every input dtype match the float64
+    reference computed on the same rounded inputs."""
+    x = testing.llava_next_features(12, 12, 256, seed=3).to(dtype)[None]
+    check_against_oracle(backend, x, torch.tensor([x.shape[1]]), threshold, temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_kernel_matches_reference_padded_batch(backend, dtype):
+    """A padded batch (large garbage in the padding, one empty item) matches the reference; padding is zero."""
+    gen = torch.Generator().manual_seed(5)
+    items = [clustered(n, 48, generator=gen) for n in (33, 0, 7, 20)]
+    x, lengths = padded(items)
+    x = x.to(dtype)
+    check_against_oracle(backend, x, lengths, 0.5, 0.03)
+    graph, degree = run(OP, backend, x, lengths)
+    assert not graph[1].any() and not degree[1].any()
+    assert not graph[2, 7:].any() and not graph[2, :, 7:].any() and not degree[2, 7:].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threshold", [0.0, -0.3])
+def test_kernel_matches_reference_non_positive_threshold(backend, threshold):
+    """Thresholds <= 0 (almost every pair is an edge, exact zeros are not) match the reference."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 40, 6, generator=gen)
+    x[0, 3] = 0.0  # a zero vector: S = 0 exactly, never an edge
+    x[0, 5, :3], x[0, 5, 3:], x[0, 6, :3], x[0, 6, 3:] = 1.0, 0.0, 0.0, 1.0  # orthogonal pair: S = 0 exactly
+    check_against_oracle(backend, x, torch.tensor([40]), threshold, 0.1)
+    graph, degree = run(OP, backend, x, torch.tensor([40]), threshold, 0.1)
+    assert graph[0, 5, 6] == 0 and graph[0, 6, 5] == 0 and degree[0, 3] == 40
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_non_contiguous_and_int32_lengths(backend):
+    """A non-contiguous feature view and int32 lengths give the same result as contiguous / int64 inputs."""
+    gen = torch.Generator().manual_seed(11)
+    base = clustered(2 * 30, 40, generator=gen).reshape(2, 30, 40)
+    view = base.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not view.is_contiguous()
+    lengths = torch.tensor([30, 17])
+    want = run(OP, backend, base, lengths)
+    got = run(OP, backend, view, lengths.to(torch.int32))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# --- invariants ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+@pytest.mark.parametrize(("threshold", "temperature"), [(0.5, 0.03), (0.2, 0.1)])
+def test_graph_invariants(impl, threshold, temperature):
+    """Rows sum to 1 on valid rows and 0 on padding; entries with cosine below the threshold are 0; the edge pattern is
+    symmetric; degree = number of positive entries of a row (or n for an edge-less row)."""
+    gen = torch.Generator().manual_seed(13)
+    items = [clustered(n, 32, generator=gen) for n in (50, 21, 1)]
+    items[1][4] = 0.0  # an edge-less row
+    x, lengths = padded(items)
+    graph, degree = run(OP, impl, x, lengths, threshold, temperature)
+    for b, n in enumerate(lengths.tolist()):
+        assert_close(graph[b, :n].sum(-1), torch.ones(n))
+        assert not graph[b, n:].any() and not graph[b, :, n:].any() and not degree[b, n:].any()
+        u = x[b, :n].double()
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        s = u @ u.T
+        has_edge = (s >= threshold + DELTA).any(dim=1)
+        below = s < threshold - DELTA
+        assert not graph[b, :n, :n][below & has_edge[:, None]].any()
+        positive = graph[b, :n, :n] > 0
+        edges = positive & has_edge[:, None]  # an edge-less row is uniform: positive, but not edges
+        clear = (s - threshold).abs() >= DELTA  # float32 may break the symmetry of borderline cosines only
+        assert torch.equal(edges[clear], edges.T[clear])
+        # an edge-less row is uniform, so "positive entries" is the edge count or n, as the degree
+        assert torch.equal(degree[b, :n], positive.sum(-1).to(degree.dtype))
+    assert degree[1, 4] == 21 and torch.allclose(graph[1, 4, :21], torch.full((21,), 1 / 21))
+
+
+# --- edge cases ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_single_token(impl):
+    """N = 1: the only entry is a self edge with probability 1 and degree 1."""
+    x = torch.tensor([[[0.3, -1.0, 2.0]]])
+    graph, degree = run(OP, impl, x, torch.tensor([1]))
+    assert torch.equal(graph, torch.ones(1, 1, 1)) and torch.equal(degree, torch.ones(1, 1))
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_identical_tokens(impl):
+    """All tokens identical: every entry is an edge, P is uniform 1/n, degree n."""
+    n = 37
+    x = torch.randn(1, 1, 70).expand(1, n, 70).contiguous()
+    graph, degree = run(OP, impl, x, torch.tensor([n]))
+    assert_close(graph, torch.full((1, n, n), 1 / n))
+    assert torch.equal(degree, torch.full((1, n), float(n)))
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+@pytest.mark.parametrize("threshold", [0.5, 0.0, -1.0])
+def test_zero_vectors(impl, threshold):
+    """A zero vector has no edge (uniform row, degree n) and is nobody's edge, even for thresholds <= 0."""
+    gen = torch.Generator().manual_seed(17)
+    x = clustered(9, 12, generator=gen)
+    x[2] = 0.0
+    x[6] = 0.0
+    graph, degree = run(OP, impl, x[None], torch.tensor([9]), threshold, 0.03)
+    for z in (2, 6):
+        assert_close(graph[0, z], torch.full((9,), 1 / 9))
+        assert degree[0, z] == 9
+    others = [i for i in range(9) if i not in (2, 6)]
+    assert not graph[0, others][:, [2, 6]].any()
+    assert (degree[0, others] <= 7).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_zero_lengths(impl):
+    """Items of length 0 give all-zero outputs (whatever their padding holds)."""
+    x = torch.randn(2, 5, 4) * 100
+    graph, degree = run(OP, impl, x, torch.tensor([0, 0]))
+    assert graph.shape == (2, 5, 5) and degree.shape == (2, 5)
+    assert not graph.any() and not degree.any()
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_duplicate_tokens(impl):
+    """A duplicated token (LLaVA-NeXT newline tokens are all the same vector) gets equal rows, equal columns and
+    equal degrees."""
+    x = testing.llava_next_features(4, 5, 64, seed=1)
+    newlines = [576 + r * 6 + 5 for r in range(4)]
+    graph, degree = run(OP, impl, x[None], torch.tensor([x.shape[0]]))
+    g = graph[0]
+    for k in newlines[1:]:
+        assert_close(g[k], g[newlines[0]])
+        assert_close(g[:, k], g[:, newlines[0]])
+        assert degree[0, k] == degree[0, newlines[0]]
+    assert degree[0, newlines[0]] >= len(newlines)
+
+
+# --- batching -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_batch_equals_per_item(impl):
+    """Each item of a 3-item batch of different lengths gives the same graph as the item alone (bitwise for cpp)."""
+    gen = torch.Generator().manual_seed(19)
+    items = [clustered(n, 24, generator=gen) for n in (40, 3, 300)]
+    x, lengths = padded(items)
+    graph, degree = run(OP, impl, x, lengths)
+    for b, item in enumerate(items):
+        n = item.shape[0]
+        alone_graph, alone_degree = run(OP, impl, item[None], torch.tensor([n]))
+        if impl in ("cpp", "reference"):
+            assert torch.equal(graph[b, :n, :n], alone_graph[0]) and torch.equal(degree[b, :n], alone_degree[0])
+        else:
+            assert_close(graph[b, :n, :n], alone_graph[0])
+            assert_close(degree[b, :n], alone_degree[0])
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    x, lengths = torch.randn(2, 4, 3), torch.tensor([4, 2])
+    nan, inf = x.clone(), x.clone()
+    nan[1, 0, 0] = float("nan")
+    inf[0, 3, 2] = float("inf")
+    return {
+        "rank2": ((x[0], lengths), ValueError, "features must be 3-D"),
+        "rank4": ((x[None], lengths), ValueError, "features must be 3-D"),
+        "int_features": ((x.to(torch.int64), lengths), TypeError, "features must be float16"),
+        "lengths_shape": ((x, torch.tensor([4])), ValueError, r"lengths must have shape \(2,\)"),
+        "lengths_2d": ((x, lengths[None]), ValueError, "lengths must have shape"),
+        "lengths_float": ((x, lengths.float()), TypeError, "lengths must be int32 or int64"),
+        "lengths_too_long": ((x, torch.tensor([5, 2])), ValueError, r"lengths must lie in \[0, 4\]"),
+        "lengths_negative": ((x, torch.tensor([4, -1])), ValueError, r"lengths must lie in \[0, 4\]"),
+        "lengths_meta": ((x, lengths.to("meta")), ValueError, "lengths is on meta"),
+        "features_meta": ((x.to("meta"), lengths), ValueError, "features are on meta"),
+        "nan": ((nan, lengths), ValueError, "features contains NaN or Inf"),
+        "inf": ((inf, lengths), ValueError, "features contains NaN or Inf"),
+        "temperature_zero": ((x, lengths, 0.5, 0.0), ValueError, "temperature must be positive"),
+        "temperature_negative": ((x, lengths, 0.5, -0.03), ValueError, "temperature must be positive"),
+        "temperature_inf": ((x, lengths, 0.5, math.inf), ValueError, "temperature must be positive and finite"),
+        "threshold_nan": ((x, lengths, math.nan, 0.03), ValueError, "threshold must be finite"),
+        "threshold_inf": ((x, lengths, -math.inf, 0.03), ValueError, "threshold must be finite"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_input_raises(case, monkeypatch):
+    """Invalid arguments raise a ValueError/TypeError naming the op and the argument, before any kernel runs."""
+    monkeypatch.setenv("MRPRUNE_CHECK_FINITE", "1")
+    args, error, match = _bad_inputs()[case]
+    with pytest.raises(error, match=match) as info:
+        mrprune.cosine_graph(*args)
+    assert "mrprune.cosine_graph" in str(info.value)
+
+
+# --- torch.library / torch.compile ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    """torch.library.opcheck passes all its default tests (schema, autograd registration, fake, AOT dynamic)."""
+    x, lengths = padded([torch.randn(5, 3), torch.randn(3, 3)])
+    result = torch.library.opcheck(
+        torch.ops.mrprune.cosine_graph.default, (x.to(dtype), lengths), {"threshold": 0.2, "temperature": 0.1}
+    )
+    assert set(result.values()) == {"SUCCESS"} and len(result) == 4
+
+
+def test_torch_compile_fullgraph():
+    """The op compiles with fullgraph=True and gives the eager result."""
+    torch._dynamo.reset()
+    x, lengths = padded([clustered(9, 8), clustered(4, 8)])
+
+    def fn(features, lens):
+        return torch.ops.mrprune.cosine_graph(features, lens, 0.5, 0.03)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    got, want = compiled(x, lengths), fn(x, lengths)
+    torch._dynamo.reset()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0][0, :9].sum(-1).allclose(torch.ones(9))

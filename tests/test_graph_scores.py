@@ -1,0 +1,419 @@
+"""Tests of ``mrprune.graph_scores`` (features straight to propagated graph scores): the reference against brute force,
+every kernel backend against the float64 reference (up to the real LLaVA-NeXT shape), invariants, edge cases,
+batching, argument validation, opcheck and torch.compile."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import pytest
+import torch
+
+import mrprune
+from mrprune import reference, testing
+from tests.utils import ATOL, INPUT_DTYPES, RTOL, assert_close, clustered, kernel_backends, oracle, padded, run
+
+OP = "graph_scores"
+BACKENDS = kernel_backends(OP)
+# Float32 kernels decide an edge whose float64 cosine lies within DELTA of the threshold either way (their rounding
+# error is ~1e-6 at D = 4096): tokens whose score depends on such an edge are left out of the comparisons.
+DELTA = 1e-5
+
+
+# --- brute force (explicit loops, float64 Python floats) ------------------------------------------------------------
+
+
+def brute_graph_scores(x: list[list[float]], weights, threshold: float, temperature: float, iterations: int):
+    """The module-docstring spec with Python loops: cosine graph, thresholded softmax, degree, t propagation steps."""
+    n = len(x)
+    norms = [math.sqrt(sum(v * v for v in row)) for row in x]
+    w = norms if weights is None else list(weights)
+    units = [[v / max(norm, 1e-12) for v in row] for row, norm in zip(x, norms, strict=True)]
+    graph, degree = [], []
+    for i in range(n):
+        logits, edges = [], 0
+        for j in range(n):
+            s = sum(a * b for a, b in zip(units[i], units[j], strict=True))
+            z = (s if s >= threshold else 0.0) / temperature
+            edge = abs(z) >= 1e-6
+            edges += edge
+            logits.append(z if edge else -5000.0)
+        top = max(logits)
+        exps = [math.exp(z - top) for z in logits]
+        graph.append([e / sum(exps) for e in exps])
+        degree.append(edges if edges else n)
+    mass = list(w)
+    for _ in range(iterations):
+        mass = [sum(mass[i] * graph[i][j] for i in range(n)) for j in range(n)]
+    return [mass[j] / degree[j] for j in range(n)]
+
+
+def _tiny_random(n: int, dim: int, seed: int) -> list[list[float]]:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+
+
+TINY_CASES = {
+    "random": (_tiny_random(6, 4, seed=1), 0.5, 0.03),
+    "random_t01": (_tiny_random(7, 5, seed=2), 0.2, 0.1),
+    "zero_vector": ([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.5, 0.1], [-1.0, 0.0, 3.0]], 0.5, 0.03),
+    "high_threshold": ([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], 1.5, 0.03),
+    "threshold_zero": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [-1, 0.2, 0.0], [0.0, 0.0, 0.0]], 0.0, 0.1),
+    "threshold_negative": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.0, 0.5], [0.3, -2.0, 1.0]], -0.4, 0.1),
+    # cos([3, 4], [1, 0]) = 0.6 exactly (an edge at threshold 0.6); duplicated tokens tie.
+    "tie_at_threshold": ([[3.0, 4.0], [1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-1.0, 1.0], [3.0, 4.0]], 0.6, 0.05),
+    # exp((-0.995 - 1) / 1e-3) underflows to 0, but that entry is still an edge: the degree counts it.
+    "underflowing_edge": ([[1.0, 0.0], [-1.0, 0.1], [0.5, 0.5]], -1.0, 1e-3),
+    "single": ([[0.5, -1.0, 2.0, 0.0, 1.0]], 0.5, 0.03),
+}
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+@pytest.mark.parametrize("explicit_weights", [False, True])
+def test_reference_matches_brute_force(case, iterations, explicit_weights):
+    """reference.graph_scores equals the loop implementation, with norm or explicit weights and padding garbage."""
+    rows, threshold, temperature = TINY_CASES[case]
+    n, dim = len(rows), len(rows[0])
+    w = [0.5 + k for k in range(n)] if explicit_weights else None
+    want = brute_graph_scores(rows, w, threshold, temperature, iterations)
+    x = torch.full((2, n + 1, dim), 9.0, dtype=torch.float64)
+    x[0, :n] = torch.tensor(rows, dtype=torch.float64)
+    weights = None
+    if explicit_weights:
+        weights = torch.full((2, n + 1), 9.0, dtype=torch.float64)
+        weights[0, :n] = torch.tensor(w, dtype=torch.float64)
+    scores = reference.graph_scores(x, torch.tensor([n, 0]), weights, threshold, temperature, iterations)
+    expected = torch.zeros(2, n + 1, dtype=torch.float64)
+    expected[0, :n] = torch.tensor(want, dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_brute_force_tie_case():
+    """The tie case: duplicated tokens score equally; the threshold-equal cosine counts (degree 5 of token 0)."""
+    rows, threshold, temperature = TINY_CASES["tie_at_threshold"]
+    ones = [1.0] * len(rows)
+    scores = brute_graph_scores(rows, ones, threshold, temperature, 1)
+    assert scores[1] == pytest.approx(scores[2], rel=1e-12) and scores[0] == pytest.approx(scores[5], rel=1e-12)
+    no_tie = brute_graph_scores(rows, ones, threshold + 1e-9, temperature, 1)  # 0.6 is no longer an edge
+    assert scores[0] != pytest.approx(no_tie[0], rel=1e-3)
+
+
+# --- kernels against the float64 reference ------------------------------------------------------------------------
+
+
+def check_against_oracle(
+    backend, x, lengths, weights=None, threshold=0.5, temperature=0.03, iterations=1, max_left_out=0.1
+):
+    """Kernel scores equal the float64 reference on every token whose reference score does not depend on the edges
+    within DELTA of the threshold (the reference at threshold -/+ DELTA agrees there); at most 10 % are left out."""
+    scores = run(OP, backend, x, lengths, weights, threshold, temperature, iterations)
+    want = oracle(OP, x, lengths, weights, threshold, temperature, iterations)
+    low = oracle(OP, x, lengths, weights, threshold - DELTA, temperature, iterations)
+    high = oracle(OP, x, lengths, weights, threshold + DELTA, temperature, iterations)
+    keep = torch.isclose(low, high, rtol=RTOL / 4, atol=ATOL / 4)
+    assert (~keep).sum() <= max_left_out * max(int(lengths.sum()), 1), "inputs too close to the threshold"
+    assert scores.dtype == torch.float32 and scores.shape == want.shape
+    assert_close(scores[keep], want[keep])
+    return scores
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_kernel_matches_reference_tiny(backend, case):
+    """The brute-force cases (zero vectors, no edges, thresholds <= 0) through the kernels match the reference (tokens
+    that depend on a cosine exactly equal to the threshold are left out: float32 may round it either way)."""
+    rows, threshold, temperature = TINY_CASES[case]
+    x, lengths = torch.tensor(rows)[None], torch.tensor([len(rows)])
+    for iterations in (1, 3):
+        check_against_oracle(backend, x, lengths, None, threshold, temperature, iterations, max_left_out=1.0)
+
+
+# Odd token counts x feature sizes, with t cycling through 1..5 over the cases.
+CLUSTERED_CASES = [(n, dim, i % 5 + 1) for i, (n, dim) in enumerate(itertools.product((1, 7, 33, 257), (3, 64, 130)))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("n", "dim", "iterations"), CLUSTERED_CASES)
+@pytest.mark.parametrize(("threshold", "temperature"), [(0.5, 0.03), (0.2, 0.1)])
+def test_kernel_matches_reference_clustered(backend, n, dim, iterations, threshold, temperature):
+    """Clustered features of odd sizes match the float64 reference."""
+    gen = torch.Generator().manual_seed(n * 1000 + dim)
+    x = clustered(n, dim, generator=gen)[None]
+    check_against_oracle(backend, x, torch.tensor([n]), None, threshold, temperature, iterations)
+
+
+@functools.cache
+def _llava_small() -> torch.Tensor:
+    return testing.llava_next_features(12, 12, 256, seed=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize(
+    ("threshold", "temperature", "iterations"), [(0.5, 0.03, 1), (0.5, 0.1, 5), (0.2, 0.03, 5), (0.2, 0.1, 1)]
+)
+def test_kernel_matches_reference_llava(backend, dtype, threshold, temperature, iterations):
+    """Synthetic LLaVA-NeXT tokens (12 x 12 grid, D = 256) in every input dtype match the float64 reference on the same
+    rounded inputs (MR-Pruner's t = 1 and G-Prune's t = 5)."""
+    x = _llava_small().to(dtype)[None]
+    lengths = torch.tensor([x.shape[1]])
+    scores = check_against_oracle(backend, x, lengths, None, threshold, temperature, iterations, max_left_out=0.25)
+    assert scores.max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("explicit_weights", [False, True])
+def test_kernel_matches_reference_padded_batch(backend, dtype, explicit_weights):
+    """A padded batch (garbage in the padding of features and weights, one empty item) matches the reference and
+    scores the padding 0."""
+    gen = torch.Generator().manual_seed(6)
+    x, lengths = padded([clustered(n, 40, generator=gen) for n in (29, 0, 64, 5)])
+    x = x.to(dtype)
+    weights = None
+    if explicit_weights:
+        weights = torch.rand(x.shape[:2], generator=gen).to(dtype)
+        weights[0, 29:], weights[2, 64:], weights[3, 5:] = 1e4, 1e4, 1e4
+    scores = check_against_oracle(backend, x, lengths, weights, 0.5, 0.03, 2)
+    assert not scores[1].any() and not scores[0, 29:].any() and not scores[3, 5:].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_matches_reference_llava_next_full_size(backend):
+    """The real LLaVA-NeXT high-res view (48 x 48 = 2304 tokens, D = 4096, MR-Pruner's t = 1, threshold 0.5, T = 0.03)
+    matches the float64 reference. At this size some cosines always lie within DELTA of the threshold; at T = 0.03 such
+    an edge carries probability <= exp(-0.5 / 0.03) ~ 6e-8, so only the scores of its two endpoints (degree +-1) may
+    differ, and those are left out."""
+    x = testing.llava_next_features(48, 48, 4096, seed=0)
+    high = x[576:].reshape(48, 49, 4096)[:, :48].reshape(1, 2304, 4096)  # drop the base view and the newlines
+    lengths = torch.tensor([2304])
+    scores = run(OP, backend, high, lengths)
+    want = oracle(OP, high, lengths)
+    u = reference.normalize_rows(high[0].double())
+    ambiguous = ((u @ u.T - 0.5).abs() < DELTA).any(dim=1)
+    assert ambiguous.sum() <= 0.1 * 2304
+    assert_close(scores[0, ~ambiguous], want[0, ~ambiguous])
+    assert want.min() > 0 and want.max() > 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_non_contiguous_and_int32_lengths(backend):
+    """Non-contiguous features/weights and int32 lengths give the same scores as contiguous / int64 inputs."""
+    gen = torch.Generator().manual_seed(7)
+    x = clustered(60, 24, generator=gen).reshape(2, 30, 24)
+    weights = torch.rand(2, 30, generator=gen)
+    lengths = torch.tensor([30, 11])
+    x_t, w_t = x.transpose(1, 2).contiguous().transpose(1, 2), weights.T.contiguous().T
+    assert not x_t.is_contiguous() and not w_t.is_contiguous()
+    for w, w_view in ((None, None), (weights, w_t)):
+        want = run(OP, backend, x, lengths, w, 0.5, 0.03, 2)
+        assert torch.equal(run(OP, backend, x_t, lengths.to(torch.int32), w_view, 0.5, 0.03, 2), want)
+
+
+# --- invariants ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize(("threshold", "temperature"), [(0.5, 0.03), (0.2, 0.1)])
+def test_equals_cosine_graph_then_propagate(impl, iterations, threshold, temperature):
+    """graph_scores == graph_propagate(*cosine_graph(...), norms), with and without explicit weights."""
+    gen = torch.Generator().manual_seed(31)
+    x, lengths = padded([clustered(n, 20, generator=gen) for n in (45, 13, 0)])
+    graph, degree = run("cosine_graph", impl, x, lengths, threshold, temperature)
+    norms = x.norm(dim=-1)
+    fused = run(OP, impl, x, lengths, None, threshold, temperature, iterations)
+    assert_close(fused, run("graph_propagate", impl, graph, degree, norms, lengths, iterations))
+    weights = torch.rand(x.shape[:2], generator=gen)
+    fused = run(OP, impl, x, lengths, weights, threshold, temperature, iterations)
+    assert_close(fused, run("graph_propagate", impl, graph, degree, weights, lengths, iterations))
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_explicit_weights(impl):
+    """Explicit norm weights equal the default; other weights change the scores as the reference says; scores are
+    linear in the weights."""
+    gen = torch.Generator().manual_seed(32)
+    x, lengths = padded([clustered(n, 16, generator=gen) for n in (40, 22)])
+    default = run(OP, impl, x, lengths)
+    assert_close(run(OP, impl, x, lengths, x.norm(dim=-1)), default)
+    weights = torch.rand(x.shape[:2], generator=gen) * 4
+    scores = run(OP, impl, x, lengths, weights)
+    assert_close(scores, oracle(OP, x, lengths, weights))
+    assert not torch.allclose(scores, default)
+    assert_close(run(OP, impl, x, lengths, 3 * weights + x.norm(dim=-1)), 3 * scores + default)
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+@pytest.mark.parametrize("iterations", [1, 4])
+def test_mass_conservation_and_scale(impl, iterations):
+    """sum_j score_j * degree_j = sum_i ||x_i|| (P is row-stochastic), and scaling the features by 4 scales the
+    scores by 4 (the graph only sees directions)."""
+    gen = torch.Generator().manual_seed(33)
+    x, lengths = padded([clustered(n, 32, generator=gen) for n in (70, 9)])
+    scores = run(OP, impl, x, lengths, None, 0.2, 0.1, iterations)
+    _, degree = run("cosine_graph", impl, x, lengths, 0.2, 0.1)
+    for b, n in enumerate(lengths.tolist()):
+        assert_close((scores[b, :n].double() * degree[b, :n]).sum(), x[b, :n].double().norm(dim=-1).sum())
+    assert_close(run(OP, impl, 4 * x, lengths, None, 0.2, 0.1, iterations), 4 * scores)
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_permutation_equivariance(impl):
+    """Permuting the tokens of an item permutes its scores."""
+    gen = torch.Generator().manual_seed(34)
+    x = clustered(50, 12, generator=gen)[None]
+    perm = torch.randperm(50, generator=gen)
+    scores = run(OP, impl, x, torch.tensor([50]), None, 0.5, 0.03, 2)
+    assert_close(run(OP, impl, x[:, perm], torch.tensor([50]), None, 0.5, 0.03, 2), scores[:, perm])
+
+
+# --- edge cases ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_single_token(impl):
+    """N = 1: P = [[1]], degree 1, so the score is the token's norm (or its weight) for any t."""
+    x = torch.tensor([[[0.3, -1.2, 2.0, 0.4]]])
+    for iterations in (1, 5):
+        scores = run(OP, impl, x, torch.tensor([1]), None, 0.5, 0.03, iterations)
+        assert_close(scores, x.norm(dim=-1))
+        seven = torch.tensor([[7.0]])
+        assert_close(run(OP, impl, x, torch.tensor([1]), seven, 0.5, 0.03, iterations), seven)
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_identical_tokens(impl):
+    """All tokens identical: uniform P, degree n, so every score is ||x|| / n."""
+    n = 41
+    x = torch.randn(1, 1, 33).expand(1, n, 33).contiguous()
+    scores = run(OP, impl, x, torch.tensor([n]), None, 0.5, 0.03, 3)
+    assert_close(scores, (x.norm(dim=-1) / n))
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+@pytest.mark.parametrize("threshold", [0.5, -0.5])
+def test_zero_vectors(impl, threshold):
+    """A zero vector has weight 0, a uniform row and is nobody's edge: its score is 0; given weight c instead, it
+    spreads c / n to every token (score c / (n * degree) on top of the score without it)."""
+    gen = torch.Generator().manual_seed(35)
+    x = clustered(12, 6, generator=gen)[None]
+    x[0, 4] = 0.0
+    lengths = torch.tensor([12])
+    scores = run(OP, impl, x, lengths, None, threshold, 0.1)
+    assert scores[0, 4] == 0 and (scores[0, :4] > 0).all()
+    _, degree = run("cosine_graph", impl, x, lengths, threshold, 0.1)
+    assert degree[0, 4] == 12
+    weights = x.norm(dim=-1)
+    weights[0, 4] = 6.0
+    assert_close(run(OP, impl, x, lengths, weights, threshold, 0.1), scores + 6.0 / (12 * degree))
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_zero_lengths(impl):
+    """Items of length 0 give all-zero scores."""
+    scores = run(OP, impl, torch.randn(3, 4, 5) * 100, torch.tensor([0, 0, 0]), None, 0.5, 0.03, 2)
+    assert scores.shape == (3, 4) and not scores.any()
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+def test_duplicate_tokens(impl):
+    """Duplicated tokens (the LLaVA-NeXT newline tokens) score equally."""
+    x = testing.llava_next_features(5, 4, 48, seed=3)[None]
+    newlines = [576 + r * 5 + 4 for r in range(5)]
+    for iterations in (1, 5):
+        scores = run(OP, impl, x, torch.tensor([x.shape[1]]), None, 0.5, 0.03, iterations)
+        assert_close(scores[0, newlines], scores[0, newlines[:1]].expand(5))
+
+
+# --- batching -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+@pytest.mark.parametrize("explicit_weights", [False, True])
+def test_batch_equals_per_item(impl, explicit_weights):
+    """Each item of a 3-item batch of different lengths scores as the item alone (bitwise for cpp)."""
+    gen = torch.Generator().manual_seed(36)
+    items = [clustered(n, 20, generator=gen) for n in (61, 4, 290)]
+    x, lengths = padded(items)
+    weights = torch.rand(x.shape[:2], generator=gen) if explicit_weights else None
+    scores = run(OP, impl, x, lengths, weights, 0.2, 0.1, 3)
+    for b, item in enumerate(items):
+        n = item.shape[0]
+        w = None if weights is None else weights[b : b + 1, :n].contiguous()
+        alone = run(OP, impl, item[None], torch.tensor([n]), w, 0.2, 0.1, 3)
+        if impl in ("cpp", "reference"):
+            assert torch.equal(scores[b, :n], alone[0])
+        else:
+            assert_close(scores[b, :n], alone[0])
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    x, lengths, weights = torch.randn(2, 4, 3), torch.tensor([4, 1]), torch.rand(2, 4)
+    nan, inf, nan_w = x.clone(), x.clone(), weights.clone()
+    nan[0, 0, 1] = float("nan")
+    inf[1, 2, 0] = -float("inf")
+    nan_w[1, 3] = float("nan")
+    return {
+        "rank2": ((x[0], lengths), {}, ValueError, "features must be 3-D"),
+        "int_features": ((x.to(torch.int32), lengths), {}, TypeError, "features must be float16"),
+        "lengths_shape": ((x, lengths[:1]), {}, ValueError, r"lengths must have shape \(2,\)"),
+        "lengths_dtype": ((x, lengths.float()), {}, TypeError, "lengths must be int32 or int64"),
+        "lengths_range": ((x, torch.tensor([0, 5])), {}, ValueError, r"lengths must lie in \[0, 4\]"),
+        "lengths_meta": ((x, lengths.to("meta")), {}, ValueError, "lengths is on meta"),
+        "weights_meta": ((x, lengths, weights.to("meta")), {}, ValueError, "weights is on meta"),
+        "features_meta": ((x.to("meta"), lengths), {}, ValueError, "features are on meta"),
+        "weights_shape": ((x, lengths, weights[:, :3]), {}, ValueError, r"weights must have shape \(2, 4\)"),
+        "weights_rank": ((x, lengths, weights[None]), {}, ValueError, "weights must be 2-D"),
+        "weights_int": ((x, lengths, weights.to(torch.int64)), {}, TypeError, "weights must be float16"),
+        "weights_nan": ((x, lengths, nan_w), {}, ValueError, "weights contains NaN or Inf"),
+        "nan": ((nan, lengths), {}, ValueError, "features contains NaN or Inf"),
+        "inf": ((inf, lengths), {}, ValueError, "features contains NaN or Inf"),
+        "temperature_zero": ((x, lengths), {"temperature": 0.0}, ValueError, "temperature must be positive"),
+        "temperature_nan": ((x, lengths), {"temperature": math.nan}, ValueError, "temperature must be positive"),
+        "threshold_inf": ((x, lengths), {"threshold": math.inf}, ValueError, "threshold must be finite"),
+        "iterations_zero": ((x, lengths), {"iterations": 0}, ValueError, "iterations must be >= 1"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_bad_input_raises(case, monkeypatch):
+    """Invalid arguments raise a ValueError/TypeError naming the op and the argument, before any kernel runs."""
+    monkeypatch.setenv("MRPRUNE_CHECK_FINITE", "1")
+    args, kwargs, error, match = _bad_inputs()[case]
+    with pytest.raises(error, match=match) as info:
+        mrprune.graph_scores(*args, **kwargs)
+    assert "mrprune.graph_scores" in str(info.value)
+
+
+# --- torch.library / torch.compile ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("explicit_weights", [False, True])
+def test_opcheck(explicit_weights):
+    """torch.library.opcheck passes all its default tests (schema, autograd registration, fake, AOT dynamic)."""
+    x, lengths = padded([clustered(6, 4), clustered(3, 4)])
+    weights = torch.rand(x.shape[:2]) if explicit_weights else None
+    result = torch.library.opcheck(
+        torch.ops.mrprune.graph_scores.default, (x, lengths, weights), {"threshold": 0.2, "iterations": 2}
+    )
+    assert set(result.values()) == {"SUCCESS"} and len(result) == 4
+
+
+def test_torch_compile_fullgraph():
+    """The op compiles with fullgraph=True and gives the eager result."""
+    torch._dynamo.reset()
+    x, lengths = padded([clustered(10, 8), clustered(3, 8)])
+
+    def fn(features, lens):
+        return torch.ops.mrprune.graph_scores(features, lens, None, 0.5, 0.03, 5)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    got, want = compiled(x, lengths), fn(x, lengths)
+    torch._dynamo.reset()
+    assert torch.equal(got, want) and (got[0, :10] > 0).all()
