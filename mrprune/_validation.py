@@ -34,10 +34,12 @@ def features(op: str, name: str, x: torch.Tensor, rank: int = 3) -> None:
         raise TypeError(f"mrprune.{op}: {name} must be float16/bfloat16/float32/float64, got {x.dtype}")
 
 
-def same_device(op: str, reference: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+def same_device(
+    op: str, reference: torch.Tensor, reference_name: str = "features", **tensors: torch.Tensor | None
+) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != reference.device:
-            raise ValueError(f"mrprune.{op}: {name} is on {t.device} but the features are on {reference.device}")
+            raise ValueError(f"mrprune.{op}: {name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
 def shape(op: str, name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -116,7 +118,7 @@ def graph_propagate(
     batch, tokens, cols = graph.shape
     if cols != tokens:
         raise ValueError(f"mrprune.{op}: graph must be square per item [B, N, N], got {tuple(graph.shape)}")
-    same_device(op, graph, degree=degree, weights=w, lengths=lens)
+    same_device(op, graph, "graph", degree=degree, weights=w, lengths=lens)
     weights(op, "degree", degree, (batch, tokens))
     weights(op, "weights", w, (batch, tokens))
     lengths(op, lens, batch, tokens)
@@ -155,7 +157,9 @@ def transfer_scores(
 ) -> None:
     features(op, "queries", queries)
     features(op, "keys", keys)
-    same_device(op, queries, query_lengths=query_lengths, keys=keys, key_mask=key_mask, key_weights=key_weights)
+    same_device(
+        op, queries, "queries", query_lengths=query_lengths, keys=keys, key_mask=key_mask, key_weights=key_weights
+    )
     batch = queries_and_keys(op, queries, keys)
     lengths(op, query_lengths, batch, queries.shape[1], name="query_lengths")
     if key_mask.dtype != torch.bool:
@@ -209,7 +213,7 @@ def max_cosine(
 ) -> None:
     features(op, "queries", queries)
     features(op, "keys", keys)
-    same_device(op, queries, query_lengths=query_lengths, keys=keys, key_lengths=key_lengths)
+    same_device(op, queries, "queries", query_lengths=query_lengths, keys=keys, key_lengths=key_lengths)
     batch = queries_and_keys(op, queries, keys)
     lengths(op, query_lengths, batch, queries.shape[1], name="query_lengths")
     lengths(op, key_lengths, batch, keys.shape[1], name="key_lengths")
@@ -219,7 +223,7 @@ def max_cosine(
 
 def topk_indices(op: str, scores: torch.Tensor, lens: torch.Tensor, k: int, sort_indices: bool) -> None:
     features(op, "scores", scores, rank=2)
-    same_device(op, scores, lengths=lens)
+    same_device(op, scores, "scores", lengths=lens)
     lengths(op, lens, scores.shape[0], scores.shape[1])
     budget(op, k, scores.shape[1])
     if not _is_fake(scores) and bool(torch.isnan(scores).any()):
