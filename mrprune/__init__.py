@@ -11,6 +11,7 @@ import logging
 import os
 
 from . import _library, backends, ops, reference
+from .integrations import FastV, patch, patched
 from .layouts import GridLayout, LlavaNextLayout
 from .methods import PRESETS, DivPrune, GPrune, MRPruner, Pruner, RandomPruner, ResPrune, preset
 from .ops import (
@@ -49,6 +50,7 @@ __all__ = [
     "HAS_EXTENSION",
     "PRESETS",
     "DivPrune",
+    "FastV",
     "GPrune",
     "GridLayout",
     "LlavaNextLayout",
@@ -65,6 +67,8 @@ __all__ = [
     "greedy_residual_select",
     "max_cosine",
     "ops",
+    "patch",
+    "patched",
     "reference",
     "topk_indices",
     "transfer_scores",

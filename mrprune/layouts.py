@@ -71,17 +71,15 @@ class LlavaNextLayout:
         """The layout LLaVA-NeXT's ``pack_image_features`` produces for an image of ``image_size = (height, width)``.
 
         The grid of ``crop_size`` tiles comes from the best pinpoint; its token grid is then cropped symmetrically
-        (``unpad_image``) back to the image's aspect ratio. A 1 x 1 grid is a single-crop image.
+        (``unpad_image``) back to the image's aspect ratio. Anyres always yields the base crop plus at least one tile,
+        so this is never a single-crop layout (even a 1 x 1 tile grid is unpadded and gets newlines).
         """
         height, width = image_size
         if height < 1 or width < 1:
             raise ValueError(f"LlavaNextLayout.from_image_size: image_size must be positive, got {image_size}")
         side = crop_size // patch_size
         canvas_h, canvas_w = best_resolution((height, width), grid_pinpoints)
-        tiles_h, tiles_w = canvas_h // crop_size, canvas_w // crop_size
-        if tiles_h * tiles_w == 1:
-            return cls(0, 0, side)
-        rows, cols = tiles_h * side, tiles_w * side
+        rows, cols = (canvas_h // crop_size) * side, (canvas_w // crop_size) * side
         if width / height > cols / rows:  # wider than the canvas: padding rows top and bottom
             padding = (rows - int(round(height * (cols / width), 7))) // 2
             rows -= 2 * padding
@@ -96,8 +94,9 @@ class LlavaNextLayout:
 
     @property
     def single_crop(self) -> bool:
-        """One crop only: the base view and one trailing newline. (An extreme aspect ratio can also unpad the grid
-        to zero rows or columns; that image has no high-resolution tokens and no newline at all.)"""
+        """One crop only (no anyres): the base view and one trailing newline. (An extreme aspect ratio can also unpad
+        the grid to zero rows, leaving no high-resolution token and no newline, or to zero columns, leaving one
+        newline per row.)"""
         return self.rows == 0 and self.cols == 0
 
     @property
@@ -141,6 +140,8 @@ class GridLayout:
     def from_grid_thw(cls, grid_thw: Sequence[int], merge_size: int = 2) -> GridLayout:
         """The token grid of a Qwen2.5-VL image or video from its ``image_grid_thw`` / ``video_grid_thw`` row."""
         t, h, w = (int(v) for v in grid_thw)
+        if merge_size < 1 or h % merge_size or w % merge_size:
+            raise ValueError(f"GridLayout.from_grid_thw: grid {list(grid_thw)} does not merge by {merge_size}")
         return cls(t, h // merge_size, w // merge_size)
 
     @property

@@ -115,6 +115,8 @@ class Pruner:
         if len(layouts) != batch:
             raise ValueError(f"select_batch: expected {batch} layouts, got {len(layouts)}")
         sizes = lengths.tolist()
+        if min(sizes, default=1) < 1:
+            raise ValueError(f"select_batch: every image needs at least one token, got lengths {sizes}")
         layouts = [GridLayout(1, 1, n) if lay is None else lay for lay, n in zip(layouts, sizes, strict=True)]
         for b, (layout, n) in enumerate(zip(layouts, sizes, strict=True)):
             if layout.num_tokens != n:

@@ -48,8 +48,9 @@ class ResPrune(Pruner):
     ``select(features, layout, text)`` takes ``text`` as the ``[M, D]`` LLM input embeddings of the instruction's
     noun tokens (see :mod:`mrprune.text` to extract them); ``None`` or ``M = 0`` means no text (gate 1). ``seeds``
     (a keyword of ``select`` / ``select_batch``: one index per image, e.g. the argmax of the vision tower's CLS
-    attention, negative for none) fixes the first pick; by default it is the largest-norm token. All of an image's
-    tokens compete jointly (LLaVA-NeXT newline tokens are identical vectors, so at most one of them is ever a pivot).
+    attention; negative entries mean "no seed") fixes the first pick; without one it is the largest-norm token. All
+    of an image's tokens compete jointly (LLaVA-NeXT newline tokens are identical vectors, so at most one of them
+    is ever a pivot).
     """
 
     uses_text = True
@@ -101,9 +102,11 @@ class ResPrune(Pruner):
 
     def _select_batch(self, features, layouts, lengths, texts, seeds=None, **kwargs):
         counts = [self._count(n) for n in lengths.tolist()]
-        if seeds is None:  # the largest-norm token (ties to the lower index)
-            seeds = ops.topk_indices(features.float().norm(dim=-1), lengths, 1)[:, 0]
+        largest_norm = ops.topk_indices(features.float().norm(dim=-1), lengths, 1)[:, 0]  # ties to the lower index
+        if seeds is None:
+            seeds = largest_norm
         seeds = torch.as_tensor(seeds, dtype=torch.int64, device=features.device).reshape(-1)
+        seeds = torch.where(seeds < 0, largest_norm, seeds)
         picks, _ = ops.greedy_residual_select(
             features, lengths, max(counts, default=0), self._gate(features, lengths, texts), seeds, self.exhaustion_tol
         )
