@@ -337,7 +337,9 @@ def diversity_select(features: torch.Tensor, lengths: torch.Tensor, k: int, mask
         if n == 0 or k == 0:
             continue
         x = normalize_rows(features[b, :n].to(dtype))
-        distance = 1 - x @ x.T
+        similarity = x @ x.T
+        # a matmul is not exactly symmetric; mirror the upper triangle so d_sj == d_js and exact ties stay exact
+        distance = 1 - (torch.triu(similarity) + torch.triu(similarity, 1).T)
         first_score = distance.sort(dim=0).values[1] if n > 1 else distance[0]
         j = int(torch.argmax(first_score))
         nearest = torch.full((n,), float("inf"), dtype=dtype, device=x.device)

@@ -1,0 +1,573 @@
+"""diversity_select (DivPrune's greedy max-min cosine-distance selection): reference, kernels, edges, errors, compile.
+
+The reference (``mrprune.reference.diversity_select``) is checked against an independent brute force written with
+Python loops and ``math``; every kernel is checked against the float64 reference. Index comparisons are exact only
+where the float64 greedy has a clear gap between the winner and the runner-up (or an exact structural tie, which the
+spec resolves to the lower index); beyond that, every kernel pick must still be a near-maximiser of the float64 greedy
+criterion given the kernel's own earlier picks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+import mrprune
+from mrprune import backends, reference
+from mrprune.testing import llava_next_features
+from tests.utils import INPUT_DTYPES, clustered, kernel_backends, oracle, padded, run
+
+OP = "diversity_select"
+KERNELS = kernel_backends(OP)
+INF = math.inf
+# Kernels compute d = 1 - cos in float32; a float64 score gap above this cannot be reordered by their rounding.
+GAP = 1e-5
+
+
+# --- independent brute force --------------------------------------------------------------------------------------
+
+
+def brute_distance(vectors: list[list[float]]) -> list[list[float]]:
+    """d_ij = 1 - cos(x_i, x_j) with x / max(||x||, 1e-12), by explicit loops (exactly symmetric)."""
+    units = []
+    for v in vectors:
+        norm = math.sqrt(math.fsum(c * c for c in v))
+        units.append([c / max(norm, 1e-12) for c in v])
+    n = len(units)
+    d = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            dot = 0.0
+            for a, b in zip(units[i], units[j], strict=True):
+                dot += a * b
+            d[i][j] = 1.0 - dot
+    return d
+
+
+def first_argmax(scores: list[float], candidates: list[int]) -> int:
+    best = -1
+    for i in candidates:
+        if best < 0 or scores[i] > scores[best]:
+            best = i
+    return best
+
+
+def brute_select(vectors: list[list[float]], k: int, mask_picked: bool) -> list[int]:
+    """DivPrune by the letter of the spec: the first pick maximises the second-smallest d[:, j], later picks maximise
+    min_{s in S} d_sj (ties to the lower index); picked tokens are candidates again unless ``mask_picked``."""
+    n = len(vectors)
+    out = [-1] * k
+    if n == 0 or k == 0:
+        return out
+    d = brute_distance(vectors)
+    first = []
+    for j in range(n):
+        column = sorted(d[i][j] for i in range(n))
+        first.append(column[1] if n > 1 else column[0])
+    j = first_argmax(first, list(range(n)))
+    nearest = [INF] * n
+    picked: list[int] = []
+    for t in range(min(k, n)):
+        out[t] = j
+        picked.append(j)
+        for i in range(n):
+            nearest[i] = min(nearest[i], d[j][i])
+        candidates = [i for i in range(n) if not (mask_picked and i in picked)]
+        if candidates:
+            j = first_argmax(nearest, candidates)
+    return out
+
+
+def brute_batch(features: torch.Tensor, lengths: torch.Tensor, k: int, mask_picked: bool) -> torch.Tensor:
+    rows = [brute_select(features[b, : int(lengths[b])].double().tolist(), k, mask_picked) for b in range(len(lengths))]
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(lengths), k)
+
+
+# --- float64 greedy trace: score gaps and near-maximiser checks --------------------------------------------------
+
+
+def distance64(x: torch.Tensor) -> torch.Tensor:
+    """Float64 ``1 - cos`` of the rows of ``x [n, D]``, made exactly symmetric (upper triangle mirrored)."""
+    x = x.double()
+    u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    d = 1 - u @ u.T
+    return torch.triu(d) + torch.triu(d, 1).T
+
+
+def greedy_steps(d: torch.Tensor, picks: list[int], mask_picked: bool):
+    """Yield ``(scores, pick)`` for each step of the greedy along a given pick sequence."""
+    n = d.shape[0]
+    if n == 0:
+        return
+    scores = d.sort(dim=0).values[1] if n > 1 else d[0]
+    nearest = torch.full((n,), INF, dtype=torch.float64)
+    picked = torch.zeros(n, dtype=torch.bool)
+    for j in picks:
+        yield scores, j
+        picked[j] = True
+        nearest = torch.minimum(nearest, d[j])
+        scores = nearest.masked_fill(picked, -INF) if mask_picked else nearest
+
+
+def lower_tied_partner(d: torch.Tensor, first: int) -> int | None:
+    """A lower-index token whose step-0 score ties exactly with ``first`` (its mutual nearest neighbour), if any."""
+    scores = d.sort(dim=0).values[1] if d.shape[0] > 1 else d[0]
+    tied = (scores == scores[first]) & (d[first] == scores[first]) & (torch.arange(len(scores)) < first)
+    return int(tied.nonzero()[0]) if bool(tied.any()) else None
+
+
+def clear_prefix(d: torch.Tensor, picks: list[int], mask_picked: bool, gap: float = GAP) -> int:
+    """How many leading picks are decided by a float64 score gap >= ``gap`` (or by the exact step-0 tie between the
+    most isolated token and its mutual nearest neighbour, which the spec gives to the lower index)."""
+    for t, (scores, j) in enumerate(greedy_steps(d, picks, mask_picked)):
+        others = scores.clone()
+        others[j] = -INF
+        if t == 0:  # the structural tie: a higher-index partner at exactly the same distance
+            partner = (scores == scores[j]) & (d[j] == scores[j]) & (torch.arange(len(scores)) > j)
+            others[partner] = -INF
+        if not bool(scores[j] - others.max() >= gap):
+            return t
+    return len(picks)
+
+
+def assert_greedy_consistent(d: torch.Tensor, picks: list[int], mask_picked: bool, tol: float = GAP) -> None:
+    """Every pick is within ``tol`` of the best float64 score given the earlier picks (a near-maximiser)."""
+    for t, (scores, j) in enumerate(greedy_steps(d, picks, mask_picked)):
+        assert 0 <= j < d.shape[0], f"step {t}: index {j} out of range"
+        assert scores[j] >= scores.max() - tol, (
+            f"step {t}: picked {j} with score {float(scores[j])}, best is {int(scores.argmax())} "
+            f"with {float(scores.max())}"
+        )
+
+
+def check_against_oracle(
+    backend: str,
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    mask_picked: bool,
+    min_prefix: int = 8,
+    distances: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Kernel vs float64 reference: exact on the gap-decided prefix (which must cover ``min(k, n_b, min_prefix)``
+    picks, else the input itself is near-tied), near-maximisers everywhere, -1 padding, no repeats when masking."""
+    got = run(OP, backend, features, lengths, k, mask_picked)
+    want = oracle(OP, features, lengths, k, mask_picked)
+    assert got.dtype == torch.int64 and got.shape == (features.shape[0], k) and got.device == features.device
+    for b in range(features.shape[0]):
+        n = int(lengths[b])
+        count = min(k, n)
+        g, w = got[b].tolist(), want[b].tolist()
+        assert g[count:] == [-1] * (k - count), f"item {b}: expected -1 past {count} picks, got {g}"
+        d = distance64(features[b, :n]) if distances is None else distances[b]
+        if count:
+            partner = lower_tied_partner(d, w[0])
+            assert partner is None, (
+                f"item {b}: the reference picked {w[0]} first, but token {partner} (its mutual nearest neighbour) has "
+                "exactly the same score and the lower index"
+            )
+        prefix = clear_prefix(d, w[:count], mask_picked)
+        assert prefix >= min(count, min_prefix), f"item {b}: test input near-tied at step {prefix}"
+        assert g[:prefix] == w[:prefix], f"item {b}: kernel {g[:prefix]} != reference {w[:prefix]}"
+        assert_greedy_consistent(d, g[:count], mask_picked)
+        if mask_picked:
+            assert len(set(g[:count])) == count, f"item {b}: repeated index in {g[:count]}"
+    return got
+
+
+@functools.cache
+def llava_next_case(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic LLaVA-NeXT tokens ``[1, 576 + rows * (cols + 1), 256]`` and their float64 distance matrix."""
+    features = llava_next_features(rows, cols, 256, seed=0)[None]
+    return features, distance64(features[0])
+
+
+def exact_family(n: int, generator: torch.Generator, pool_size: int = 5) -> torch.Tensor:
+    """``[n, 4]`` tokens whose unit vectors and cosines are exact in binary floating point (scaled sign vectors,
+    scaled axis vectors, zeros), drawn with replacement from a small pool: duplicates and exact ties everywhere."""
+    signs = torch.tensor([[1 if (i >> b) & 1 else -1 for b in range(4)] for i in range(16)], dtype=torch.float64)
+    axes = torch.cat([torch.eye(4), -torch.eye(4)]).double()
+    family = torch.cat([signs, axes, torch.zeros(1, 4, dtype=torch.float64)])
+    pool = family[torch.randint(0, len(family), (pool_size,), generator=generator)]
+    scale = 2.0 ** torch.randint(-1, 3, (n, 1), generator=generator).double()
+    return pool[torch.randint(0, pool_size, (n,), generator=generator)] * scale
+
+
+def with_garbage(features: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A copy with different random garbage in every padded row."""
+    out = features.clone()
+    for b, n in enumerate(lengths.tolist()):
+        out[b, n:] = (torch.randn(out[b, n:].shape, generator=generator) * 100).to(out.dtype)
+    return out
+
+
+# --- 0. the kernels exist ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.ext
+def test_cpp_kernel_registered():
+    """The compiled extension serves diversity_select on the CPU (so the kernel tests below are not vacuous)."""
+    assert "cpp" in KERNELS
+
+
+# --- 1. reference vs brute force ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_picked", [True, False])
+@pytest.mark.parametrize("seed", range(10))
+def test_reference_matches_brute_force_random(seed, mask_picked):
+    """The float64 reference equals the loop-and-math brute force on tiny random padded batches (n <= 8, D <= 5)."""
+    g = torch.Generator().manual_seed(seed)
+    batch, tokens, dim = 3, int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+    features = torch.randn(batch, tokens, dim, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, tokens + 1, (batch,), generator=g)
+    lengths[0] = tokens
+    features = with_garbage(features, lengths, g)
+    for k in sorted({0, 1, tokens // 2, tokens}):
+        got = reference.diversity_select(features, lengths, k, mask_picked)
+        assert torch.equal(got, brute_batch(features, lengths, k, mask_picked)), f"k={k}"
+
+
+@pytest.mark.parametrize("mask_picked", [True, False])
+@pytest.mark.parametrize("seed", range(10))
+def test_reference_matches_brute_force_exact_ties(seed, mask_picked):
+    """On exactly representable tokens full of duplicates, zeros and ties, the reference (float64 and float32) equals
+    the brute force pick for pick: ties to the lower index, re-picks without the mask."""
+    g = torch.Generator().manual_seed(100 + seed)
+    n = int(torch.randint(1, 9, (1,), generator=g))
+    features = exact_family(n, g)[None]
+    lengths = torch.tensor([n])
+    for k in range(n + 1):
+        want = brute_batch(features, lengths, k, mask_picked)
+        for dtype in (torch.float64, torch.float32):
+            got = reference.diversity_select(features.to(dtype), lengths, k, mask_picked)
+            assert torch.equal(got, want), f"{dtype} k={k}: {got.tolist()} != {want.tolist()}"
+
+
+IMPLEMENTATIONS = ["brute", "reference", *KERNELS]
+
+
+def select_with(impl: str, features: torch.Tensor, lengths: torch.Tensor, k: int, mask_picked: bool) -> torch.Tensor:
+    if impl == "brute":
+        return brute_batch(features, lengths, k, mask_picked)
+    if impl == "reference":
+        return reference.diversity_select(features.double(), lengths, k, mask_picked)
+    return run(OP, impl, features.float(), lengths, k, mask_picked)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_unmasked_mode_repicks_a_duplicate(impl):
+    """Tokens [e1, e1, e2]: e2 (index 2) is the most isolated, then e1 at index 0 (tie with index 1, lower index);
+    then every min-distance is exactly 0, so the mask picks index 1 while the official (unmasked) rule re-picks 0."""
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    lengths = torch.tensor([3])
+    assert select_with(impl, features, lengths, 3, True).tolist() == [[2, 0, 1]]
+    assert select_with(impl, features, lengths, 3, False).tolist() == [[2, 0, 0]]
+
+
+# float64 inputs always run on the reference, so the kernels are checked in float32 only
+TWO_TOKEN_CASES = [("reference", torch.float64), ("reference", torch.float32), *((b, torch.float32) for b in KERNELS)]
+
+
+@pytest.mark.parametrize(("impl", "dtype"), TWO_TOKEN_CASES)
+@pytest.mark.parametrize("dim", [3, 9, 16, 33])
+def test_two_tokens_first_pick_is_index_zero(impl, dtype, dim):
+    """With two tokens both columns' second-smallest distance is d_01 = d_10, an exact tie: the first pick must be 0.
+    (A distance matrix that is not exactly symmetric breaks this tie by rounding.)"""
+    bad = []
+    for seed in range(20):
+        x = torch.randn(1, 2, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        got = (reference.diversity_select if impl == "reference" else lambda *a: run(OP, impl, *a))(
+            x, torch.tensor([2]), 2, True
+        )
+        if got.tolist() != [[0, 1]]:
+            bad.append((seed, got.tolist()))
+    assert not bad, f"first pick of a tied pair went to index 1 (seed, picks): {bad}"
+
+
+@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+def test_isolated_mutual_pair_first_pick_is_lower_index(impl):
+    """Two tokens that are each other's nearest neighbour (cos 0.9), both far from a tight cluster, are the most
+    isolated and tie exactly at step 0: the lower index of the pair must be picked first."""
+    bad = []
+    for seed in range(24):
+        g = torch.Generator().manual_seed(seed)
+        dim, n = 16, 40
+        centre = torch.randn(dim, generator=g)
+        x = centre + 0.01 * torch.randn(n, dim, generator=g)  # tight cluster
+        u, w = torch.linalg.qr(torch.randn(dim, 3, generator=g))[0].T[1:]  # two unit directions
+        u, w = u - (u @ centre) * centre / centre.dot(centre), w - (w @ centre) * centre / centre.dot(centre)
+        u, w = u / u.norm(), w / w.norm()
+        w = w - (w @ u) * u
+        w = w / w.norm()
+        a, b = sorted(torch.randperm(n, generator=g)[:2].tolist())
+        x[a], x[b] = 3 * u, 2 * (0.9 * u + math.sqrt(0.19) * w)
+        scores = distance64(x).sort(dim=0).values[1]
+        assert scores.topk(2).indices.sort().values.tolist() == [a, b] and scores[a] == scores[b]  # the construction
+        x = x[None]
+        if impl == "reference":
+            got = reference.diversity_select(x.double(), torch.tensor([n]), 1)
+        else:
+            got = run(OP, impl, x, torch.tensor([n]), 1)
+        if int(got[0, 0]) != a:
+            bad.append((seed, (a, b), int(got[0, 0])))
+    assert not bad, f"(seed, pair, first pick) where the tied pair was not resolved to its lower index: {bad}"
+
+
+# --- 2. kernels vs reference -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mask_picked", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_kernel_exact_ties_family(backend, seed, mask_picked):
+    """On exactly representable tokens (every distance in {0, .5, 1, 1.5, 2}) the kernel equals the brute force pick
+    for pick: exact tie-breaking to the lower index, zero vectors at distance 1, re-picks without the mask."""
+    g = torch.Generator().manual_seed(200 + seed)
+    items = [exact_family(n, g).float() for n in (8, 0, 5, 13)]
+    features, lengths = padded(items)
+    for k in (0, 1, 5, 13):
+        want = brute_batch(features, lengths, k, mask_picked)
+        assert torch.equal(run(OP, backend, features, lengths, k, mask_picked), want), f"k={k}"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mask_picked", [True, False])
+@pytest.mark.parametrize(("tokens", "dim"), [(40, 16), (64, 32), (33, 8)])
+def test_kernel_matches_reference_clustered(backend, tokens, dim, mask_picked):
+    """Clustered tokens with clear score gaps: the kernel reproduces every reference pick, the first one included."""
+    g = torch.Generator().manual_seed(tokens * dim)
+    features = clustered(tokens, dim, generator=g)[None]
+    lengths = torch.tensor([tokens])
+    got = check_against_oracle(backend, features, lengths, tokens, mask_picked, min_prefix=tokens // 2)
+    scores = distance64(features[0]).sort(dim=0).values[1]
+    assert int(got[0, 0]) == int(scores.argmax()), "the first pick is not the most isolated token"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mask_picked", [True, False])
+def test_kernel_llava_next_features(backend, mask_picked):
+    """Synthetic LLaVA-NeXT tokens (12x12 grid, identical newline tokens): the kernel follows the reference; the first
+    newline picked is the lowest-index one (an exact tie); the rest wait until every distinct token is picked (mask)
+    or the distinct tokens come first without repeats (unmasked)."""
+    rows = cols = 12
+    features, d = llava_next_case(rows, cols)
+    tokens = features.shape[1]
+    newlines = [576 + r * (cols + 1) + cols for r in range(rows)]
+    distinct = tokens - (rows - 1)
+    lengths = torch.tensor([tokens])
+    full = check_against_oracle(backend, features, lengths, tokens, mask_picked, min_prefix=40, distances=[d])
+    for k in (1, 5, 73):  # the greedy is prefix-closed: a smaller budget gives the first k picks
+        assert torch.equal(run(OP, backend, features, lengths, k, mask_picked), full[:, :k]), f"k={k}"
+    got = full[0].tolist()
+    head = got[:distinct]
+    assert len(set(head)) == distinct, "a distinct token was skipped or repeated before the newlines were exhausted"
+    assert [i for i in head if i in newlines] == [newlines[0]], "expected exactly the first newline among them"
+    if mask_picked:
+        assert sorted(got[distinct:]) == newlines[1:]
+    else:
+        assert set(got) <= set(range(tokens))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("mask_picked", [True, False])
+def test_kernel_input_dtypes(backend, dtype, mask_picked):
+    """float32/float16/bfloat16 inputs: the kernel matches the float64 reference on the same rounded inputs."""
+    g = torch.Generator().manual_seed(7)
+    features, lengths = padded([clustered(48, 24, generator=g), clustered(17, 24, generator=g)])
+    features = features.to(dtype)
+    check_against_oracle(backend, features, lengths, 20, mask_picked, min_prefix=10)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize(("tokens", "dim"), [(1, 1), (2, 3), (3, 2), (7, 1), (63, 7), (65, 33), (257, 5)])
+def test_kernel_odd_sizes(backend, tokens, dim):
+    """Odd token counts and dimensions (incl. D = 1, where every distance is 0 or 2, and N = 257, past one GEMM row
+    block): the kernel's picks are valid, gap-decided picks match, every pick is a near-maximiser."""
+    g = torch.Generator().manual_seed(tokens + 1000 * dim)
+    features = clustered(tokens, dim, generator=g)[None]
+    min_prefix = 0 if dim == 1 else 3
+    for mask_picked in (True, False):
+        check_against_oracle(backend, features, torch.tensor([tokens]), tokens, mask_picked, min_prefix=min_prefix)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mask_picked", [True, False])
+@pytest.mark.parametrize("k", [0, 1, 5, 13, 29])
+def test_kernel_padded_batch(backend, k, mask_picked):
+    """A padded batch with garbage padding and an empty item, k in {0, 1, 5, n_0, N}: matches the reference, and
+    other garbage in the padding gives bitwise the same picks."""
+    g = torch.Generator().manual_seed(k)
+    features, lengths = padded([clustered(n, 12, generator=g) for n in (13, 0, 29, 7)])
+    got = check_against_oracle(backend, features, lengths, k, mask_picked, min_prefix=5)
+    assert got[1].tolist() == [-1] * k
+    assert torch.equal(run(OP, backend, with_garbage(features, lengths, g), lengths, k, mask_picked), got)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_int32_lengths_and_strided_features(backend):
+    """int32 lengths and non-contiguous features give bitwise the same picks as int64 lengths and contiguous ones."""
+    g = torch.Generator().manual_seed(3)
+    features, lengths = padded([clustered(n, 10, generator=g) for n in (21, 9)])
+    want = run(OP, backend, features, lengths, 9)
+    strided = features.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    assert torch.equal(run(OP, backend, strided, lengths.int(), 9), want)
+
+
+# --- 3. edge cases -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("mask_picked", [True, False])
+def test_single_token(impl, mask_picked):
+    """N = 1: k = 1 picks token 0, k = 0 gives an empty [B, 0] result."""
+    features = torch.randn(2, 1, 3)
+    lengths = torch.tensor([1, 0])
+    assert select_with(impl, features, lengths, 1, mask_picked).tolist() == [[0], [-1]]
+    assert select_with(impl, features, lengths, 0, mask_picked).shape == (2, 0)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_all_tokens_identical_exact(impl):
+    """Identical tokens with exact unit vectors: every distance is exactly 0, so the mask gives 0, 1, ..., n-1 (ties
+    to the lower index) and the unmasked rule re-picks token 0 every time."""
+    n = 6
+    features = torch.tensor([[2.0, -2.0, 2.0, 2.0]]).expand(n, 4)[None]
+    lengths = torch.tensor([n])
+    assert select_with(impl, features, lengths, n, True).tolist() == [list(range(n))]
+    assert select_with(impl, features, lengths, n, False).tolist() == [[0] * n]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_all_tokens_identical_generic(backend):
+    """Identical generic tokens (rounding noise only): the mask still returns every token exactly once."""
+    n = 50
+    features = torch.randn(1, 1, 37).expand(1, n, 37).contiguous()
+    got = run(OP, backend, features, torch.tensor([n]), n)
+    assert sorted(got[0].tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_zero_vectors(impl):
+    """A zero vector normalises to 0, at distance 1 from everything (itself included). For [e1, 2*e1, 0]: the zero
+    vector is the most isolated (pick 2), then 0 (tie with 1, lower index), then 1 with the mask; unmasked, the zero
+    vector's self-distance 1 beats the exact 0s, so it is re-picked. An all-zero item is one big tie."""
+    features = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]], [[0.0, 0.0]] * 3])
+    lengths = torch.tensor([3, 3])
+    assert select_with(impl, features, lengths, 3, True).tolist() == [[2, 0, 1], [0, 1, 2]]
+    assert select_with(impl, features, lengths, 3, False).tolist() == [[2, 0, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+@pytest.mark.parametrize("mask_picked", [True, False])
+def test_budget_at_least_length(impl, mask_picked):
+    """k >= n_b: the mask returns every valid token exactly once then -1; unmasked, n_b picks (valid indices) then
+    -1."""
+    g = torch.Generator().manual_seed(11)
+    features, lengths = padded([clustered(n, 6, generator=g) for n in (9, 4, 1, 0)])
+    got = select_with(impl, features, lengths, 9, mask_picked)
+    for b, n in enumerate(lengths.tolist()):
+        row = got[b].tolist()
+        assert row[n:] == [-1] * (9 - n)
+        if mask_picked:
+            assert sorted(row[:n]) == list(range(n))
+        else:
+            assert all(0 <= i < n for i in row[:n])
+
+
+# --- 4. batch equals per item ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+@pytest.mark.parametrize("mask_picked", [True, False])
+def test_batch_equals_per_item(impl, mask_picked):
+    """Each item of a padded batch gives bitwise the same picks alone, padded or trimmed to its own length."""
+    g = torch.Generator().manual_seed(5)
+    features, lengths = padded([clustered(n, 20, generator=g) for n in (70, 0, 31, 1, 70)])
+    k = 12
+    batch = select_with(impl, features, lengths, k, mask_picked)
+    for b, n in enumerate(lengths.tolist()):
+        alone = select_with(impl, features[b : b + 1], lengths[b : b + 1], k, mask_picked)
+        assert torch.equal(alone, batch[b : b + 1]), f"item {b} (padded)"
+        trimmed = select_with(impl, features[b : b + 1, :n], lengths[b : b + 1], min(k, n), mask_picked)
+        assert torch.equal(trimmed[0], batch[b, : min(k, n)]), f"item {b} (trimmed)"
+
+
+# --- 5. bad input ------------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    x = torch.randn(2, 5, 3)
+    lengths = torch.tensor([5, 3])
+    nan, inf = x.clone(), x.clone()
+    nan[0, 1, 0] = math.nan
+    inf[1, 2, 2] = -math.inf
+    return {
+        "rank2": ((x[0], lengths, 2), ValueError, "features must be 3-D"),
+        "rank4": ((x[None], lengths, 2), ValueError, "features must be 3-D"),
+        "int_features": ((x.long(), lengths, 2), TypeError, "features must be float16/bfloat16/float32/float64"),
+        "bool_features": ((x > 0, lengths, 2), TypeError, "features must be float16"),
+        "k_negative": ((x, lengths, -1), ValueError, "k must lie in"),
+        "k_above_N": ((x, lengths, 6), ValueError, "k must lie in"),
+        "length_above_N": ((x, torch.tensor([6, 3]), 2), ValueError, "lengths must lie in"),
+        "length_negative": ((x, torch.tensor([5, -1]), 2), ValueError, "lengths must lie in"),
+        "float_lengths": ((x, lengths.float(), 2), TypeError, "lengths must be int32 or int64"),
+        "lengths_too_short": ((x, lengths[:1], 2), ValueError, "lengths must have shape"),
+        "lengths_2d": ((x, lengths[None], 2), ValueError, "lengths must have shape"),
+        "nan": ((nan, lengths, 2), ValueError, "features contains NaN or Inf"),
+        "inf": ((inf, lengths, 2), ValueError, "features contains NaN or Inf"),
+        "lengths_on_meta": ((x, lengths.to("meta"), 2), ValueError, "lengths is on meta"),
+        "features_on_meta": ((x.to("meta"), lengths, 2), ValueError, "lengths is on cpu but .*meta"),
+    }
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNELS])
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_raises(case, backend):
+    """Invalid arguments raise a clear ValueError/TypeError naming the op and the argument, whatever the backend."""
+    args, error, fragment = BAD[case]
+    with backends.use_backend(backend), pytest.raises(error, match=f"mrprune.diversity_select: {fragment}"):
+        mrprune.diversity_select(*args)
+
+
+# --- 6. opcheck and torch.compile --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNELS])
+@pytest.mark.parametrize("mask_picked", [True, False])
+def test_opcheck(backend, mask_picked):
+    """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) passes for the op."""
+    g = torch.Generator().manual_seed(1)
+    features, lengths = padded([clustered(n, 8, generator=g) for n in (11, 0, 6)])
+    for args in ((features, lengths, 4, mask_picked), (features.half(), lengths, 11, mask_picked)):
+        with backends.use_backend(backend):
+            torch.library.opcheck(torch.ops.mrprune.diversity_select.default, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNELS])
+def test_torch_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True, dynamic=True) traces the op in both modes without graph breaks and returns the
+    eager picks, for two batch shapes served by the same symbolic-shape graph."""
+
+    def select(features, lengths):
+        return (
+            mrprune.diversity_select(features, lengths, 5),
+            mrprune.diversity_select(features, lengths, 5, mask_picked=False),
+        )
+
+    compiled = torch.compile(select, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(2)
+    for sizes in ((17, 0, 9), (23, 5)):
+        features, lengths = padded([clustered(n, 8, generator=g) for n in sizes])
+        with backends.use_backend(backend):
+            got, want = compiled(features, lengths), select(features, lengths)
+        for mode in range(2):
+            assert torch.equal(got[mode], want[mode]), f"sizes {sizes}, mask_picked={mode == 0}"
