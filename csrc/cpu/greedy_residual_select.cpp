@@ -88,12 +88,19 @@ void select_gram(const ItemSelection& item, float* gram, float* factor, std::vec
   }
 }
 
+// out[r] = rows[r] . v for r < count, parallel over rows. Hand-written rather than BLAS GEMV: MKL's GEMV rounds
+// differently with the data's alignment, which would make an item's picks depend on its place in the batch.
+void project_rows(const float* rows, int64_t count, int64_t dim, const float* v, float* out) {
+  torch::stable::parallel_for(0, count, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) out[r] = dot(rows + r * dim, v, dim);
+  });
+}
+
 // Gram-Schmidt with an explicit orthonormal basis. basis: [k, dim] workspace.
 void select_basis(const ItemSelection& item, float* basis, std::vector<float>& energy, const std::vector<float>& initial,
                   std::vector<uint8_t>& picked, int64_t& count) {
   const int64_t n = item.n, dim = item.dim;
   std::vector<float> residual(dim), coefs(item.k), projection(n);
-  const Tensor features = float_view(item.x, n, dim, dim, 1);
   int64_t rank = 0;
   for (; count < std::min(item.k, n); ++count) {
     const int64_t j = (count == 0 && item.seed >= 0) ? item.seed : next_pivot(energy.data(), item.gate, picked, n);
@@ -104,18 +111,15 @@ void select_basis(const ItemSelection& item, float* basis, std::vector<float>& e
     if (energy[j] > 0.f) {
       std::copy(item.x + j * dim, item.x + (j + 1) * dim, residual.begin());
       for (int pass = 0; pass < 2 && rank > 0; ++pass) {  // "twice is enough" re-orthogonalisation
-        const Tensor q = float_view(basis, rank, dim, dim, 1);
-        matmul_into(q, float_view(residual.data(), dim, 1, 1, 1), float_view(coefs.data(), rank, 1, 1, 1));
+        project_rows(basis, rank, dim, residual.data(), coefs.data());
         for (int64_t m = 0; m < rank; ++m) {
           for (int64_t c = 0; c < dim; ++c) residual[c] -= coefs[m] * basis[m * dim + c];
         }
       }
-      float norm = 0.f;
-      for (float v : residual) norm += v * v;
-      norm = std::sqrt(norm);
+      const float norm = std::sqrt(dot(residual.data(), residual.data(), dim));
       float* direction = basis + rank * dim;
       for (int64_t c = 0; c < dim; ++c) direction[c] = residual[c] / norm;
-      matmul_into(features, float_view(direction, dim, 1, 1, 1), float_view(projection.data(), n, 1, 1, 1));
+      project_rows(item.x, n, dim, direction, projection.data());
       drop_energy(energy.data(), initial.data(), projection.data(), n, item.tol);
       ++rank;
     }
@@ -168,12 +172,9 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cpu(Tensor features, Tensor le
                              static_cast<float>(exhaustion_tol),
                              out_indices + b * k,
                              energies.mutable_data_ptr<float>() + b * k};
-    initial.assign(n, 0.f);
+    initial.resize(n);
     torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float* row = item.x + i * dim;
-        for (int64_t c = 0; c < dim; ++c) initial[i] += row[c] * row[c];
-      }
+      for (int64_t i = begin; i < end; ++i) initial[i] = dot(item.x + i * dim, item.x + i * dim, dim);
     });
     energy = initial;
     picked.assign(n, 0);

@@ -25,7 +25,7 @@ def round_half_up(value: float) -> int:
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
-    if not (isinstance(keep_ratio, int | float) and 0 < keep_ratio <= 1):
+    if isinstance(keep_ratio, bool) or not (isinstance(keep_ratio, int | float) and 0 < keep_ratio <= 1):
         raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio!r}")
     return float(keep_ratio)
 

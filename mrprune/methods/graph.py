@@ -64,10 +64,11 @@ class _Resolutions:
 
 def _require_official_layout(method: str, layouts: Sequence[Layout]) -> None:
     for layout in layouts:
-        if not isinstance(layout, LlavaNextLayout) or layout.single_crop:
+        if not isinstance(layout, LlavaNextLayout) or layout.rows * layout.cols == 0:
             raise ValueError(
-                f"{method}(official=True) needs multi-crop LlavaNextLayout images: the official code only handles "
-                f"anyres images and fails (NameError) on single-crop ones; got {layout}. Use official=False."
+                f"{method}(official=True) needs LlavaNextLayout images with a high-resolution grid: the official code "
+                f"only handles anyres images (NameError on single-crop ones, NaN budgets on empty grids); "
+                f"got {layout}. Use official=False."
             )
 
 

@@ -70,14 +70,24 @@ inline void matmul_into(const Tensor& a, const Tensor& b, const Tensor& out) {
   STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
 }
 
+// a . b in a fixed summation order (8 interleaved partial sums, which the compiler vectorises): the result does not
+// depend on alignment or thread count.
+inline float dot(const float* a, const float* b, int64_t d) {
+  float partial[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8) {
+    for (int lane = 0; lane < 8; ++lane) partial[lane] += a[c + lane] * b[c + lane];
+  }
+  for (; c < d; ++c) partial[c % 8] += a[c] * b[c];
+  return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+}
+
 // Rows of x [n, d] scaled to unit norm (norm floored at 1e-12, as F.normalize); norms[i] = ||x_i|| if requested.
 inline void normalize_rows(const float* x, int64_t n, int64_t d, float* out, float* norms) {
   torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* row = x + i * d;
-      float sum = 0.f;
-      for (int64_t c = 0; c < d; ++c) sum += row[c] * row[c];
-      const float norm = std::sqrt(sum);
+      const float norm = std::sqrt(dot(row, row, d));
       if (norms != nullptr) norms[i] = norm;
       const float scale = 1.f / std::max(norm, kNormEps);
       for (int64_t c = 0; c < d; ++c) out[i * d + c] = row[c] * scale;
