@@ -49,7 +49,7 @@ SCHEMAS = {
     "topk_indices": "(Tensor scores, Tensor lengths, int k, bool sort_indices=False) -> Tensor",
 }
 #: Ops with a CUDA C++ kernel (``csrc/cuda/<op>.cu``).
-CUDA_OPS = ("topk_indices",)
+CUDA_OPS = ("topk_indices", "greedy_residual_select", "diversity_select")
 
 _lib = torch.library.Library("mrprune", "DEF")
 for _name, _schema in SCHEMAS.items():
