@@ -37,7 +37,8 @@ def _extension_kwargs():
     except ImportError:
         return _fail_or_skip("torch is not importable; install torch first and use pip --no-build-isolation")
 
-    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ else None)
+    cuda_home = os.environ.get("CUDA_HOME")
+    nvcc = shutil.which("nvcc") or (os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None)
     # torch.version.cuda (a CUDA build of torch) plus a compiler, never torch.cuda.is_available(): build hosts often
     # have no GPU.
     use_cuda = WANT_CUDA != "0" and torch.version.cuda is not None and nvcc is not None
