@@ -46,6 +46,20 @@ def _load_extension() -> bool:
 
 HAS_EXTENSION = _load_extension()
 
+
+def _load_triton_kernels() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        logger.debug("triton is not installed; the Triton kernels are not registered")
+        return False
+    from . import triton_kernels  # noqa: F401  (registers the "triton" backend of the graph ops)
+
+    return True
+
+
+HAS_TRITON = _load_triton_kernels()
+
 __all__ = [
     "HAS_EXTENSION",
     "PRESETS",

@@ -1,5 +1,7 @@
 """Tests of ``mrprune.cosine_graph``: the reference against brute force, every kernel backend against the float64
-reference, invariants, edge cases, batching, argument validation, opcheck and torch.compile."""
+reference, invariants, edge cases, batching, argument validation, opcheck and torch.compile; then the Triton kernels
+(under TRITON_INTERPRET=1 on the CPU, natively on a GPU) at small shapes, the int64 offset arithmetic, and a compile
+check for sm_90."""
 
 from __future__ import annotations
 
@@ -10,10 +12,24 @@ import torch
 
 import mrprune
 from mrprune import reference, testing
-from tests.utils import INPUT_DTYPES, assert_close, clustered, kernel_backends, oracle, padded, run
+from tests.utils import (
+    INPUT_DTYPES,
+    TRITON_DEVICE,
+    assert_close,
+    clustered,
+    compile_kernels_sm90,
+    kernel_backends,
+    oracle,
+    padded,
+    run,
+    to_triton,
+    triton_test,
+)
 
 OP = "cosine_graph"
 BACKENDS = kernel_backends(OP)
+# Large parametrizations leave out Triton under the CPU interpreter (see the Triton section below).
+BACKENDS_LARGE = kernel_backends(OP, interpreted=False)
 # Float32 kernels decide an edge whose float64 cosine lies within DELTA of the threshold either way (their rounding
 # error is ~1e-6 at D = 4096): rows with such an entry are left out of elementwise comparisons.
 DELTA = 1e-5
@@ -115,8 +131,12 @@ def near_threshold_rows(x: torch.Tensor, lengths: torch.Tensor, threshold: float
     return out
 
 
-def check_against_oracle(backend, x, lengths, threshold, temperature, max_ambiguous=0.1):
-    graph, degree = run(OP, backend, x, lengths, threshold, temperature)
+def check_against_oracle(backend, x, lengths, threshold, temperature, max_ambiguous=0.1, impl=None):
+    """``impl`` (a function of the op's arguments) replaces the public op with ``backend`` forced."""
+    if impl is None:
+        graph, degree = run(OP, backend, x, lengths, threshold, temperature)
+    else:
+        graph, degree = (t.cpu() for t in impl(x, lengths, threshold, temperature))
     want_graph, want_degree = oracle(OP, x, lengths, threshold, temperature)
     assert graph.dtype == degree.dtype == torch.float32
     assert graph.shape == want_graph.shape and degree.shape == want_degree.shape
@@ -135,7 +155,7 @@ def test_kernel_matches_reference_tiny(backend, case):
     check_against_oracle(backend, torch.tensor(rows)[None], torch.tensor([len(rows)]), threshold, temperature, 1.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_LARGE)
 @pytest.mark.parametrize("n", [1, 7, 33, 257])
 @pytest.mark.parametrize("dim", [3, 64, 130])
 @pytest.mark.parametrize(("threshold", "temperature"), [(0.5, 0.03), (0.2, 0.1)])
@@ -146,7 +166,7 @@ def test_kernel_matches_reference_clustered(backend, n, dim, threshold, temperat
     check_against_oracle(backend, x, torch.tensor([n]), threshold, temperature)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_LARGE)
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 @pytest.mark.parametrize("threshold", [0.5, 0.2])
 @pytest.mark.parametrize("temperature", [0.03, 0.1])
@@ -328,7 +348,7 @@ def _bad_inputs():
         "lengths_too_long": ((x, torch.tensor([5, 2])), ValueError, r"lengths must lie in \[0, 4\]"),
         "lengths_negative": ((x, torch.tensor([4, -1])), ValueError, r"lengths must lie in \[0, 4\]"),
         "lengths_meta": ((x, lengths.to("meta")), ValueError, "lengths is on meta"),
-        "features_meta": ((x.to("meta"), lengths), ValueError, "features are on meta"),
+        "features_meta": ((x.to("meta"), lengths), ValueError, "features is on meta"),
         "nan": ((nan, lengths), ValueError, "features contains NaN or Inf"),
         "inf": ((inf, lengths), ValueError, "features contains NaN or Inf"),
         "temperature_zero": ((x, lengths, 0.5, 0.0), ValueError, "temperature must be positive"),
@@ -375,3 +395,150 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert got[0][0, :9].sum(-1).allclose(torch.ones(9))
+
+
+# --- Triton kernels (under TRITON_INTERPRET=1 on the CPU, natively on a GPU) ----------------------------------------
+# Small odd shapes with forced 16-wide tiles: several tile pairs of the symmetric Gram (both stores of an
+# off-diagonal tile), several column tiles per row in the online softmax, and a feature tail in the dot loop.
+
+
+def _triton_graph(x, lengths, threshold=0.5, temperature=0.03, **options):
+    """The Triton launcher with canonical arguments (what the registered backend passes), on TRITON_DEVICE."""
+    from mrprune.triton_kernels.cosine_graph import cosine_graph_triton
+
+    return cosine_graph_triton(to_triton(x.contiguous()), to_triton(lengths.to(torch.int64)), threshold,
+                               temperature, **options)
+
+
+def _triton_impl(**options):
+    return lambda *args: _triton_graph(*args, **options)
+
+
+@triton_test
+@pytest.mark.parametrize("n", [1, 7, 33, 70])
+@pytest.mark.parametrize("dim", [3, 16, 33])
+def test_triton_small_shapes(n, dim):
+    """Odd token counts and feature sizes match the float64 reference (graph elementwise, degree exactly)."""
+    gen = torch.Generator().manual_seed(n * 100 + dim)
+    x = clustered(n, dim, generator=gen)[None]
+    threshold, temperature = ((0.5, 0.03), (0.2, 0.1))[n % 2]
+    check_against_oracle(None, x, torch.tensor([n]), threshold, temperature, impl=_triton_impl(block=16, block_d=16))
+
+
+@triton_test
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_triton_dtypes_padded_batch(dtype):
+    """Every input dtype (loaded, then upcast), a padded batch with garbage padding and an empty item: the reference
+    on the same rounded inputs; padded rows, columns and degrees are 0."""
+    gen = torch.Generator().manual_seed(44)
+    x, lengths = padded([clustered(n, 24, generator=gen) for n in (33, 0, 7, 20)])
+    x = x.to(dtype)
+    check_against_oracle(None, x, lengths, 0.5, 0.03, impl=_triton_impl(block=16, block_d=16))
+    graph, degree = (t.cpu() for t in _triton_graph(x, lengths, block=16, block_d=16))
+    assert not graph[1].any() and not degree[1].any()
+    assert not graph[2, 7:].any() and not graph[2, :, 7:].any() and not degree[2, 7:].any()
+
+
+@triton_test
+def test_triton_rows_without_edges():
+    """All-below-threshold rows are uniform with degree n (threshold above 1; zero vectors at any threshold); a
+    threshold <= 0 with a tiny temperature (edge logits far from the -5000 fill) matches the reference; the graph is
+    row-stochastic and its edge pattern symmetric."""
+    gen = torch.Generator().manual_seed(45)
+    x = clustered(37, 9, generator=gen)[None]
+    x[0, [3, 20]] = 0.0
+    lengths = torch.tensor([37])
+    graph, degree = (t.cpu() for t in _triton_graph(x, lengths, 1.5, 0.03, block=16, block_d=16))
+    assert_close(graph, torch.full((1, 37, 37), 1 / 37))
+    assert torch.equal(degree, torch.full((1, 37), 37.0))
+    for threshold, temperature in ((0.5, 0.03), (-1.0, 1e-4), (0.0, 0.1)):
+        check_against_oracle(None, x, lengths, threshold, temperature, 1.0, impl=_triton_impl(block=16, block_d=16))
+        graph, degree = (t.cpu() for t in _triton_graph(x, lengths, threshold, temperature, block=16, block_d=16))
+        assert_close(graph[0].sum(-1), torch.ones(37))
+        assert degree[0, 3] == 37 and torch.allclose(graph[0, 3], torch.full((37,), 1 / 37))
+
+
+@triton_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_opcheck(dtype):
+    """torch.library.opcheck of the private op mrprune::_cosine_graph_triton."""
+    x, lengths = padded([torch.randn(5, 3), torch.randn(3, 3)])
+    result = torch.library.opcheck(
+        torch.ops.mrprune._cosine_graph_triton.default,
+        (to_triton(x.to(dtype)), to_triton(lengths)),
+        {"threshold": 0.2, "temperature": 0.1},
+    )
+    assert set(result.values()) == {"SUCCESS"} and len(result) == 4
+
+
+@triton_test
+def test_triton_public_op_and_errors(monkeypatch):
+    """The "triton" backend serves the public op; the private op rejects float64 and, outside the interpreter, CPU
+    tensors with a clear message."""
+    from mrprune.triton_kernels import _common
+
+    x, lengths = to_triton(clustered(9, 5)[None]), to_triton(torch.tensor([9]))
+    with mrprune.backends.use_backend("triton"):
+        graph, degree = mrprune.cosine_graph(x, lengths)
+    want_graph, want_degree = oracle(OP, x.cpu(), lengths.cpu())
+    assert_close(graph.cpu(), want_graph) and assert_close(degree.cpu(), want_degree)
+    with pytest.raises(TypeError, match="float64 is served by the reference"):
+        torch.ops.mrprune._cosine_graph_triton(x.double(), lengths)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="the Triton backend needs CUDA tensors"):
+        torch.ops.mrprune._cosine_graph_triton(x.cpu(), lengths.cpu())
+
+
+@triton_test
+@pytest.mark.parametrize(
+    ("batch", "row0", "col0", "strides"),
+    [
+        (1, 65520, 65520, (65536 * 65536, 65536, 1)),  # [B, N, N] at N = 65536: offsets near 2**33
+        (0, 46336, 46336, (0, 46341, 1)),  # the first N whose N * N exceeds 2**31
+        (0, 48, 65520, (0, 1, 65536)),  # the transposed store of a symmetric tile (column stride N)
+        (5, 65520, 8176, (65536 * 8192, 8192, 1)),  # [B, N, D] at N = 65536, D = 8192, item 5
+        (3, 0, 0, (2**31 - 1, 1, 1)),  # batch offsets past 2**32
+    ],
+)
+def test_triton_int64_tile_offsets(batch, row0, col0, strides):
+    """The kernels' offset helper (tile_offsets) computes exact int64 offsets where N * N or B * N * D exceed 2**31
+    (run in a kernel on a 16 x 16 output: nothing of the logical size is allocated)."""
+    from mrprune.triton_kernels._common import expected_tile_offsets, probe_tile_offsets
+
+    got = probe_tile_offsets(batch, row0, col0, strides, device=TRITON_DEVICE).cpu()
+    want = torch.tensor(expected_tile_offsets(batch, row0, col0, strides), dtype=torch.int64)
+    assert want.max() >= 2**31  # every case leaves the int32 range
+    assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_triton_llava_next_full_size_cuda(dtype, monkeypatch):
+    """GPU only: the LLaVA-NeXT high-res view (2304 tokens, D = 4096) matches the float64 reference."""
+    if TRITON_DEVICE != "cuda":
+        pytest.skip("needs the Triton backend on a GPU")
+    monkeypatch.setenv("MRPRUNE_TRITON_AUTOTUNE", "1")  # the autotuned launch path, at the real shape
+    x = testing.llava_next_features(48, 48, 4096, seed=0)
+    high = x[576:].reshape(48, 49, 4096)[:, :48].reshape(1, 2304, 4096).to(dtype)
+    check_against_oracle(None, high, torch.tensor([2304]), 0.5, 0.03, impl=_triton_impl())
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    """The graph-construction kernels compile for the H100/H200 (sm_90) through Triton's whole pipeline and ptxas,
+    without a GPU (the interpreter accepts code the compiler rejects): half inputs on the wgmma tensor-core path,
+    float32 on IEEE FMAs, no register spills."""
+    gram = dict(lengths="*i64", pairs="*i32", N="i32", D="i32", stride_xb="i32", stride_xn="i32", stride_sb="i64",
+                N_BUCKET="i32", D_BUCKET="i32")
+    rows = dict(lengths="*i64", N="i32", stride_sb="i64", threshold="fp32", temperature="fp32")
+    specs = [
+        ("cosine_graph", "gram_store_kernel", {**gram, "x": "*fp16"}, dict(BLOCK=128, BLOCK_D=64, UPCAST=False), 8),
+        ("cosine_graph", "gram_store_kernel", {**gram, "x": "*fp32"}, dict(BLOCK=64, BLOCK_D=32, UPCAST=True), 4),
+        ("cosine_graph", "dense_rows_kernel", rows, dict(BLOCK_R=32, BLOCK_C=128, WRITE_P=True, WRITE_STATS=False), 4),
+        ("cosine_graph", "dense_rows_kernel", rows, dict(BLOCK_R=32, BLOCK_C=128, WRITE_P=False, WRITE_STATS=True), 4),
+        ("_common", "_row_norms_kernel", dict(x="*bf16", N="i32", D="i32", stride_xb="i32", stride_xn="i32"),
+         dict(BLOCK_R=32, BLOCK_D=256), 4),
+    ]
+    results = compile_kernels_sm90(specs)
+    assert results[0]["wgmma"] > 0 and results[1]["wgmma"] == 0
+    assert all(r["local"] == 0 for r in results), results

@@ -311,7 +311,7 @@ def _bad_inputs():
         "lengths_float": ((graph, degree, weights, lengths.double()), TypeError, "lengths must be int32 or int64"),
         "lengths_range": ((graph, degree, weights, torch.tensor([4, 5])), ValueError, r"lengths must lie in \[0, 4\]"),
         "lengths_meta": ((graph, degree, weights, lengths.to("meta")), ValueError, "lengths is on meta"),
-        "graph_meta": ((graph.to("meta"), degree, weights, lengths), ValueError, "features are on meta"),
+        "graph_meta": ((graph.to("meta"), degree, weights, lengths), ValueError, "graph is on meta"),
         "weights_meta": ((graph, degree, weights.to("meta"), lengths), ValueError, "weights is on meta"),
         "graph_nan": ((nan, degree, weights, lengths), ValueError, "graph contains NaN or Inf"),
         "weights_inf": ((graph, degree, inf, lengths), ValueError, "weights contains NaN or Inf"),

@@ -1,6 +1,7 @@
 """Tests of ``mrprune.graph_scores`` (features straight to propagated graph scores): the reference against brute force,
 every kernel backend against the float64 reference (up to the real LLaVA-NeXT shape), invariants, edge cases,
-batching, argument validation, opcheck and torch.compile."""
+batching, argument validation, opcheck and torch.compile; then the Triton kernels (under TRITON_INTERPRET=1 on the
+CPU, natively on a GPU) at small shapes in both variants, and a compile check for sm_90."""
 
 from __future__ import annotations
 
@@ -13,10 +14,26 @@ import torch
 
 import mrprune
 from mrprune import reference, testing
-from tests.utils import ATOL, INPUT_DTYPES, RTOL, assert_close, clustered, kernel_backends, oracle, padded, run
+from tests.utils import (
+    ATOL,
+    INPUT_DTYPES,
+    RTOL,
+    TRITON_DEVICE,
+    assert_close,
+    clustered,
+    compile_kernels_sm90,
+    kernel_backends,
+    oracle,
+    padded,
+    run,
+    to_triton,
+    triton_test,
+)
 
 OP = "graph_scores"
 BACKENDS = kernel_backends(OP)
+# Large shapes and large parametrizations leave out Triton under the CPU interpreter (see the Triton section below).
+BACKENDS_LARGE = kernel_backends(OP, interpreted=False)
 # Float32 kernels decide an edge whose float64 cosine lies within DELTA of the threshold either way (their rounding
 # error is ~1e-6 at D = 4096): tokens whose score depends on such an edge are left out of the comparisons.
 DELTA = 1e-5
@@ -104,11 +121,15 @@ def test_brute_force_tie_case():
 
 
 def check_against_oracle(
-    backend, x, lengths, weights=None, threshold=0.5, temperature=0.03, iterations=1, max_left_out=0.1
+    backend, x, lengths, weights=None, threshold=0.5, temperature=0.03, iterations=1, max_left_out=0.1, impl=None
 ):
     """Kernel scores equal the float64 reference on every token whose reference score does not depend on the edges
-    within DELTA of the threshold (the reference at threshold -/+ DELTA agrees there); at most 10 % are left out."""
-    scores = run(OP, backend, x, lengths, weights, threshold, temperature, iterations)
+    within DELTA of the threshold (the reference at threshold -/+ DELTA agrees there); at most 10 % are left out.
+    ``impl`` (a function of the op's arguments) replaces the public op with ``backend`` forced."""
+    if impl is None:
+        scores = run(OP, backend, x, lengths, weights, threshold, temperature, iterations)
+    else:
+        scores = impl(x, lengths, weights, threshold, temperature, iterations).cpu()
     want = oracle(OP, x, lengths, weights, threshold, temperature, iterations)
     low = oracle(OP, x, lengths, weights, threshold - DELTA, temperature, iterations)
     high = oracle(OP, x, lengths, weights, threshold + DELTA, temperature, iterations)
@@ -134,7 +155,7 @@ def test_kernel_matches_reference_tiny(backend, case):
 CLUSTERED_CASES = [(n, dim, i % 5 + 1) for i, (n, dim) in enumerate(itertools.product((1, 7, 33, 257), (3, 64, 130)))]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_LARGE)
 @pytest.mark.parametrize(("n", "dim", "iterations"), CLUSTERED_CASES)
 @pytest.mark.parametrize(("threshold", "temperature"), [(0.5, 0.03), (0.2, 0.1)])
 def test_kernel_matches_reference_clustered(backend, n, dim, iterations, threshold, temperature):
@@ -149,7 +170,7 @@ def _llava_small() -> torch.Tensor:
     return testing.llava_next_features(12, 12, 256, seed=5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_LARGE)
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 @pytest.mark.parametrize(
     ("threshold", "temperature", "iterations"), [(0.5, 0.03, 1), (0.5, 0.1, 5), (0.2, 0.03, 5), (0.2, 0.1, 1)]
@@ -180,7 +201,7 @@ def test_kernel_matches_reference_padded_batch(backend, dtype, explicit_weights)
     assert not scores[1].any() and not scores[0, 29:].any() and not scores[3, 5:].any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_LARGE)
 def test_kernel_matches_reference_llava_next_full_size(backend):
     """The real LLaVA-NeXT high-res view (48 x 48 = 2304 tokens, D = 4096, MR-Pruner's t = 1, threshold 0.5, T = 0.03)
     matches the float64 reference. At this size some cosines always lie within DELTA of the threshold; at T = 0.03 such
@@ -219,16 +240,18 @@ def test_kernel_non_contiguous_and_int32_lengths(backend):
 @pytest.mark.parametrize("iterations", [1, 3])
 @pytest.mark.parametrize(("threshold", "temperature"), [(0.5, 0.03), (0.2, 0.1)])
 def test_equals_cosine_graph_then_propagate(impl, iterations, threshold, temperature):
-    """graph_scores == graph_propagate(*cosine_graph(...), norms), with and without explicit weights."""
+    """graph_scores == graph_propagate(*cosine_graph(...), norms), with and without explicit weights (graph_propagate
+    by the same backend where it has one, else by the reference: Triton has no graph_propagate)."""
     gen = torch.Generator().manual_seed(31)
     x, lengths = padded([clustered(n, 20, generator=gen) for n in (45, 13, 0)])
     graph, degree = run("cosine_graph", impl, x, lengths, threshold, temperature)
+    propagate = impl if impl in mrprune.backends.available("graph_propagate", x.device) else "reference"
     norms = x.norm(dim=-1)
     fused = run(OP, impl, x, lengths, None, threshold, temperature, iterations)
-    assert_close(fused, run("graph_propagate", impl, graph, degree, norms, lengths, iterations))
+    assert_close(fused, run("graph_propagate", propagate, graph, degree, norms, lengths, iterations))
     weights = torch.rand(x.shape[:2], generator=gen)
     fused = run(OP, impl, x, lengths, weights, threshold, temperature, iterations)
-    assert_close(fused, run("graph_propagate", impl, graph, degree, weights, lengths, iterations))
+    assert_close(fused, run("graph_propagate", propagate, graph, degree, weights, lengths, iterations))
 
 
 @pytest.mark.parametrize("impl", ["reference", *BACKENDS])
@@ -318,7 +341,7 @@ def test_zero_lengths(impl):
     assert scores.shape == (3, 4) and not scores.any()
 
 
-@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS_LARGE])
 def test_duplicate_tokens(impl):
     """Duplicated tokens (the LLaVA-NeXT newline tokens) score equally."""
     x = testing.llava_next_features(5, 4, 48, seed=3)[None]
@@ -331,7 +354,7 @@ def test_duplicate_tokens(impl):
 # --- batching -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["reference", *BACKENDS])
+@pytest.mark.parametrize("impl", ["reference", *BACKENDS_LARGE])
 @pytest.mark.parametrize("explicit_weights", [False, True])
 def test_batch_equals_per_item(impl, explicit_weights):
     """Each item of a 3-item batch of different lengths scores as the item alone (bitwise for cpp)."""
@@ -367,7 +390,7 @@ def _bad_inputs():
         "lengths_range": ((x, torch.tensor([0, 5])), {}, ValueError, r"lengths must lie in \[0, 4\]"),
         "lengths_meta": ((x, lengths.to("meta")), {}, ValueError, "lengths is on meta"),
         "weights_meta": ((x, lengths, weights.to("meta")), {}, ValueError, "weights is on meta"),
-        "features_meta": ((x.to("meta"), lengths), {}, ValueError, "features are on meta"),
+        "features_meta": ((x.to("meta"), lengths), {}, ValueError, "features is on meta"),
         "weights_shape": ((x, lengths, weights[:, :3]), {}, ValueError, r"weights must have shape \(2, 4\)"),
         "weights_rank": ((x, lengths, weights[None]), {}, ValueError, "weights must be 2-D"),
         "weights_int": ((x, lengths, weights.to(torch.int64)), {}, TypeError, "weights must be float16"),
@@ -417,3 +440,215 @@ def test_torch_compile_fullgraph():
     got, want = compiled(x, lengths), fn(x, lengths)
     torch._dynamo.reset()
     assert torch.equal(got, want) and (got[0, :10] > 0).all()
+
+
+# --- Triton kernels (under TRITON_INTERPRET=1 on the CPU, natively on a GPU) ----------------------------------------
+# Small odd shapes with forced 16-wide tiles (several token tiles, so both halves of the symmetric tile pairs and the
+# partial-slot reductions run; a 16-wide feature tile, so the dot loop has a tail), both variants, every input dtype.
+
+
+def _triton_scores(x, lengths, weights=None, threshold=0.5, temperature=0.03, iterations=1, **options):
+    """The Triton launcher with canonical arguments (what the registered backend passes), on TRITON_DEVICE."""
+    from mrprune.triton_kernels.graph_scores import graph_scores_triton
+
+    w = None if weights is None else to_triton(weights.to(torch.float32).contiguous())
+    return graph_scores_triton(to_triton(x.contiguous()), to_triton(lengths.to(torch.int64)), w, threshold,
+                               temperature, iterations, **options)
+
+
+def _triton_impl(**options):
+    return lambda *args: _triton_scores(*args, **options)
+
+
+VARIANTS = ["stream", "materialize"]
+SMALL_SHAPES = [(n, dim, i % 5 + 1) for i, (n, dim) in enumerate(itertools.product((1, 7, 33, 70), (3, 16, 33)))]
+
+
+@triton_test
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("n", "dim", "iterations"), SMALL_SHAPES)
+def test_triton_small_shapes(variant, n, dim, iterations):
+    """Odd token counts and feature sizes (t cycling through 1..5) match the float64 reference in both variants."""
+    gen = torch.Generator().manual_seed(n * 100 + dim)
+    x = clustered(n, dim, generator=gen)[None]
+    threshold, temperature = ((0.5, 0.03), (0.2, 0.1))[n % 2]
+    check_against_oracle(None, x, torch.tensor([n]), None, threshold, temperature, iterations,
+                         impl=_triton_impl(variant=variant, block=16, block_d=16))
+
+
+@triton_test
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_triton_dtypes_padded_batch(variant, dtype):
+    """Every input dtype (loaded, then upcast), a padded batch with garbage padding, an empty item, and explicit
+    weights (garbage in their padding too; streaming) or norms (materialising): the float64 reference on the same
+    rounded inputs; padding scores 0."""
+    gen = torch.Generator().manual_seed(40)
+    x, lengths = padded([clustered(n, 24, generator=gen) for n in (29, 0, 40, 5)])
+    x = x.to(dtype)
+    weights = torch.where(torch.arange(40) < lengths[:, None], torch.rand(4, 40, generator=gen), 1e4)
+    scores = check_against_oracle(None, x, lengths, weights if variant == "stream" else None, 0.5, 0.03, 2,
+                                  impl=_triton_impl(variant=variant, block=16, block_d=16))
+    assert not scores[1].any() and not scores[0, 29:].any() and not scores[3, 5:].any()
+
+
+@triton_test
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_iterations(variant):
+    """t = 1..5 on one multi-tile item, against the reference."""
+    gen = torch.Generator().manual_seed(41)
+    x = clustered(40, 16, spread=0.4, generator=gen)[None]
+    for iterations in range(1, 6):
+        check_against_oracle(None, x, torch.tensor([40]), None, 0.2, 0.1, iterations,
+                             impl=_triton_impl(variant=variant, block=16, block_d=16))
+
+
+@triton_test
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_rows_without_edges(variant):
+    """All-below-threshold rows: a threshold above 1 leaves no edge at all (P uniform, degree n, every score
+    mean(w) / n); zero vectors and a threshold <= 0 with a tiny temperature (edge logits far from the -5000 fill)
+    match the reference."""
+    gen = torch.Generator().manual_seed(42)
+    x = clustered(37, 9, generator=gen)[None]
+    x[0, [3, 20]] = 0.0
+    lengths = torch.tensor([37])
+    scores = _triton_scores(x, lengths, None, 1.5, 0.03, 3, variant=variant, block=16, block_d=16).cpu()
+    norms = x[0].double().norm(dim=-1)
+    assert_close(scores[0], (norms.sum() / 37 / 37).expand(37))
+    for threshold, temperature in ((0.5, 0.03), (-1.0, 1e-4), (0.0, 0.1)):
+        check_against_oracle(None, x, lengths, None, threshold, temperature, 2, max_left_out=1.0,
+                             impl=_triton_impl(variant=variant, block=16, block_d=16))
+
+
+@triton_test
+def test_triton_variants_and_splits_agree():
+    """Streaming and materialising variants, with any tile size and any row split of the materialising GEMV, give
+    the same scores (a padded batch of several tiles)."""
+    gen = torch.Generator().manual_seed(43)
+    x, lengths = padded([clustered(n, 20, generator=gen) for n in (50, 17, 33)])
+    want = _triton_scores(x, lengths, None, 0.2, 0.1, 2, variant="stream", block=16, block_d=16).cpu()
+    for options in (dict(variant="stream", block=32, block_d=32), dict(variant="materialize", splits=1),
+                    dict(variant="materialize", block=16, splits=3), dict(variant="auto")):
+        assert_close(_triton_scores(x, lengths, None, 0.2, 0.1, 2, **options).cpu(), want)
+
+
+def test_triton_choose_variant():
+    """The cost model: materialise small graphs at large D (and for float32 from small D on), stream at small D, when
+    an item's float32 S would exceed twice its features (video) or B N^2 float32 the 2 GiB cap; an explicit or
+    context choice wins."""
+    pytest.importorskip("triton")
+    from mrprune.triton_kernels.graph_scores import choose_variant, use_variant
+
+    assert choose_variant(8, 2304, 4096, 5, torch.float16) == "materialize"
+    assert choose_variant(8, 2304, 4096, 1, torch.float32) == "materialize"
+    assert choose_variant(8, 2304, 64, 1, torch.float16) == "stream"
+    assert choose_variant(1, 36864, 4096, 5, torch.float16) == "stream"  # 5.4 GB of float32 similarities
+    assert choose_variant(8, 576, 4096, 1, torch.bfloat16) == "materialize"
+    assert choose_variant(1, 16384, 4096, 5, torch.float32) == "stream"  # S: 1 GiB, features: 256 MiB
+    assert choose_variant(64, 4096, 8192, 5, torch.float32) == "stream"  # 4 GiB of S in all
+    assert choose_variant(8, 4096, 8192, 5, torch.float32) == "materialize"
+    assert choose_variant(1, 16, 4, 1, torch.float16, variant="materialize") == "materialize"
+    with use_variant("stream"):
+        assert choose_variant(8, 2304, 4096, 5, torch.float16) == "stream"
+    with pytest.raises(ValueError, match="unknown graph_scores variant"), use_variant("dense"):
+        pass
+
+
+@triton_test
+@pytest.mark.parametrize(("explicit_weights", "dtype"), [(False, torch.float32), (True, torch.bfloat16)])
+def test_triton_opcheck(explicit_weights, dtype):
+    """torch.library.opcheck of the private op mrprune::_graph_scores_triton (schema, autograd registration, fake,
+    AOT dynamic)."""
+    x, lengths = padded([clustered(6, 4), clustered(3, 4)])
+    weights = to_triton(torch.rand(x.shape[:2])) if explicit_weights else None
+    result = torch.library.opcheck(
+        torch.ops.mrprune._graph_scores_triton.default,
+        (to_triton(x.to(dtype)), to_triton(lengths), weights),
+        {"threshold": 0.2, "iterations": 2},
+    )
+    assert set(result.values()) == {"SUCCESS"} and len(result) == 4
+
+
+@triton_test
+def test_triton_public_op_and_errors(monkeypatch):
+    """The "triton" backend serves the public op (float64 still goes to the reference); the private op rejects
+    float64 and, outside the interpreter, CPU tensors with a clear message."""
+    from mrprune.triton_kernels import _common
+
+    x, lengths = to_triton(clustered(9, 5)[None]), to_triton(torch.tensor([9]))
+    with mrprune.backends.use_backend("triton"):
+        assert_close(mrprune.graph_scores(x, lengths).cpu(), oracle(OP, x.cpu(), lengths.cpu()))
+    with pytest.raises(TypeError, match="float64 is served by the reference"):
+        torch.ops.mrprune._graph_scores_triton(x.double(), lengths)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="the Triton backend needs CUDA tensors"):
+        torch.ops.mrprune._graph_scores_triton(x.cpu(), lengths.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("iterations", [1, 5])
+def test_triton_llava_next_full_size_cuda(variant, dtype, iterations, monkeypatch):
+    """GPU only: the real LLaVA-NeXT high-res view (2304 tokens, D = 4096) in every input dtype and both variants
+    matches the float64 reference (tokens next to a borderline edge left out, as in the full-size test above)."""
+    if TRITON_DEVICE != "cuda":
+        pytest.skip("needs the Triton backend on a GPU")
+    monkeypatch.setenv("MRPRUNE_TRITON_AUTOTUNE", "1")  # the autotuned launch path, at the real shape
+    x = testing.llava_next_features(48, 48, 4096, seed=0)
+    high = x[576:].reshape(48, 49, 4096)[:, :48].reshape(1, 2304, 4096).to(dtype)
+    lengths = torch.tensor([2304])
+    scores = _triton_scores(high, lengths, None, 0.5, 0.03, iterations, variant=variant).cpu()
+    want = oracle(OP, high, lengths, None, 0.5, 0.03, iterations)
+    u = reference.normalize_rows(high[0].double())
+    # a borderline edge changes its endpoints' degrees; the mass it carries (probability <= exp(-0.5 / 0.03)) is far
+    # below the tolerance, also after 5 steps
+    ambiguous = ((u @ u.T - 0.5).abs() < DELTA).any(dim=1)
+    assert ambiguous.sum() <= 0.1 * 2304
+    assert_close(scores[0, ~ambiguous], want[0, ~ambiguous])
+
+
+def _gpu_benchmark_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_graph.py"
+    spec = importlib.util.spec_from_file_location("mrprune_gpu_graph_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("iterations", [1, 5])
+def test_benchmark_official_path_matches_reference(iterations):
+    """The GPU benchmark's baseline (benchmarks/gpu_graph.py: the official code's matrix_power and (P > 0) degree,
+    batched) computes the spec: equal to the reference in float64."""
+    bench = _gpu_benchmark_module()
+    gen = torch.Generator().manual_seed(48)
+    x = torch.stack([clustered(30, 12, generator=gen) for _ in range(2)]).double()
+    want = reference.graph_scores(x, torch.tensor([30, 30]), None, 0.5, 0.03, iterations)
+    torch.testing.assert_close(bench.official_graph_scores(x, 0.5, 0.03, iterations), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    """The graph-scoring kernels compile for the H100/H200 (sm_90) through Triton's whole pipeline and ptxas, without
+    a GPU: the streaming passes on the wgmma tensor-core path for half inputs (IEEE FMAs for float32), no spills."""
+    stream = dict(lengths="*i64", pairs="*i32", N="i32", D="i32", stride_xb="i32", stride_xn="i32", stride_pb="i32",
+                  stride_ps="i32", threshold="fp32", temperature="fp32", N_BUCKET="i32", D_BUCKET="i32")
+    slots = dict(lengths="*i64", N="i32", stride_pb="i32", stride_ps="i32", ROWS_PER_SLOT="i32")
+    dense = dict(lengths="*i64", N="i32", stride_sb="i64", stride_pb="i32", stride_ps="i32", ROWS_PER_SLOT="i32",
+                 threshold="fp32", temperature="fp32")
+    tile = dict(BLOCK=128, BLOCK_D=64, UPCAST=False)
+    specs = [
+        ("graph_scores", "_stream_stats_kernel", {**stream, "x": "*fp16"}, tile, 8),
+        ("graph_scores", "_stream_propagate_kernel", {**stream, "x": "*bf16"}, tile, 8),
+        ("graph_scores", "_stream_propagate_kernel", {**stream, "x": "*fp32"}, dict(tile, UPCAST=True), 8),
+        ("graph_scores", "_stats_combine_kernel", slots, dict(BLOCK_R=128), 4),
+        ("graph_scores", "_slot_reduce_kernel", slots, dict(BLOCK_R=128), 4),
+        ("graph_scores", "_dense_propagate_kernel", dense, dict(BLOCK_R=32, BLOCK_C=128), 4),
+    ]
+    results = compile_kernels_sm90(specs)
+    assert results[0]["wgmma"] > 0 and results[1]["wgmma"] > 0 and results[2]["wgmma"] == 0
+    assert all(r["local"] == 0 for r in results), results

@@ -1,6 +1,7 @@
 """Tests of ``mrprune.transfer_scores`` (MR-Pruner's cross-resolution transfer): the reference against brute force,
 every kernel backend against the float64 reference (up to the real LLaVA-NeXT shape), invariants, edge cases,
-batching, argument validation, opcheck and torch.compile."""
+batching, argument validation, opcheck and torch.compile; then the Triton kernels (under TRITON_INTERPRET=1 on the
+CPU, natively on a GPU) at small shapes with split keys, and a compile check for sm_90."""
 
 from __future__ import annotations
 
@@ -12,10 +13,24 @@ import torch
 
 import mrprune
 from mrprune import reference, testing
-from tests.utils import INPUT_DTYPES, assert_close, clustered, kernel_backends, oracle, padded, run
+from tests.utils import (
+    INPUT_DTYPES,
+    TRITON_DEVICE,
+    assert_close,
+    clustered,
+    compile_kernels_sm90,
+    kernel_backends,
+    oracle,
+    padded,
+    run,
+    to_triton,
+    triton_test,
+)
 
 OP = "transfer_scores"
 BACKENDS = kernel_backends(OP)
+# Large shapes and large parametrizations leave out Triton under the CPU interpreter (see the Triton section below).
+BACKENDS_LARGE = kernel_backends(OP, interpreted=False)
 # Float32 kernels decide an edge whose float64 cosine lies within DELTA of the threshold either way (their rounding
 # error is ~1e-6 at D = 4096): queries with such an entry are left out of elementwise comparisons.
 DELTA = 1e-5
@@ -144,8 +159,10 @@ def near_threshold_queries(queries, query_lengths, keys, key_mask, threshold) ->
 
 
 def check_against_oracle(backend, queries, query_lengths, keys, key_mask, key_weights, threshold, temperature,
-                         max_left_out=0.1):
-    prop = run(OP, backend, queries, query_lengths, keys, key_mask, key_weights, threshold, temperature)
+                         max_left_out=0.1, impl=None):
+    """``impl`` (a function of the op's arguments) replaces the public op with ``backend`` forced."""
+    args = (queries, query_lengths, keys, key_mask, key_weights, threshold, temperature)
+    prop = run(OP, backend, *args) if impl is None else impl(*args).cpu()
     want = oracle(OP, queries, query_lengths, keys, key_mask, key_weights, threshold, temperature)
     assert prop.dtype == torch.float32 and prop.shape == want.shape
     keep = ~near_threshold_queries(queries, query_lengths, keys, key_mask, threshold)
@@ -162,7 +179,7 @@ def test_kernel_matches_reference_tiny(backend, case):
     check_against_oracle(backend, *_tiny_tensors(case, torch.float32), max_left_out=1.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_LARGE)
 @pytest.mark.parametrize("n", [1, 7, 33, 257])
 @pytest.mark.parametrize("dim", [3, 64, 130])
 @pytest.mark.parametrize(("threshold", "temperature"), [(0.5, 0.03), (0.2, 0.1)])
@@ -186,7 +203,7 @@ def _llava(rows: int, cols: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:576], x[576:].reshape(rows, cols + 1, dim)[:, :cols].reshape(rows * cols, dim)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_LARGE)
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 @pytest.mark.parametrize("threshold", [0.5, 0.2])
 @pytest.mark.parametrize("temperature", [0.03, 0.1])
@@ -224,7 +241,7 @@ def test_kernel_matches_reference_padded_batch(backend, dtype, explicit_weights)
     assert (prop[0, :21] > 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_LARGE)
 def test_kernel_matches_reference_llava_next_full_size(backend):
     """The real MR-Pruner shape: 576 base queries against 2304 high-res keys (D = 4096), half of them selected."""
     base, high = _llava(48, 48, 4096)
@@ -450,7 +467,7 @@ def _bad_inputs():
         "lengths_range": ((q, torch.tensor([4, 1]), k, km), {}, ValueError, r"query_lengths must lie in \[0, 3\]"),
         "lengths_meta": ((q, ql.to("meta"), k, km), {}, ValueError, "query_lengths is on meta"),
         "keys_meta": ((q, ql, k.to("meta"), km), {}, ValueError, "keys is on meta"),
-        "queries_meta": ((q.to("meta"), ql, k, km), {}, ValueError, "features are on meta"),
+        "queries_meta": ((q.to("meta"), ql, k, km), {}, ValueError, "queries is on meta"),
         "mask_uint8": ((q, ql, k, km.to(torch.uint8)), {}, TypeError, "key_mask must be bool"),
         "mask_float": ((q, ql, k, km.float()), {}, TypeError, "key_mask must be bool"),
         "mask_shape": ((q, ql, k, km[:, :4]), {}, ValueError, r"key_mask must have shape \(2, 5\)"),
@@ -508,3 +525,179 @@ def test_torch_compile_fullgraph():
     got, want = compiled(queries, lengths, keys, key_mask), fn(queries, lengths, keys, key_mask)
     torch._dynamo.reset()
     assert torch.equal(got, want) and (got[0] > 0).all()
+
+
+# --- Triton kernels (under TRITON_INTERPRET=1 on the CPU, natively on a GPU) ----------------------------------------
+# Small odd shapes with forced 16-wide tiles (several query blocks and key tiles, a feature tail in the dot loop) and
+# the keys split over several programs (the flash-decoding combine), every input dtype.
+
+
+def _triton_prop(queries, query_lengths, keys, key_mask, key_weights=None, threshold=0.5, temperature=0.03,
+                 **options):
+    """The Triton launcher with canonical arguments (what the registered backend passes), on TRITON_DEVICE."""
+    from mrprune.triton_kernels.transfer_scores import transfer_scores_triton
+
+    w = None if key_weights is None else to_triton(key_weights.to(torch.float32).contiguous())
+    return transfer_scores_triton(to_triton(queries.contiguous()), to_triton(query_lengths.to(torch.int64)),
+                                  to_triton(keys.contiguous()), to_triton(key_mask.contiguous()), w, threshold,
+                                  temperature, **options)
+
+
+def _triton_impl(**options):
+    return lambda *args: _triton_prop(*args, **options)
+
+
+@triton_test
+@pytest.mark.parametrize("n", [1, 7, 33, 70])
+@pytest.mark.parametrize("dim", [3, 16, 33])
+def test_triton_small_shapes(n, dim):
+    """Odd key counts and feature sizes (``(n * 3) // 2 + 1`` queries, about half of the keys selected, explicit
+    weights for D = 16, key splits cycling through 1..3) match the float64 reference."""
+    gen = torch.Generator().manual_seed(n * 100 + dim)
+    m = (n * 3) // 2 + 1
+    x = clustered(n + m, dim, generator=gen)
+    queries, keys = x[:m][None], x[m:][None]
+    key_mask = torch.rand(1, n, generator=gen) < 0.5
+    key_mask[0, 0] = True
+    key_weights = torch.rand(1, n, generator=gen) * 3 if dim == 16 else None
+    threshold, temperature = ((0.5, 0.03), (0.2, 0.1))[n % 2]
+    check_against_oracle(None, queries, torch.tensor([m]), keys, key_mask, key_weights, threshold, temperature,
+                         impl=_triton_impl(block=16, block_d=16, splits=n % 3 + 1))
+
+
+@triton_test
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_dtypes_padded_batch(dtype, splits):
+    """Every input dtype (loaded, then upcast), a padded batch (garbage padding, an item without queries, one whose
+    mask selects nothing), explicit weights (split keys) or norms: the reference on the same rounded inputs; 0 where
+    it says."""
+    gen = torch.Generator().manual_seed(46)
+    shared = [clustered(m + n, 24, generator=gen) for m, n in ((21, 40), (0, 9), (8, 15), (33, 3))]
+    queries, query_lengths = padded([x[: x.shape[0] - n] for x, n in zip(shared, (40, 9, 15, 3), strict=True)])
+    keys, key_lengths = padded([x[x.shape[0] - n :] for x, n in zip(shared, (40, 9, 15, 3), strict=True)])
+    key_mask = (torch.rand(keys.shape[:2], generator=gen) < 0.6) & (torch.arange(40) < key_lengths[:, None])
+    key_mask[3] = False
+    key_weights = torch.where(key_mask, torch.rand(keys.shape[:2], generator=gen), 1e4) if splits > 1 else None
+    prop = check_against_oracle(None, queries.to(dtype), query_lengths, keys.to(dtype), key_mask, key_weights, 0.5,
+                                0.03, impl=_triton_impl(block=16, block_d=16, splits=splits))
+    assert not prop[1].any() and not prop[3].any() and not prop[2, 8:].any() and (prop[0, :21] > 0).all()
+
+
+@triton_test
+def test_triton_mixed_dtypes():
+    """float16 queries against bfloat16 keys (the dot upcasts both) match the reference on the rounded inputs."""
+    gen = torch.Generator().manual_seed(47)
+    x = clustered(60, 20, generator=gen)
+    queries, keys = x[:25].to(torch.float16)[None], x[25:].to(torch.bfloat16)[None]
+    key_mask = torch.rand(1, 35, generator=gen) < 0.7
+    check_against_oracle(None, queries, torch.tensor([25]), keys, key_mask, None, 0.5, 0.03,
+                         impl=_triton_impl(block=16, splits=2))
+
+
+@triton_test
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_triton_rows_without_edges_and_fill(splits):
+    """Queries without an edge to any selected key average the weights uniformly (mean(w) / |keys|); an empty mask
+    gives 0; and where every edge logit lies far below the -5000 fill, the mass goes to the non-edges, also when the
+    edges and the non-edge sit in different key splits (the combine must not let a split without keys, or with only
+    far-below edges, decide the max)."""
+    q = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.05, 0.0]]])
+    # 33 keys in three 16-wide tiles: far-below edges (cosine ~ -0.995 to query 0) first, the orthogonal non-edge last
+    keys = torch.cat([torch.tensor([[-2.0, 0.2, 0.0]]).expand(32, 3), torch.tensor([[0.0, 0.0, 1.0]])])[None]
+    weights = torch.cat([torch.full((32,), 3.0), torch.tensor([1.0])])[None]
+    mask = torch.ones(1, 33, dtype=torch.bool)
+    mask[0, 16:32] = False  # the middle tile (split) selects nothing
+    args = (q, torch.tensor([4]), keys, mask, weights, -1.0, 1e-4)
+    want = oracle(OP, *args)
+    assert_close(want[0, 0], torch.tensor(1.0 / 16))  # all of query 0's mass on the non-edge (weight 1), 16 edges
+    prop = _triton_prop(*args, block=16, block_d=16, splits=splits).cpu()
+    assert_close(prop, want)
+    none = _triton_prop(q, torch.tensor([4]), keys, mask, weights, 1.5, 0.03, block=16, splits=splits).cpu()
+    assert_close(none, (weights[mask].mean() / 17).expand(1, 4))
+    empty = _triton_prop(q, torch.tensor([4]), keys, torch.zeros_like(mask), weights, block=16, splits=splits)
+    assert torch.equal(empty.cpu(), torch.zeros(1, 4))
+
+
+@triton_test
+@pytest.mark.parametrize(("explicit_weights", "dtype"), [(False, torch.float32), (True, torch.bfloat16)])
+def test_triton_opcheck(explicit_weights, dtype):
+    """torch.library.opcheck of the private op mrprune::_transfer_scores_triton."""
+    x = clustered(13, 4)
+    queries, keys = x[:6].reshape(2, 3, 4).to(dtype), x[6:12].reshape(2, 3, 4).to(dtype)
+    key_mask = torch.tensor([[True, False, True], [True, True, True]])
+    weights = torch.rand(2, 3) if explicit_weights else None
+    result = torch.library.opcheck(
+        torch.ops.mrprune._transfer_scores_triton.default,
+        tuple(to_triton(t) for t in (queries, torch.tensor([3, 2]), keys, key_mask, weights)),
+        {"threshold": 0.2, "temperature": 0.1},
+    )
+    assert set(result.values()) == {"SUCCESS"} and len(result) == 4
+
+
+@triton_test
+def test_triton_public_op_and_errors(monkeypatch):
+    """The "triton" backend serves the public op; the private op rejects float64 and, outside the interpreter, CPU
+    tensors with a clear message."""
+    from mrprune.triton_kernels import _common
+
+    x = clustered(20, 6)
+    q, k = to_triton(x[:8][None]), to_triton(x[8:][None])
+    ql, mask = to_triton(torch.tensor([8])), to_triton(torch.rand(1, 12) < 0.7)
+    with mrprune.backends.use_backend("triton"):
+        prop = mrprune.transfer_scores(q, ql, k, mask)
+    assert_close(prop.cpu(), oracle(OP, q.cpu(), ql.cpu(), k.cpu(), mask.cpu()))
+    with pytest.raises(TypeError, match="float64 is served by the reference"):
+        torch.ops.mrprune._transfer_scores_triton(q.double(), ql, k.double(), mask)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="the Triton backend needs CUDA tensors"):
+        torch.ops.mrprune._transfer_scores_triton(q.cpu(), ql.cpu(), k.cpu(), mask.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_triton_llava_next_full_size_cuda(dtype, monkeypatch):
+    """GPU only: 576 base queries against 2304 high-res keys (D = 4096), half selected, match the reference."""
+    if TRITON_DEVICE != "cuda":
+        pytest.skip("needs the Triton backend on a GPU")
+    monkeypatch.setenv("MRPRUNE_TRITON_AUTOTUNE", "1")  # the autotuned launch path, at the real shape
+    base, high = _llava(48, 48, 4096)
+    key_mask = torch.rand(1, 2304, generator=torch.Generator().manual_seed(48)) < 0.5
+    check_against_oracle(None, base.to(dtype)[None], torch.tensor([576]), high.to(dtype)[None], key_mask, None, 0.5,
+                         0.03, impl=_triton_impl())
+
+
+def test_benchmark_official_path_matches_reference():
+    """The GPU benchmark's baseline (benchmarks/gpu_graph.py: the official transfer, one item at a time, with the
+    (Q > 0) degree) computes the spec: equal to the reference in float64."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_graph.py"
+    spec = importlib.util.spec_from_file_location("mrprune_gpu_graph_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(49)
+    x = clustered(2 * 50, 10, generator=gen).double()
+    queries, keys = x[:40].reshape(2, 20, 10), x[40:].reshape(2, 30, 10)
+    key_mask = torch.rand(2, 30, generator=gen) < 0.5
+    want = reference.transfer_scores(queries, torch.tensor([20, 20]), keys, key_mask, None, 0.5, 0.03)
+    got = bench.official_transfer_scores(queries, keys, key_mask, 0.5, 0.03)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    """The transfer kernels compile for the H100/H200 (sm_90) through Triton's whole pipeline and ptxas, without a
+    GPU: half inputs on the wgmma tensor-core path, no register spills."""
+    main = dict(q="*fp16", k="*fp16", k_mask="*u8", q_lengths="*i64", M="i32", N="i32", D="i32", stride_qb="i32",
+                stride_kb="i32", stride_n="i32", stride_pb="i32", stride_ps="i32", TILES_PER_SPLIT="i32",
+                threshold="fp32", temperature="fp32", N_BUCKET="i32", D_BUCKET="i32")
+    combine = dict(q_lengths="*i64", selected_count="*i64", M="i32", stride_pb="i32", stride_ps="i32", SPLITS="i32")
+    specs = [
+        ("transfer_scores", "_transfer_kernel", main, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, UPCAST=False), 8),
+        ("transfer_scores", "_transfer_combine_kernel", combine, dict(BLOCK_R=128), 4),
+    ]
+    results = compile_kernels_sm90(specs)
+    assert results[0]["wgmma"] > 0
+    assert all(r["local"] == 0 for r in results), results

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 import mrprune
@@ -13,9 +19,70 @@ INPUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 RTOL, ATOL = 2e-5, 1e-6
 
 
-def kernel_backends(op: str, device: str = "cpu") -> list[str]:
-    """The non-reference implementations of ``op`` on ``device`` (what the tests compare with the reference)."""
-    return [b for b in backends.available(op, device) if b != "reference"]
+def triton_interpreted(device: str = "cpu") -> bool:
+    """Whether Triton kernels would run under the (slow) CPU interpreter on ``device``."""
+    return torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_backends(op: str, device: str = "cpu", interpreted: bool = True) -> list[str]:
+    """The non-reference implementations of ``op`` on ``device`` (what the tests compare with the reference).
+
+    ``interpreted=False`` leaves out Triton where it would run under the CPU interpreter: for large shapes and large
+    parametrizations (the Triton-specific tests cover the kernels at small shapes instead)."""
+    names = [b for b in backends.available(op, device) if b != "reference"]
+    if not interpreted and triton_interpreted(device):
+        names = [b for b in names if b != "triton"]
+    return names
+
+
+# On a GPU the Triton kernels would autotune every new shape (seconds of compiling each): the tests use the fixed
+# launch configs, except where a test turns autotuning back on (the full-size GPU tests).
+os.environ.setdefault("MRPRUNE_TRITON_AUTOTUNE", "0")
+
+#: Where the Triton-specific tests run: the GPU if there is one, else the CPU under the interpreter, else nowhere.
+TRITON_DEVICE = (
+    "cuda" if torch.cuda.is_available() else ("cpu" if triton_interpreted("cpu") else None)
+) if getattr(mrprune, "HAS_TRITON", False) else None
+
+
+def triton_test(fn):
+    """Marks a Triton-specific test (``triton_interp``) and skips it where Triton cannot run."""
+    fn = pytest.mark.triton_interp(fn)
+    return pytest.mark.skipif(TRITON_DEVICE is None, reason="needs triton and a GPU or TRITON_INTERPRET=1")(fn)
+
+
+def to_triton(t):
+    """``t`` on :data:`TRITON_DEVICE` (``None`` and non-tensors pass through)."""
+    return t.to(TRITON_DEVICE) if isinstance(t, torch.Tensor) else t
+
+
+_COMPILE_SCRIPT = """
+import importlib, json, sys
+from mrprune.triton_kernels._common import compile_for_target
+out = []
+for module, name, types, constexprs, warps in json.loads(sys.argv[1]):
+    kernel = getattr(importlib.import_module("mrprune.triton_kernels." + module), name)
+    out.append(compile_for_target(kernel, types, constexprs, num_warps=warps))
+print(json.dumps(out))
+"""
+
+
+def compile_kernels_sm90(specs: list[tuple[str, str, dict, dict, int]]) -> list[dict]:
+    """Compile ``(module, kernel, types, constexprs, num_warps)`` specs of ``mrprune.triton_kernels`` for sm_90 (no
+    GPU needed) in a fresh process without ``TRITON_INTERPRET``; returns ``compile_for_target``'s summaries."""
+    if not getattr(mrprune, "HAS_TRITON", False):
+        pytest.skip("needs triton")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kernels compile for real in the Triton tests")
+    import triton
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 5):
+        pytest.skip("the ahead-of-time compile check uses the triton >= 3.5 ASTSource API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(specs)], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run(op: str, backend: str, *args, **kwargs):

@@ -1,0 +1,386 @@
+"""Triton ``graph_scores``: features straight to ``s = (w^T P^t) / degree``, streaming (no ``N x N`` buffer) or not.
+
+The spec is ``mrprune.reference.graph_scores`` (research/algorithms.md §2.3, §2.8, §3.2): ``P`` is the row softmax of
+``Z`` with ``Z_ij = S_ij / T`` on edges (``S_ij >= threshold``) and -5000 on every other valid entry, ``degree`` the
+edge count of a row (``n`` without edges), ``w`` the token norms unless given, and ``t`` vector-matrix products.
+
+**Streaming variant** (O(N * D + N^2 / BLOCK) memory; flash-attention style). The similarity tiles are recomputed
+from the features in every pass; symmetry halves that work: one program per tile pair ``(I, J)``, ``I <= J``,
+computes ``S_IJ`` once (a ``BLOCK_D``-tiled dot) and serves both the rows of ``I`` (over the columns of ``J``) and
+the rows of ``J`` (over the columns of ``I``, through ``S_JI = S_IJ^T``). The two results of a tile go to separate
+slots of a ``[B, T, N]`` partial buffer (``T = ceil(N / BLOCK)``, slot = the other tile's index), so no atomics are
+needed and the sums are deterministic; a small kernel then reduces the ``T`` slots of every token.
+
+1. :func:`~triton_kernels._common.row_norms`: ``r_i = 1 / max(||x_i||, 1e-12)`` and the default weights ``||x_i||``.
+2. Statistics pass (:func:`_stream_stats_kernel`): per tile and row, the max logit, ``sum exp(z - max)`` and the edge
+   count, over the tile's valid columns, non-edges at logit -5000 (so a row whose edge logits all lie far below
+   -5000, or that has no edge, gets exactly the spec's mass on its non-edges). :func:`_stats_combine_kernel` merges
+   the slots (online-softmax rescaling) into ``m_i``, ``l_i``, ``deg_i`` and ``a_i = w_i / l_i``.
+3. One propagation pass per step (:func:`_stream_propagate_kernel`): tile ``(I, J)`` adds
+   ``sum_{i in I} a_i exp(z_ij - m_i)`` to the columns ``j`` of ``J`` (slot ``I``) and, off the diagonal,
+   ``sum_{j in J} a_j exp(z_ij - m_j)`` to the columns ``i`` of ``I`` (slot ``J``). The non-edge part is exact: a
+   non-edge simply has ``z = -5000`` in the same ``exp``, i.e. contributes ``a_i * fill_i`` with
+   ``fill_i = exp(-5000 - m_i)`` (0 in float32 unless the row has no edge above -5000 + 88). :func:`_slot_reduce_kernel`
+   sums the slots into the next step's ``a_j = v_j / l_j`` or, after the last step, into ``v_j / deg_j``.
+
+**Materialising variant** (O(N^2) memory): ``S`` is computed once, symmetric (``cosine_graph``'s
+:func:`~triton_kernels.cosine_graph.gram_store`), the statistics come from one sweep over it, and each step is a
+column-blocked GEMV over ``S`` that recomputes ``a_i exp(z_ij - m_i)`` (so ``P`` itself is never written), split over
+row ranges into a ``[B, splits, N]`` partial buffer to fill the GPU.
+
+**Choosing** (:func:`choose_variant`). Memory first: materialising is allowed only while one item's float32 ``S``
+(``4 N^2`` bytes) is at most twice its features (``N D`` elements), i.e. ``N <= D * itemsize / 2`` (N <= 4096 for
+half inputs at D = 4096, so LLaVA views qualify and video does not), and the whole ``B N^2 * 4`` bytes stay under
+``MATERIALIZE_MAX_BYTES`` (2 GiB): the op then always runs in O(N D) memory. Then time: per similarity entry and
+pass, streaming pays half a ``D``-long dot (``D`` flops, symmetric), materialising a 4-byte read of ``S``. Streaming
+costs ``1 + t`` Gram passes; materialising one Gram pass plus ``2 + t`` sweeps of ``4 N^2`` bytes (write once, read
+for the statistics and once per step). With an H100's rates (about 600 TFLOP/s for float16/bfloat16 tensor-core
+dots, about 40 for IEEE float32 dots, about 3 TB/s) materialising wins once ``D > 4 F (2 + t) / (t BW)``: about 2400
+(t = 1) or 1100 (t = 5) for half inputs, 160 (t = 1) for float32. The GPU session measures both variants
+(``benchmarks/gpu_graph.py``) and tunes these constants.
+"""
+
+import contextlib
+import contextvars
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mrprune import _validation, backends
+
+from ._common import (
+    Launcher,
+    check_device,
+    device_guard,
+    dot_upcast,
+    edge_logits,
+    feature_block,
+    gram_tile,
+    next_power_of_2,
+    num_programs_target,
+    row_norms,
+    tile_offsets,
+    tile_pairs,
+    token_block,
+)
+from .cosine_graph import _check_dtype, dense_blocks, dense_rows, gram_store
+
+__all__ = ["VARIANTS", "choose_variant", "graph_scores_triton", "use_variant"]
+
+VARIANTS = ("auto", "stream", "materialize")
+
+#: Cost-model constants of :func:`choose_variant` (H100 figures; the GPU session tunes them).
+MATERIALIZE_MAX_BYTES = int(os.environ.get("MRPRUNE_TRITON_MATERIALIZE_BYTES", 2 << 30))
+MATERIALIZE_MAX_RATIO = 2.0  # float32 S of an item / its features, in bytes
+_DOT_FLOPS = {torch.float16: 600e12, torch.bfloat16: 600e12, torch.float32: 40e12}
+_BANDWIDTH = 3.0e12
+
+_variant: contextvars.ContextVar[str | None] = contextvars.ContextVar("mrprune_triton_graph_variant", default=None)
+
+
+@contextlib.contextmanager
+def use_variant(name: str):
+    """Force the ``"stream"`` or ``"materialize"`` variant (or ``"auto"``) for the calls inside the block (tests,
+    benchmarks); ``MRPRUNE_TRITON_GRAPH_VARIANT`` does the same process-wide."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown graph_scores variant {name!r}; choose one of {VARIANTS}")
+    token = _variant.set(name)
+    try:
+        yield
+    finally:
+        _variant.reset(token)
+
+
+def choose_variant(batch: int, tokens: int, dim: int, iterations: int, dtype: torch.dtype,
+                   variant: str | None = None) -> str:
+    """``"stream"`` or ``"materialize"`` (see the module docstring for the cost model)."""
+    variant = variant or _variant.get() or os.environ.get("MRPRUNE_TRITON_GRAPH_VARIANT", "auto")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown graph_scores variant {variant!r}; choose one of {VARIANTS}")
+    if variant != "auto":
+        return variant
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if tokens * 4 > MATERIALIZE_MAX_RATIO * dim * itemsize or batch * tokens * tokens * 4 > MATERIALIZE_MAX_BYTES:
+        return "stream"
+    n2 = float(tokens) * tokens
+    flops = _DOT_FLOPS.get(dtype, _DOT_FLOPS[torch.float32])
+    stream = (1 + iterations) * n2 * dim / flops
+    materialize = n2 * dim / flops + (2 + iterations) * 4 * n2 / _BANDWIDTH
+    return "materialize" if materialize <= stream else "stream"
+
+
+# --- streaming kernels ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _stream_stats_kernel(x, inv_norms, lengths, pairs, part_m, part_l, part_c, N, D, stride_xb, stride_xn,
+                         stride_pb, stride_ps, threshold, temperature, N_BUCKET, D_BUCKET,
+                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ti = tl.load(pairs + 2 * pid)
+    tj = tl.load(pairs + 2 * pid + 1)
+    n = tl.load(lengths + b).to(tl.int32)
+    if tj * BLOCK < n:  # ti <= tj: the tile touches the item
+        offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+        offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+        ok_i = offs_i < n
+        ok_j = offs_j < n
+        base = x + b * stride_xb
+        acc = gram_tile(base, base, offs_i, offs_j, ok_i, ok_j, D, stride_xn, BLOCK, BLOCK, BLOCK_D, UPCAST)
+        r_i = tl.load(inv_norms + b * N + offs_i, mask=ok_i, other=0.0)
+        r_j = tl.load(inv_norms + b * N + offs_j, mask=ok_j, other=0.0)
+        z, edge = edge_logits(acc * (r_i[:, None] * r_j[None, :]), ok_i[:, None] & ok_j[None, :], threshold,
+                              temperature)
+        # rows of I over the columns of J -> slot J (every valid row has a valid column: m_r is finite there)
+        m_r = tl.max(z, axis=1)
+        m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+        out_i = b * stride_pb + tj.to(tl.int64) * stride_ps + offs_i
+        tl.store(part_m + out_i, m_r, mask=ok_i)
+        tl.store(part_l + out_i, tl.sum(tl.exp(z - m_r[:, None]), axis=1), mask=ok_i)
+        tl.store(part_c + out_i, tl.sum(edge.to(tl.float32), axis=1), mask=ok_i)
+        if ti != tj:  # rows of J over the columns of I (S_JI = S_IJ^T) -> slot I
+            m_c = tl.max(z, axis=0)
+            m_c = tl.where(m_c == float("-inf"), 0.0, m_c)
+            out_j = b * stride_pb + ti.to(tl.int64) * stride_ps + offs_j
+            tl.store(part_m + out_j, m_c, mask=ok_j)
+            tl.store(part_l + out_j, tl.sum(tl.exp(z - m_c[None, :]), axis=0), mask=ok_j)
+            tl.store(part_c + out_j, tl.sum(edge.to(tl.float32), axis=0), mask=ok_j)
+
+
+@triton.jit
+def _stats_combine_kernel(part_m, part_l, part_c, lengths, weights, row_max, row_sum, degree, coef, N, stride_pb,
+                          stride_ps, ROWS_PER_SLOT, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.load(lengths + b).to(tl.int32)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    edges = tl.zeros([BLOCK_R], dtype=tl.float32)
+    at = b * stride_pb + rows
+    for _ in range(0, tl.cdiv(n, ROWS_PER_SLOT)):
+        m_s = tl.load(part_m + at, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(part_l + at, mask=row_ok, other=0.0)
+        edges += tl.load(part_c + at, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.exp(m - m_new) + l_s * tl.exp(m_s - m_new)
+        m = m_new
+        at += stride_ps
+    total = tl.where(row_ok, total, 1.0)
+    out = b * N + rows
+    in_range = rows < N
+    w = tl.load(weights + out, mask=row_ok, other=0.0)
+    tl.store(row_max + out, tl.where(row_ok, m, 0.0), mask=in_range)
+    tl.store(row_sum + out, total, mask=in_range)
+    tl.store(degree + out, tl.where(row_ok, tl.where(edges > 0, edges, n.to(tl.float32)), 0.0), mask=in_range)
+    tl.store(coef + out, tl.where(row_ok, w / total, 0.0), mask=in_range)
+
+
+@triton.jit
+def _stream_propagate_kernel(x, inv_norms, lengths, pairs, row_max, coef, part_v, N, D, stride_xb, stride_xn,
+                             stride_pb, stride_ps, threshold, temperature, N_BUCKET, D_BUCKET,
+                             BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ti = tl.load(pairs + 2 * pid)
+    tj = tl.load(pairs + 2 * pid + 1)
+    n = tl.load(lengths + b).to(tl.int32)
+    if tj * BLOCK < n:
+        offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+        offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+        ok_i = offs_i < n
+        ok_j = offs_j < n
+        base = x + b * stride_xb
+        acc = gram_tile(base, base, offs_i, offs_j, ok_i, ok_j, D, stride_xn, BLOCK, BLOCK, BLOCK_D, UPCAST)
+        r_i = tl.load(inv_norms + b * N + offs_i, mask=ok_i, other=0.0)
+        r_j = tl.load(inv_norms + b * N + offs_j, mask=ok_j, other=0.0)
+        z, _ = edge_logits(acc * (r_i[:, None] * r_j[None, :]), ok_i[:, None] & ok_j[None, :], threshold, temperature)
+        m_i = tl.load(row_max + b * N + offs_i, mask=ok_i, other=0.0)
+        a_i = tl.load(coef + b * N + offs_i, mask=ok_i, other=0.0)
+        to_j = tl.sum(a_i[:, None] * tl.exp(z - m_i[:, None]), axis=0)  # rows of I -> columns of J, slot I
+        tl.store(part_v + b * stride_pb + ti.to(tl.int64) * stride_ps + offs_j, to_j, mask=ok_j)
+        if ti != tj:  # rows of J -> columns of I, slot J
+            m_j = tl.load(row_max + b * N + offs_j, mask=ok_j, other=0.0)
+            a_j = tl.load(coef + b * N + offs_j, mask=ok_j, other=0.0)
+            to_i = tl.sum(a_j[None, :] * tl.exp(z - m_j[None, :]), axis=1)
+            tl.store(part_v + b * stride_pb + tj.to(tl.int64) * stride_ps + offs_i, to_i, mask=ok_i)
+
+
+@triton.jit
+def _slot_reduce_kernel(part_v, lengths, divisor, out, N, stride_pb, stride_ps, ROWS_PER_SLOT,
+                        BLOCK_R: tl.constexpr):
+    """``out[b, j] = sum_slots part_v[b, slot, j] / divisor[b, j]`` on valid ``j`` (0 on padding)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.load(lengths + b).to(tl.int32)
+    cols = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols < n
+    at = b * stride_pb + cols
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for _ in range(0, tl.cdiv(n, ROWS_PER_SLOT)):
+        acc += tl.load(part_v + at, mask=col_ok, other=0.0)
+        at += stride_ps
+    div = tl.load(divisor + b * N + cols, mask=col_ok, other=1.0)
+    tl.store(out + b * N + cols, tl.where(col_ok, acc / div, 0.0), mask=cols < N)
+
+
+# --- materialising kernel -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dense_propagate_kernel(S, lengths, row_max, coef, part_v, N, stride_sb, stride_pb, stride_ps, ROWS_PER_SLOT,
+                            threshold, temperature, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n = tl.load(lengths + b).to(tl.int32)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < n
+    r_begin = split * ROWS_PER_SLOT
+    if (r_begin < n) & (pid * BLOCK_C < n):
+        r_end = tl.minimum(r_begin + ROWS_PER_SLOT, n)
+        offs_r = tl.arange(0, BLOCK_R)
+        tile = tile_offsets(b, r_begin + offs_r, cols, stride_sb, N, 1)  # the first row tile of the range
+        vec = b * N + r_begin + offs_r
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(r_begin, r_end, BLOCK_R):
+            row_ok = (r0 + offs_r) < r_end
+            valid = row_ok[:, None] & col_ok[None, :]
+            s = tl.load(S + tile, mask=valid, other=0.0)
+            z, _ = edge_logits(s, valid, threshold, temperature)
+            m = tl.load(row_max + vec, mask=row_ok, other=0.0)
+            a = tl.load(coef + vec, mask=row_ok, other=0.0)
+            acc += tl.sum(a[:, None] * tl.exp(z - m[:, None]), axis=0)
+            tile += BLOCK_R * N
+            vec += BLOCK_R
+        tl.store(part_v + b * stride_pb + split.to(tl.int64) * stride_ps + cols, acc, mask=col_ok)
+
+
+_stream_stats = Launcher(_stream_stats_kernel, key=["N_BUCKET", "D_BUCKET"])
+_stream_propagate = Launcher(_stream_propagate_kernel, key=["N_BUCKET", "D_BUCKET"])
+
+
+def _reduce(part_v, lengths, divisor, out, rows_per_slot):
+    batch, _, tokens = part_v.shape
+    block_r = min(128, max(16, next_power_of_2(tokens)))
+    _slot_reduce_kernel[(triton.cdiv(tokens, block_r), batch)](part_v, lengths, divisor, out, tokens,
+                                                                part_v.stride(0), part_v.stride(1), rows_per_slot,
+                                                                BLOCK_R=block_r, num_warps=4)
+
+
+def _stream(features, inv, lengths, weights, threshold, temperature, iterations, block, block_d, out):
+    batch, tokens, dim = features.shape
+    tiles = triton.cdiv(tokens, block)
+    pairs = tile_pairs(tiles, features.device)
+    grid = (pairs.shape[0], batch)
+    common = dict(like=features, block_d=block_d, num_warps=8 if block >= 128 else 4, num_stages=3,
+                  BLOCK=block, UPCAST=dot_upcast(features))
+    sizes = (tokens, dim, features.stride(0), features.stride(1))
+    buckets = (next_power_of_2(tokens), next_power_of_2(dim))
+    part_m, part_l, part_c = (torch.empty(batch, tiles, tokens, dtype=torch.float32, device=features.device)
+                              for _ in range(3))
+    _stream_stats(grid, features, inv, lengths, pairs, part_m, part_l, part_c, *sizes, part_m.stride(0),
+                  part_m.stride(1), threshold, temperature, *buckets, **common)
+    row_max, row_sum, degree, coef = (torch.empty(batch, tokens, dtype=torch.float32, device=features.device)
+                                      for _ in range(4))
+    block_r = min(128, max(16, next_power_of_2(tokens)))
+    _stats_combine_kernel[(triton.cdiv(tokens, block_r), batch)](
+        part_m, part_l, part_c, lengths, weights, row_max, row_sum, degree, coef, tokens, part_m.stride(0),
+        part_m.stride(1), block, BLOCK_R=block_r, num_warps=4)
+    part_v = part_m  # free again
+    for step in range(iterations):
+        _stream_propagate(grid, features, inv, lengths, pairs, row_max, coef, part_v, *sizes, part_v.stride(0),
+                          part_v.stride(1), threshold, temperature, *buckets, **common)
+        last = step == iterations - 1
+        _reduce(part_v, lengths, degree if last else row_sum, out if last else coef, block)
+
+
+def _materialize(features, inv, lengths, weights, threshold, temperature, iterations, block, block_d, splits, out,
+                 dense_block):
+    batch, tokens, _ = features.shape
+    S = torch.empty(batch, tokens, tokens, dtype=torch.float32, device=features.device)
+    gram_store(features, inv, lengths, S, block, block_d)
+    row_max, row_sum, degree, coef = dense_rows(S, lengths, threshold, temperature, weights=weights,
+                                                block=dense_block)
+    block_r, block_c = dense_blocks(tokens, S, dense_block)
+    col_blocks, row_tiles = triton.cdiv(tokens, block_c), triton.cdiv(tokens, block_r)
+    if splits is None:
+        splits = num_programs_target(features) // max(col_blocks * batch, 1)
+    splits = min(max(splits, 1), row_tiles)
+    rows_per_slot = triton.cdiv(row_tiles, splits) * block_r
+    splits = triton.cdiv(tokens, rows_per_slot)
+    part_v = torch.empty(batch, splits, tokens, dtype=torch.float32, device=features.device)
+    for step in range(iterations):
+        _dense_propagate_kernel[(col_blocks, splits, batch)](
+            S, lengths, row_max, coef, part_v, tokens, S.stride(0), part_v.stride(0), part_v.stride(1), rows_per_slot,
+            threshold, temperature, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        last = step == iterations - 1
+        _reduce(part_v, lengths, degree if last else row_sum, out if last else coef, rows_per_slot)
+
+
+def graph_scores_triton(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None = None,
+                        threshold: float = 0.5, temperature: float = 0.03, iterations: int = 1, *,
+                        variant: str | None = None, block: int | None = None, block_d: int | None = None,
+                        splits: int | None = None) -> torch.Tensor:
+    """Scores ``[B, N]`` float32 for contiguous ``features [B, N, D]`` (float16/bfloat16/float32), int64 ``lengths``
+    and optional contiguous float32 ``weights [B, N]``; see ``mrprune.reference.graph_scores``.
+
+    ``variant`` (``"stream"``/``"materialize"``/``"auto"``), ``block`` (token tile, and the row and column tiles of
+    the materialising sweeps), ``block_d`` (feature tile, fixed-config launches only) and ``splits`` (row splits of
+    the materialising GEMV) override the automatic choices, for tests and benchmarks."""
+    batch, tokens, dim = features.shape
+    if batch == 0 or tokens == 0:
+        return torch.zeros(batch, tokens, dtype=torch.float32, device=features.device)
+    out = torch.empty(batch, tokens, dtype=torch.float32, device=features.device)  # the last reduce writes every entry
+    chosen = choose_variant(batch, tokens, dim, iterations, features.dtype, variant)
+    dense_block = block  # an override also sets the tiles of the materialising sweeps
+    block = token_block(tokens, features, block)
+    block_d = feature_block(dim, features, block_d)
+    with device_guard(features):
+        norms, inv = row_norms(features)
+        w = norms if weights is None else weights
+        if chosen == "stream":
+            _stream(features, inv, lengths, w, threshold, temperature, iterations, block, block_d, out)
+        else:
+            _materialize(features, inv, lengths, w, threshold, temperature, iterations, block, block_d, splits, out,
+                         dense_block)
+    return out
+
+
+# --- registration ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mrprune::_graph_scores_triton", mutates_args=(), device_types=("cpu", "cuda"))
+def _graph_scores_op(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None = None,
+                     threshold: float = 0.5, temperature: float = 0.03, iterations: int = 1) -> torch.Tensor:
+    check_device("graph_scores", features)
+    _check_dtype("graph_scores", features)
+    w = None if weights is None else weights.to(torch.float32).contiguous()
+    return graph_scores_triton(features.contiguous(), lengths.to(torch.int64).contiguous(), w, threshold,
+                               temperature, iterations)
+
+
+@_graph_scores_op.register_fake
+def _(features, lengths, weights=None, threshold=0.5, temperature=0.03, iterations=1):
+    _validation.graph_scores("graph_scores", features, lengths, weights, threshold, temperature, iterations)
+    _check_dtype("graph_scores", features)
+    return features.new_empty(features.shape[:2], dtype=torch.float32)
+
+
+def _backend(features, lengths, weights, threshold, temperature, iterations):
+    return torch.ops.mrprune._graph_scores_triton(
+        features.contiguous(),
+        lengths.to(torch.int64).contiguous(),
+        None if weights is None else weights.to(torch.float32).contiguous(),
+        float(threshold),
+        float(temperature),
+        int(iterations),
+    )
+
+
+backends.register("graph_scores", "triton", _backend)
