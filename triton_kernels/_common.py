@@ -165,8 +165,9 @@ TUNE_CONFIGS = ((64, 8, 3), (64, 4, 3), (64, 8, 4), (32, 8, 4), (32, 4, 4), (128
 
 
 def _default_configs(block_d_options: Sequence[int]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in TUNE_CONFIGS
-            if bd in block_d_options]
+    return [
+        triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in TUNE_CONFIGS if bd in block_d_options
+    ]
 
 
 class Launcher:
@@ -192,8 +193,17 @@ class Launcher:
             self._tuned = triton.autotune(configs=_default_configs(self.block_d_options), key=self.key)(self.kernel)
         return self._tuned
 
-    def __call__(self, grid, *args, like: torch.Tensor, block_d: int, num_warps: int = 4, num_stages: int = 2,
-                 force_fixed: bool = False, **kwargs):
+    def __call__(
+        self,
+        grid,
+        *args,
+        like: torch.Tensor,
+        block_d: int,
+        num_warps: int = 4,
+        num_stages: int = 2,
+        force_fixed: bool = False,
+        **kwargs,
+    ):
         if autotune_enabled(like) and not force_fixed:
             self.tuned[grid](*args, **kwargs)
         else:
@@ -231,8 +241,20 @@ def tile_offsets(batch, rows, cols, stride_b, stride_r, stride_c):
 
 
 @triton.jit
-def gram_tile(a_base, b_base, offs_a, offs_b, mask_a, mask_b, D, stride_n,
-              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def gram_tile(
+    a_base,
+    b_base,
+    offs_a,
+    offs_b,
+    mask_a,
+    mask_b,
+    D,
+    stride_n,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """``[BLOCK_A, BLOCK_B]`` float32 tile of ``X_a X_b^T`` for rows ``offs_a`` of ``a_base`` and ``offs_b`` of
     ``b_base`` (row stride ``stride_n``, unit feature stride), looping over the features in ``BLOCK_D`` steps.
     Masked rows and the feature tail load 0."""
@@ -254,6 +276,32 @@ def gram_tile(a_base, b_base, offs_a, offs_b, mask_a, mask_b, D, stride_n,
 
 
 @triton.jit
+def cosine_tile(
+    x,
+    inv_norms,
+    b,
+    offs_i,
+    offs_j,
+    ok_i,
+    ok_j,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``[BLOCK, BLOCK]`` float32 cosine similarities of rows ``offs_i`` x ``offs_j`` of item ``b`` (the raw Gram
+    tile times both rows' inverse norms); 0 where masked."""
+    base = x + b * stride_xb
+    acc = gram_tile(base, base, offs_i, offs_j, ok_i, ok_j, D, stride_xn, BLOCK, BLOCK, BLOCK_D, UPCAST)
+    r_i = tl.load(inv_norms + b * N + offs_i, mask=ok_i, other=0.0)
+    r_j = tl.load(inv_norms + b * N + offs_j, mask=ok_j, other=0.0)
+    return acc * (r_i[:, None] * r_j[None, :])
+
+
+@triton.jit
 def edge_logits(s, valid, threshold, temperature):
     """The spec's softmax logits of a similarity tile: ``S / T`` on edges, -5000 on the other valid entries, ``-inf``
     outside ``valid`` (so they drop out of the softmax). Returns ``(logits, is_edge)``."""
@@ -265,8 +313,7 @@ def edge_logits(s, valid, threshold, temperature):
 
 
 @triton.jit
-def _row_norms_kernel(x, norms, inv_norms, N, D, stride_xb, stride_xn,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_norms_kernel(x, norms, inv_norms, N, D, stride_xb, stride_xn, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -298,8 +345,9 @@ def row_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block_d = min(256, max(16, next_power_of_2(dim)))
     grid = (triton.cdiv(tokens, block_r), batch)
     with device_guard(x):
-        _row_norms_kernel[grid](x, norms, inv, tokens, dim, x.stride(0), x.stride(1),
-                                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        _row_norms_kernel[grid](
+            x, norms, inv, tokens, dim, x.stride(0), x.stride(1), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4
+        )
     return norms, inv
 
 
@@ -315,8 +363,9 @@ def _offset_probe_kernel(out, batch, row0, col0, stride_b, stride_r, stride_c, B
     tl.store(out + local[:, None] * BLOCK + local[None, :], offs)
 
 
-def probe_tile_offsets(batch: int, row0: int, col0: int, strides: tuple[int, int, int], block: int = 16,
-                       device: str | torch.device = "cpu") -> torch.Tensor:
+def probe_tile_offsets(
+    batch: int, row0: int, col0: int, strides: tuple[int, int, int], block: int = 16, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """``[block, block]`` int64: the offsets :func:`tile_offsets` computes in a kernel for the tile at
     ``(batch, row0, col0)`` of a buffer with the given logical strides (nothing of that size is allocated)."""
     out = torch.empty(block, block, dtype=torch.int64, device=device)
@@ -330,12 +379,17 @@ def expected_tile_offsets(batch: int, row0: int, col0: int, strides: tuple[int, 
     return [[batch * sb + (row0 + r) * sr + (col0 + c) * sc for c in range(block)] for r in range(block)]
 
 
-
 # --- ahead-of-time compilation without a GPU (CI) -----------------------------------------------------------------
 
 
-def compile_for_target(kernel, types: dict[str, str], constexprs: dict[str, object], arch: int = 90,
-                       num_warps: int = 4, num_stages: int = 3) -> dict[str, object]:
+def compile_for_target(
+    kernel,
+    types: dict[str, str],
+    constexprs: dict[str, object],
+    arch: int = 90,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> dict[str, object]:
     """Compile ``kernel`` (a ``@triton.jit`` function, in a process without ``TRITON_INTERPRET``) for CUDA ``sm_<arch>``
     through Triton's whole pipeline, ptxas included, without a GPU or driver, and summarise the result.
 
@@ -349,10 +403,14 @@ def compile_for_target(kernel, types: dict[str, str], constexprs: dict[str, obje
 
     names = kernel.arg_names
     signature = {n: ("constexpr" if n in constexprs else types.get(n, "*fp32")) for n in names}
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     ptx = compiled.asm.get("ptx", "")
-    return {"shared": compiled.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"),
-            "local": ptx.count("ld.local") + ptx.count("st.local")}
+    return {
+        "shared": compiled.metadata.shared,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma": ptx.count("mma.sync"),
+        "local": ptx.count("ld.local") + ptx.count("st.local"),
+    }

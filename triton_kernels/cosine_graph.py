@@ -24,11 +24,11 @@ from mrprune import _validation, backends
 from ._common import (
     Launcher,
     check_device,
+    cosine_tile,
     device_guard,
     dot_upcast,
     edge_logits,
     feature_block,
-    gram_tile,
     interpreting,
     next_power_of_2,
     row_norms,
@@ -41,8 +41,23 @@ __all__ = ["cosine_graph_triton", "dense_blocks", "dense_rows", "gram_store"]
 
 
 @triton.jit
-def gram_store_kernel(x, inv_norms, lengths, pairs, S, N, D, stride_xb, stride_xn, stride_sb, N_BUCKET, D_BUCKET,
-                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def gram_store_kernel(
+    x,
+    inv_norms,
+    lengths,
+    pairs,
+    S,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_sb,
+    N_BUCKET,
+    D_BUCKET,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     ti = tl.load(pairs + 2 * pid)
@@ -53,21 +68,34 @@ def gram_store_kernel(x, inv_norms, lengths, pairs, S, N, D, stride_xb, stride_x
         offs_j = tj * BLOCK + tl.arange(0, BLOCK)
         ok_i = offs_i < n
         ok_j = offs_j < n
-        base = x + b * stride_xb
-        acc = gram_tile(base, base, offs_i, offs_j, ok_i, ok_j, D, stride_xn, BLOCK, BLOCK, BLOCK_D, UPCAST)
-        r_i = tl.load(inv_norms + b * N + offs_i, mask=ok_i, other=0.0)
-        r_j = tl.load(inv_norms + b * N + offs_j, mask=ok_j, other=0.0)
-        s = acc * (r_i[:, None] * r_j[None, :])
+        s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
+        s = s
         tl.store(S + tile_offsets(b, offs_i, offs_j, stride_sb, N, 1), s, mask=ok_i[:, None] & ok_j[None, :])
         if ti != tj:
-            tl.store(S + tile_offsets(b, offs_j, offs_i, stride_sb, N, 1), tl.trans(s),
-                     mask=ok_j[:, None] & ok_i[None, :])
+            tl.store(
+                S + tile_offsets(b, offs_j, offs_i, stride_sb, N, 1), tl.trans(s), mask=ok_j[:, None] & ok_i[None, :]
+            )
 
 
 @triton.jit
-def dense_rows_kernel(S, P, lengths, weights, row_max, row_sum, degree, coef, N, stride_sb, threshold, temperature,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_P: tl.constexpr,
-                      WRITE_STATS: tl.constexpr):
+def dense_rows_kernel(
+    S,
+    P,
+    lengths,
+    weights,
+    row_max,
+    row_sum,
+    degree,
+    coef,
+    N,
+    stride_sb,
+    threshold,
+    temperature,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    WRITE_P: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n = tl.load(lengths + b).to(tl.int32)
@@ -111,15 +139,34 @@ def dense_rows_kernel(S, P, lengths, weights, row_max, row_sum, degree, coef, N,
 _gram_store = Launcher(gram_store_kernel, key=["N_BUCKET", "D_BUCKET"])
 
 
-def gram_store(x: torch.Tensor, inv_norms: torch.Tensor, lengths: torch.Tensor, S: torch.Tensor, block: int,
-               block_d: int) -> None:
+def gram_store(
+    x: torch.Tensor, inv_norms: torch.Tensor, lengths: torch.Tensor, S: torch.Tensor, block: int, block_d: int
+) -> None:
     """``S[b, :n, :n] = cosine similarities`` (float32) for contiguous ``x [B, N, D]``; the rest of ``S`` untouched."""
     batch, tokens, dim = x.shape
     tiles = triton.cdiv(tokens, block)
     pairs = tile_pairs(tiles, x.device)
-    _gram_store((pairs.shape[0], batch), x, inv_norms, lengths, pairs, S, tokens, dim, x.stride(0), x.stride(1),
-                S.stride(0), next_power_of_2(tokens), next_power_of_2(dim), BLOCK=block, UPCAST=dot_upcast(x),
-                like=x, block_d=block_d, num_warps=8 if block >= 128 else 4, num_stages=3)
+    _gram_store(
+        (pairs.shape[0], batch),
+        x,
+        inv_norms,
+        lengths,
+        pairs,
+        S,
+        tokens,
+        dim,
+        x.stride(0),
+        x.stride(1),
+        S.stride(0),
+        next_power_of_2(tokens),
+        next_power_of_2(dim),
+        BLOCK=block,
+        UPCAST=dot_upcast(x),
+        like=x,
+        block_d=block_d,
+        num_warps=8 if block >= 128 else 4,
+        num_stages=3,
+    )
 
 
 def dense_blocks(tokens: int, t: torch.Tensor, override: int | None = None) -> tuple[int, int]:
@@ -133,8 +180,16 @@ def dense_blocks(tokens: int, t: torch.Tensor, override: int | None = None) -> t
     return 32, 128
 
 
-def dense_rows(S: torch.Tensor, lengths: torch.Tensor, threshold: float, temperature: float, *,
-               P: torch.Tensor | None = None, weights: torch.Tensor | None = None, block: int | None = None):
+def dense_rows(
+    S: torch.Tensor,
+    lengths: torch.Tensor,
+    threshold: float,
+    temperature: float,
+    *,
+    P: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    block: int | None = None,
+):
     """Row statistics of the thresholded softmax of the valid block of every ``S[b]``.
 
     Returns ``degree`` and, when ``weights`` is given, ``(row_max, row_sum, degree, coef = weights / row_sum)``;
@@ -147,26 +202,51 @@ def dense_rows(S: torch.Tensor, lengths: torch.Tensor, threshold: float, tempera
     coef = torch.empty_like(degree) if stats else degree
     block_r, block_c = dense_blocks(tokens, S, block)
     grid = (triton.cdiv(tokens, block_r), batch)
-    dense_rows_kernel[grid](S, S if P is None else P, lengths, degree if weights is None else weights, row_max,
-                            row_sum, degree, coef, tokens, S.stride(0), threshold, temperature, BLOCK_R=block_r,
-                            BLOCK_C=block_c, WRITE_P=P is not None, WRITE_STATS=stats, num_warps=4)
+    dense_rows_kernel[grid](
+        S,
+        S if P is None else P,
+        lengths,
+        degree if weights is None else weights,
+        row_max,
+        row_sum,
+        degree,
+        coef,
+        tokens,
+        S.stride(0),
+        threshold,
+        temperature,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        WRITE_P=P is not None,
+        WRITE_STATS=stats,
+        num_warps=4,
+    )
     return (row_max, row_sum, degree, coef) if stats else degree
 
 
-def cosine_graph_triton(features: torch.Tensor, lengths: torch.Tensor, threshold: float = 0.5,
-                        temperature: float = 0.03, *, block: int | None = None,
-                        block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def cosine_graph_triton(
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    threshold: float = 0.5,
+    temperature: float = 0.03,
+    *,
+    block: int | None = None,
+    block_d: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P [B, N, N], degree [B, N])`` float32 for contiguous ``features [B, N, D]`` (float16/bfloat16/float32) and
     int64 ``lengths``; see ``mrprune.reference.cosine_graph``. ``block``/``block_d`` override the tile sizes."""
     batch, tokens, dim = features.shape
     if batch == 0 or tokens == 0:
-        return (torch.zeros(batch, tokens, tokens, dtype=torch.float32, device=features.device),
-                torch.zeros(batch, tokens, dtype=torch.float32, device=features.device))
+        return (
+            torch.zeros(batch, tokens, tokens, dtype=torch.float32, device=features.device),
+            torch.zeros(batch, tokens, dtype=torch.float32, device=features.device),
+        )
     graph = torch.empty(batch, tokens, tokens, dtype=torch.float32, device=features.device)  # every entry written
     with device_guard(features):
         _, inv = row_norms(features)
-        gram_store(features, inv, lengths, graph, token_block(tokens, features, block),
-                   feature_block(dim, features, block_d))
+        gram_store(
+            features, inv, lengths, graph, token_block(tokens, features, block), feature_block(dim, features, block_d)
+        )
         degree = dense_rows(graph, lengths, threshold, temperature, P=graph, block=block)
     return graph, degree
 
@@ -176,13 +256,16 @@ def cosine_graph_triton(features: torch.Tensor, lengths: torch.Tensor, threshold
 
 def _check_dtype(op: str, features: torch.Tensor) -> None:
     if features.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"mrprune.{op}: the Triton kernels take float16/bfloat16/float32 (float64 is served by the "
-                        f"reference), got {features.dtype}")
+        raise TypeError(
+            f"mrprune.{op}: the Triton kernels take float16/bfloat16/float32 (float64 is served by the "
+            f"reference), got {features.dtype}"
+        )
 
 
 @torch.library.custom_op("mrprune::_cosine_graph_triton", mutates_args=(), device_types=("cpu", "cuda"))
-def _cosine_graph_op(features: torch.Tensor, lengths: torch.Tensor, threshold: float = 0.5,
-                     temperature: float = 0.03) -> tuple[torch.Tensor, torch.Tensor]:
+def _cosine_graph_op(
+    features: torch.Tensor, lengths: torch.Tensor, threshold: float = 0.5, temperature: float = 0.03
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_device("cosine_graph", features)
     _check_dtype("cosine_graph", features)
     return cosine_graph_triton(features.contiguous(), lengths.to(torch.int64).contiguous(), threshold, temperature)
@@ -193,8 +276,10 @@ def _(features, lengths, threshold=0.5, temperature=0.03):
     _validation.cosine_graph("cosine_graph", features, lengths, threshold, temperature)
     _check_dtype("cosine_graph", features)
     batch, tokens, _ = features.shape
-    return (features.new_empty(batch, tokens, tokens, dtype=torch.float32),
-            features.new_empty(batch, tokens, dtype=torch.float32))
+    return (
+        features.new_empty(batch, tokens, tokens, dtype=torch.float32),
+        features.new_empty(batch, tokens, dtype=torch.float32),
+    )
 
 
 def _backend(features, lengths, threshold, temperature):

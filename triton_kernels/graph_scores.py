@@ -53,11 +53,11 @@ from mrprune import _validation, backends
 from ._common import (
     Launcher,
     check_device,
+    cosine_tile,
     device_guard,
     dot_upcast,
     edge_logits,
     feature_block,
-    gram_tile,
     next_power_of_2,
     num_programs_target,
     row_norms,
@@ -93,8 +93,9 @@ def use_variant(name: str):
         _variant.reset(token)
 
 
-def choose_variant(batch: int, tokens: int, dim: int, iterations: int, dtype: torch.dtype,
-                   variant: str | None = None) -> str:
+def choose_variant(
+    batch: int, tokens: int, dim: int, iterations: int, dtype: torch.dtype, variant: str | None = None
+) -> str:
     """``"stream"`` or ``"materialize"`` (see the module docstring for the cost model)."""
     variant = variant or _variant.get() or os.environ.get("MRPRUNE_TRITON_GRAPH_VARIANT", "auto")
     if variant not in VARIANTS:
@@ -115,9 +116,28 @@ def choose_variant(batch: int, tokens: int, dim: int, iterations: int, dtype: to
 
 
 @triton.jit
-def _stream_stats_kernel(x, inv_norms, lengths, pairs, part_m, part_l, part_c, N, D, stride_xb, stride_xn,
-                         stride_pb, stride_ps, threshold, temperature, N_BUCKET, D_BUCKET,
-                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _stream_stats_kernel(
+    x,
+    inv_norms,
+    lengths,
+    pairs,
+    part_m,
+    part_l,
+    part_c,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_pb,
+    stride_ps,
+    threshold,
+    temperature,
+    N_BUCKET,
+    D_BUCKET,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     ti = tl.load(pairs + 2 * pid)
@@ -128,12 +148,8 @@ def _stream_stats_kernel(x, inv_norms, lengths, pairs, part_m, part_l, part_c, N
         offs_j = tj * BLOCK + tl.arange(0, BLOCK)
         ok_i = offs_i < n
         ok_j = offs_j < n
-        base = x + b * stride_xb
-        acc = gram_tile(base, base, offs_i, offs_j, ok_i, ok_j, D, stride_xn, BLOCK, BLOCK, BLOCK_D, UPCAST)
-        r_i = tl.load(inv_norms + b * N + offs_i, mask=ok_i, other=0.0)
-        r_j = tl.load(inv_norms + b * N + offs_j, mask=ok_j, other=0.0)
-        z, edge = edge_logits(acc * (r_i[:, None] * r_j[None, :]), ok_i[:, None] & ok_j[None, :], threshold,
-                              temperature)
+        s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
+        z, edge = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
         # rows of I over the columns of J -> slot J (every valid row has a valid column: m_r is finite there)
         m_r = tl.max(z, axis=1)
         m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
@@ -151,8 +167,22 @@ def _stream_stats_kernel(x, inv_norms, lengths, pairs, part_m, part_l, part_c, N
 
 
 @triton.jit
-def _stats_combine_kernel(part_m, part_l, part_c, lengths, weights, row_max, row_sum, degree, coef, N, stride_pb,
-                          stride_ps, ROWS_PER_SLOT, BLOCK_R: tl.constexpr):
+def _stats_combine_kernel(
+    part_m,
+    part_l,
+    part_c,
+    lengths,
+    weights,
+    row_max,
+    row_sum,
+    degree,
+    coef,
+    N,
+    stride_pb,
+    stride_ps,
+    ROWS_PER_SLOT,
+    BLOCK_R: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n = tl.load(lengths + b).to(tl.int32)
@@ -182,9 +212,28 @@ def _stats_combine_kernel(part_m, part_l, part_c, lengths, weights, row_max, row
 
 
 @triton.jit
-def _stream_propagate_kernel(x, inv_norms, lengths, pairs, row_max, coef, part_v, N, D, stride_xb, stride_xn,
-                             stride_pb, stride_ps, threshold, temperature, N_BUCKET, D_BUCKET,
-                             BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _stream_propagate_kernel(
+    x,
+    inv_norms,
+    lengths,
+    pairs,
+    row_max,
+    coef,
+    part_v,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_pb,
+    stride_ps,
+    threshold,
+    temperature,
+    N_BUCKET,
+    D_BUCKET,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     ti = tl.load(pairs + 2 * pid)
@@ -195,11 +244,8 @@ def _stream_propagate_kernel(x, inv_norms, lengths, pairs, row_max, coef, part_v
         offs_j = tj * BLOCK + tl.arange(0, BLOCK)
         ok_i = offs_i < n
         ok_j = offs_j < n
-        base = x + b * stride_xb
-        acc = gram_tile(base, base, offs_i, offs_j, ok_i, ok_j, D, stride_xn, BLOCK, BLOCK, BLOCK_D, UPCAST)
-        r_i = tl.load(inv_norms + b * N + offs_i, mask=ok_i, other=0.0)
-        r_j = tl.load(inv_norms + b * N + offs_j, mask=ok_j, other=0.0)
-        z, _ = edge_logits(acc * (r_i[:, None] * r_j[None, :]), ok_i[:, None] & ok_j[None, :], threshold, temperature)
+        s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
+        z, _ = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
         m_i = tl.load(row_max + b * N + offs_i, mask=ok_i, other=0.0)
         a_i = tl.load(coef + b * N + offs_i, mask=ok_i, other=0.0)
         to_j = tl.sum(a_i[:, None] * tl.exp(z - m_i[:, None]), axis=0)  # rows of I -> columns of J, slot I
@@ -212,8 +258,7 @@ def _stream_propagate_kernel(x, inv_norms, lengths, pairs, row_max, coef, part_v
 
 
 @triton.jit
-def _slot_reduce_kernel(part_v, lengths, divisor, out, N, stride_pb, stride_ps, ROWS_PER_SLOT,
-                        BLOCK_R: tl.constexpr):
+def _slot_reduce_kernel(part_v, lengths, divisor, out, N, stride_pb, stride_ps, ROWS_PER_SLOT, BLOCK_R: tl.constexpr):
     """``out[b, j] = sum_slots part_v[b, slot, j] / divisor[b, j]`` on valid ``j`` (0 on padding)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -233,8 +278,22 @@ def _slot_reduce_kernel(part_v, lengths, divisor, out, N, stride_pb, stride_ps, 
 
 
 @triton.jit
-def _dense_propagate_kernel(S, lengths, row_max, coef, part_v, N, stride_sb, stride_pb, stride_ps, ROWS_PER_SLOT,
-                            threshold, temperature, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dense_propagate_kernel(
+    S,
+    lengths,
+    row_max,
+    coef,
+    part_v,
+    N,
+    stride_sb,
+    stride_pb,
+    stride_ps,
+    ROWS_PER_SLOT,
+    threshold,
+    temperature,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -268,9 +327,18 @@ _stream_propagate = Launcher(_stream_propagate_kernel, key=["N_BUCKET", "D_BUCKE
 def _reduce(part_v, lengths, divisor, out, rows_per_slot):
     batch, _, tokens = part_v.shape
     block_r = min(128, max(16, next_power_of_2(tokens)))
-    _slot_reduce_kernel[(triton.cdiv(tokens, block_r), batch)](part_v, lengths, divisor, out, tokens,
-                                                                part_v.stride(0), part_v.stride(1), rows_per_slot,
-                                                                BLOCK_R=block_r, num_warps=4)
+    _slot_reduce_kernel[(triton.cdiv(tokens, block_r), batch)](
+        part_v,
+        lengths,
+        divisor,
+        out,
+        tokens,
+        part_v.stride(0),
+        part_v.stride(1),
+        rows_per_slot,
+        BLOCK_R=block_r,
+        num_warps=4,
+    )
 
 
 def _stream(features, inv, lengths, weights, threshold, temperature, iterations, block, block_d, out):
@@ -278,35 +346,87 @@ def _stream(features, inv, lengths, weights, threshold, temperature, iterations,
     tiles = triton.cdiv(tokens, block)
     pairs = tile_pairs(tiles, features.device)
     grid = (pairs.shape[0], batch)
-    common = dict(like=features, block_d=block_d, num_warps=8 if block >= 128 else 4, num_stages=3,
-                  BLOCK=block, UPCAST=dot_upcast(features))
+    common = dict(
+        like=features,
+        block_d=block_d,
+        num_warps=8 if block >= 128 else 4,
+        num_stages=3,
+        BLOCK=block,
+        UPCAST=dot_upcast(features),
+    )
     sizes = (tokens, dim, features.stride(0), features.stride(1))
     buckets = (next_power_of_2(tokens), next_power_of_2(dim))
-    part_m, part_l, part_c = (torch.empty(batch, tiles, tokens, dtype=torch.float32, device=features.device)
-                              for _ in range(3))
-    _stream_stats(grid, features, inv, lengths, pairs, part_m, part_l, part_c, *sizes, part_m.stride(0),
-                  part_m.stride(1), threshold, temperature, *buckets, **common)
-    row_max, row_sum, degree, coef = (torch.empty(batch, tokens, dtype=torch.float32, device=features.device)
-                                      for _ in range(4))
+    part_m, part_l, part_c = (
+        torch.empty(batch, tiles, tokens, dtype=torch.float32, device=features.device) for _ in range(3)
+    )
+    _stream_stats(
+        grid,
+        features,
+        inv,
+        lengths,
+        pairs,
+        part_m,
+        part_l,
+        part_c,
+        *sizes,
+        part_m.stride(0),
+        part_m.stride(1),
+        threshold,
+        temperature,
+        *buckets,
+        **common,
+    )
+    row_max, row_sum, degree, coef = (
+        torch.empty(batch, tokens, dtype=torch.float32, device=features.device) for _ in range(4)
+    )
     block_r = min(128, max(16, next_power_of_2(tokens)))
     _stats_combine_kernel[(triton.cdiv(tokens, block_r), batch)](
-        part_m, part_l, part_c, lengths, weights, row_max, row_sum, degree, coef, tokens, part_m.stride(0),
-        part_m.stride(1), block, BLOCK_R=block_r, num_warps=4)
+        part_m,
+        part_l,
+        part_c,
+        lengths,
+        weights,
+        row_max,
+        row_sum,
+        degree,
+        coef,
+        tokens,
+        part_m.stride(0),
+        part_m.stride(1),
+        block,
+        BLOCK_R=block_r,
+        num_warps=4,
+    )
     part_v = part_m  # free again
     for step in range(iterations):
-        _stream_propagate(grid, features, inv, lengths, pairs, row_max, coef, part_v, *sizes, part_v.stride(0),
-                          part_v.stride(1), threshold, temperature, *buckets, **common)
+        _stream_propagate(
+            grid,
+            features,
+            inv,
+            lengths,
+            pairs,
+            row_max,
+            coef,
+            part_v,
+            *sizes,
+            part_v.stride(0),
+            part_v.stride(1),
+            threshold,
+            temperature,
+            *buckets,
+            **common,
+        )
         last = step == iterations - 1
         _reduce(part_v, lengths, degree if last else row_sum, out if last else coef, block)
 
 
-def _materialize(features, inv, lengths, weights, threshold, temperature, iterations, block, block_d, splits, out,
-                 dense_block):
+def _materialize(
+    features, inv, lengths, weights, threshold, temperature, iterations, block, block_d, splits, out, dense_block
+):
     batch, tokens, _ = features.shape
     S = torch.empty(batch, tokens, tokens, dtype=torch.float32, device=features.device)
     gram_store(features, inv, lengths, S, block, block_d)
-    row_max, row_sum, degree, coef = dense_rows(S, lengths, threshold, temperature, weights=weights,
-                                                block=dense_block)
+    row_max, row_sum, degree, coef = dense_rows(S, lengths, threshold, temperature, weights=weights, block=dense_block)
     block_r, block_c = dense_blocks(tokens, S, dense_block)
     col_blocks, row_tiles = triton.cdiv(tokens, block_c), triton.cdiv(tokens, block_r)
     if splits is None:
@@ -317,16 +437,39 @@ def _materialize(features, inv, lengths, weights, threshold, temperature, iterat
     part_v = torch.empty(batch, splits, tokens, dtype=torch.float32, device=features.device)
     for step in range(iterations):
         _dense_propagate_kernel[(col_blocks, splits, batch)](
-            S, lengths, row_max, coef, part_v, tokens, S.stride(0), part_v.stride(0), part_v.stride(1), rows_per_slot,
-            threshold, temperature, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+            S,
+            lengths,
+            row_max,
+            coef,
+            part_v,
+            tokens,
+            S.stride(0),
+            part_v.stride(0),
+            part_v.stride(1),
+            rows_per_slot,
+            threshold,
+            temperature,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
         last = step == iterations - 1
         _reduce(part_v, lengths, degree if last else row_sum, out if last else coef, rows_per_slot)
 
 
-def graph_scores_triton(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None = None,
-                        threshold: float = 0.5, temperature: float = 0.03, iterations: int = 1, *,
-                        variant: str | None = None, block: int | None = None, block_d: int | None = None,
-                        splits: int | None = None) -> torch.Tensor:
+def graph_scores_triton(
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    threshold: float = 0.5,
+    temperature: float = 0.03,
+    iterations: int = 1,
+    *,
+    variant: str | None = None,
+    block: int | None = None,
+    block_d: int | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
     """Scores ``[B, N]`` float32 for contiguous ``features [B, N, D]`` (float16/bfloat16/float32), int64 ``lengths``
     and optional contiguous float32 ``weights [B, N]``; see ``mrprune.reference.graph_scores``.
 
@@ -347,8 +490,9 @@ def graph_scores_triton(features: torch.Tensor, lengths: torch.Tensor, weights: 
         if chosen == "stream":
             _stream(features, inv, lengths, w, threshold, temperature, iterations, block, block_d, out)
         else:
-            _materialize(features, inv, lengths, w, threshold, temperature, iterations, block, block_d, splits, out,
-                         dense_block)
+            _materialize(
+                features, inv, lengths, w, threshold, temperature, iterations, block, block_d, splits, out, dense_block
+            )
     return out
 
 
@@ -356,13 +500,20 @@ def graph_scores_triton(features: torch.Tensor, lengths: torch.Tensor, weights: 
 
 
 @torch.library.custom_op("mrprune::_graph_scores_triton", mutates_args=(), device_types=("cpu", "cuda"))
-def _graph_scores_op(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None = None,
-                     threshold: float = 0.5, temperature: float = 0.03, iterations: int = 1) -> torch.Tensor:
+def _graph_scores_op(
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    threshold: float = 0.5,
+    temperature: float = 0.03,
+    iterations: int = 1,
+) -> torch.Tensor:
     check_device("graph_scores", features)
     _check_dtype("graph_scores", features)
     w = None if weights is None else weights.to(torch.float32).contiguous()
-    return graph_scores_triton(features.contiguous(), lengths.to(torch.int64).contiguous(), w, threshold,
-                               temperature, iterations)
+    return graph_scores_triton(
+        features.contiguous(), lengths.to(torch.int64).contiguous(), w, threshold, temperature, iterations
+    )
 
 
 @_graph_scores_op.register_fake
