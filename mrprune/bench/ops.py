@@ -929,10 +929,10 @@ def _row(case: Case, impl: str, settings: Settings, **kwargs: Any) -> Row:
         case.batch,
         case.tokens,
         case.dim,
-        case.k,
         str(settings.dtype).replace("torch.", ""),
         settings.device.type,
         impl,
+        k=case.k,
         **kwargs,
     )
 

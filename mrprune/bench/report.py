@@ -40,16 +40,8 @@ ENV_COLUMNS = ("device_name", "torch", "triton", "cuda", "driver", "git_commit",
 
 
 @dataclass
-class Row:
-    """One implementation of one op or method at one shape (a line of the table).
-
-    Times are milliseconds per call (median and 20th/80th percentiles of the measurements); ``vs_reference`` and
-    ``vs_official`` are the speed-ups ``reference median / this median`` and ``official median / this median``;
-    ``peak_mb`` is the extra CUDA memory the call allocated at its peak (outputs included; CUDA only);
-    ``max_abs_err`` the largest absolute difference of its float outputs from the reference; ``agreement`` the
-    fraction of float entries within tolerance, or for index outputs the share of the reference's picks it also made
-    (the worst batch item).
-    """
+class BenchRow:
+    """What every result row has: what was run (``key`` identifies it across runs) and how it went."""
 
     kind: str
     name: str
@@ -58,20 +50,11 @@ class Row:
     batch: int
     tokens: int
     dim: int
-    k: int | None
     dtype: str
     device: str
     impl: str
     status: str = "ok"
-    median_ms: float | None = None
-    p20_ms: float | None = None
-    p80_ms: float | None = None
     measurements: int | None = None
-    vs_reference: float | None = None
-    vs_official: float | None = None
-    peak_mb: float | None = None
-    max_abs_err: float | None = None
-    agreement: float | None = None
     note: str = ""
 
     @property
@@ -82,7 +65,30 @@ class Row:
 
 
 @dataclass
-class E2ERow:
+class Row(BenchRow):
+    """One implementation of one op or method at one shape (a line of the table).
+
+    Times are milliseconds per call (median and 20th/80th percentiles of the measurements); ``vs_reference`` and
+    ``vs_official`` are the speed-ups ``reference median / this median`` and ``official median / this median``;
+    ``peak_mb`` is the extra CUDA memory the call allocated at its peak (outputs included; CUDA only);
+    ``max_abs_err`` the largest absolute difference of its float outputs from the reference; ``agreement`` the
+    fraction of float entries within tolerance, or for index outputs the share of the reference's picks it also made
+    (the worst batch item).
+    """
+
+    k: int | None = None
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    vs_reference: float | None = None
+    vs_official: float | None = None
+    peak_mb: float | None = None
+    max_abs_err: float | None = None
+    agreement: float | None = None
+
+
+@dataclass
+class E2ERow(BenchRow):
     """One configuration of the end-to-end benchmark (no pruning, or one pruner at one pruning ratio).
 
     ``prefill_ms`` is a patched ``model(**inputs)`` forward (vision encoder, pruning, language-model prefill);
@@ -92,17 +98,6 @@ class E2ERow:
     ``visual_tokens`` / ``kept_tokens`` per prompt; the speed-ups are against the unpruned model.
     """
 
-    kind: str
-    name: str
-    case: str
-    shape: str
-    batch: int
-    tokens: int
-    dim: int
-    dtype: str
-    device: str
-    impl: str
-    status: str = "ok"
     keep_ratio: float | None = None
     kept_tokens: float | None = None
     prefill_ms: float | None = None
@@ -114,14 +109,6 @@ class E2ERow:
     prune_source: str = ""
     prefill_speedup: float | None = None
     ttft_speedup: float | None = None
-    measurements: int | None = None
-    note: str = ""
-
-    @property
-    def key(self) -> str:
-        return "/".join(
-            str(v) for v in (self.kind, self.name, self.case, self.shape, self.batch, self.dim, self.dtype, self.impl)
-        )
 
 
 # --- environment ------------------------------------------------------------------------------------------------
