@@ -10,14 +10,14 @@ std::tuple<Tensor, Tensor> cosine_graph_cpu(Tensor features, Tensor lengths, dou
   check_lengths(lengths, "lengths", batch, tokens);
   Tensor graph = torch::stable::new_zeros(features, {batch, tokens, tokens});
   Tensor degree = torch::stable::new_zeros(features, {batch, tokens});
-  std::vector<float> normalized(static_cast<size_t>(tokens * dim));
+  Workspace normalized = workspace(tokens * dim);
   const float* x = features.const_data_ptr<float>();
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
     float* p = graph.mutable_data_ptr<float>() + b * tokens * tokens;
-    normalize_rows(x + b * tokens * dim, n, dim, normalized.data(), nullptr);
-    symmetric_gram(normalized.data(), n, dim, p, tokens);
+    normalize_rows(x + b * tokens * dim, n, dim, normalized.get(), nullptr);
+    symmetric_gram(normalized.get(), n, dim, p, tokens);
     edge_softmax_rows(p, n, tokens, static_cast<float>(threshold), static_cast<float>(temperature),
                       degree.mutable_data_ptr<float>() + b * tokens);
   }

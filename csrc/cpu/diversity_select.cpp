@@ -43,18 +43,17 @@ Tensor diversity_select_cpu(Tensor features, Tensor lengths, int64_t k, bool mas
   int64_t* indices = out.mutable_data_ptr<int64_t>();
   std::fill(indices, indices + batch * k, int64_t{-1});
   const int64_t* len = lengths.const_data_ptr<int64_t>();
-  std::vector<float> normalized, similarity, score, nearest;
+  Workspace normalized = workspace(tokens * dim), similarity = workspace(tokens * tokens);
+  std::vector<float> score, nearest;
   std::vector<uint8_t> picked;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
     if (n == 0 || k == 0) continue;
-    normalized.resize(static_cast<size_t>(n * dim));
-    similarity.resize(static_cast<size_t>(n * n));
-    normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.data(), nullptr);
-    symmetric_gram(normalized.data(), n, dim, similarity.data(), n);
+    normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.get(), nullptr);
+    symmetric_gram(normalized.get(), n, dim, similarity.get(), n);
     score.resize(n);
     torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) score[j] = second_smallest_distance(similarity.data() + j * n, n);
+      for (int64_t j = begin; j < end; ++j) score[j] = second_smallest_distance(similarity.get() + j * n, n);
     });
     nearest.assign(n, std::numeric_limits<float>::infinity());
     picked.assign(n, 0);
@@ -62,7 +61,7 @@ Tensor diversity_select_cpu(Tensor features, Tensor lengths, int64_t k, bool mas
     for (int64_t t = 0; t < std::min(k, n); ++t) {
       indices[b * k + t] = j;
       picked[j] = 1;
-      const float* row = similarity.data() + j * n;
+      const float* row = similarity.get() + j * n;
       for (int64_t i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], 1.f - row[i]);
       j = first_argmax(nearest, mask_picked ? &picked : nullptr);
       if (j < 0) break;

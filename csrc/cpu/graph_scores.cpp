@@ -12,15 +12,15 @@ Tensor graph_scores_cpu(Tensor features, Tensor lengths, std::optional<Tensor> w
   check_lengths(lengths, "lengths", batch, tokens);
   if (weights.has_value()) check_sizes(*weights, "weights", {batch, tokens});
   Tensor scores = torch::stable::new_zeros(features, {batch, tokens});
-  Tensor workspace = torch::stable::new_empty(features, {tokens, tokens});
-  float* p = workspace.mutable_data_ptr<float>();
-  std::vector<float> normalized(static_cast<size_t>(tokens * dim)), norms(tokens), degree(tokens);
+  Workspace graph = workspace(tokens * tokens), normalized = workspace(tokens * dim);
+  float* p = graph.get();
+  std::vector<float> norms(tokens), degree(tokens);
   const float* x = features.const_data_ptr<float>();
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
-    normalize_rows(x + b * tokens * dim, n, dim, normalized.data(), norms.data());
-    symmetric_gram(normalized.data(), n, dim, p, n);
+    normalize_rows(x + b * tokens * dim, n, dim, normalized.get(), norms.data());
+    symmetric_gram(normalized.get(), n, dim, p, n);
     edge_softmax_rows(p, n, n, static_cast<float>(threshold), static_cast<float>(temperature), degree.data());
     const float* w = weights.has_value() ? weights->const_data_ptr<float>() + b * tokens : norms.data();
     propagate(p, n, n, w, degree.data(), iterations, scores.mutable_data_ptr<float>() + b * tokens);

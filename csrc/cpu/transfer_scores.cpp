@@ -19,31 +19,33 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
   if (key_weights.has_value()) check_sizes(*key_weights, "key_weights", {batch, max_keys});
   const float thr = static_cast<float>(threshold), temp = static_cast<float>(temperature);
   Tensor prop = torch::stable::new_zeros(queries, {batch, max_queries});
-  std::vector<float> query_unit(static_cast<size_t>(max_queries * dim)), key_rows(static_cast<size_t>(max_keys * dim)),
-      key_unit(static_cast<size_t>(max_keys * dim)), key_norms(max_keys), weight(max_keys),
-      similarity(static_cast<size_t>(max_queries * max_keys));
+  Workspace query_unit = workspace(max_queries * dim), key_unit = workspace(max_keys * dim),
+            similarity = workspace(max_queries * max_keys);
+  std::vector<int64_t> selected_keys;
+  std::vector<float> weight(max_keys);
   const int64_t* qlen = query_lengths.const_data_ptr<int64_t>();
   const bool* mask = key_mask.const_data_ptr<bool>();
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t m = qlen[b];
-    const float* key_src = keys.const_data_ptr<float>() + b * max_keys * dim;
-    int64_t selected = 0;
+    selected_keys.clear();
     for (int64_t j = 0; j < max_keys; ++j) {
-      if (!mask[b * max_keys + j]) continue;
-      std::copy(key_src + j * dim, key_src + (j + 1) * dim, key_rows.begin() + selected * dim);
-      if (key_weights.has_value()) weight[selected] = key_weights->const_data_ptr<float>()[b * max_keys + j];
-      ++selected;
+      if (mask[b * max_keys + j]) selected_keys.push_back(j);
     }
+    const int64_t selected = static_cast<int64_t>(selected_keys.size());
     if (selected == 0 || m == 0) continue;  // nothing pruned to transfer from: prop stays 0 (not 0/0)
-    normalize_rows(key_rows.data(), selected, dim, key_unit.data(), key_norms.data());
-    if (!key_weights.has_value()) std::copy(key_norms.begin(), key_norms.begin() + selected, weight.begin());
-    normalize_rows(queries.const_data_ptr<float>() + b * max_queries * dim, m, dim, query_unit.data(), nullptr);
-    matmul_into(float_view(query_unit.data(), m, dim, dim, 1), float_view(key_unit.data(), dim, selected, 1, dim),
-                float_view(similarity.data(), m, selected, selected, 1));
+    // Gather and normalise the selected keys in one pass; their weights default to their norms.
+    normalize_rows(keys.const_data_ptr<float>() + b * max_keys * dim, selected, dim, key_unit.get(), weight.data(),
+                   selected_keys.data());
+    if (key_weights.has_value()) {
+      for (int64_t s = 0; s < selected; ++s) weight[s] = key_weights->const_data_ptr<float>()[b * max_keys + selected_keys[s]];
+    }
+    normalize_rows(queries.const_data_ptr<float>() + b * max_queries * dim, m, dim, query_unit.get(), nullptr);
+    matmul_into(float_view(query_unit.get(), m, dim, dim, 1), float_view(key_unit.get(), dim, selected, 1, dim),
+                float_view(similarity.get(), m, selected, selected, 1));
     float* out = prop.mutable_data_ptr<float>() + b * max_queries;
     torch::stable::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const float* row = similarity.data() + i * selected;
+        const float* row = similarity.get() + i * selected;
         const EdgeRowStats stats = edge_row_stats(row, selected, thr, temp);
         float mass = 0.f, z;
         for (int64_t j = 0; j < selected; ++j) {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace mrprune::cpu {
@@ -30,6 +31,11 @@ using torch::stable::Tensor;
 constexpr float kEdgeFillLogit = -5000.0f;
 constexpr float kZeroLogitTol = 1e-6f;
 constexpr float kNormEps = 1e-12f;
+
+// An uninitialised float workspace: large buffers are written before they are read, so the zero-fill a
+// std::vector would do is a wasted pass over memory.
+using Workspace = std::unique_ptr<float[]>;
+inline Workspace workspace(int64_t size) { return Workspace(new float[static_cast<size_t>(std::max<int64_t>(size, 1))]); }
 
 inline void check_tensor(const Tensor& t, const char* name, int64_t dim, ScalarType dtype) {
   STD_TORCH_CHECK(t.is_cpu(), "mrprune: ", name, " must be a CPU tensor");
@@ -83,10 +89,12 @@ inline float dot(const float* a, const float* b, int64_t d) {
 }
 
 // Rows of x [n, d] scaled to unit norm (norm floored at 1e-12, as F.normalize); norms[i] = ||x_i|| if requested.
-inline void normalize_rows(const float* x, int64_t n, int64_t d, float* out, float* norms) {
+// With `rows`, output row i is input row rows[i] (a gather in the same pass).
+inline void normalize_rows(const float* x, int64_t n, int64_t d, float* out, float* norms,
+                           const int64_t* rows = nullptr) {
   torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* row = x + i * d;
+      const float* row = x + (rows != nullptr ? rows[i] : i) * d;
       const float norm = std::sqrt(dot(row, row, d));
       if (norms != nullptr) norms[i] = norm;
       const float scale = 1.f / std::max(norm, kNormEps);
