@@ -276,6 +276,20 @@ def gram_tile(
 
 
 @triton.jit
+def tile_pair(pairs, lengths, BLOCK: tl.constexpr):
+    """This program's tile pair ``(ti, tj)``, ``ti <= tj``, of item ``program_id(1)``: the item (int64), both tiles'
+    token offsets and validity masks, and whether the pair touches the item's valid tokens at all."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ti = tl.load(pairs + 2 * pid)
+    tj = tl.load(pairs + 2 * pid + 1)
+    n = tl.load(lengths + b).to(tl.int32)
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    return b, ti, tj, offs_i, offs_j, offs_i < n, offs_j < n, tj * BLOCK < n
+
+
+@triton.jit
 def cosine_tile(
     x,
     inv_norms,

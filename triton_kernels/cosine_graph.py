@@ -33,6 +33,7 @@ from ._common import (
     next_power_of_2,
     row_norms,
     tile_offsets,
+    tile_pair,
     tile_pairs,
     token_block,
 )
@@ -58,16 +59,8 @@ def gram_store_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    ti = tl.load(pairs + 2 * pid)
-    tj = tl.load(pairs + 2 * pid + 1)
-    n = tl.load(lengths + b).to(tl.int32)
-    if tj * BLOCK < n:  # ti <= tj: the tile touches the item
-        offs_i = ti * BLOCK + tl.arange(0, BLOCK)
-        offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-        ok_i = offs_i < n
-        ok_j = offs_j < n
+    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(pairs, lengths, BLOCK)
+    if live:  # ti <= tj: the tile touches the item
         s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
         s = s
         tl.store(S + tile_offsets(b, offs_i, offs_j, stride_sb, N, 1), s, mask=ok_i[:, None] & ok_j[None, :])

@@ -62,6 +62,7 @@ from ._common import (
     num_programs_target,
     row_norms,
     tile_offsets,
+    tile_pair,
     tile_pairs,
     token_block,
 )
@@ -138,16 +139,8 @@ def _stream_stats_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    ti = tl.load(pairs + 2 * pid)
-    tj = tl.load(pairs + 2 * pid + 1)
-    n = tl.load(lengths + b).to(tl.int32)
-    if tj * BLOCK < n:  # ti <= tj: the tile touches the item
-        offs_i = ti * BLOCK + tl.arange(0, BLOCK)
-        offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-        ok_i = offs_i < n
-        ok_j = offs_j < n
+    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(pairs, lengths, BLOCK)
+    if live:  # ti <= tj: the tile touches the item
         s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
         z, edge = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
         # rows of I over the columns of J -> slot J (every valid row has a valid column: m_r is finite there)
@@ -234,16 +227,8 @@ def _stream_propagate_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    ti = tl.load(pairs + 2 * pid)
-    tj = tl.load(pairs + 2 * pid + 1)
-    n = tl.load(lengths + b).to(tl.int32)
-    if tj * BLOCK < n:
-        offs_i = ti * BLOCK + tl.arange(0, BLOCK)
-        offs_j = tj * BLOCK + tl.arange(0, BLOCK)
-        ok_i = offs_i < n
-        ok_j = offs_j < n
+    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(pairs, lengths, BLOCK)
+    if live:
         s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
         z, _ = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
         m_i = tl.load(row_max + b * N + offs_i, mask=ok_i, other=0.0)

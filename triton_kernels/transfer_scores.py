@@ -40,10 +40,36 @@ __all__ = ["transfer_scores_triton"]
 
 
 @triton.jit
-def _transfer_kernel(q, k, q_inv, k_inv, k_weights, k_mask, q_lengths, part_m, part_l, part_a, part_c, M, N, D,
-                     stride_qb, stride_kb, stride_n, stride_pb, stride_ps, TILES_PER_SPLIT, threshold, temperature,
-                     N_BUCKET, D_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     UPCAST: tl.constexpr):
+def _transfer_kernel(
+    q,
+    k,
+    q_inv,
+    k_inv,
+    k_weights,
+    k_mask,
+    q_lengths,
+    part_m,
+    part_l,
+    part_a,
+    part_c,
+    M,
+    N,
+    D,
+    stride_qb,
+    stride_kb,
+    stride_n,
+    stride_pb,
+    stride_ps,
+    TILES_PER_SPLIT,
+    threshold,
+    temperature,
+    N_BUCKET,
+    D_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -66,12 +92,14 @@ def _transfer_kernel(q, k, q_inv, k_inv, k_weights, k_mask, q_lengths, part_m, p
             at = b * N + cols
             col_ok = cols < k_end
             selected = (tl.load(k_mask + at, mask=col_ok, other=0) != 0) & col_ok
-            acc = gram_tile(q_base, k_base, rows, cols, row_ok, selected, D, stride_n, BLOCK_M, BLOCK_N, BLOCK_D,
-                            UPCAST)
+            acc = gram_tile(
+                q_base, k_base, rows, cols, row_ok, selected, D, stride_n, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST
+            )
             r_k = tl.load(k_inv + at, mask=selected, other=0.0)
             w = tl.load(k_weights + at, mask=selected, other=0.0)
-            z, edge = edge_logits(acc * (r_q[:, None] * r_k[None, :]), row_ok[:, None] & selected[None, :], threshold,
-                                  temperature)
+            z, edge = edge_logits(
+                acc * (r_q[:, None] * r_k[None, :]), row_ok[:, None] & selected[None, :], threshold, temperature
+            )
             # m stays -inf until a selected key shows up (also in the stored partial: a split without selected
             # keys must not pull the combined max up); m_safe is the finite subtrahend for the exponentials
             m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -90,8 +118,20 @@ def _transfer_kernel(q, k, q_inv, k_inv, k_weights, k_mask, q_lengths, part_m, p
 
 
 @triton.jit
-def _transfer_combine_kernel(part_m, part_l, part_a, part_c, q_lengths, selected_count, out, M, stride_pb, stride_ps,
-                             SPLITS, BLOCK_R: tl.constexpr):
+def _transfer_combine_kernel(
+    part_m,
+    part_l,
+    part_a,
+    part_c,
+    q_lengths,
+    selected_count,
+    out,
+    M,
+    stride_pb,
+    stride_ps,
+    SPLITS,
+    BLOCK_R: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     m_len = tl.load(q_lengths + b).to(tl.int32)
@@ -122,10 +162,19 @@ def _transfer_combine_kernel(part_m, part_l, part_a, part_c, q_lengths, selected
 _transfer = Launcher(_transfer_kernel, key=["N_BUCKET", "D_BUCKET"])
 
 
-def transfer_scores_triton(queries: torch.Tensor, query_lengths: torch.Tensor, keys: torch.Tensor,
-                           key_mask: torch.Tensor, key_weights: torch.Tensor | None = None, threshold: float = 0.5,
-                           temperature: float = 0.03, *, block: int | None = None, block_d: int | None = None,
-                           splits: int | None = None) -> torch.Tensor:
+def transfer_scores_triton(
+    queries: torch.Tensor,
+    query_lengths: torch.Tensor,
+    keys: torch.Tensor,
+    key_mask: torch.Tensor,
+    key_weights: torch.Tensor | None = None,
+    threshold: float = 0.5,
+    temperature: float = 0.03,
+    *,
+    block: int | None = None,
+    block_d: int | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
     """``prop [B, M]`` float32 for contiguous ``queries [B, M, D]``, ``keys [B, N, D]`` (float16/bfloat16/float32),
     int64 ``query_lengths``, bool ``key_mask [B, N]`` and optional float32 ``key_weights [B, N]``; see
     ``mrprune.reference.transfer_scores``. ``block`` (query and key tile), ``block_d`` and ``splits`` (key ranges per
@@ -151,16 +200,50 @@ def transfer_scores_triton(queries: torch.Tensor, query_lengths: torch.Tensor, k
         mask = key_mask.contiguous().view(torch.uint8)
         selected = key_mask.sum(dim=1)
         parts = [torch.empty(batch, splits, queries_n, dtype=torch.float32, device=queries.device) for _ in range(4)]
-        _transfer((q_blocks, splits, batch), queries, keys, q_inv, k_inv, w, mask, query_lengths, *parts, queries_n,
-                  keys_n, dim, queries.stride(0), keys.stride(0), dim,
-                  parts[0].stride(0), parts[0].stride(1), tiles_per_split, threshold, temperature,
-                  next_power_of_2(keys_n), next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
-                  UPCAST=dot_upcast(queries, keys), like=queries, block_d=block_d,
-                  num_warps=8 if block_m >= 128 else 4, num_stages=3)
+        _transfer(
+            (q_blocks, splits, batch),
+            queries,
+            keys,
+            q_inv,
+            k_inv,
+            w,
+            mask,
+            query_lengths,
+            *parts,
+            queries_n,
+            keys_n,
+            dim,
+            queries.stride(0),
+            keys.stride(0),
+            dim,
+            parts[0].stride(0),
+            parts[0].stride(1),
+            tiles_per_split,
+            threshold,
+            temperature,
+            next_power_of_2(keys_n),
+            next_power_of_2(dim),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            UPCAST=dot_upcast(queries, keys),
+            like=queries,
+            block_d=block_d,
+            num_warps=8 if block_m >= 128 else 4,
+            num_stages=3,
+        )
         block_r = min(128, max(16, next_power_of_2(queries_n)))
         _transfer_combine_kernel[(triton.cdiv(queries_n, block_r), batch)](
-            *parts, query_lengths, selected, out, queries_n, parts[0].stride(0), parts[0].stride(1), splits,
-            BLOCK_R=block_r, num_warps=4)
+            *parts,
+            query_lengths,
+            selected,
+            out,
+            queries_n,
+            parts[0].stride(0),
+            parts[0].stride(1),
+            splits,
+            BLOCK_R=block_r,
+            num_warps=4,
+        )
     return out
 
 
@@ -168,21 +251,35 @@ def transfer_scores_triton(queries: torch.Tensor, query_lengths: torch.Tensor, k
 
 
 @torch.library.custom_op("mrprune::_transfer_scores_triton", mutates_args=(), device_types=("cpu", "cuda"))
-def _transfer_scores_op(queries: torch.Tensor, query_lengths: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-                        key_weights: torch.Tensor | None = None, threshold: float = 0.5,
-                        temperature: float = 0.03) -> torch.Tensor:
+def _transfer_scores_op(
+    queries: torch.Tensor,
+    query_lengths: torch.Tensor,
+    keys: torch.Tensor,
+    key_mask: torch.Tensor,
+    key_weights: torch.Tensor | None = None,
+    threshold: float = 0.5,
+    temperature: float = 0.03,
+) -> torch.Tensor:
     check_device("transfer_scores", queries)
     _check_dtype("transfer_scores", queries)
     _check_dtype("transfer_scores", keys)
     w = None if key_weights is None else key_weights.to(torch.float32).contiguous()
-    return transfer_scores_triton(queries.contiguous(), query_lengths.to(torch.int64).contiguous(), keys.contiguous(),
-                                  key_mask.contiguous(), w, threshold, temperature)
+    return transfer_scores_triton(
+        queries.contiguous(),
+        query_lengths.to(torch.int64).contiguous(),
+        keys.contiguous(),
+        key_mask.contiguous(),
+        w,
+        threshold,
+        temperature,
+    )
 
 
 @_transfer_scores_op.register_fake
 def _(queries, query_lengths, keys, key_mask, key_weights=None, threshold=0.5, temperature=0.03):
-    _validation.transfer_scores("transfer_scores", queries, query_lengths, keys, key_mask, key_weights, threshold,
-                                temperature)
+    _validation.transfer_scores(
+        "transfer_scores", queries, query_lengths, keys, key_mask, key_weights, threshold, temperature
+    )
     _check_dtype("transfer_scores", queries)
     _check_dtype("transfer_scores", keys)
     return queries.new_empty(queries.shape[:2], dtype=torch.float32)
