@@ -12,6 +12,8 @@ import torch
 
 import mrprune
 from mrprune import reference, testing
+from tests.brute_force import TINY_GRAPH_CASES as TINY_CASES
+from tests.brute_force import cosine_graph as brute_cosine_graph
 from tests.utils import (
     INPUT_DTYPES,
     TRITON_DEVICE,
@@ -36,51 +38,6 @@ DELTA = 1e-5
 
 
 # --- brute force (explicit loops, float64 Python floats) ------------------------------------------------------------
-
-
-def brute_cosine_graph(x: list[list[float]], threshold: float, temperature: float):
-    """The module-docstring spec, written with Python loops: returns (P as nested lists, degree list)."""
-    n = len(x)
-    units = []
-    for row in x:
-        norm = max(math.sqrt(sum(v * v for v in row)), 1e-12)
-        units.append([v / norm for v in row])
-    graph, degree = [], []
-    for i in range(n):
-        logits, edges = [], 0
-        for j in range(n):
-            s = sum(units[i][c] * units[j][c] for c in range(len(units[i])))
-            z = (s if s >= threshold else 0.0) / temperature
-            if abs(z) >= 1e-6:
-                logits.append(z)
-                edges += 1
-            else:
-                logits.append(-5000.0)
-        top = max(logits)
-        exps = [math.exp(z - top) for z in logits]
-        total = sum(exps)
-        graph.append([e / total for e in exps])
-        degree.append(float(edges) if edges > 0 else float(n))
-    return graph, degree
-
-
-def _tiny_random(n: int, dim: int, seed: int) -> list[list[float]]:
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
-
-
-TINY_CASES = {
-    "random": (_tiny_random(6, 4, seed=1), 0.5, 0.03),
-    "random_t01": (_tiny_random(7, 3, seed=2), 0.2, 0.1),
-    "zero_vector": ([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.5, 0.1], [-1.0, 0.0, 3.0]], 0.5, 0.03),
-    "high_threshold": ([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], 1.5, 0.03),
-    "threshold_zero": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [-1, 0.2, 0.0], [0.0, 0.0, 0.0]], 0.0, 0.1),
-    "threshold_negative": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.0, 0.5], [0.3, -2.0, 1.0]], -0.4, 0.1),
-    # cos([3, 4], [1, 0]) = 3/5 = 0.6 exactly: an entry equal to the threshold is an edge; the duplicates tie.
-    "tie_at_threshold": ([[3.0, 4.0], [1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-1.0, 1.0], [3.0, 4.0]], 0.6, 0.05),
-    # exp((-0.995 - 1) / 1e-3) underflows to 0, but that entry is still an edge: the degree counts it.
-    "underflowing_edge": ([[1.0, 0.0], [-1.0, 0.1], [0.5, 0.5]], -1.0, 1e-3),
-    "single": ([[0.5, -1.0, 2.0, 0.0, 1.0]], 0.5, 0.03),
-}
 
 
 @pytest.mark.parametrize("case", list(TINY_CASES))

@@ -10,6 +10,7 @@ import torch
 
 import mrprune
 from mrprune import reference, testing
+from tests.brute_force import propagate as brute_propagate
 from tests.utils import INPUT_DTYPES, assert_close, clustered, kernel_backends, oracle, padded, run
 
 OP = "graph_propagate"
@@ -18,21 +19,6 @@ GARBAGE = 1e4
 
 
 # --- brute force (explicit loops, float64 Python floats) ------------------------------------------------------------
-
-
-def brute_propagate(graph: list[list[float]], degree: list[float], weights: list[float], iterations: int):
-    """``(w^T P^t)_j / degree_j`` with Python loops over i and j."""
-    n = len(weights)
-    mass = list(weights)
-    for _ in range(iterations):
-        nxt = []
-        for j in range(n):
-            total = 0.0
-            for i in range(n):
-                total += mass[i] * graph[i][j]
-            nxt.append(total)
-        mass = nxt
-    return [mass[j] / degree[j] for j in range(n)]
 
 
 def _stochastic(n: int, seed: int, zeros: float = 0.5) -> torch.Tensor:

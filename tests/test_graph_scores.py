@@ -14,6 +14,8 @@ import torch
 
 import mrprune
 from mrprune import reference, testing
+from tests.brute_force import TINY_GRAPH_CASES as TINY_CASES
+from tests.brute_force import graph_scores as brute_graph_scores
 from tests.utils import (
     ATOL,
     INPUT_DTYPES,
@@ -40,50 +42,6 @@ DELTA = 1e-5
 
 
 # --- brute force (explicit loops, float64 Python floats) ------------------------------------------------------------
-
-
-def brute_graph_scores(x: list[list[float]], weights, threshold: float, temperature: float, iterations: int):
-    """The module-docstring spec with Python loops: cosine graph, thresholded softmax, degree, t propagation steps."""
-    n = len(x)
-    norms = [math.sqrt(sum(v * v for v in row)) for row in x]
-    w = norms if weights is None else list(weights)
-    units = [[v / max(norm, 1e-12) for v in row] for row, norm in zip(x, norms, strict=True)]
-    graph, degree = [], []
-    for i in range(n):
-        logits, edges = [], 0
-        for j in range(n):
-            s = sum(a * b for a, b in zip(units[i], units[j], strict=True))
-            z = (s if s >= threshold else 0.0) / temperature
-            edge = abs(z) >= 1e-6
-            edges += edge
-            logits.append(z if edge else -5000.0)
-        top = max(logits)
-        exps = [math.exp(z - top) for z in logits]
-        graph.append([e / sum(exps) for e in exps])
-        degree.append(edges if edges else n)
-    mass = list(w)
-    for _ in range(iterations):
-        mass = [sum(mass[i] * graph[i][j] for i in range(n)) for j in range(n)]
-    return [mass[j] / degree[j] for j in range(n)]
-
-
-def _tiny_random(n: int, dim: int, seed: int) -> list[list[float]]:
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
-
-
-TINY_CASES = {
-    "random": (_tiny_random(6, 4, seed=1), 0.5, 0.03),
-    "random_t01": (_tiny_random(7, 5, seed=2), 0.2, 0.1),
-    "zero_vector": ([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.5, 0.1], [-1.0, 0.0, 3.0]], 0.5, 0.03),
-    "high_threshold": ([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], 1.5, 0.03),
-    "threshold_zero": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [-1, 0.2, 0.0], [0.0, 0.0, 0.0]], 0.0, 0.1),
-    "threshold_negative": ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.0, 0.5], [0.3, -2.0, 1.0]], -0.4, 0.1),
-    # cos([3, 4], [1, 0]) = 0.6 exactly (an edge at threshold 0.6); duplicated tokens tie.
-    "tie_at_threshold": ([[3.0, 4.0], [1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-1.0, 1.0], [3.0, 4.0]], 0.6, 0.05),
-    # exp((-0.995 - 1) / 1e-3) underflows to 0, but that entry is still an edge: the degree counts it.
-    "underflowing_edge": ([[1.0, 0.0], [-1.0, 0.1], [0.5, 0.5]], -1.0, 1e-3),
-    "single": ([[0.5, -1.0, 2.0, 0.0, 1.0]], 0.5, 0.03),
-}
 
 
 @pytest.mark.parametrize("case", list(TINY_CASES))

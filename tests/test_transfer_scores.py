@@ -13,6 +13,8 @@ import torch
 
 import mrprune
 from mrprune import reference, testing
+from tests.brute_force import tiny_random
+from tests.brute_force import transfer as brute_transfer
 from tests.utils import (
     INPUT_DTYPES,
     TRITON_DEVICE,
@@ -39,52 +41,18 @@ DELTA = 1e-5
 # --- brute force (explicit loops, float64 Python floats) ------------------------------------------------------------
 
 
-def _unit(row: list[float]) -> list[float]:
-    norm = max(math.sqrt(sum(v * v for v in row)), 1e-12)
-    return [v / norm for v in row]
-
-
-def brute_transfer(queries, keys, mask, weights, threshold: float, temperature: float) -> list[float]:
-    """prop_i = sum_k w_k Q_ik / dc_i over the masked keys in ascending order (0 if none), with Python loops."""
-    selected = [k for k in range(len(keys)) if mask[k]]
-    if not selected:
-        return [0.0] * len(queries)
-    w = [math.sqrt(sum(v * v for v in keys[k])) if weights is None else weights[k] for k in selected]
-    key_units = [_unit(keys[k]) for k in selected]
-    out = []
-    for q in queries:
-        qu = _unit(q)
-        logits, edges = [], 0
-        for ku in key_units:
-            s = sum(a * b for a, b in zip(qu, ku, strict=True))
-            z = (s if s >= threshold else 0.0) / temperature
-            if abs(z) >= 1e-6:
-                logits.append(z)
-                edges += 1
-            else:
-                logits.append(-5000.0)
-        top = max(logits)
-        exps = [math.exp(z - top) for z in logits]
-        total = sum(exps)
-        dc = edges if edges else len(selected)
-        out.append(sum(wk * e / total for wk, e in zip(w, exps, strict=True)) / dc)
-    return out
-
-
-def _rand(n: int, dim: int, seed: int) -> list[list[float]]:
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
-
-
 # (queries, keys, key_mask, key_weights or None, threshold, temperature)
 TINY_CASES = {
-    "random": (_rand(5, 4, 1), _rand(7, 4, 2), [1, 0, 1, 1, 0, 1, 1], None, 0.3, 0.03),
-    "random_weights": (_rand(6, 3, 3), _rand(5, 3, 4), [1, 1, 0, 1, 1], [0.5, 2.0, 9.0, 1.5, 3.0], 0.2, 0.1),
+    "random": (tiny_random(5, 4, 1), tiny_random(7, 4, 2), [1, 0, 1, 1, 0, 1, 1], None, 0.3, 0.03),
+    "random_weights": (
+        tiny_random(6, 3, 3), tiny_random(5, 3, 4), [1, 1, 0, 1, 1], [0.5, 2.0, 9.0, 1.5, 3.0], 0.2, 0.1
+    ),
     "zero_vectors": ([[0.0, 0.0], [1.0, 0.1]], [[1.0, 0.0], [0.0, 0.0], [0.9, 0.2]], [1, 1, 1], None, 0.5, 0.03),
     "no_edge": ([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], [[0.0, 1.0, 0.0], [-1.0, 0.5, 0.0]], [1, 1], [2.0, 5.0], 0.5, 0.1),
-    "high_threshold": (_rand(3, 2, 5), _rand(4, 2, 6), [1, 1, 1, 1], None, 1.5, 0.03),
+    "high_threshold": (tiny_random(3, 2, 5), tiny_random(4, 2, 6), [1, 1, 1, 1], None, 1.5, 0.03),
     "threshold_zero": ([[1.0, 0.0], [0.0, 1.0]], [[0.0, 2.0], [1.0, 1.0], [-1.0, 0.1]], [1, 1, 1], None, 0.0, 0.1),
-    "threshold_negative": (_rand(4, 3, 7), _rand(5, 3, 8), [1, 1, 0, 1, 1], None, -0.5, 0.1),
-    "empty_mask": (_rand(3, 3, 9), _rand(4, 3, 10), [0, 0, 0, 0], None, 0.5, 0.03),
+    "threshold_negative": (tiny_random(4, 3, 7), tiny_random(5, 3, 8), [1, 1, 0, 1, 1], None, -0.5, 0.1),
+    "empty_mask": (tiny_random(3, 3, 9), tiny_random(4, 3, 10), [0, 0, 0, 0], None, 0.5, 0.03),
     # cos([3, 4], [1, 0]) = 0.6 exactly (an edge at threshold 0.6); duplicated keys tie.
     "tie_at_threshold": ([[3.0, 4.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]], [1, 1, 1, 1],
                          [1.0, 2.0, 3.0, 4.0], 0.6, 0.05),
