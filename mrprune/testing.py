@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from .batching import pad_batch
+
 __all__ = [
     "cosine_degree_stats",
     "llava15_features",
@@ -277,54 +279,6 @@ def qwen2_5_vl_features(
     _check_positive(frames=frames, height=height, width=width, dim=dim)
     (x,), _ = _field_views([(height, width)], dim, frames=frames, seed=seed)
     return x.to(device=device, dtype=dtype)
-
-
-def pad_batch(items: list[torch.Tensor], *, pad_value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ragged token sets into one padded batch.
-
-    Parameters
-    ----------
-    items : list of torch.Tensor
-        ``B >= 1`` tensors ``[N_i, D]`` with the same ``D``, dtype and device (``N_i`` may be 0).
-    pad_value : float, optional
-        Value of the padding rows.
-
-    Returns
-    -------
-    batch : torch.Tensor
-        ``[B, max N_i, D]`` with the dtype and device of the items; row ``n >= N_i`` of item ``i`` is ``pad_value``.
-    lengths : torch.Tensor
-        int64 ``[B]`` tensor of the ``N_i``, on the same device.
-
-    Raises
-    ------
-    ValueError
-        If ``items`` is empty, an item is not 2-D, or the items disagree in ``D``, dtype or device.
-    """
-    if len(items) == 0:
-        raise ValueError("pad_batch needs at least one tensor, got an empty list")
-    first = items[0]
-    for i, item in enumerate(items):
-        if not isinstance(item, torch.Tensor) or item.dim() != 2:
-            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
-            raise ValueError(f"pad_batch items must be 2-D [N, D] tensors, item {i} is {shape}")
-        for what, got, want in (
-            ("feature dim", item.shape[1], first.shape[1]),
-            ("dtype", item.dtype, first.dtype),
-            ("device", item.device, first.device),
-        ):
-            if got != want:
-                raise ValueError(f"pad_batch items must share {what}: item 0 has {want}, item {i} has {got}")
-    lengths = torch.tensor([item.shape[0] for item in items], dtype=torch.int64, device=first.device)
-    batch = torch.full(
-        (len(items), max(item.shape[0] for item in items), first.shape[1]),
-        pad_value,
-        dtype=first.dtype,
-        device=first.device,
-    )
-    for i, item in enumerate(items):
-        batch[i, : item.shape[0]] = item
-    return batch, lengths
 
 
 def cosine_degree_stats(features: torch.Tensor, threshold: float = 0.5, *, chunk: int = 1024) -> dict[str, float]:

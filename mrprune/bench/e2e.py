@@ -290,9 +290,9 @@ def _select_time(model: Any, inputs: dict[str, torch.Tensor], pruner: Any, clock
             )
             for s in inputs["image_sizes"].tolist()
         ]
-        from ..methods.base import pad_rows
+        from ..batching import pad_batch
 
-        padded, lengths = pad_rows(pooled, pooled[0])
+        padded, lengths = pad_batch(pooled)
         texts = [inputs["input_ids"][b, -8:] for b in range(padded.shape[0])] if pruner.uses_text else None
         if texts is not None:
             texts = [model.get_input_embeddings()(t) for t in texts]

@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 
+from ..batching import pad_batch
 from ..layouts import GridLayout, LlavaNextLayout
 from ..methods import DivPrune, GPrune, MRPruner, Pruner, ResPrune
-from ..methods.base import pad_rows
 from ..text import extract_nouns, noun_token_ids
 
 logger = logging.getLogger(__name__)
@@ -611,7 +611,7 @@ class PruningHandle:
                     f"describes {layout.num_tokens}"
                 )
             layouts.append(layout)
-        features, lengths = pad_rows([item.features for item in items], items[0].features)
+        features, lengths = pad_batch([item.features for item in items])
         texts = self._texts(items, input_ids, real) if self.pruner.uses_text else None
         extra = {}
         if isinstance(self.pruner, ResPrune):  # negative: no CLS seed, ResPrune takes the largest-norm token

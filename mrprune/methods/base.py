@@ -30,15 +30,6 @@ def check_keep_ratio(keep_ratio: float) -> float:
     return float(keep_ratio)
 
 
-def pad_rows(rows: Sequence[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ragged ``[n_i, D]`` tensors into ``([B, max n_i, D], lengths [B])`` (zero padding)."""
-    width = max((r.shape[0] for r in rows), default=0)
-    out = like.new_zeros(len(rows), width, like.shape[-1])
-    for b, r in enumerate(rows):
-        out[b, : r.shape[0]] = r
-    return out, torch.tensor([r.shape[0] for r in rows], dtype=torch.int64, device=like.device)
-
-
 def take_prefixes(indices: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
     """The first ``counts[b]`` entries of each row of ``indices [B, k]`` (a top-k or greedy order is prefix-stable)."""
     return [indices[b, :count] for b, count in enumerate(counts)]

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..batching import pad_batch
 from ..layouts import LlavaNextLayout
-from .base import Layout, Pruner, check_keep_ratio, pad_rows, round_half_up, top_tokens
+from .base import Layout, Pruner, check_keep_ratio, round_half_up, top_tokens
 
 __all__ = ["GPrune", "MRPruner"]
 
@@ -51,8 +52,8 @@ class _Resolutions:
                 low_index.append(torch.arange(layout.num_tokens, device=device))
                 high_index.append(torch.zeros(0, dtype=torch.int64, device=device))
                 always.append(torch.zeros(0, dtype=torch.int64, device=device))
-        low, low_lengths = pad_rows([features[b, i] for b, i in enumerate(low_index)], features)
-        high, high_lengths = pad_rows([features[b, i] for b, i in enumerate(high_index)], features)
+        low, low_lengths = pad_batch([features[b, i] for b, i in enumerate(low_index)])
+        high, high_lengths = pad_batch([features[b, i] for b, i in enumerate(high_index)])
         return cls(low, low_lengths, low_index, high, high_lengths, high_index, always)
 
     def assemble(self, keep_low: Sequence[torch.Tensor], keep_high: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import ops
-from .base import Pruner, check_keep_ratio, pad_rows, round_half_up, take_prefixes
+from ..batching import pad_batch
+from .base import Pruner, check_keep_ratio, round_half_up, take_prefixes
 
 __all__ = ["ALPHA_PRESETS", "ResPrune"]
 
@@ -95,7 +96,7 @@ class ResPrune(Pruner):
         for t in rows:
             if t.dim() != 2 or t.shape[1] != dim:
                 raise ValueError(f"ResPrune: text embeddings must be [M, D={dim}], got {tuple(t.shape)}")
-        text, text_lengths = pad_rows(rows, features)
+        text, text_lengths = pad_batch(rows)
         rho = ops.max_cosine(features, lengths, text, text_lengths)
         gate = rho.clamp_min(0) ** self.alpha
         return torch.where((text_lengths > 0)[:, None], gate, torch.ones_like(gate))
