@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "mrprune/cuda/checks.h"
 #include "mrprune/kernels/diversity_select.cuh"
 
 namespace mrprune::cuda {
@@ -37,17 +38,7 @@ constexpr int kNormThreads = 256;
 constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
 constexpr int64_t kMaxGridZ = 65535;
 
-void check_tensor(const Tensor& t, const char* name, int64_t dim, ScalarType dtype, int32_t device) {
-  STD_TORCH_CHECK(t.is_cuda(), "mrprune: ", name, " must be a CUDA tensor");
-  STD_TORCH_CHECK(t.get_device_index() == device, "mrprune: ", name, " must be on the features' device");
-  STD_TORCH_CHECK(t.dim() == dim, "mrprune: ", name, " must be ", dim, "-D");
-  STD_TORCH_CHECK(t.scalar_type() == dtype, "mrprune: ", name, " has the wrong dtype (the router converts it)");
-  STD_TORCH_CHECK(t.is_contiguous(), "mrprune: ", name, " must be contiguous");
-}
-
-void check_cuda(cudaError_t error, const char* what) {
-  STD_TORCH_CHECK(error == cudaSuccess, "mrprune: diversity_select ", what, " failed: ", cudaGetErrorString(error));
-}
+void check_cuda(cudaError_t error, const char* what) { cuda::check_cuda(error, "diversity_select", what); }
 
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 

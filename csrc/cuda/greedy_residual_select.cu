@@ -37,6 +37,7 @@
 #include <string>
 #include <tuple>
 
+#include "mrprune/cuda/checks.h"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 
 namespace mrprune::cuda {
@@ -55,18 +56,7 @@ constexpr int64_t kMaxGramBytes = int64_t{1} << 30;
 // Workspace (Gram + factor + state) per launch; items are processed in chunks below it (at least one item).
 constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
 
-void check_tensor(const Tensor& t, const char* name, int64_t dim, ScalarType dtype, int32_t device) {
-  STD_TORCH_CHECK(t.is_cuda(), "mrprune: ", name, " must be a CUDA tensor");
-  STD_TORCH_CHECK(t.get_device_index() == device, "mrprune: ", name, " must be on the features' device");
-  STD_TORCH_CHECK(t.dim() == dim, "mrprune: ", name, " must be ", dim, "-D");
-  STD_TORCH_CHECK(t.scalar_type() == dtype, "mrprune: ", name, " has the wrong dtype (the router converts it)");
-  STD_TORCH_CHECK(t.is_contiguous(), "mrprune: ", name, " must be contiguous");
-}
-
-void check_cuda(cudaError_t error, const char* what) {
-  STD_TORCH_CHECK(error == cudaSuccess, "mrprune: greedy_residual_select ", what, " failed: ",
-                  cudaGetErrorString(error));
-}
+void check_cuda(cudaError_t error, const char* what) { cuda::check_cuda(error, "greedy_residual_select", what); }
 
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "mrprune/cuda/checks.h"
 #include "mrprune/kernels/topk.cuh"
 
 namespace mrprune::cuda {
@@ -29,25 +30,14 @@ namespace {
 constexpr int kBlock = mrprune::kernels::topk::kDefaultBlock;
 constexpr int64_t kMaxGridY = 65535;
 
-void check_tensor(const Tensor& t, const char* name, int64_t dim, ScalarType dtype) {
-  STD_TORCH_CHECK(t.is_cuda(), "mrprune: ", name, " must be a CUDA tensor");
-  STD_TORCH_CHECK(t.dim() == dim, "mrprune: ", name, " must be ", dim, "-D");
-  STD_TORCH_CHECK(t.scalar_type() == dtype, "mrprune: ", name, " has the wrong dtype (the router converts it)");
-  STD_TORCH_CHECK(t.is_contiguous(), "mrprune: ", name, " must be contiguous");
-}
-
-void check_launch(const char* what) {
-  const cudaError_t error = cudaGetLastError();
-  STD_TORCH_CHECK(error == cudaSuccess, "mrprune: topk_indices ", what, " launch failed: ", cudaGetErrorString(error));
-}
+void check_launch(const char* what) { check_cuda(cudaGetLastError(), "topk_indices", what); }
 
 }  // namespace
 
 Tensor topk_indices_cuda(Tensor scores, Tensor lengths, int64_t k, bool sort_indices) {
-  check_tensor(scores, "scores", 2, ScalarType::Float);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long);
-  STD_TORCH_CHECK(lengths.get_device_index() == scores.get_device_index(),
-                  "mrprune: lengths must be on the same device as scores");
+  STD_TORCH_CHECK(scores.is_cuda(), "mrprune: scores must be a CUDA tensor");
+  check_tensor(scores, "scores", 2, ScalarType::Float, scores.get_device_index());
+  check_tensor(lengths, "lengths", 1, ScalarType::Long, scores.get_device_index());
   const int64_t batch = scores.size(0), tokens = scores.size(1);
   STD_TORCH_CHECK(lengths.size(0) == batch, "mrprune: lengths must have shape [B]");
   STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
