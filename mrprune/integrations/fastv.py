@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..methods.base import check_keep_ratio, round_half_up, top_tokens
+from ._cache import cache_of
 
 __all__ = ["FastV"]
 
@@ -194,18 +195,13 @@ class FastVRunner:
         hidden = rows.take(_hidden(args, kwargs))
         cos, sin = kwargs["position_embeddings"]
         position_ids = kwargs.get("position_ids")
-        mask = create_causal_mask(
-            config=self.adapter.text_model.config,
-            inputs_embeds=hidden,
-            attention_mask=rows.real.long(),
-            past_key_values=None,
-        )
+        mask = create_causal_mask(self.adapter.text_model.config, hidden, rows.real.long(), None)
         run.pruned = {
             "attention_mask": mask,
             "position_embeddings": (rows.take(cos), rows.take(sin)),
             "position_ids": None if position_ids is None else rows.take(position_ids),
         }
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         if cache is not None:
             self._prune_cache(cache, rows.index)
         run.rows = rows

@@ -43,6 +43,7 @@ from ..batching import pad_batch
 from ..layouts import GridLayout, LlavaNextLayout
 from ..methods import DivPrune, GPrune, MRPruner, Pruner, ResPrune
 from ..text import extract_nouns, noun_token_ids
+from ._cache import cache_of
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Adapter:
     def default_positions(self, call: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
         """``[A, B, L]``: the positions the unpatched model would use when the call gives none."""
         batch, length = input_ids.shape
-        past = call.get("past_key_values")
+        past = cache_of(call)
         start = past.get_seq_length() if past is not None else 0
         positions = torch.arange(start, start + length, device=input_ids.device)
         return positions.expand(self.position_axes, batch, length)
@@ -468,7 +469,7 @@ class PruningHandle:
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
             call = _flat_arguments(self._signature, args, kwargs)
-            cache = call.get("past_key_values")
+            cache = cache_of(call)
             state = self._state_for(cache)
             visual = self._has_visual_inputs(call)
             if state is not None:
@@ -535,7 +536,7 @@ class PruningHandle:
                 start += n
 
     def _prefill(self, original: Callable, call: dict[str, Any]) -> Any:
-        cache = call.get("past_key_values")
+        cache = cache_of(call)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("mrprune: pruning a prompt that continues a non-empty cache is not supported")
         if cache is not None and getattr(cache, "is_compileable", False):
@@ -589,8 +590,9 @@ class PruningHandle:
                 output = type(output)(**{**output, "loss": loss})
 
         self.last = self._records(items, kept, rows, seconds)
-        if output.past_key_values is not None:
-            self._remember(output.past_key_values, length, rows, positions, new_positions)
+        cache = cache_of(output)
+        if cache is not None:
+            self._remember(cache, length, rows, positions, new_positions)
         return output if call.get("return_dict") is not False else output.to_tuple()
 
     def _select(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..layouts import GridLayout
+from ._cache import cache_keyword, cache_of
 from .hf import Adapter
 
 __all__ = ["Qwen2_5_VLAdapter"]
@@ -44,14 +45,15 @@ class Qwen2_5_VLAdapter(Adapter):
     def default_positions(self, call: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
         """The model's own M-RoPE positions (``compute_3d_position_ids``; plain positions when it cannot tell)."""
         batch, length = input_ids.shape
-        positions = self.base.compute_3d_position_ids(
+        compute = self.base.compute_3d_position_ids
+        positions = compute(
             input_ids=input_ids,
             image_grid_thw=call.get("image_grid_thw"),
             video_grid_thw=call.get("video_grid_thw"),
             second_per_grid_ts=call.get("second_per_grid_ts"),
             inputs_embeds=input_ids.new_empty((batch, length, 0), dtype=torch.float32),
             attention_mask=call.get("attention_mask"),
-            past_key_values=call.get("past_key_values"),
+            **cache_keyword(compute, cache_of(call)),
             mm_token_type_ids=call.get("mm_token_type_ids"),
         )
         return super().default_positions(call, input_ids) if positions is None else positions

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ._cache import cache_keyword, cache_of
+
 __all__ = [
     "IMAGE_TOKEN",
     "VIDEO_TOKEN",
@@ -191,7 +193,7 @@ def greedy_decode(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=None if next_positions is None else (next_positions + step)[..., None],
-            past_key_values=output.past_key_values,
+            **cache_keyword(model.forward, cache_of(output)),
             use_cache=True,
         )
     return torch.stack(tokens, dim=1), scores
