@@ -38,6 +38,9 @@ __all__ = [
     "diversity_select",
     "max_cosine",
     "topk_indices",
+    "received_attention",
+    "coverage_select",
+    "bipartite_dedup",
 ]
 
 #: The logit the official code gives to non-edges; finite so that a row without edges becomes uniform, not NaN.
@@ -404,4 +407,163 @@ def topk_indices(scores: torch.Tensor, lengths: torch.Tensor, k: int, sort_indic
         if sort_indices:
             top = top.sort().values
         indices[b, : top.numel()] = top
+    return indices
+
+
+def received_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lengths: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention each token *receives*: column sums of ``softmax(q k^T * scale)``, averaged over heads.
+
+    The "global attention" score of a vision encoder without a [CLS] token (Qwen2.5-VL; VisPruner's recommendation
+    for it, github.com/Theia-4869/VisPruner issue #1; VisionZip's Qwen2.5-VL port takes the same head-mean column
+    sum of a materialised attention matrix). With ``P_h = softmax_j(scale * q_h k_h^T)`` over the keys ``j`` a query
+    may attend (valid, and in its segment), the score of token ``j`` is ``(1 / H) sum_h sum_i P_h[i, j]``.
+
+    Parameters
+    ----------
+    q, k : Tensor ``[B, H, N, d]`` (the SDPA layout), float16/bfloat16/float32/float64, same shape and dtype
+        Queries and keys of one attention layer (after RoPE, as the layer uses them).
+    lengths : Tensor ``[B]``, int64
+        Valid tokens per item; padded tokens neither attend nor are attended.
+    segment_ids : Tensor ``[B, N]``, integer, or None
+        Attention stays within a segment: query ``i`` attends key ``j`` only if ``segment_ids[b, i] ==
+        segment_ids[b, j]`` (Qwen2.5-VL's ``cu_seqlens`` / ``cu_window_seqlens`` blocks; see
+        :func:`mrprune.ops.segment_ids_from_cu_seqlens`). ``None``: one segment.
+    scale : float or None
+        Logit scale; ``None`` means ``d ** -0.5``.
+
+    Returns
+    -------
+    scores : Tensor ``[B, N]`` (float32, or float64 for float64 input); 0 for padding. Each item's scores sum to
+    its number of valid queries (every row of ``P_h`` sums to 1).
+    """
+    dtype = compute_dtype(q.dtype)
+    batch, _, tokens, dim = q.shape
+    scale = dim**-0.5 if scale is None else scale
+    scores = q.new_zeros(batch, tokens, dtype=dtype)
+    for b in range(batch):
+        n = int(lengths[b])
+        logits = (q[b, :, :n].to(dtype) @ k[b, :, :n].to(dtype).transpose(-1, -2)) * scale  # [H, n, n]
+        if segment_ids is not None:
+            same = segment_ids[b, :n, None] == segment_ids[b, None, :n]
+            logits = logits.masked_fill(~same, float("-inf"))
+        scores[b, :n] = torch.softmax(logits, dim=-1).sum(dim=1).mean(dim=0)
+    return scores
+
+
+def _symmetric_cosines(x: torch.Tensor) -> torch.Tensor:
+    """Cosine matrix of the rows of ``x [n, D]`` (compute dtype), made exactly symmetric (upper triangle mirrored)."""
+    u = normalize_rows(x)
+    similarity = u @ u.T
+    return torch.triu(similarity) + torch.triu(similarity, 1).T
+
+
+def coverage_select(
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    saliency: torch.Tensor | None = None,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """Saliency-weighted greedy coverage (SCOPE, arXiv 2510.24214; official code github.com/kinredon/SCOPE,
+    ``scope/clip_encoder.py::SCOPE``), ``k`` picks per item.
+
+    With ``S`` the cosine matrix of the valid tokens and the coverage ``cur`` (initially 0), each step picks
+    ``argmax_j gain_j * a_j ** alpha`` over the unpicked tokens, ties to the lower index, where
+    ``gain_j = sum_i max(0, S_ij - cur_i)`` runs over every valid token ``i`` (picked ones and ``j`` itself
+    included, as in the official code), then sets ``cur := max(cur, S_j)``. The objective is a saliency-weighted
+    facility location; negative cosines never count.
+
+    Differences from the official code (all of which only matter off its happy path): rows are normalised as
+    ``x / max(||x||, 1e-12)`` (the official division gives NaN for a zero vector); arithmetic is float32 (float64 for
+    float64 input) where the official code computes in the features' dtype (float16 in LLaVA); padded tokens never
+    count; its additive variant (env ``COMBINED=add``) is not offered.
+
+    Parameters
+    ----------
+    features : Tensor ``[B, N, D]``, float16/bfloat16/float32/float64
+    lengths : Tensor ``[B]``, int64
+    k : int, ``0 <= k <= N``
+    saliency : Tensor ``[B, N]`` or None
+        Non-negative saliency ``a`` (SCOPE: the [CLS] attention summed over heads); ``None`` means 1.
+    alpha : float
+        Saliency exponent (official default 1.0, env ``ALPHA``); ``0 ** 0`` is 1.
+
+    Returns
+    -------
+    indices : Tensor ``[B, k]``, int64, in pick order; -1 past ``n_b``.
+    """
+    dtype = compute_dtype(features.dtype)
+    indices = torch.full((features.shape[0], k), -1, dtype=torch.int64, device=features.device)
+    for b in range(features.shape[0]):
+        n = int(lengths[b])
+        if n == 0 or k == 0:
+            continue
+        similarity = _symmetric_cosines(features[b, :n].to(dtype))
+        weight = torch.ones(n, dtype=dtype, device=features.device)
+        if saliency is not None:
+            weight = saliency[b, :n].to(dtype) ** alpha
+        cover = similarity.new_zeros(n)
+        picked = torch.zeros(n, dtype=torch.bool, device=features.device)
+        for t in range(min(k, n)):
+            gain = (similarity - cover[:, None]).clamp_min(0).sum(dim=0)
+            j = int(torch.argmax(torch.where(picked, float("-inf"), gain * weight)))  # the first maximum
+            indices[b, t] = j
+            picked[j] = True
+            cover = torch.maximum(cover, similarity[j])
+    return indices
+
+
+def bipartite_dedup(features: torch.Tensor, lengths: torch.Tensor, k: int, per_round: int = 8) -> torch.Tensor:
+    """Even/odd similarity de-duplication down to ``k`` tokens (VisPruner's diverse tokens, arXiv 2412.01818;
+    official code github.com/Theia-4869/VisPruner, ``llava/model/llava_arch.py::encode_images``).
+
+    The valid tokens of an item start in their input order (VisPruner passes the non-important tokens in descending
+    attention order). While more than ``k`` remain, with ``R`` remaining: split them by position parity into A
+    (positions 0, 2, ...) and B (1, 3, ...), score each A token by its largest cosine similarity to B, drop the
+    ``r = min(per_round, R - k, |A|)`` highest-scoring A tokens (a stable descending sort: ties drop the earlier
+    position), and continue with the order ``[kept A tokens in descending score order, B tokens in order]``.
+
+    Differences from the official code: rows are normalised as ``x / max(||x||, 1e-12)`` (official: NaN for a zero
+    vector); the sort is stable (official: ``argsort``, unspecified among ties); an odd ``R`` gives A the extra token
+    and ``r`` is capped at ``|A|`` (the official code raises ``IndexError`` in both cases); cosines are computed once
+    (float32, or float64 for float64 input) instead of per round in the features' dtype.
+
+    Parameters
+    ----------
+    features : Tensor ``[B, N, D]``, float16/bfloat16/float32/float64
+        The candidate tokens in their priority order.
+    lengths : Tensor ``[B]``, int64
+    k : int, ``0 <= k <= N``
+        Tokens to keep per item; an item with ``n_b <= k`` keeps all of them.
+    per_round : int, ``>= 1``
+        Most A tokens dropped per round (official: 8).
+
+    Returns
+    -------
+    indices : Tensor ``[B, k]``, int64
+        Positions (into ``features[b]``) of the survivors in the final order of the rounds (``0, 1, ..., n_b - 1``
+        when nothing is dropped); -1 past ``min(k, n_b)``.
+    """
+    dtype = compute_dtype(features.dtype)
+    indices = torch.full((features.shape[0], k), -1, dtype=torch.int64, device=features.device)
+    for b in range(features.shape[0]):
+        n = int(lengths[b])
+        if n == 0 or k == 0:
+            continue
+        order = torch.arange(n, device=features.device)
+        if n > k:
+            similarity = _symmetric_cosines(features[b, :n].to(dtype))
+            while order.numel() > k:
+                evens, odds = order[0::2], order[1::2]
+                r = min(per_round, order.numel() - k, evens.numel())
+                scores = similarity[evens][:, odds].max(dim=1).values
+                rank = torch.sort(scores, descending=True, stable=True).indices
+                order = torch.cat([evens[rank[r:]], odds])
+        indices[b, : order.numel()] = order
     return indices
