@@ -8,12 +8,16 @@ the argument.
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+#: Smallest supported softmax temperature: the logits ``S / T`` (``|S| <= 1``) stay below 1e30, far from float32
+#: overflow (3.4e38) even after a kernel's rescaling, so the softmax never sees ``inf - inf`` (docs/numerics.md).
+MIN_TEMPERATURE = 1e-30
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -58,9 +62,55 @@ def lengths(op: str, lengths: torch.Tensor, batch: int, tokens: int, name: str =
         raise ValueError(f"mrprune.{op}: {name} must lie in [0, {tokens}], got {lengths.tolist()}")
 
 
-def finite(op: str, name: str, x: torch.Tensor) -> None:
-    if check_finite_enabled() and not _is_fake(x) and x.numel() and not bool(torch.isfinite(x).all()):
+def max_abs_for_norms(dtype: torch.dtype, dim: int) -> float:
+    """Largest ``|x|`` for which a ``dim``-long row's squared norm cannot overflow its compute dtype (float32, or
+    float64 for float64), with a factor 2 of headroom for rounding in the sum."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return math.sqrt(torch.finfo(compute).max / (2 * max(dim, 1)))
+
+
+def finite(op: str, name: str, x: torch.Tensor, vectors: bool = False) -> None:
+    """No NaN/Inf in ``x``; with ``vectors``, also no entry so large that a row's squared norm overflows."""
+    if not check_finite_enabled() or _is_fake(x) or not x.numel():
+        return
+    largest = float(torch.linalg.vector_norm(x, ord=math.inf))  # one reduction; NaN propagates
+    if not math.isfinite(largest):
         raise ValueError(f"mrprune.{op}: {name} contains NaN or Inf")
+    if vectors and largest > (bound := max_abs_for_norms(x.dtype, x.shape[-1])):
+        raise ValueError(
+            f"mrprune.{op}: {name} has entries up to {largest:.3g}; with D = {x.shape[-1]} squared norms could "
+            f"overflow (|x| must stay <= {bound:.3g}); scale the features down (cosines and selections are "
+            "scale-invariant)"
+        )
+
+
+def tensor(op: str, name: str, t: object) -> None:
+    """A required tensor argument is a tensor (not ``None``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"mrprune.{op}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def integer(op: str, name: str, value: object) -> int:
+    """An integer argument (Python or NumPy int, never a bool or float, which the dispatcher would coerce)."""
+    if isinstance(value, torch.SymInt):  # traced
+        return value
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"mrprune.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return operator.index(value)
+
+
+def boolean(op: str, name: str, value: object) -> bool:
+    """A flag argument is a bool (``None`` or 0/1 would silently mean something)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"mrprune.{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def real(op: str, name: str, value: object) -> float:
+    """A finite real argument (int or float, never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"mrprune.{op}: {name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def weights(op: str, name: str, w: torch.Tensor | None, expected: tuple[int, ...], non_negative: bool = False) -> None:
@@ -84,20 +134,40 @@ def queries_and_keys(op: str, queries: torch.Tensor, keys: torch.Tensor) -> int:
 
 
 def graph_hyper(op: str, threshold: float, temperature: float) -> None:
-    if not math.isfinite(threshold):
-        raise ValueError(f"mrprune.{op}: threshold must be finite, got {threshold}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"mrprune.{op}: temperature must be positive and finite, got {temperature}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+        raise ValueError(f"mrprune.{op}: threshold must be finite (a number), got {threshold!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)
+    ):
+        raise ValueError(
+            f"mrprune.{op}: temperature must be positive and finite, >= {MIN_TEMPERATURE:g} (smaller ones overflow "
+            f"the logits S / temperature and turn the softmax into NaN), got {temperature!r}"
+        )
 
 
 def iterations(op: str, iterations: int) -> None:
-    if iterations < 1:
+    if integer(op, "iterations", iterations) < 1:
         raise ValueError(f"mrprune.{op}: iterations must be >= 1, got {iterations}")
 
 
 def budget(op: str, k: int, tokens: int) -> None:
-    if not 0 <= k <= tokens:
+    if not 0 <= integer(op, "k", k) <= tokens:
         raise ValueError(f"mrprune.{op}: k must lie in [0, N={tokens}] (the padded token count), got {k}")
+
+
+def tolerance(op: str, tol: float, name: str = "exhaustion_tol") -> None:
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not (math.isfinite(tol) and 0 <= tol < 1):
+        raise ValueError(f"mrprune.{op}: {name} must lie in [0, 1), got {tol!r}")
+
+
+def index_tensor(op: str, name: str, t: object, expected: tuple[int, ...]) -> None:
+    """An integer index tensor of shape ``expected`` (a seed per item, ...)."""
+    tensor(op, name, t)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"mrprune.{op}: {name} must be int32 or int64, got {t.dtype}")
+    shape(op, name, t, expected)
 
 
 # --- per-op checks -----------------------------------------------------------------------------------------------
@@ -108,13 +178,15 @@ def cosine_graph(op: str, x: torch.Tensor, lens: torch.Tensor, threshold: float,
     same_device(op, x, lengths=lens)
     lengths(op, lens, x.shape[0], x.shape[1])
     graph_hyper(op, threshold, temperature)
-    finite(op, "features", x)
+    finite(op, "features", x, vectors=True)
 
 
 def graph_propagate(
     op: str, graph: torch.Tensor, degree: torch.Tensor, w: torch.Tensor, lens: torch.Tensor, iters: int
 ) -> None:
     features(op, "graph", graph)
+    tensor(op, "degree", degree)
+    tensor(op, "weights", w)
     batch, tokens, cols = graph.shape
     if cols != tokens:
         raise ValueError(f"mrprune.{op}: graph must be square per item [B, N, N], got {tuple(graph.shape)}")
@@ -162,13 +234,14 @@ def transfer_scores(
     )
     batch = queries_and_keys(op, queries, keys)
     lengths(op, query_lengths, batch, queries.shape[1], name="query_lengths")
+    tensor(op, "key_mask", key_mask)
     if key_mask.dtype != torch.bool:
         raise TypeError(f"mrprune.{op}: key_mask must be bool, got {key_mask.dtype}")
     shape(op, "key_mask", key_mask, tuple(keys.shape[:2]))
     weights(op, "key_weights", key_weights, tuple(keys.shape[:2]))
     graph_hyper(op, threshold, temperature)
-    finite(op, "queries", queries)
-    finite(op, "keys", keys)
+    finite(op, "queries", queries, vectors=True)
+    finite(op, "keys", keys, vectors=True)
 
 
 def greedy_residual_select(
@@ -188,24 +261,22 @@ def greedy_residual_select(
     budget(op, k, tokens)
     weights(op, "gate", gate, (batch, tokens), non_negative=True)
     if seed is not None:
-        if seed.dtype not in INDEX_DTYPES:
-            raise TypeError(f"mrprune.{op}: seed must be int32 or int64, got {seed.dtype}")
-        shape(op, "seed", seed, (batch,))
+        index_tensor(op, "seed", seed, (batch,))
         if not _is_fake(seed) and bool((seed >= lens).any()):
             raise ValueError(f"mrprune.{op}: seed must be < lengths (or negative for none), got {seed.tolist()}")
-    if not (math.isfinite(exhaustion_tol) and 0 <= exhaustion_tol < 1):
-        raise ValueError(f"mrprune.{op}: exhaustion_tol must lie in [0, 1), got {exhaustion_tol}")
+    tolerance(op, exhaustion_tol)
     if algorithm not in ("auto", "gram", "basis"):
         raise ValueError(f"mrprune.{op}: algorithm must be 'auto', 'gram' or 'basis', got {algorithm!r}")
-    finite(op, "features", x)
+    finite(op, "features", x, vectors=True)
 
 
 def diversity_select(op: str, x: torch.Tensor, lens: torch.Tensor, k: int, mask_picked: bool) -> None:
     features(op, "features", x)
+    boolean(op, "mask_picked", mask_picked)
     same_device(op, x, lengths=lens)
     lengths(op, lens, x.shape[0], x.shape[1])
     budget(op, k, x.shape[1])
-    finite(op, "features", x)
+    finite(op, "features", x, vectors=True)
 
 
 def max_cosine(
@@ -217,14 +288,18 @@ def max_cosine(
     batch = queries_and_keys(op, queries, keys)
     lengths(op, query_lengths, batch, queries.shape[1], name="query_lengths")
     lengths(op, key_lengths, batch, keys.shape[1], name="key_lengths")
-    finite(op, "queries", queries)
-    finite(op, "keys", keys)
+    finite(op, "queries", queries, vectors=True)
+    finite(op, "keys", keys, vectors=True)
 
 
 def topk_indices(op: str, scores: torch.Tensor, lens: torch.Tensor, k: int, sort_indices: bool) -> None:
     features(op, "scores", scores, rank=2)
+    boolean(op, "sort_indices", sort_indices)
     same_device(op, scores, "scores", lengths=lens)
     lengths(op, lens, scores.shape[0], scores.shape[1])
     budget(op, k, scores.shape[1])
-    if not _is_fake(scores) and bool(torch.isnan(scores).any()):
-        raise ValueError(f"mrprune.{op}: scores contain NaN")
+    if not _is_fake(scores) and scores.numel():
+        # padding is never ranked, so only the valid scores matter (as in the other ops)
+        valid = torch.arange(scores.shape[1], device=scores.device) < lens[:, None]
+        if bool((torch.isnan(scores) & valid).any()):
+            raise ValueError(f"mrprune.{op}: scores contain NaN")

@@ -3,14 +3,19 @@
 All ops are batched over padded inputs with ``lengths[B]`` (padded positions never contribute and are never picked),
 accept float16/bfloat16/float32 features (computed in float32) or float64 (the reference, in float64), return
 fixed-size outputs (so they work under ``torch.compile`` and CUDA graphs), and are inference-only (no autograd).
-Each validates its arguments before any kernel runs. The math of each op is specified in :mod:`mrprune.reference`.
+Each validates its arguments before any kernel runs (scalar types here, before the dispatcher would coerce a bool
+or ``None`` to a number or a default; everything else in the op's router). The math of each op is specified in
+:mod:`mrprune.reference`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _library  # noqa: F401  (defines torch.ops.mrprune)
+from . import (
+    _library,  # noqa: F401  (defines torch.ops.mrprune)
+    _validation,
+)
 
 __all__ = [
     "cosine_graph",
@@ -33,6 +38,7 @@ def cosine_graph(
     ``degree [B, N]`` (edge count ``#{j: cos >= threshold}``, or ``n_b`` for a row without edges). See
     :func:`mrprune.reference.cosine_graph`.
     """
+    _validation.graph_hyper("cosine_graph", threshold, temperature)  # before the dispatcher coerces bools
     return torch.ops.mrprune.cosine_graph.default(features, lengths, threshold, temperature)
 
 
@@ -44,6 +50,7 @@ def graph_propagate(
     ``graph [B, N, N]``, ``degree [B, N]``, ``weights [B, N]``, ``lengths [B]`` → ``scores [B, N]``. See
     :func:`mrprune.reference.graph_propagate`.
     """
+    _validation.iterations("graph_propagate", iterations)
     return torch.ops.mrprune.graph_propagate.default(graph, degree, weights, lengths, iterations)
 
 
@@ -60,6 +67,8 @@ def graph_scores(
     ``features [B, N, D]``, ``lengths [B]``, ``weights [B, N]`` (``None``: the feature norms) → ``scores [B, N]``.
     MR-Pruner uses ``iterations=1``, G-Prune ``5``. See :func:`mrprune.reference.graph_scores`.
     """
+    _validation.graph_hyper("graph_scores", threshold, temperature)
+    _validation.iterations("graph_scores", iterations)
     return torch.ops.mrprune.graph_scores.default(features, lengths, weights, threshold, temperature, iterations)
 
 
@@ -78,6 +87,7 @@ def transfer_scores(
     [B, N]`` (``None``: key norms) → ``prop [B, M]``, 0 where an item selects no key. See
     :func:`mrprune.reference.transfer_scores`.
     """
+    _validation.graph_hyper("transfer_scores", threshold, temperature)
     return torch.ops.mrprune.transfer_scores.default(
         queries, query_lengths, keys, key_mask, key_weights, threshold, temperature
     )
@@ -99,6 +109,8 @@ def greedy_residual_select(
     energy of each pick when picked). Ties go to the lower index. See
     :func:`mrprune.reference.greedy_residual_select`.
     """
+    _validation.integer("greedy_residual_select", "k", k)
+    _validation.tolerance("greedy_residual_select", exhaustion_tol)
     return torch.ops.mrprune.greedy_residual_select.default(features, lengths, k, gate, seed, exhaustion_tol, algorithm)
 
 
@@ -109,6 +121,8 @@ def diversity_select(features: torch.Tensor, lengths: torch.Tensor, k: int, mask
     is the most isolated token; ``mask_picked=False`` reproduces the official code, which can pick a token twice.
     See :func:`mrprune.reference.diversity_select`.
     """
+    _validation.integer("diversity_select", "k", k)
+    _validation.boolean("diversity_select", "mask_picked", mask_picked)
     return torch.ops.mrprune.diversity_select.default(features, lengths, k, mask_picked)
 
 
@@ -129,4 +143,6 @@ def topk_indices(scores: torch.Tensor, lengths: torch.Tensor, k: int, sort_indic
     ``scores [B, N]``, ``lengths [B]`` → ``indices [B, k]`` int64 in score order, or ascending when
     ``sort_indices``; -1 past ``n_b``. See :func:`mrprune.reference.topk_indices`.
     """
+    _validation.integer("topk_indices", "k", k)
+    _validation.boolean("topk_indices", "sort_indices", sort_indices)
     return torch.ops.mrprune.topk_indices.default(scores, lengths, k, sort_indices)
