@@ -123,7 +123,7 @@ def _make_router(name: str) -> Callable:
         args = tuple(bound.arguments.values())
         validate(name, *args)
         first = args[0]
-        return backends.resolve(name, first.device, first.dtype)(*args)
+        return backends.call(name, first.device, first.dtype, args)  # demotes a backend that fails to compile or launch
 
     router.__name__ = f"{name}_router"
     return router

@@ -4,18 +4,41 @@ Every public op routes through :func:`resolve` on each call. ``"auto"`` (the def
 implementation for the device; a preference set with :func:`use_backend` or the ``MRPRUNE_BACKEND`` environment
 variable is used wherever the op implements it for that device, and ``"auto"`` elsewhere. float64 inputs always go to
 the reference (the kernels compute in float32).
+
+A kernel backend that fails while compiling or launching (Triton without a C compiler for its launcher, an
+unsupported GPU, ``OutOfResources``, a CUDA launch error) is demoted for that op and device type for the rest of the
+process: :func:`call` warns once and hands the call to the next backend, so a model's ``generate`` never sees the
+compiler's traceback. It does not demote a backend that was asked for explicitly (:func:`use_backend`,
+``MRPRUNE_BACKEND``), after ``MRPRUNE_FALLBACK=0`` (the tests set it, so that a broken kernel fails them), nor on
+errors that another backend would hit too: out of memory, and sticky CUDA errors (illegal address, device-side
+assert), after which the CUDA context is unusable. Argument errors never get here: the ops validate before dispatch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
+import re
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "available", "current", "implementations", "resolve", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "available",
+    "call",
+    "current",
+    "demoted",
+    "implementations",
+    "reset_demotions",
+    "resolve",
+    "use_backend",
+]
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
@@ -30,6 +53,8 @@ _AUTO_ORDER_OVERRIDES = {
 
 _preference: contextvars.ContextVar[str | None] = contextvars.ContextVar("mrprune_backend", default=None)
 _registry: dict[str, dict[str, Callable]] = {}
+#: ``(op, device type, backend)`` that failed to compile or launch in this process (:func:`call`).
+_demoted: set[tuple[str, str, str]] = set()
 
 
 def _check_name(name: str) -> str:
@@ -83,16 +108,67 @@ def available(op: str, device: torch.device | str) -> list[str]:
     """Backends that implement ``op`` on ``device`` (by preference for ``"auto"``)."""
     device_type = torch.device(device).type
     order = _AUTO_ORDER_OVERRIDES.get((op, device_type), _AUTO_ORDER.get(device_type, ("reference",)))
-    impls = _registry.get(op, {})
+    impls = {b: f for b, f in _registry.get(op, {}).items() if (op, device_type, b) not in _demoted}
     ranked = [b for b in order if b in impls and _serves(b, device_type)]
     return ranked + [b for b in impls if b not in ranked and _serves(b, device_type)]
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
-    """The implementation that serves this call of ``op``."""
+def _resolve_name(op: str, device: torch.device | str, dtype: torch.dtype) -> str:
     if dtype == torch.float64:
-        return _registry[op]["reference"]
+        return "reference"
     candidates = available(op, device)
     preference = current()
-    name = preference if preference in candidates else candidates[0]
-    return _registry[op][name]
+    return preference if preference in candidates else candidates[0]
+
+
+def resolve(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
+    """The implementation that serves this call of ``op``."""
+    return _registry[op][_resolve_name(op, device, dtype)]
+
+
+def demoted() -> set[tuple[str, str, str]]:
+    """The ``(op, device type, backend)`` triples demoted after a failure in this process."""
+    return set(_demoted)
+
+
+def reset_demotions() -> None:
+    """Give every demoted backend another chance (tests; after fixing the environment)."""
+    _demoted.clear()
+
+
+# CUDA errors after which the context is unusable: no other backend can serve the call either.
+_STICKY = re.compile(
+    r"illegal memory access|illegal address|misaligned address|unspecified launch failure|device-side assert|"
+    r"illegal instruction|hardware stack error"
+)
+
+
+def _may_demote(backend: str, error: Exception) -> bool:
+    if backend == "reference" or os.environ.get("MRPRUNE_FALLBACK", "1") == "0" or current() == backend:
+        return False
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return False
+    return _STICKY.search(str(error)) is None
+
+
+def call(op: str, device: torch.device, dtype: torch.dtype, args: tuple):
+    """Run ``op`` on the backend :func:`resolve` picks; if that backend fails (and may be demoted), warn once, demote
+    it for ``device``'s type and retry on the next one, down to the reference."""
+    device_type = torch.device(device).type
+    while True:
+        backend = _resolve_name(op, device, dtype)
+        try:
+            return _registry[op][backend](*args)
+        except Exception as error:
+            if not _may_demote(backend, error):
+                raise
+            _demoted.add((op, device_type, backend))
+            summary = str(error).strip().splitlines()
+            summary = f"{type(error).__name__}: {summary[-1] if summary else ''}"[:300]
+            following = _resolve_name(op, device, dtype)
+            message = (
+                f"mrprune.{op}: the {backend} backend failed on {device_type} ({summary}); {following} serves this "
+                f"op on {device_type} for the rest of the process (set MRPRUNE_FALLBACK=0 to raise instead)"
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.debug("mrprune.%s: %s backend failure", op, backend, exc_info=error)

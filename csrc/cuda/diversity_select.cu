@@ -34,10 +34,6 @@ namespace {
 namespace ks = mrprune::kernels::selection;
 namespace kd = mrprune::kernels::diversity;
 
-constexpr int kNormThreads = 256;
-constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
-constexpr int64_t kMaxGridZ = 65535;
-
 void check_cuda(cudaError_t error, const char* what) { cuda::check_cuda(error, "diversity_select", what); }
 
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
@@ -69,25 +65,22 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
   const float* x = features.const_data_ptr<float>();
   const int64_t* len = lengths.const_data_ptr<int64_t>();
 
-  // Selection state in shared memory (nearest floats, then picked bytes) when it fits, else global workspaces.
+  // The plan (kernels/diversity_select.cuh): selection state in shared memory when it fits, chunks, workspaces.
   int smem_optin = 0;
   check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "device query");
   auto* select = &kd::diversity_select_kernel<kd::kSelectThreads>;
   cudaFuncAttributes attributes{};
   check_cuda(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(select)), "cudaFuncGetAttributes");
-  const int64_t state_bytes = tokens * static_cast<int64_t>(sizeof(float) + 1);
-  const bool state_in_shared =
-      state_bytes <= static_cast<int64_t>(smem_optin) - static_cast<int64_t>(attributes.sharedSizeBytes);
-  const int64_t dynamic_bytes = state_in_shared ? state_bytes : 0;
+  const kd::Plan plan = kd::plan(batch, tokens, dim,
+                                 static_cast<int64_t>(smem_optin) - static_cast<int64_t>(attributes.sharedSizeBytes));
+  const bool state_in_shared = plan.state_in_shared;
+  const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
   if (state_in_shared) {
     check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(select),
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
                "cudaFuncSetAttribute");
   }
 
-  const int64_t per_item = tokens * tokens * 4 + tokens * dim * 4 + tokens * 4 + (state_in_shared ? 0 : state_bytes);
-  const int64_t chunk =
-      std::max<int64_t>(1, std::min({batch, kMaxGridZ, kWorkspaceBytes / std::max<int64_t>(per_item, 1)}));
   Tensor unit = torch::stable::new_empty(features, {chunk, tokens, dim}, ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
   Tensor first = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
@@ -104,18 +97,17 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
   float* sim_ptr = sim.mutable_data_ptr<float>();
   float* first_ptr = first.mutable_data_ptr<float>();
 
-  const int64_t tiles = (tokens + ks::kGramTile - 1) / ks::kGramTile;
   STD_TORCH_CHECK(tiles <= 65535, "mrprune: N too large for the Gram grid");
-  const bool vec4 = dim % 4 == 0;  // the unit workspace is a fresh (aligned) allocation
+  const bool vec4 = plan.vec4;
 
   for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
     const int64_t items = std::min(chunk, batch - b0);
     const int64_t rows = items * tokens;
-    const int64_t row_blocks = (rows + kNormThreads / 32 - 1) / (kNormThreads / 32);
+    const int64_t row_blocks = ks::row_blocks(rows);
     STD_TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
     const int64_t* len_chunk = len + b0;
 
-    ks::row_norm_kernel<kNormThreads, true><<<static_cast<unsigned>(row_blocks), kNormThreads, 0, stream>>>(
+    ks::row_norm_kernel<ks::kNormThreads, true><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
         x + b0 * tokens * dim, len_chunk, rows, n_tokens, n_dim, nullptr, unit_ptr);
     check_launch("row_norm_kernel launch");
 
@@ -128,8 +120,8 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
     check_launch("gram_kernel launch");
 
     kd::first_score_kernel<kd::kScoreThreads>
-        <<<static_cast<unsigned>((rows + kd::kScoreThreads / 32 - 1) / (kd::kScoreThreads / 32)), kd::kScoreThreads, 0,
-           stream>>>(sim_ptr, len_chunk, rows, n_tokens, first_ptr);
+        <<<static_cast<unsigned>(ks::row_blocks(rows, kd::kScoreThreads)), kd::kScoreThreads, 0, stream>>>(
+            sim_ptr, len_chunk, rows, n_tokens, first_ptr);
     check_launch("first_score_kernel launch");
 
     select<<<static_cast<unsigned>(items), kd::kSelectThreads, static_cast<size_t>(dynamic_bytes), stream>>>(

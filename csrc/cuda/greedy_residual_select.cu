@@ -50,25 +50,16 @@ namespace {
 namespace ks = mrprune::kernels::selection;
 namespace kg = mrprune::kernels::greedy;
 
-constexpr int kNormThreads = 256;
-constexpr int64_t kGemmSpeedup = 16;
-constexpr int64_t kMaxGramBytes = int64_t{1} << 30;
-// Workspace (Gram + factor + state) per launch; items are processed in chunks below it (at least one item).
-constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
-
 void check_cuda(cudaError_t error, const char* what) { cuda::check_cuda(error, "greedy_residual_select", what); }
 
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
-int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-bool choose_gram(const std::string& algorithm, int64_t n, int64_t k) {
-  if (algorithm == "gram") return true;
-  if (algorithm == "basis") return false;
-  if (n * n * static_cast<int64_t>(sizeof(float)) > kMaxGramBytes) return false;
-  return n < 2 * kGemmSpeedup * k;
+kg::Form parse_form(const std::string& algorithm) {
+  if (algorithm == "gram") return kg::Form::kGram;
+  if (algorithm == "basis") return kg::Form::kRows;
+  return kg::Form::kAuto;
 }
 
 template <bool kGram>
@@ -127,59 +118,45 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   float* initial_ptr = initial.mutable_data_ptr<float>();
   {
     const int64_t rows = batch * tokens;
-    const int64_t blocks = (rows + kNormThreads / 32 - 1) / (kNormThreads / 32);
+    const int64_t blocks = ks::row_blocks(rows);
     STD_TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
-    ks::row_norm_kernel<kNormThreads, false><<<static_cast<unsigned>(blocks), kNormThreads, 0, stream>>>(
+    ks::row_norm_kernel<ks::kNormThreads, false><<<static_cast<unsigned>(blocks), ks::kNormThreads, 0, stream>>>(
         x, len, rows, n_tokens, n_dim, initial_ptr, nullptr);
     check_launch("row_norm_kernel launch");
   }
 
-  // Form, device limits and the selection kernel's shared memory.
-  const int64_t rank_cap = std::min(k, tokens);
-  const bool use_gram = choose_gram(algorithm, tokens, rank_cap);
-  const int64_t ldf = round_up(rank_cap, 4);
+  // Device limits, then the plan (form, chunking, workspaces; kernels/greedy_residual_select.cuh).
   int sms = 0, smem_optin = 0, cooperative = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "device query");
   check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "device query");
   check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), "device query");
   STD_TORCH_CHECK(cooperative != 0, "mrprune: greedy_residual_select needs a GPU with cooperative launch support");
-  void* kernel = use_gram ? select_kernel<true>() : select_kernel<false>();
+  const kg::Plan plan = kg::plan(batch, tokens, k, parse_form(algorithm), sms);
+  void* kernel = plan.use_gram ? select_kernel<true>() : select_kernel<false>();
   cudaFuncAttributes attributes{};
   check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
   const int64_t dynamic_max = static_cast<int64_t>(smem_optin) - static_cast<int64_t>(attributes.sharedSizeBytes);
-  const int64_t pivot_bytes = ldf * static_cast<int64_t>(sizeof(float));
-  STD_TORCH_CHECK(pivot_bytes <= dynamic_max, "mrprune: greedy_residual_select on CUDA supports min(k, N) <= ",
-                  dynamic_max / static_cast<int64_t>(sizeof(float)), " on this GPU, got ", rank_cap);
-  // One block per SM (kSelectThreads threads, large shared memory): the launch capacity of a cooperative grid.
-  const int64_t capacity = sms;
+  STD_TORCH_CHECK(plan.pivot_bytes <= dynamic_max, "mrprune: greedy_residual_select on CUDA supports min(k, N) <= ",
+                  dynamic_max / static_cast<int64_t>(sizeof(float)), " on this GPU, got ", plan.rank_cap);
 
-  // Chunks of items whose workspaces fit kWorkspaceBytes (and at most `capacity` items, one block each at least).
-  const int64_t per_item = (use_gram ? tokens * tokens * 4 : 0) + tokens * ldf * 4 + tokens * 5;
-  const int64_t chunk = std::max<int64_t>(1, std::min({batch, capacity, kWorkspaceBytes / std::max<int64_t>(per_item, 1)}));
+  const int64_t chunk = plan.chunk, ldf = plan.ldf;
+  const bool use_gram = plan.use_gram;
   Tensor gram_ws, factor_ws, energy_ws, picked_ws, slots_ws;
   if (use_gram) gram_ws = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
   factor_ws = torch::stable::new_empty(features, {chunk, tokens, ldf}, ScalarType::Float);
   energy_ws = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
   picked_ws = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Byte);
-  // Slots: 16 bytes each, [2, items, P] with items * P <= capacity.
-  slots_ws = torch::stable::new_empty(features, {2 * capacity * 4}, ScalarType::Int);
+  slots_ws = torch::stable::new_empty(features, {plan.slot_ints}, ScalarType::Int);
 
   const bool vec_features = (dim % 4 == 0) && aligned16(x);
-  const int64_t gram_tiles = (tokens + ks::kGramTile - 1) / ks::kGramTile;
+  const int64_t gram_tiles = ks::gram_tiles(tokens);
   STD_TORCH_CHECK(gram_tiles <= 65535, "mrprune: N too large for the Gram grid");
 
   for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
     const int64_t items = std::min(chunk, batch - b0);
-    const int blocks_per_item = static_cast<int>(std::max<int64_t>(1, capacity / items));
-
-    // Shared-memory factor cache: the widest block's columns, as many leading entries as fit (multiple of 4).
-    int parts = 1, width = 1;
-    kg::partition(n_tokens, blocks_per_item, &parts, &width);
-    int64_t cache_cols = std::max<int64_t>(width, kg::kMinColumnsPerBlock);
-    const int64_t per_col = (dynamic_max - pivot_bytes) / static_cast<int64_t>(sizeof(float)) / cache_cols;
-    int64_t cache_ld = std::min<int64_t>(ldf, per_col / 4 * 4);
-    if (cache_ld < 4) cache_ld = 0, cache_cols = 0;
-    const int64_t dynamic_bytes = pivot_bytes + cache_cols * cache_ld * static_cast<int64_t>(sizeof(float));
+    const kg::ChunkPlan part = kg::plan_chunk(plan, n_tokens, items, dynamic_max);
+    const int blocks_per_item = part.blocks_per_item;
+    const int64_t dynamic_bytes = part.dynamic_bytes;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(dynamic_bytes)),
                "cudaFuncSetAttribute");
@@ -232,8 +209,8 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
     params.k = static_cast<int>(k);
     params.ldf = static_cast<int>(ldf);
     params.blocks_per_item = blocks_per_item;
-    params.cache_cols = static_cast<int>(cache_cols);
-    params.cache_ld = static_cast<int>(cache_ld);
+    params.cache_cols = static_cast<int>(part.cache_cols);
+    params.cache_ld = static_cast<int>(part.cache_ld);
     params.tol = static_cast<float>(exhaustion_tol);
     params.vec_x = vec_features;
     void* args[] = {&params};

@@ -28,7 +28,6 @@ using torch::stable::Tensor;
 namespace {
 
 constexpr int kBlock = mrprune::kernels::topk::kDefaultBlock;
-constexpr int64_t kMaxGridY = 65535;
 
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), "topk_indices", what); }
 
@@ -52,8 +51,10 @@ Tensor topk_indices_cuda(Tensor scores, Tensor lengths, int64_t k, bool sort_ind
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(scores.get_device_index(), &stream_handle));
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
 
+  namespace kt = mrprune::kernels::topk;
+  const kt::LaunchPlan plan = kt::plan_launch(batch, tokens);
   const int n_tokens = static_cast<int>(tokens), budget = static_cast<int>(k);
-  const int64_t tiles = (tokens + kBlock - 1) / kBlock;
+  const int64_t tiles = plan.tiles;
   const float* s = scores.const_data_ptr<float>();
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   int64_t* indices = out.mutable_data_ptr<int64_t>();
@@ -70,9 +71,8 @@ Tensor topk_indices_cuda(Tensor scores, Tensor lengths, int64_t k, bool sort_ind
     tile_kept_ptr = tile_kept.mutable_data_ptr<int32_t>();
   }
 
-  namespace kt = mrprune::kernels::topk;
-  for (int64_t b0 = 0; b0 < batch; b0 += kMaxGridY) {  // gridDim.y <= 65535: the batch in chunks
-    const int64_t chunk = std::min(kMaxGridY, batch - b0);
+  for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {  // gridDim.y <= 65535: the batch in chunks
+    const int64_t chunk = std::min(plan.chunk, batch - b0);
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunk));
     const float* s_chunk = s + b0 * tokens;
     const int64_t* len_chunk = len + b0;

@@ -119,4 +119,47 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Host-side launch plan, shared by the launcher (csrc/cuda/diversity_select.cu) and the CPU emulation (csrc/emu), so
+// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, true> into
+// unit [chunk, N, D], gram_kernel<dim % 4 == 0> over (tiles, tiles, items) into sim [chunk, N, N],
+// first_score_kernel<kScoreThreads> into first [chunk, N], then diversity_select_kernel<kSelectThreads> on `items`
+// blocks with dynamic_bytes of dynamic shared memory (or the global state workspaces [chunk, N] floats and bytes).
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
+constexpr int64_t kMaxGridZ = 65535;
+
+// Static shared memory of diversity_select_kernel<kThreads> (what cudaFuncGetAttributes reports as sharedSizeBytes).
+template <int kThreads>
+constexpr int64_t static_shared_bytes() {
+  return static_cast<int64_t>(kThreads / 32 * sizeof(Pick));
+}
+
+struct Plan {
+  bool state_in_shared;   // nearest / picked in dynamic shared memory (else global workspaces)
+  int64_t state_bytes;    // N floats + N bytes
+  int64_t dynamic_bytes;  // of diversity_select_kernel
+  int64_t chunk;          // items per chunk
+  int64_t tiles;          // Gram tiles per side
+  bool vec4;              // gram_kernel<true> (the unit workspace is a fresh, aligned allocation)
+};
+
+// dynamic_max: the opt-in shared memory per block minus diversity_select_kernel's static shared memory.
+inline Plan plan(int64_t batch, int64_t tokens, int64_t dim, int64_t dynamic_max,
+                 int64_t workspace_bytes = kWorkspaceBytes) {
+  Plan p;
+  p.state_bytes = tokens * static_cast<int64_t>(sizeof(float) + 1);
+  p.state_in_shared = p.state_bytes <= dynamic_max;
+  p.dynamic_bytes = p.state_in_shared ? p.state_bytes : 0;
+  const int64_t per_item = tokens * tokens * 4 + tokens * dim * 4 + tokens * 4 + (p.state_in_shared ? 0 : p.state_bytes);
+  int64_t chunk = workspace_bytes / (per_item > 1 ? per_item : 1);
+  chunk = chunk < kMaxGridZ ? chunk : kMaxGridZ;
+  chunk = chunk < batch ? chunk : batch;
+  p.chunk = chunk > 1 ? chunk : 1;
+  p.tiles = selection::gram_tiles(tokens);
+  p.vec4 = dim % 4 == 0;
+  return p;
+}
+
 }  // namespace mrprune::kernels::diversity

@@ -34,6 +34,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#if defined(MRPRUNE_CUDA_EMULATION)
+#include <atomic>
+#endif
 
 namespace mrprune::kernels::selection {
 
@@ -52,6 +55,16 @@ __device__ __forceinline__ int valid_length(const int64_t* lengths, int64_t b, i
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+#if defined(MRPRUNE_CUDA_EMULATION)
+// The CPU emulation (csrc/emu) runs blocks as OS threads: the same acquire / release in the C++ memory model.
+__device__ __forceinline__ int load_acquire(const int* p) {
+  return std::atomic_ref<int>(*const_cast<int*>(p)).load(std::memory_order_acquire);
+}
+
+__device__ __forceinline__ void store_release(int* p, int v) {
+  std::atomic_ref<int>(*p).store(v, std::memory_order_release);
+}
+#else
 __device__ __forceinline__ int load_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -61,6 +74,7 @@ __device__ __forceinline__ int load_acquire(const int* p) {
 __device__ __forceinline__ void store_release(int* p, int v) {
   asm volatile("st.release.gpu.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+#endif
 
 // A candidate pivot: its gated score, its un-gated energy (the value reported for a pick) and its token index
 // (-1: none). `better` is a strict total order on candidates with an index: larger score first, then the lower
@@ -162,6 +176,15 @@ __device__ Pick exchange(Pick mine, Slot* item_slots_even, Slot* item_slots_odd,
 // Row norms
 // ---------------------------------------------------------------------------------------------------------------
 
+// Threads per block of row_norm_kernel as the launchers run it (one warp per row).
+constexpr int kNormThreads = 256;
+
+// Blocks of a row_norm_kernel<kNormThreads> launch over `rows` rows (also used for first_score_kernel).
+inline int64_t row_blocks(int64_t rows, int threads = kNormThreads) {
+  const int64_t per_block = threads / 32;
+  return (rows + per_block - 1) / per_block;
+}
+
 // out[r] = ||x_r||^2 (kNormalize = false) for the valid rows of every item, 0 for padding; or, kNormalize = true,
 // u_r = x_r / max(||x_r||, 1e-12) written to `normalized` (the reference's normalize_rows; padding rows untouched).
 // One warp per row over the flattened [items * N] rows; a fixed reduction order, so results are deterministic.
@@ -209,6 +232,9 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kGramTile = 128;
 constexpr int kGramK = 8;
 constexpr int kGramThreads = 256;
+
+// Tiles per side of an N x N Gram (gridDim.x = gridDim.y; the launchers require it <= 65535).
+inline int64_t gram_tiles(int64_t tokens) { return (tokens + kGramTile - 1) / kGramTile; }
 
 template <bool kVec4>
 __global__ void __launch_bounds__(kGramThreads, 2)
@@ -560,6 +586,85 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_select_kernel(const Params
     const int slot = t + before;
     if (mine && slot < m) out_indices[slot] = i;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host-side launch plan, shared by the launcher (csrc/cuda/greedy_residual_select.cu) and the CPU emulation
+// (csrc/emu), so an emulated run launches exactly what a GPU run would.
+// ---------------------------------------------------------------------------------------------------------------
+
+// "auto" takes the Gram when it is at most kMaxGramBytes and N^2 D / (2 * kGemmSpeedup) < k N D (see the launcher).
+constexpr int64_t kGemmSpeedup = 16;
+constexpr int64_t kMaxGramBytes = int64_t{1} << 30;
+// Workspace (Gram + factor + state) per launch; items are processed in chunks below it (at least one item).
+constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
+
+enum class Form { kAuto, kGram, kRows };
+
+// Static shared memory of greedy_select_kernel<kThreads, *> (what cudaFuncGetAttributes reports as sharedSizeBytes).
+template <int kThreads>
+constexpr int64_t static_shared_bytes() {
+  return static_cast<int64_t>(kThreads / 32 * sizeof(Pick) + kThreads * sizeof(float));
+}
+
+struct Plan {
+  bool use_gram;        // gram form (greedy_select_kernel<*, true> after a gram_kernel launch per chunk)
+  int64_t rank_cap;     // min(k, N): factor columns
+  int64_t ldf;          // factor row stride (rank_cap rounded up to 4)
+  int64_t pivot_bytes;  // dynamic shared memory of the pivot row (must fit: launchers check it)
+  int64_t capacity;     // co-resident selection blocks (one per SM)
+  int64_t chunk;        // items per launch
+  int64_t slot_ints;    // the slots workspace: [2, capacity] Slots (4 ints each)
+};
+
+inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+
+inline bool choose_gram(Form form, int64_t n, int64_t k) {
+  if (form == Form::kGram) return true;
+  if (form == Form::kRows) return false;
+  if (n * n * static_cast<int64_t>(sizeof(float)) > kMaxGramBytes) return false;
+  return n < 2 * kGemmSpeedup * k;
+}
+
+// sms: the GPU's multiprocessors (one selection block each).
+inline Plan plan(int64_t batch, int64_t tokens, int64_t k, Form form, int sms,
+                 int64_t workspace_bytes = kWorkspaceBytes) {
+  Plan p;
+  p.rank_cap = k < tokens ? k : tokens;
+  p.use_gram = choose_gram(form, tokens, p.rank_cap);
+  p.ldf = round_up(p.rank_cap, 4);
+  p.pivot_bytes = p.ldf * static_cast<int64_t>(sizeof(float));
+  p.capacity = sms;
+  const int64_t per_item = (p.use_gram ? tokens * tokens * 4 : 0) + tokens * p.ldf * 4 + tokens * 5;
+  int64_t chunk = workspace_bytes / (per_item > 1 ? per_item : 1);
+  chunk = chunk < p.capacity ? chunk : p.capacity;
+  chunk = chunk < batch ? chunk : batch;
+  p.chunk = chunk > 1 ? chunk : 1;
+  p.slot_ints = 2 * p.capacity * 4;
+  return p;
+}
+
+struct ChunkPlan {
+  int blocks_per_item;    // P (grid = items * P, cooperative)
+  int64_t cache_cols;     // shared-memory factor cache: columns ...
+  int64_t cache_ld;       // ... and leading entries per column (multiple of 4; 0: no cache)
+  int64_t dynamic_bytes;  // pivot row + cache
+};
+
+// A chunk of `items` items; dynamic_max: the opt-in shared memory per block minus the kernel's static shared memory.
+inline ChunkPlan plan_chunk(const Plan& plan, int n_tokens, int64_t items, int64_t dynamic_max) {
+  ChunkPlan c;
+  const int64_t per = plan.capacity / items;
+  c.blocks_per_item = static_cast<int>(per > 1 ? per : 1);
+  // Shared-memory factor cache: the widest block's columns, as many leading entries as fit (multiple of 4).
+  int parts = 1, width = 1;
+  partition(n_tokens, c.blocks_per_item, &parts, &width);
+  c.cache_cols = width > kMinColumnsPerBlock ? width : kMinColumnsPerBlock;
+  const int64_t per_col = (dynamic_max - plan.pivot_bytes) / static_cast<int64_t>(sizeof(float)) / c.cache_cols;
+  c.cache_ld = per_col / 4 * 4 < plan.ldf ? per_col / 4 * 4 : plan.ldf;
+  if (c.cache_ld < 4) c.cache_ld = 0, c.cache_cols = 0;
+  c.dynamic_bytes = plan.pivot_bytes + c.cache_cols * c.cache_ld * static_cast<int64_t>(sizeof(float));
+  return c;
 }
 
 }  // namespace mrprune::kernels::greedy

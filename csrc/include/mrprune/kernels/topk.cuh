@@ -32,6 +32,24 @@ namespace mrprune::kernels::topk {
 
 // Threads per block (tokens per tile) used by the launcher; a multiple of 32 (warp ballots) and of 4 (float4 reads).
 constexpr int kDefaultBlock = 256;
+// gridDim.y limit: the launcher runs the batch in chunks of at most this many items.
+constexpr int64_t kMaxGridY = 65535;
+
+// Host-side launch plan, shared by the launcher (csrc/cuda/topk_indices.cu) and the CPU emulation (csrc/emu), so an
+// emulated run launches exactly what a GPU run would. Per chunk of `chunk` items starting at item b0: grid (tiles,
+// min(chunk, batch - b0)) of kDefaultBlock threads; with sort_indices, the rank kernel then the compaction kernel,
+// communicating through keep [batch, N] bytes and tile_kept [batch, tiles] ints (offset by the chunk's first item).
+struct LaunchPlan {
+  int64_t tiles;  // blocks per item (gridDim.x)
+  int64_t chunk;  // items per launch (gridDim.y)
+};
+
+inline LaunchPlan plan_launch(int64_t batch, int64_t tokens, int64_t max_grid_y = kMaxGridY) {
+  LaunchPlan plan;
+  plan.tiles = (tokens + kDefaultBlock - 1) / kDefaultBlock;
+  plan.chunk = batch < max_grid_y ? batch : max_grid_y;
+  return plan;
+}
 
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(static_cast<int>(0xff800000u)); }
 

@@ -1,0 +1,231 @@
+// The CUDA launchers of csrc/cuda/*.cu replayed on the CPU emulation (cuda_runtime.h in this folder): the same
+// torch-free device code (csrc/include/mrprune/kernels/*.cuh), the same host-side plans (grid, block, chunking,
+// workspace sizes, shared memory), with host vectors for the workspaces and the device limits as arguments. A C API
+// for ctypes (tests/cuda_emulation_driver.py); every pointer is a contiguous host array of the documented shape.
+//
+// Workspaces the launchers allocate uninitialised are filled with NaN (floats) or 0xff bytes here, so a kernel that
+// reads one before writing it shows up in the results.
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+// Dynamic shared memory: the arrays the kernels' `extern __shared__ float smem[]` declarations name, one per OS
+// thread (block), sized for the largest opt-in of current GPUs (227 KiB on sm_90) plus room for the canary.
+constexpr size_t kSharedCapacity = 232448 + 4096;
+namespace mrprune::kernels::greedy {
+alignas(16) thread_local float smem[kSharedCapacity / sizeof(float)];
+}
+namespace mrprune::kernels::diversity {
+alignas(16) thread_local float smem[kSharedCapacity / sizeof(float)];
+}
+
+#include "mrprune/kernels/diversity_select.cuh"
+#include "mrprune/kernels/greedy_residual_select.cuh"
+#include "mrprune/kernels/topk.cuh"
+
+namespace {
+
+namespace ks = mrprune::kernels::selection;
+namespace kg = mrprune::kernels::greedy;
+namespace kd = mrprune::kernels::diversity;
+namespace kt = mrprune::kernels::topk;
+
+void* greedy_smem() { return kg::smem; }
+void* diversity_smem() { return kd::smem; }
+const cudaemu::DynamicShared kGreedyShared{&greedy_smem, kSharedCapacity};
+const cudaemu::DynamicShared kDiversityShared{&diversity_smem, kSharedCapacity};
+
+template <class F>
+void launch(const char* name, dim3 grid, dim3 block, F&& body) {
+  cudaemu::launch(name, grid, block, 0, nullptr, false, 0, std::function<void()>(body));
+}
+
+std::vector<float> garbage_floats(int64_t n) {
+  return std::vector<float>(static_cast<size_t>(n), std::numeric_limits<float>::quiet_NaN());
+}
+
+}  // namespace
+
+extern "C" {
+
+// Scheduling of every later launch: order 0 forward, 1 reverse, 2 random (seed); watchdog timeout in seconds; OS
+// threads of a plain launch.
+void emu_configure(int order, uint64_t seed, double timeout_s, int workers) {
+  cudaemu::configure(order, seed, timeout_s, workers);
+}
+
+// topk_indices_cuda: scores [B, N] float32, lengths [B] int64, out [B, k] int64. max_grid_y: the chunking limit
+// (kt::kMaxGridY on a GPU; smaller values exercise the chunked launches).
+void emu_topk_indices(const float* scores, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t k,
+                      int sort_indices, int64_t max_grid_y, int64_t* out) {
+  constexpr int kBlock = kt::kDefaultBlock;
+  if (batch == 0 || k == 0) return;
+  const kt::LaunchPlan plan = kt::plan_launch(batch, tokens, max_grid_y);
+  const int n_tokens = static_cast<int>(tokens), budget = static_cast<int>(k);
+  std::vector<uint8_t> keep;
+  std::vector<int> tile_kept;
+  if (sort_indices) {
+    keep.assign(static_cast<size_t>(batch * tokens), 0xff);
+    tile_kept.assign(static_cast<size_t>(batch * plan.tiles), -1);
+  }
+  for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {
+    const int64_t chunk = std::min(plan.chunk, batch - b0);
+    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(chunk));
+    const float* s = scores + b0 * tokens;
+    const int64_t* len = lengths + b0;
+    int64_t* o = out + b0 * k;
+    if (sort_indices) {
+      uint8_t* kp = keep.data() + b0 * tokens;
+      int* tk = tile_kept.data() + b0 * plan.tiles;
+      launch("topk_rank_kernel<256, true>", grid, kBlock,
+             [&] { kt::topk_rank_kernel<kBlock, true>(s, len, n_tokens, budget, o, kp, tk); });
+      launch("topk_compact_kernel<256>", grid, kBlock,
+             [&] { kt::topk_compact_kernel<kBlock>(len, n_tokens, budget, kp, tk, o); });
+    } else {
+      launch("topk_rank_kernel<256, false>", grid, kBlock,
+             [&] { kt::topk_rank_kernel<kBlock, false>(s, len, n_tokens, budget, o, nullptr, nullptr); });
+    }
+  }
+}
+
+// diversity_select_cuda: x [B, N, D] float32, lengths [B] int64, out [B, k] int64. smem_optin: the GPU's opt-in
+// shared memory per block (small values put the selection state in global memory); workspace_bytes: the chunking
+// budget (kd::kWorkspaceBytes on a GPU).
+void emu_diversity_select(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
+                          int64_t k, int mask_picked, int64_t smem_optin, int64_t workspace_bytes, int64_t* out) {
+  constexpr int kSelect = kd::kSelectThreads;
+  if (batch == 0 || k == 0) return;
+  std::memset(out, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));
+  const kd::Plan plan = kd::plan(batch, tokens, dim, smem_optin - kd::static_shared_bytes<kSelect>(), workspace_bytes);
+  const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
+  std::vector<float> unit = garbage_floats(plan.chunk * tokens * dim);
+  std::vector<float> sim = garbage_floats(plan.chunk * tokens * tokens);
+  std::vector<float> first = garbage_floats(plan.chunk * tokens);
+  std::vector<float> nearest;
+  std::vector<uint8_t> picked;
+  if (!plan.state_in_shared) {
+    nearest = garbage_floats(plan.chunk * tokens);
+    picked.assign(static_cast<size_t>(plan.chunk * tokens), 0xff);
+  }
+  float* nearest_ptr = plan.state_in_shared ? nullptr : nearest.data();
+  uint8_t* picked_ptr = plan.state_in_shared ? nullptr : picked.data();
+  const bool state_in_shared = plan.state_in_shared;
+  for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {
+    const int64_t items = std::min(plan.chunk, batch - b0);
+    const int64_t rows = items * tokens;
+    const int64_t* len = lengths + b0;
+    const float* xc = x + b0 * tokens * dim;
+    launch("row_norm_kernel<256, true>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
+           [&] { ks::row_norm_kernel<ks::kNormThreads, true>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
+    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
+    if (plan.vec4) {
+      launch("gram_kernel<true>", grid, ks::kGramThreads,
+             [&] { ks::gram_kernel<true>(unit.data(), len, n_tokens, n_dim, sim.data()); });
+    } else {
+      launch("gram_kernel<false>", grid, ks::kGramThreads,
+             [&] { ks::gram_kernel<false>(unit.data(), len, n_tokens, n_dim, sim.data()); });
+    }
+    launch("first_score_kernel<256>", dim3(static_cast<unsigned>(ks::row_blocks(rows, kd::kScoreThreads))),
+           kd::kScoreThreads,
+           [&] { kd::first_score_kernel<kd::kScoreThreads>(sim.data(), len, rows, n_tokens, first.data()); });
+    int64_t* o = out + b0 * k;
+    const std::function<void()> select = [&] {
+      kd::diversity_select_kernel<kSelect>(sim.data(), first.data(), len, n_tokens, static_cast<int>(k),
+                                           mask_picked != 0, state_in_shared, nearest_ptr, picked_ptr, o);
+    };
+    cudaemu::launch("diversity_select_kernel<1024>", dim3(static_cast<unsigned>(items)), kSelect,
+                    static_cast<size_t>(plan.dynamic_bytes), &kDiversityShared, false, 0, select);
+  }
+}
+
+// greedy_residual_select_cuda: x [B, N, D] float32, lengths [B] int64, gate [B, N] float32 or null, seed [B] int64
+// or null, out_indices [B, k] int64, out_energies [B, k] float32. form: 0 auto, 1 gram, 2 basis (rows). sms: the
+// GPU's multiprocessors (co-resident selection blocks); smem_optin: its opt-in shared memory per block;
+// workspace_bytes: the chunking budget (kg::kWorkspaceBytes on a GPU). Returns 0, or 1 when min(k, N) does not fit
+// in shared memory (the launcher's error).
+int emu_greedy_residual_select(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
+                               int64_t k, const float* gate, const int64_t* seed, double tol, int form, int sms,
+                               int64_t smem_optin, int64_t workspace_bytes, int64_t* out_indices,
+                               float* out_energies) {
+  constexpr int kSelect = kg::kSelectThreads;
+  if (batch == 0 || k == 0) return 0;
+  std::memset(out_indices, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));
+  std::memset(out_energies, 0, static_cast<size_t>(batch * k) * sizeof(float));
+  const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
+
+  std::vector<float> initial = garbage_floats(batch * tokens);
+  {
+    const int64_t rows = batch * tokens;
+    launch("row_norm_kernel<256, false>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
+           [&] { ks::row_norm_kernel<ks::kNormThreads, false>(x, lengths, rows, n_tokens, n_dim, initial.data(), nullptr); });
+  }
+
+  const kg::Form forms[] = {kg::Form::kAuto, kg::Form::kGram, kg::Form::kRows};
+  const kg::Plan plan = kg::plan(batch, tokens, k, forms[form], sms, workspace_bytes);
+  const int64_t dynamic_max = smem_optin - kg::static_shared_bytes<kSelect>();
+  if (plan.pivot_bytes > dynamic_max) return 1;
+
+  std::vector<float> gram = plan.use_gram ? garbage_floats(plan.chunk * tokens * tokens) : std::vector<float>();
+  std::vector<float> factor(static_cast<size_t>(plan.chunk * tokens * plan.ldf));
+  std::vector<float> energy = garbage_floats(plan.chunk * tokens);
+  std::vector<uint8_t> picked(static_cast<size_t>(plan.chunk * tokens));
+  std::vector<ks::Slot> slots(static_cast<size_t>(plan.slot_ints / 4));
+  const bool vec_x = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+
+  for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {
+    const int64_t items = std::min(plan.chunk, batch - b0);
+    const kg::ChunkPlan part = kg::plan_chunk(plan, n_tokens, items, dynamic_max);
+    const float* xc = x + b0 * tokens * dim;
+    const int64_t* len = lengths + b0;
+    if (plan.use_gram) {
+      const dim3 grid(static_cast<unsigned>(ks::gram_tiles(tokens)), static_cast<unsigned>(ks::gram_tiles(tokens)),
+                      static_cast<unsigned>(items));
+      if (vec_x) {
+        launch("gram_kernel<true>", grid, ks::kGramThreads,
+               [&] { ks::gram_kernel<true>(xc, len, n_tokens, n_dim, gram.data()); });
+      } else {
+        launch("gram_kernel<false>", grid, ks::kGramThreads,
+               [&] { ks::gram_kernel<false>(xc, len, n_tokens, n_dim, gram.data()); });
+      }
+    }
+    std::fill(factor.begin(), factor.end(), 0.f);
+    std::fill(picked.begin(), picked.end(), 0);
+    std::fill(slots.begin(), slots.end(), ks::Slot{0.f, 0.f, 0, 0});
+
+    kg::Params p{};
+    p.x = xc;
+    p.gram = plan.use_gram ? gram.data() : nullptr;
+    p.initial = initial.data() + b0 * tokens;
+    p.gate = gate != nullptr ? gate + b0 * tokens : nullptr;
+    p.seed = seed != nullptr ? seed + b0 : nullptr;
+    p.lengths = len;
+    p.energy = energy.data();
+    p.picked = picked.data();
+    p.factor = factor.data();
+    p.slots = slots.data();
+    p.out_indices = out_indices + b0 * k;
+    p.out_energies = out_energies + b0 * k;
+    p.n_tokens = n_tokens;
+    p.dim = n_dim;
+    p.k = static_cast<int>(k);
+    p.ldf = static_cast<int>(plan.ldf);
+    p.blocks_per_item = part.blocks_per_item;
+    p.cache_cols = static_cast<int>(part.cache_cols);
+    p.cache_ld = static_cast<int>(part.cache_ld);
+    p.tol = static_cast<float>(tol);
+    p.vec_x = vec_x;
+    const std::function<void()> body = plan.use_gram
+                                           ? std::function<void()>([&] { kg::greedy_select_kernel<kSelect, true>(p); })
+                                           : std::function<void()>([&] { kg::greedy_select_kernel<kSelect, false>(p); });
+    // One 512-thread block with large shared memory per SM: the co-residency limit of the cooperative launch.
+    cudaemu::launch(plan.use_gram ? "greedy_select_kernel<512, gram>" : "greedy_select_kernel<512, rows>",
+                    dim3(static_cast<unsigned>(items * part.blocks_per_item)), kSelect,
+                    static_cast<size_t>(part.dynamic_bytes), &kGreedyShared, true, sms, body);
+  }
+  return 0;
+}
+
+}  // extern "C"
