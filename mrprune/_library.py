@@ -47,6 +47,14 @@ SCHEMAS = {
     "max_cosine": "(Tensor queries, Tensor query_lengths, Tensor keys, Tensor key_lengths) -> Tensor",
     # scores [B,N], lengths [B] -> indices [B,k] int64
     "topk_indices": "(Tensor scores, Tensor lengths, int k, bool sort_indices=False) -> Tensor",
+    # q [B,H,N,d], k [B,H,N,d], lengths [B], segment_ids [B,N]? -> scores [B,N]
+    "received_attention": (
+        "(Tensor q, Tensor k, Tensor lengths, Tensor? segment_ids=None, float? scale=None) -> Tensor"
+    ),
+    # features [B,N,D], lengths [B], saliency [B,N]? -> indices [B,k] int64
+    "coverage_select": ("(Tensor features, Tensor lengths, int k, Tensor? saliency=None, float alpha=1.0) -> Tensor"),
+    # features [B,N,D], lengths [B] -> indices [B,k] int64
+    "bipartite_dedup": "(Tensor features, Tensor lengths, int k, int per_round=8) -> Tensor",
 }
 #: Ops with a CUDA C++ kernel (``csrc/cuda/<op>.cu``).
 CUDA_OPS = ("topk_indices", "greedy_residual_select", "diversity_select")
@@ -93,6 +101,9 @@ _CANONICAL: dict[str, Callable[..., tuple]] = {
     "diversity_select": lambda x, lens, k, mask: (_float32(x), _int64(lens), k, mask),
     "max_cosine": lambda q, ql, k, kl: (_float32(q), _int64(ql), _float32(k), _int64(kl)),
     "topk_indices": lambda s, lens, k, sort: (_float32(s), _int64(lens), k, sort),
+    "received_attention": lambda q, k, lens, seg, scale: (_float32(q), _float32(k), _int64(lens), _int64(seg), scale),
+    "coverage_select": lambda x, lens, k, sal, alpha: (_float32(x), _int64(lens), k, _float32(sal), alpha),
+    "bipartite_dedup": lambda x, lens, k, r: (_float32(x), _int64(lens), k, r),
 }
 
 _VALIDATE = {
@@ -104,6 +115,9 @@ _VALIDATE = {
     "diversity_select": _validation.diversity_select,
     "max_cosine": _validation.max_cosine,
     "topk_indices": _validation.topk_indices,
+    "received_attention": _validation.received_attention,
+    "coverage_select": _validation.coverage_select,
+    "bipartite_dedup": _validation.bipartite_dedup,
 }
 
 
@@ -211,3 +225,21 @@ def _max_cosine_fake(queries, query_lengths, keys, key_lengths):
 def _topk_indices_fake(scores, lengths, k, sort_indices=False):
     _validation.topk_indices("topk_indices", scores, lengths, k, sort_indices)
     return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.register_fake("mrprune::received_attention", lib=_lib)
+def _received_attention_fake(q, k, lengths, segment_ids=None, scale=None):
+    _validation.received_attention("received_attention", q, k, lengths, segment_ids, scale)
+    return q.new_empty(q.shape[0], q.shape[2], dtype=_score_dtype(q))
+
+
+@torch.library.register_fake("mrprune::coverage_select", lib=_lib)
+def _coverage_select_fake(features, lengths, k, saliency=None, alpha=1.0):
+    _validation.coverage_select("coverage_select", features, lengths, k, saliency, alpha)
+    return features.new_empty(features.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.register_fake("mrprune::bipartite_dedup", lib=_lib)
+def _bipartite_dedup_fake(features, lengths, k, per_round=8):
+    _validation.bipartite_dedup("bipartite_dedup", features, lengths, k, per_round)
+    return features.new_empty(features.shape[0], k, dtype=torch.int64)

@@ -303,3 +303,55 @@ def topk_indices(op: str, scores: torch.Tensor, lens: torch.Tensor, k: int, sort
         valid = torch.arange(scores.shape[1], device=scores.device) < lens[:, None]
         if bool((torch.isnan(scores) & valid).any()):
             raise ValueError(f"mrprune.{op}: scores contain NaN")
+
+
+def received_attention(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lens: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    scale: float | None,
+) -> None:
+    features(op, "q", q, rank=4)
+    features(op, "k", k, rank=4)
+    if k.shape != q.shape or k.dtype != q.dtype:
+        raise ValueError(
+            f"mrprune.{op}: k must match q in shape [B, H, N, d] and dtype, got q {tuple(q.shape)} {q.dtype}, "
+            f"k {tuple(k.shape)} {k.dtype}"
+        )
+    same_device(op, q, "q", k=k, lengths=lens, segment_ids=segment_ids)
+    batch, heads, tokens, dim = q.shape
+    if heads < 1 or dim < 1:
+        raise ValueError(f"mrprune.{op}: q and k need at least one head and one feature, got {tuple(q.shape)}")
+    lengths(op, lens, batch, tokens)
+    if segment_ids is not None:
+        index_tensor(op, "segment_ids", segment_ids, (batch, tokens))
+    if scale is not None and not (real(op, "scale", scale) > 0):
+        raise ValueError(f"mrprune.{op}: scale must be positive, got {scale!r}")
+    finite(op, "q", q, vectors=True)
+    finite(op, "k", k, vectors=True)
+
+
+def coverage_select(
+    op: str, x: torch.Tensor, lens: torch.Tensor, k: int, saliency: torch.Tensor | None, alpha: float
+) -> None:
+    features(op, "features", x)
+    same_device(op, x, lengths=lens, saliency=saliency)
+    batch, tokens, _ = x.shape
+    lengths(op, lens, batch, tokens)
+    budget(op, k, tokens)
+    weights(op, "saliency", saliency, (batch, tokens), non_negative=True)
+    if real(op, "alpha", alpha) < 0:
+        raise ValueError(f"mrprune.{op}: alpha must be >= 0, got {alpha!r}")
+    finite(op, "features", x, vectors=True)
+
+
+def bipartite_dedup(op: str, x: torch.Tensor, lens: torch.Tensor, k: int, per_round: int) -> None:
+    features(op, "features", x)
+    same_device(op, x, lengths=lens)
+    lengths(op, lens, x.shape[0], x.shape[1])
+    budget(op, k, x.shape[1])
+    if integer(op, "per_round", per_round) < 1:
+        raise ValueError(f"mrprune.{op}: per_round must be >= 1, got {per_round}")
+    finite(op, "features", x, vectors=True)

@@ -26,6 +26,10 @@ __all__ = [
     "diversity_select",
     "max_cosine",
     "topk_indices",
+    "received_attention",
+    "segment_ids_from_cu_seqlens",
+    "coverage_select",
+    "bipartite_dedup",
 ]
 
 
@@ -146,3 +150,61 @@ def topk_indices(scores: torch.Tensor, lengths: torch.Tensor, k: int, sort_indic
     _validation.integer("topk_indices", "k", k)
     _validation.boolean("topk_indices", "sort_indices", sort_indices)
     return torch.ops.mrprune.topk_indices.default(scores, lengths, k, sort_indices)
+
+
+def received_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lengths: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention each token receives (column sums of the attention softmax, averaged over heads), streamed from
+    ``q`` and ``k`` without an ``N x N`` matrix: the [CLS]-free saliency of Qwen2.5-VL's vision encoder.
+
+    ``q, k [B, H, N, d]`` (the SDPA layout), ``lengths [B]``, ``segment_ids [B, N]`` (attention only between equal
+    ids: Qwen2.5-VL's window / full-attention blocks, :func:`segment_ids_from_cu_seqlens`), ``scale`` (``None``:
+    ``d ** -0.5``) → ``scores [B, N]`` float32 (float64 for float64 input), 0 for padding. See
+    :func:`mrprune.reference.received_attention`.
+    """
+    if scale is not None:
+        _validation.real("received_attention", "scale", scale)
+    return torch.ops.mrprune.received_attention.default(q, k, lengths, segment_ids, scale)
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Segment id of each of ``tokens`` positions from cumulative boundaries ``cu_seqlens [S + 1]`` (``0 = c_0 <= c_1
+    <= ... <= c_S``, the ``cu_seqlens`` / ``cu_window_seqlens`` of Qwen2.5-VL's vision attention): position ``p``
+    gets the ``s`` with ``c_s <= p < c_{s+1}``; positions at or past ``c_S`` get ``S``. Returns ``[tokens]`` int64."""
+    positions = torch.arange(tokens, device=cu_seqlens.device, dtype=torch.int64)
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), positions, right=True)
+
+
+def coverage_select(
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    saliency: torch.Tensor | None = None,
+    alpha: float = 1.0,
+) -> torch.Tensor:
+    """Saliency-weighted greedy coverage (SCOPE): ``k`` picks of ``argmax_j a_j ** alpha * sum_i max(0, S_ij -
+    cur_i)``, then ``cur := max(cur, S_j)``, ties to the lower index.
+
+    ``features [B, N, D]``, ``lengths [B]``, ``saliency [B, N]`` non-negative (``None``: 1) → ``indices [B, k]`` int64
+    in pick order; -1 past ``n_b``. See :func:`mrprune.reference.coverage_select`.
+    """
+    _validation.integer("coverage_select", "k", k)
+    _validation.real("coverage_select", "alpha", alpha)
+    return torch.ops.mrprune.coverage_select.default(features, lengths, k, saliency, alpha)
+
+
+def bipartite_dedup(features: torch.Tensor, lengths: torch.Tensor, k: int, per_round: int = 8) -> torch.Tensor:
+    """Even/odd similarity de-duplication (VisPruner's diverse tokens): rounds that drop up to ``per_round``
+    even-position tokens most similar to the odd-position ones until ``k`` remain.
+
+    ``features [B, N, D]`` in priority order, ``lengths [B]`` → ``indices [B, k]`` int64: positions of the survivors
+    in the rounds' final order; -1 past ``min(k, n_b)``. See :func:`mrprune.reference.bipartite_dedup`.
+    """
+    _validation.integer("bipartite_dedup", "k", k)
+    _validation.integer("bipartite_dedup", "per_round", per_round)
+    return torch.ops.mrprune.bipartite_dedup.default(features, lengths, k, per_round)

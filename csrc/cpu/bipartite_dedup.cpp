@@ -1,0 +1,64 @@
+// bipartite_dedup on the CPU: VisPruner's even/odd de-duplication. The cosines of the item's tokens are computed once
+// (one symmetric GEMM); each round then only reads them: every even-position token's largest cosine to the
+// odd-position tokens, a stable descending sort, and the new order [kept evens by score, odds].
+// Spec: mrprune.reference.bipartite_dedup.
+#include "mrprune/cpu/common.h"
+
+namespace mrprune::cpu {
+
+Tensor bipartite_dedup_cpu(Tensor features, Tensor lengths, int64_t k, int64_t per_round) {
+  check_tensor(features, "features", 3, ScalarType::Float);
+  const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
+  check_lengths(lengths, "lengths", batch, tokens);
+  STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
+  STD_TORCH_CHECK(per_round >= 1, "mrprune: per_round must be >= 1");
+  Tensor out = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);
+  int64_t* indices = out.mutable_data_ptr<int64_t>();
+  std::fill(indices, indices + batch * k, int64_t{-1});
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  Workspace normalized = workspace(tokens * dim), similarity = workspace(tokens * tokens);
+  std::vector<int64_t> order, evens, odds, rank;
+  std::vector<float> score;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = len[b];
+    if (n == 0 || k == 0) continue;
+    order.resize(n);
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    if (n > k) {
+      normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.get(), nullptr);
+      symmetric_gram(normalized.get(), n, dim, similarity.get(), n);
+      const float* s = similarity.get();
+      while (static_cast<int64_t>(order.size()) > k) {
+        const int64_t remaining = static_cast<int64_t>(order.size());
+        evens.clear();
+        odds.clear();
+        for (int64_t p = 0; p < remaining; ++p) (p % 2 == 0 ? evens : odds).push_back(order[p]);
+        const int64_t num_evens = static_cast<int64_t>(evens.size());
+        const int64_t r = std::min({per_round, remaining - k, num_evens});
+        score.resize(num_evens);
+        torch::stable::parallel_for(0, num_evens, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t a = begin; a < end; ++a) {
+            const float* row = s + evens[a] * n;
+            float best = -std::numeric_limits<float>::infinity();
+            for (const int64_t o : odds) best = std::max(best, row[o]);
+            score[a] = best;
+          }
+        });
+        rank.resize(num_evens);
+        for (int64_t a = 0; a < num_evens; ++a) rank[a] = a;
+        std::stable_sort(rank.begin(), rank.end(), [&](int64_t x, int64_t y) { return score[x] > score[y]; });
+        order.clear();
+        for (int64_t a = r; a < num_evens; ++a) order.push_back(evens[rank[a]]);
+        order.insert(order.end(), odds.begin(), odds.end());
+      }
+    }
+    std::copy(order.begin(), order.end(), indices + b * k);
+  }
+  return out;
+}
+
+}  // namespace mrprune::cpu
+
+STABLE_TORCH_LIBRARY_IMPL(mrprune, CPU, m) {
+  m.impl("_bipartite_dedup_cpu", TORCH_BOX(&mrprune::cpu::bipartite_dedup_cpu));
+}
