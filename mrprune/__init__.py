@@ -7,8 +7,10 @@ missing extension an error instead).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 
 from . import _library, backends, ops, reference
 from .integrations import FastV, patch, patched
@@ -47,14 +49,43 @@ def _load_extension() -> bool:
 HAS_EXTENSION = _load_extension()
 
 
+def _triton_kernels_dir() -> str:
+    """Where this copy of mrprune keeps its Triton kernels: ``mrprune/triton_kernels`` in a wheel (``package-dir``
+    maps the top-level folder there), ``../triton_kernels`` next to ``mrprune/`` in a checkout (editable or not)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(here, "triton_kernels")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(here), "triton_kernels")
+
+
 def _load_triton_kernels() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         logger.debug("triton is not installed; the Triton kernels are not registered")
         return False
-    from . import triton_kernels  # noqa: F401  (registers the "triton" backend of the graph ops)
-
+    # Loaded from this copy's own folder, by path: a plain ``import mrprune.triton_kernels`` fails in a raw checkout
+    # (the folder is only mapped into the package by an install) and, with another checkout installed in editable
+    # mode, silently imports that checkout's kernels.
+    path = _triton_kernels_dir()
+    spec = importlib.util.spec_from_file_location(
+        f"{__name__}.triton_kernels", os.path.join(path, "__init__.py"), submodule_search_locations=[path]
+    )
+    if spec is None or not os.path.isfile(os.path.join(path, "__init__.py")):
+        logger.warning("mrprune's Triton kernels are missing (looked in %s); the Triton backend is off", path)
+        return False
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)  # registers the "triton" backend of the graph ops
+    except Exception as error:  # a triton too old or broken for the kernels: the other backends still serve
+        del sys.modules[spec.name]
+        if os.environ.get("MRPRUNE_REQUIRE_TRITON") == "1":
+            raise
+        logger.warning(
+            "mrprune's Triton kernels failed to load (%s: %s); the Triton backend is off", type(error).__name__, error
+        )
+        return False
+    globals()["triton_kernels"] = module
     return True
 
 
