@@ -1,8 +1,11 @@
 """Argument checks shared by every op, run before any implementation (and, for shapes, by the fakes).
 
-Shape, dtype and device checks work on fake tensors; value checks (lengths in range, finite features, seeds in range)
-read data and are skipped while tracing. All raise ``ValueError`` (``TypeError`` for a wrong dtype) naming the op and
-the argument.
+Shape, dtype and device checks work on fake tensors. Value checks (lengths in range, finite features, seeds in range)
+read data: on CPU tensors on the host, raising ``ValueError``; on GPU tensors without any host synchronisation, as
+asynchronous device assertions (``torch._assert_async``: the op stays capturable in a CUDA graph, and a bad value
+surfaces at the next synchronisation as a device-side assert carrying the same message); they are skipped for fake
+CPU and meta tensors (tracing: the real call checks them). All name the op and the argument (``TypeError`` for a wrong
+dtype).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -22,6 +26,26 @@ MIN_TEMPERATURE = 1e-30
 
 def _is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, torch._subclasses.fake_tensor.FakeTensor) or t.device.type == "meta"
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """A real CPU tensor: its values are checked on the host."""
+    return t.device.type == "cpu" and not _is_fake(t)
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    """A GPU tensor, real or fake (tracing a GPU call): checked by device assertions, never read on the host."""
+    return t.device.type not in ("cpu", "meta")
+
+
+def _check(t: torch.Tensor, ok: Callable[[], torch.Tensor], message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok()`` (a bool scalar tensor computed from ``t``) holds: on the host for
+    CPU tensors, as an asynchronous device assertion on GPU tensors, not at all for fake CPU or meta tensors."""
+    if _on_host(t):
+        if not bool(ok()):
+            raise ValueError(message)
+    elif _on_device(t):
+        torch._assert_async(ok(), message)
 
 
 def check_finite_enabled() -> bool:
@@ -58,8 +82,12 @@ def lengths(op: str, lengths: torch.Tensor, batch: int, tokens: int, name: str =
     if lengths.dtype not in INDEX_DTYPES:
         raise TypeError(f"mrprune.{op}: {name} must be int32 or int64, got {lengths.dtype}")
     shape(op, name, lengths, (batch,))
-    if not _is_fake(lengths) and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > tokens):
-        raise ValueError(f"mrprune.{op}: {name} must lie in [0, {tokens}], got {lengths.tolist()}")
+    if not lengths.numel():
+        return
+    message = f"mrprune.{op}: {name} must lie in [0, {tokens}]"
+    if _on_host(lengths):
+        message += f", got {lengths.tolist()}"
+    _check(lengths, lambda: ((lengths >= 0) & (lengths <= tokens)).all(), message)
 
 
 def max_abs_for_norms(dtype: torch.dtype, dim: int) -> float:
@@ -71,9 +99,19 @@ def max_abs_for_norms(dtype: torch.dtype, dim: int) -> float:
 
 def finite(op: str, name: str, x: torch.Tensor, vectors: bool = False) -> None:
     """No NaN/Inf in ``x``; with ``vectors``, also no entry so large that a row's squared norm overflows."""
-    if not check_finite_enabled() or _is_fake(x) or not x.numel():
+    if not check_finite_enabled() or not x.numel():
         return
-    largest = float(torch.linalg.vector_norm(x, ord=math.inf))  # one reduction; NaN propagates
+    if _on_device(x):
+        largest = torch.linalg.vector_norm(x, ord=math.inf)  # one reduction; NaN propagates
+        torch._assert_async(torch.isfinite(largest), f"mrprune.{op}: {name} contains NaN or Inf")
+        if vectors:
+            bound = max_abs_for_norms(x.dtype, x.shape[-1])
+            message = f"mrprune.{op}: {name} has entries so large that squared norms could overflow (|x| > {bound:.3g})"
+            torch._assert_async(~(largest > bound), message)
+        return
+    if not _on_host(x):
+        return
+    largest = float(torch.linalg.vector_norm(x, ord=math.inf))
     if not math.isfinite(largest):
         raise ValueError(f"mrprune.{op}: {name} contains NaN or Inf")
     if vectors and largest > (bound := max_abs_for_norms(x.dtype, x.shape[-1])):
@@ -119,8 +157,8 @@ def weights(op: str, name: str, w: torch.Tensor | None, expected: tuple[int, ...
     features(op, name, w, rank=len(expected))
     shape(op, name, w, expected)
     finite(op, name, w)
-    if non_negative and not _is_fake(w) and w.numel() and bool((w < 0).any()):
-        raise ValueError(f"mrprune.{op}: {name} must be non-negative")
+    if non_negative and w.numel():
+        _check(w, lambda: ~(w < 0).any(), f"mrprune.{op}: {name} must be non-negative")
 
 
 def queries_and_keys(op: str, queries: torch.Tensor, keys: torch.Tensor) -> int:
@@ -196,10 +234,12 @@ def graph_propagate(
     lengths(op, lens, batch, tokens)
     iterations(op, iters)
     finite(op, "graph", graph)
-    if not _is_fake(degree):
-        for b, n in enumerate(lens.tolist()):
-            if n and bool((degree[b, :n] <= 0).any()):
-                raise ValueError(f"mrprune.{op}: degree must be positive on valid tokens (item {b})")
+    if degree.numel():
+        bad = (degree <= 0) & (torch.arange(tokens, device=degree.device) < lens[:, None])
+        message = f"mrprune.{op}: degree must be positive on valid tokens"
+        if _on_host(degree) and bool(bad.any()):
+            message += f" (item {int(bad.any(dim=1).nonzero()[0, 0])})"
+        _check(degree, lambda: ~bad.any(), message)
 
 
 def graph_scores(
@@ -262,8 +302,10 @@ def greedy_residual_select(
     weights(op, "gate", gate, (batch, tokens), non_negative=True)
     if seed is not None:
         index_tensor(op, "seed", seed, (batch,))
-        if not _is_fake(seed) and bool((seed >= lens).any()):
-            raise ValueError(f"mrprune.{op}: seed must be < lengths (or negative for none), got {seed.tolist()}")
+        message = f"mrprune.{op}: seed must be < lengths (or negative for none)"
+        if _on_host(seed):
+            message += f", got {seed.tolist()}"
+        _check(seed, lambda: ~(seed >= lens).any(), message)
     tolerance(op, exhaustion_tol)
     if algorithm not in ("auto", "gram", "basis"):
         raise ValueError(f"mrprune.{op}: algorithm must be 'auto', 'gram' or 'basis', got {algorithm!r}")
@@ -298,11 +340,10 @@ def topk_indices(op: str, scores: torch.Tensor, lens: torch.Tensor, k: int, sort
     same_device(op, scores, "scores", lengths=lens)
     lengths(op, lens, scores.shape[0], scores.shape[1])
     budget(op, k, scores.shape[1])
-    if not _is_fake(scores) and scores.numel():
+    if scores.numel():
         # padding is never ranked, so only the valid scores matter (as in the other ops)
         valid = torch.arange(scores.shape[1], device=scores.device) < lens[:, None]
-        if bool((torch.isnan(scores) & valid).any()):
-            raise ValueError(f"mrprune.{op}: scores contain NaN")
+        _check(scores, lambda: ~(torch.isnan(scores) & valid).any(), f"mrprune.{op}: scores contain NaN")
 
 
 def received_attention(
