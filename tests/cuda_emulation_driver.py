@@ -44,8 +44,23 @@ def _load(path: str) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.emu_topk_indices.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, i64, ptr]
     lib.emu_diversity_select.argtypes = [ptr, ptr, i64, i64, i64, i64, ctypes.c_int, i64, i64, ptr]
-    lib.emu_greedy_residual_select.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_double, ctypes.c_int,
-                                               ctypes.c_int, i64, i64, ptr, ptr]
+    lib.emu_greedy_residual_select.argtypes = [
+        ptr,
+        ptr,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ptr,
+        ctypes.c_double,
+        ctypes.c_int,
+        ctypes.c_int,
+        i64,
+        i64,
+        ptr,
+        ptr,
+    ]
     lib.emu_greedy_residual_select.restype = ctypes.c_int
     return lib
 
@@ -58,8 +73,16 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
         scores = _f32(case["scores"])
         batch, tokens = scores.shape
         out = np.full((batch, k), -7, dtype=np.int64)  # the launcher's new_empty: garbage until written
-        lib.emu_topk_indices(_pointer(scores), _pointer(lengths), batch, tokens, k, int(case["sort_indices"]),
-                             int(case.get("max_grid_y", 65535)), _pointer(out))
+        lib.emu_topk_indices(
+            _pointer(scores),
+            _pointer(lengths),
+            batch,
+            tokens,
+            k,
+            int(case["sort_indices"]),
+            int(case.get("max_grid_y", 65535)),
+            _pointer(out),
+        )
         return {"indices": out}
     x = _f32(case["features"])
     batch, tokens, dim = x.shape
@@ -67,8 +90,18 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
     workspace = int(case.get("workspace_bytes", 1 << 30))
     if op == "diversity_select":
         out = np.full((batch, k), -7, dtype=np.int64)
-        lib.emu_diversity_select(_pointer(x), _pointer(lengths), batch, tokens, dim, k, int(case["mask_picked"]),
-                                 smem_optin, workspace, _pointer(out))
+        lib.emu_diversity_select(
+            _pointer(x),
+            _pointer(lengths),
+            batch,
+            tokens,
+            dim,
+            k,
+            int(case["mask_picked"]),
+            smem_optin,
+            workspace,
+            _pointer(out),
+        )
         return {"indices": out}
     if op == "greedy_residual_select":
         gate = None if case.get("gate") is None else _f32(case["gate"])
@@ -76,9 +109,22 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
         indices = np.full((batch, k), -7, dtype=np.int64)
         energies = np.full((batch, k), np.nan, dtype=np.float32)
         status = lib.emu_greedy_residual_select(
-            _pointer(x), _pointer(lengths), batch, tokens, dim, k, _pointer(gate), _pointer(seed),
-            float(case.get("tol", 1e-5)), FORMS[case.get("algorithm", "auto")], int(case.get("sms", 4)), smem_optin,
-            workspace, _pointer(indices), _pointer(energies))
+            _pointer(x),
+            _pointer(lengths),
+            batch,
+            tokens,
+            dim,
+            k,
+            _pointer(gate),
+            _pointer(seed),
+            float(case.get("tol", 1e-5)),
+            FORMS[case.get("algorithm", "auto")],
+            int(case.get("sms", 4)),
+            smem_optin,
+            workspace,
+            _pointer(indices),
+            _pointer(energies),
+        )
         return {"indices": indices, "energies": energies, "status": status}
     raise ValueError(f"unknown op {op!r}")
 
@@ -96,9 +142,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def request(lib: Path, cases: list[dict], workdir: Path, order: str = "fwd", seed: int = 0, timeout_s: float = 120.0,
-            workers: int = 2, env: dict | None = None,
-            timeout: float = 600.0) -> tuple[subprocess.CompletedProcess, list[dict] | None]:
+def request(
+    lib: Path,
+    cases: list[dict],
+    workdir: Path,
+    order: str = "fwd",
+    seed: int = 0,
+    timeout_s: float = 120.0,
+    workers: int = 2,
+    env: dict | None = None,
+    timeout: float = 600.0,
+) -> tuple[subprocess.CompletedProcess, list[dict] | None]:
     """Runs ``cases`` on the emulator ``lib`` in a subprocess; returns the process and its results (``None`` when the
     emulator stopped on an error: its message is in the process's stderr)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +161,13 @@ def request(lib: Path, cases: list[dict], workdir: Path, order: str = "fwd", see
     config = {"order": order, "seed": seed, "timeout_s": timeout_s, "workers": workers}
     with open(request_path, "wb") as f:
         pickle.dump({"config": config, "cases": cases}, f)
-    proc = subprocess.run([sys.executable, __file__, str(lib), str(request_path), str(result_path)],
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(lib), str(request_path), str(result_path)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0 or not result_path.exists():
         return proc, None
     with open(result_path, "rb") as f:

@@ -1,0 +1,241 @@
+"""The CUDA kernels executed on the CPU: csrc/include/mrprune/kernels/*.cuh compiled with g++ against the CUDA
+emulation in csrc/emu (a fiber per CUDA thread, an OS thread per block, checked barriers and warp collectives,
+bounds-checked dynamic shared memory, co-resident blocks for the cooperative greedy launch), launched with the
+launchers' own plans (grid, block, chunking, workspaces), under three thread orders, against ``mrprune.reference``.
+
+Checks: topk exactly (rank counting is exact); diversity exactly on exactly representable inputs and on the
+gap-decided prefix elsewhere (near-maximisers everywhere); the greedy exactly on gap-screened inputs, by the
+tie-aware trajectory check otherwise. Small shapes only, but every kernel and every launch path: several tiles,
+chunked launches, the selection state in shared and in global memory, the factor cache partly and fully in shared
+memory, one and several blocks per item (the cross-block exchange), the fill phase, gates and seeds.
+
+The emulated process ends on a detected error; its stderr is the failure message. Without g++ the tests skip.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mrprune
+from tests import test_diversity_select as div
+from tests import test_greedy_residual_select as greedy
+from tests import test_topk_indices as topk
+from tests.cuda_emulation_driver import request
+from tests.utils import assert_close, clustered, oracle, padded
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDERS = ["fwd", "rev", "rand"]
+# The static shared memory of greedy_select_kernel<512> (kernels/greedy_residual_select.cuh: static_shared_bytes).
+GREEDY_STATIC_SHARED = 2240
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs g++")
+
+
+def build(tmp: Path, tsan: bool = False) -> Path:
+    lib = tmp / ("libcudaemu-tsan.so" if tsan else "libcudaemu.so")
+    command = ["bash", str(ROOT / "scripts" / "build_cuda_emulation.sh"), str(lib), *(["--tsan"] if tsan else [])]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return lib
+
+
+# --- cases: (driver request, check of its result) -----------------------------------------------------------------
+
+Check = Callable[[dict], None]
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().numpy()
+
+
+def topk_case(kind: str, lengths: list[int], k: int, sort_indices: bool, max_grid_y: int = 65535):
+    scores = topk.make_scores(kind, lengths, torch.float32, torch.Generator().manual_seed(len(lengths) + k))
+    lens = torch.tensor(lengths)
+    want = mrprune.reference.topk_indices(scores, lens, k, sort_indices)
+    assert torch.equal(want, topk.brute_force(scores, lens, k, sort_indices))
+
+    def check(result: dict) -> None:
+        assert torch.equal(torch.from_numpy(result["indices"]), want)
+
+    case = {
+        "op": "topk_indices",
+        "scores": _np(scores),
+        "lengths": _np(lens),
+        "k": k,
+        "sort_indices": sort_indices,
+        "max_grid_y": max_grid_y,
+    }
+    return case, check
+
+
+def diversity_exact_case(lengths: list[int], k: int, mask_picked: bool):
+    """Exactly representable tokens: every distance is exact, so the picks equal the brute force's."""
+    g = torch.Generator().manual_seed(300 + k)
+    features, lens = padded([div.exact_family(n, g).float() for n in lengths])
+    want = div.brute_batch(features, lens, k, mask_picked)
+
+    def check(result: dict) -> None:
+        assert torch.from_numpy(result["indices"]).tolist() == want.tolist()
+
+    case = {
+        "op": "diversity_select",
+        "features": _np(features),
+        "lengths": _np(lens),
+        "k": k,
+        "mask_picked": mask_picked,
+    }
+    return case, check
+
+
+def diversity_clustered_case(lengths: list[int], dim: int, k: int, mask_picked: bool, **plan):
+    """Clustered tokens vs the float64 reference: exact on the gap-decided prefix, near-maximisers everywhere."""
+    g = torch.Generator().manual_seed(sum(lengths) + dim)
+    features, lens = padded([clustered(n, dim, generator=g) for n in lengths])
+    want = oracle("diversity_select", features, lens, k, mask_picked)
+
+    def check(result: dict) -> None:
+        got = torch.from_numpy(result["indices"])
+        for b, n in enumerate(lengths):
+            count = min(k, n)
+            picks, ref = got[b].tolist(), want[b].tolist()
+            assert picks[count:] == [-1] * (k - count)
+            if count == 0:
+                continue
+            d = div.distance64(features[b, :n])
+            prefix = div.clear_prefix(d, ref[:count], mask_picked)
+            assert prefix >= min(count, 8), f"item {b}: test input near-tied at step {prefix}"
+            assert picks[:prefix] == ref[:prefix], (b, picks, ref)
+            div.assert_greedy_consistent(d, picks[:count], mask_picked)
+
+    case = {
+        "op": "diversity_select",
+        "features": _np(features),
+        "lengths": _np(lens),
+        "k": k,
+        "mask_picked": mask_picked,
+        **plan,
+    }
+    return case, check
+
+
+def greedy_case(kind: str, variant: str, k: int, algorithm: str, **plan):
+    """greedy.gapped_batch (exact picks and energies) or greedy.random_batch (trajectory checks)."""
+    batch = greedy.gapped_batch if kind == "gapped" else greedy.random_batch
+    features, lengths, gate, seed = batch(torch.float32, variant)[:4]
+    want_idx, want_e = greedy.batch_oracle(kind, torch.float32, variant, k)
+
+    def check(result: dict) -> None:
+        assert result["status"] == 0
+        idx, energies = torch.from_numpy(result["indices"]), torch.from_numpy(result["energies"])
+        if kind == "gapped":
+            assert idx.tolist() == want_idx.tolist()
+            assert_close(energies, want_e, rtol=1e-4, atol=1e-4)
+            return
+        steps = 0
+        for b in range(len(greedy.LENGTHS)):
+            v, g, s = greedy._item_args(features, lengths, gate, seed, b)
+            steps += greedy.check_trajectory(v, g, idx[b], energies[b], k, s)
+        assert steps >= min(k, 20)
+
+    case = {
+        "op": "greedy_residual_select",
+        "features": _np(features),
+        "lengths": _np(lengths),
+        "k": k,
+        "gate": _np(gate),
+        "seed": _np(seed),
+        "algorithm": algorithm,
+        **plan,
+    }
+    return case, check
+
+
+def greedy_too_large_case():
+    """min(k, N) past the shared memory left for the pivot row: the launcher's error, before any launch."""
+    features, lengths, *_ = greedy.random_batch(torch.float32, "plain")
+
+    def check(result: dict) -> None:
+        assert result["status"] == 1
+
+    case = {
+        "op": "greedy_residual_select",
+        "features": _np(features),
+        "lengths": _np(lengths),
+        "k": 50,
+        "algorithm": "gram",
+        "smem_optin": GREEDY_STATIC_SHARED + 16,
+    }
+    return case, check
+
+
+# Every kernel and launch path, small. Greedy plans: sms (co-resident blocks) and workspace_bytes (chunking) pick
+# the blocks per item; LENGTHS = (37, 0, 13, 50, 1), D = 19 (scalar loads).
+CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
+    "topk-ties-k1": lambda: topk_case("ties", [37, 0, 20, 1], 1, False),
+    "topk-ties-k20-sorted": lambda: topk_case("ties", [37, 0, 20, 1], 20, True),
+    "topk-zeros-kN": lambda: topk_case("zeros", [37, 0, 20, 1], 37, False),
+    # 3 tiles, partial tiles, 2 chunks of 3 items
+    "topk-tiles-chunked": lambda: topk_case("random", [600, 0, 299, 257], 250, False, max_grid_y=3),
+    "topk-tiles-chunked-sorted": lambda: topk_case("random", [600, 0, 299, 257], 250, True, max_grid_y=3),
+    "topk-infs-sorted": lambda: topk_case("infs", [256, 255, 513], 256, True),
+    "diversity-exact": lambda: diversity_exact_case([40, 0, 23], 12, True),
+    "diversity-exact-unmasked-kN": lambda: diversity_exact_case([40, 0, 23], 40, False),
+    # D % 4 != 0 (scalar Gram loads), 2 Gram tiles, state in global memory, one item per chunk
+    "diversity-global-state-chunked": lambda: diversity_clustered_case(
+        [150, 90], 7, 20, True, smem_optin=1024, workspace_bytes=1
+    ),
+    "diversity-shared-state": lambda: diversity_clustered_case([130, 0, 77], 16, 30, False),
+    # 12 blocks for 5 items: 2 per item, cross-block exchange
+    "greedy-gapped-gram-seeded": lambda: greedy_case("gapped", "gate_seed", 13, "gram", sms=12),
+    # one item per chunk, 4 blocks per item, fill phase (k = N)
+    "greedy-gapped-basis-chunked": lambda: greedy_case("gapped", "gate", 50, "basis", sms=4, workspace_bytes=1),
+    # one block per item, factor cache of 4 entries per column (ldf 8): partly in shared memory
+    "greedy-gapped-auto-small-cache": lambda: greedy_case(
+        "gapped", "plain", 7, "auto", sms=3, smem_optin=GREEDY_STATIC_SHARED + 32 + 16 * 50
+    ),
+    "greedy-random-gram": lambda: greedy_case("random", "gate", 50, "gram", sms=6),
+    "greedy-random-basis-seeded": lambda: greedy_case("random", "gate_seed", 13, "basis", sms=10),
+    "greedy-too-large": greedy_too_large_case,
+}
+
+
+@functools.cache
+def _cases() -> tuple[list[str], list[dict], list[Check]]:
+    names = list(CASES)
+    built = [CASES[name]() for name in names]
+    return names, [c for c, _ in built], [k for _, k in built]
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """``emulated(order)``: the results of every case under that thread order (one subprocess per order)."""
+    tmp = tmp_path_factory.mktemp("cudaemu")
+    lib = build(tmp)
+    cache: dict[str, list[dict]] = {}
+
+    def results(order: str) -> list[dict]:
+        if order not in cache:
+            proc, out = request(lib, _cases()[1], tmp, order=order, seed=7)
+            assert out is not None, f"emulator exit code {proc.returncode}:\n{proc.stderr[-6000:]}"
+            cache[order] = out
+        return cache[order]
+
+    return results
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("order", ORDERS)
+def test_emulated_kernels_match_reference(emulated, order, name):
+    """Every CUDA kernel, emulated on the CPU under forward, reverse and random thread orders, against the spec."""
+    names, _, checks = _cases()
+    index = names.index(name)
+    checks[index](emulated(order)[index])
