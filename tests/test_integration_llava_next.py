@@ -93,7 +93,7 @@ def test_pruners_see_the_packed_layout(model, inputs):
 
 @torch.no_grad()
 def test_layout_that_does_not_match_the_features_is_an_error(model, inputs, monkeypatch):
-    from mrprune.integrations import llava_next
+    from mrprune.integrations.hf.adapters import llava_next
 
     wrong = mrprune.LlavaNextLayout(rows=2, cols=2, base_side=4)
     monkeypatch.setattr(llava_next.LlavaNextLayout, "from_image_size", classmethod(lambda cls, *a, **k: wrong))

@@ -1,9 +1,40 @@
-"""Pruning methods: given each image's visual tokens and layout, the indices to keep (they call ops only)."""
+"""Pruning methods: given each image's visual tokens, the indices to keep (they call ops only, never model code).
+
+Stages
+------
+A method is a :class:`Pruner` that declares where it acts, its :class:`Stage`, and what it reads there, its
+:class:`Need` set (:mod:`mrprune.methods.stages`):
+
+* ``vision`` — scored by the vision encoder's attention at the layers the method names (the [CLS] row on CLIP
+  towers, per crop on LLaVA-NeXT; the attention each token receives on Qwen2.5-VL);
+* ``projector`` — scored on the tokens in the LLM input space, their layout, optionally text embeddings;
+* ``llm`` — scored inside the language model at decoder layer ``layer`` (hidden states, attention rows recomputed
+  from q/k).
+
+Every method implements one ``_select_batch(features [B, N, D], layouts, lengths, texts, **needs)`` returning kept
+indices per item; integrations deliver each need as a keyword argument and never look at the method's type. Each
+model adapter of an integration implements each stage once, so adding a method is one file here and one test file.
+"""
 
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
+from .fastv import FastV
 from .graph import GPrune, MRPruner
 from .presets import PRESETS, preset
 from .resprune import ALPHA_PRESETS, ResPrune
+from .stages import Need, Stage
 
-__all__ = ["ALPHA_PRESETS", "PRESETS", "DivPrune", "GPrune", "MRPruner", "Pruner", "RandomPruner", "ResPrune", "preset"]
+__all__ = [
+    "ALPHA_PRESETS",
+    "PRESETS",
+    "DivPrune",
+    "FastV",
+    "GPrune",
+    "MRPruner",
+    "Need",
+    "Pruner",
+    "RandomPruner",
+    "ResPrune",
+    "Stage",
+    "preset",
+]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .. import ops
 from ..layouts import GridLayout, LlavaNextLayout
+from .stages import Need, Stage
 
 Layout = LlavaNextLayout | GridLayout
 
@@ -38,10 +39,21 @@ def take_prefixes(indices: torch.Tensor, counts: Sequence[int]) -> list[torch.Te
 class Pruner:
     """Base class of the pruning methods.
 
-    Subclasses implement :meth:`_select_batch` and may set ``uses_text`` (the method takes text embeddings).
+    Subclasses implement :meth:`_select_batch` and declare where they act and what they read (see
+    :mod:`mrprune.methods.stages`): ``stage``, ``needs`` (each need arrives as a keyword argument of
+    ``_select_batch``), ``position_mode`` (the positions the kept tokens take by default in an integration) and, for
+    ``vision``-stage methods, ``attention_layers`` (the vision encoder layers whose attention they read).
     """
 
-    uses_text = False
+    stage: ClassVar[Stage] = Stage.PROJECTOR
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.LAYOUT})
+    position_mode: ClassVar[str] = "original"
+    attention_layers: tuple[int, ...] = ()
+
+    @property
+    def uses_text(self) -> bool:
+        """The method takes text embeddings (``Need.TEXT``)."""
+        return Need.TEXT in self.needs
 
     def select(
         self,

@@ -32,6 +32,8 @@ class DivPrune(Pruner):
     image is pruned on its own tokens. Distances are float32 (the official code uses the model dtype).
     """
 
+    position_mode = "compact"
+
     def __init__(self, keep_ratio: float = 0.098, official: bool = False) -> None:
         self.keep_ratio = check_keep_ratio(keep_ratio)
         self.official = official

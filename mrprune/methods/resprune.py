@@ -19,6 +19,7 @@ import torch
 from .. import ops
 from ..batching import pad_batch
 from .base import Pruner, check_keep_ratio, round_half_up, take_prefixes
+from .stages import Need
 
 __all__ = ["ALPHA_PRESETS", "ResPrune"]
 
@@ -54,7 +55,8 @@ class ResPrune(Pruner):
     is ever a pivot).
     """
 
-    uses_text = True
+    needs = Pruner.needs | {Need.TEXT, Need.CLS_SEED}
+    position_mode = "compact"
 
     def __init__(
         self,

@@ -1,0 +1,71 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): every image is a ``side x side`` raster of patch tokens, one crop
+of a CLIP tower."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ....layouts import GridLayout
+from ..vision import ItemAttention
+from . import clip
+from .base import Adapter
+
+__all__ = ["LlavaAdapter", "check_default_strategy", "config_argument"]
+
+
+def config_argument(arguments: dict[str, Any], name: str, config: Any) -> Any:
+    """A vision argument of the call, or the config's default (as ``merge_with_config_defaults`` fills it)."""
+    value = arguments.get(name)
+    return getattr(config, name) if value is None else value
+
+
+def check_default_strategy(config: Any, arguments: dict[str, Any]) -> None:
+    strategy = config_argument(arguments, "vision_feature_select_strategy", config)
+    if strategy != "default":
+        raise ValueError(
+            f"mrprune: vision_feature_select_strategy={strategy!r} keeps the CLS token among the image tokens, which "
+            "then are no grid; only 'default' is supported"
+        )
+
+
+class LlavaAdapter(Adapter):
+    """``LlavaForConditionalGeneration``: images are ``GridLayout(1, side, side)`` (24 x 24 for CLIP-336/14)."""
+
+    visual_keys = frozenset({"pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy"})
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self.attention_kind = "cls" if clip.cls_layers(self.base.vision_tower) is not None else None
+
+    def layout(self, modality: str, arguments: dict[str, Any], index: int) -> GridLayout:
+        check_default_strategy(self.model.config, arguments)
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return GridLayout(1, side, side)
+
+    def feature_attention_layer(self, arguments: dict[str, Any]) -> int | None:
+        feature_layer = config_argument(arguments, "vision_feature_layer", self.model.config)
+        return clip.feature_attention_layer(self.base.vision_tower, feature_layer)
+
+    @contextlib.contextmanager
+    def attention_probe(
+        self, modality: str, arguments: dict[str, Any], layers: Sequence[int]
+    ) -> Iterator[Callable[[], list[ItemAttention] | None]]:
+        with clip.cls_attention_probe(self.base.vision_tower, layers) as probe:
+
+            def items() -> list[ItemAttention] | None:
+                rows = probe()  # {layer: [images, P]}: one crop per image
+                if rows is None:
+                    return None
+                images, patches = next(iter(rows.values())).shape
+                crops = torch.zeros(patches, dtype=torch.int64)
+                return [
+                    ItemAttention("cls", {layer: scores[i] for layer, scores in rows.items()}, crops)
+                    for i in range(images)
+                ]
+
+            yield items
