@@ -17,6 +17,8 @@ from functools import cached_property
 
 import torch
 
+from . import _validation
+
 __all__ = ["GridLayout", "LlavaNextLayout", "best_resolution", "DEFAULT_GRID_PINPOINTS"]
 
 #: LLaVA-NeXT's default ``image_grid_pinpoints`` as (height, width) pairs.
@@ -37,6 +39,13 @@ def best_resolution(image_size: tuple[int, int], pinpoints: Sequence[Sequence[in
     return best
 
 
+def _integer_fields(layout: object, *names: str) -> None:
+    """Token counts are ints: a float or bool field would only fail later, as an index (NumPy ints become ints)."""
+    for name in names:
+        value = _validation.integer(type(layout).__name__, name, getattr(layout, name))
+        object.__setattr__(layout, name, value)  # frozen dataclass
+
+
 @dataclass(frozen=True)
 class LlavaNextLayout:
     """Token layout of one LLaVA-NeXT image.
@@ -55,6 +64,7 @@ class LlavaNextLayout:
     base_side: int = 24
 
     def __post_init__(self) -> None:
+        _integer_fields(self, "rows", "cols", "base_side")
         if self.base_side < 1:
             raise ValueError(f"LlavaNextLayout: base_side must be >= 1, got {self.base_side}")
         if self.rows < 0 or self.cols < 0:
@@ -133,6 +143,7 @@ class GridLayout:
     width: int = 24
 
     def __post_init__(self) -> None:
+        _integer_fields(self, "frames", "height", "width")
         if min(self.frames, self.height, self.width) < 1:
             raise ValueError(f"GridLayout: frames, height and width must be >= 1, got {self}")
 

@@ -407,7 +407,7 @@ def test_presets(name, k):
     ],
 )
 def test_bad_sizes_raise(kwargs):
-    with pytest.raises(ValueError, match="keep_ratio|budget"):
+    with pytest.raises((ValueError, TypeError), match="keep_ratio|budget"):  # TypeError: a float budget
         ResPrune(**kwargs)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .. import ops
 from ..layouts import GridLayout, LlavaNextLayout
+from . import _checks
 from .stages import Need, Stage
 
 Layout = LlavaNextLayout | GridLayout
@@ -25,10 +26,8 @@ def round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
-def check_keep_ratio(keep_ratio: float) -> float:
-    if isinstance(keep_ratio, bool) or not (isinstance(keep_ratio, int | float) and 0 < keep_ratio <= 1):
-        raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio!r}")
-    return float(keep_ratio)
+def check_keep_ratio(keep_ratio: float, owner: str = "Pruner") -> float:
+    return _checks.keep_ratio(owner, keep_ratio)
 
 
 def take_prefixes(indices: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
@@ -77,12 +76,8 @@ class Pruner:
         -------
         Tensor ``[K]``, int64, sorted ascending.
         """
-        if not isinstance(features, torch.Tensor) or features.dim() != 2:
-            raise ValueError(f"select: features must be a [N, D] tensor, got {getattr(features, 'shape', features)}")
-        layout = GridLayout(1, 1, features.shape[0]) if layout is None else layout
-        lengths = torch.tensor([features.shape[0]], device=features.device)
-        texts = None if text is None else [text]
-        return self.select_batch(features[None], [layout], lengths, texts, **kwargs)[0]
+        batch, layouts, lengths, texts = _checks.single_input(f"{type(self).__name__}.select", features, layout, text)
+        return self.select_batch(batch, layouts, lengths, texts, **kwargs)[0]
 
     def select_batch(
         self,
@@ -106,31 +101,18 @@ class Pruner:
 
         Returns
         -------
-        list of B int64 tensors, each sorted ascending.
+        list of B int64 tensors, each sorted ascending (``[]`` for an empty batch, ``B = 0``).
+
+        Raises
+        ------
+        ValueError or TypeError
+            Naming the method and the argument, for any input :func:`mrprune.methods._checks.batch_inputs` rejects.
         """
-        if not isinstance(features, torch.Tensor) or features.dim() != 3:
-            raise ValueError(f"select_batch: features must be [B, N, D], got {getattr(features, 'shape', features)}")
-        batch, tokens, _ = features.shape
-        lengths = torch.full((batch,), tokens) if lengths is None else torch.as_tensor(lengths)
-        if lengths.shape != (batch,):
-            raise ValueError(f"select_batch: lengths must have {batch} entries, got shape {tuple(lengths.shape)}")
-        lengths = lengths.to(device=features.device, dtype=torch.int64)
-        if len(layouts) != batch:
-            raise ValueError(f"select_batch: expected {batch} layouts, got {len(layouts)}")
-        sizes = lengths.tolist()
-        if min(sizes, default=1) < 1:
-            raise ValueError(f"select_batch: every image needs at least one token, got lengths {sizes}")
-        layouts = [GridLayout(1, 1, n) if lay is None else lay for lay, n in zip(layouts, sizes, strict=True)]
-        for b, (layout, n) in enumerate(zip(layouts, sizes, strict=True)):
-            if layout.num_tokens != n:
-                raise ValueError(
-                    f"select_batch: item {b} has {n} tokens but its layout {layout} describes {layout.num_tokens}"
-                )
-        if texts is not None and len(texts) != batch:
-            raise ValueError(f"select_batch: expected {batch} text entries, got {len(texts)}")
-        if texts is not None and not self.uses_text:
-            raise ValueError(f"{type(self).__name__} does not use text; pass texts=None")
-        kept = self._select_batch(features, list(layouts), lengths, texts, **kwargs)
+        owner = f"{type(self).__name__}.select_batch"
+        lengths, layouts = _checks.batch_inputs(owner, features, layouts, lengths, texts, self.uses_text)
+        if features.shape[0] == 0:
+            return []
+        kept = self._select_batch(features, layouts, lengths, texts, **kwargs)
         return [k.sort().values for k in kept]
 
     def _select_batch(

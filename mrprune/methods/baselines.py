@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from . import _checks
 from .base import Pruner, check_keep_ratio, round_half_up, take_prefixes
 
 __all__ = ["DivPrune", "RandomPruner"]
@@ -35,8 +36,8 @@ class DivPrune(Pruner):
     position_mode = "compact"
 
     def __init__(self, keep_ratio: float = 0.098, official: bool = False) -> None:
-        self.keep_ratio = check_keep_ratio(keep_ratio)
-        self.official = official
+        self.keep_ratio = check_keep_ratio(keep_ratio, "DivPrune")
+        self.official = _checks.flag("DivPrune", "official", official)
 
     def __repr__(self) -> str:
         return f"DivPrune(keep_ratio={self.keep_ratio}, official={self.official})"
@@ -55,8 +56,8 @@ class RandomPruner(Pruner):
     """
 
     def __init__(self, keep_ratio: float = 0.5, seed: int = 0) -> None:
-        self.keep_ratio = check_keep_ratio(keep_ratio)
-        self.seed = seed
+        self.keep_ratio = check_keep_ratio(keep_ratio, "RandomPruner")
+        self.seed = _checks.generator_seed("RandomPruner", seed)
 
     def __repr__(self) -> str:
         return f"RandomPruner(keep_ratio={self.keep_ratio}, seed={self.seed})"

@@ -21,6 +21,7 @@ import torch
 from .. import ops
 from ..batching import pad_batch
 from ..layouts import LlavaNextLayout
+from . import _checks
 from .base import Layout, Pruner, check_keep_ratio, round_half_up, top_tokens
 
 __all__ = ["GPrune", "MRPruner"]
@@ -121,10 +122,13 @@ class MRPruner(Pruner):
         iterations: int = 1,
         beta: float = 0.5,
     ) -> None:
-        self.keep_ratio = check_keep_ratio(keep_ratio)
-        self.official = official
-        self.threshold, self.cross_threshold, self.temperature = threshold, cross_threshold, temperature
-        self.iterations, self.beta = iterations, beta
+        self.keep_ratio = check_keep_ratio(keep_ratio, "MRPruner")
+        self.official = _checks.flag("MRPruner", "official", official)
+        self.threshold, self.temperature, self.iterations = _checks.graph_params(
+            "MRPruner", threshold, temperature, iterations
+        )
+        self.cross_threshold = _checks.real("MRPruner", "cross_threshold", cross_threshold)
+        self.beta = _checks.real("MRPruner", "beta", beta)
 
     def __repr__(self) -> str:
         return f"MRPruner(keep_ratio={self.keep_ratio}, official={self.official}, beta={self.beta})"
@@ -135,7 +139,13 @@ class MRPruner(Pruner):
         n_low, n_high = low_norms.numel(), high_norms.numel()
         if self.official:
             total = int(self.keep_ratio * layout.num_tokens)
-            share = low_norms.mean() / (low_norms.mean() + high_norms.mean())  # 0-dim float32, as in the official code
+            mass = low_norms.mean() + high_norms.mean()
+            if not bool(mass > 0):  # the official code divides by it (and crashes on int(nan))
+                raise ValueError(
+                    f"mrprune.MRPruner(official=True): the mean token norms of an image sum to {float(mass)} (all-zero "
+                    "features?), so the official budget split m_L / (m_L + m_H) is undefined; use official=False"
+                )
+            share = low_norms.mean() / mass  # 0-dim float32, as in the official code
             k_low = min(int(total * share), n_low)
             return k_low, min(total - k_low, n_high)
         scored = min(_scored_budget(self.keep_ratio, layout, always), n_low + n_high)
@@ -151,8 +161,8 @@ class MRPruner(Pruner):
         if self.official:
             _require_official_layout("MRPruner", layouts)
         split = _Resolutions.split(features, layouts)
-        low_norms = split.low.float().norm(dim=-1)
-        high_norms = split.high.float().norm(dim=-1)
+        low_norms = _checks.token_norms("MRPruner", split.low, split.low_lengths)
+        high_norms = _checks.token_norms("MRPruner", split.high, split.high_lengths)
         budgets = [
             self._budgets(
                 layout,
@@ -210,9 +220,11 @@ class GPrune(Pruner):
         temperature: float = 0.03,
         iterations: int = 5,
     ) -> None:
-        self.keep_ratio = check_keep_ratio(keep_ratio)
-        self.official = official
-        self.threshold, self.temperature, self.iterations = threshold, temperature, iterations
+        self.keep_ratio = check_keep_ratio(keep_ratio, "GPrune")
+        self.official = _checks.flag("GPrune", "official", official)
+        self.threshold, self.temperature, self.iterations = _checks.graph_params(
+            "GPrune", threshold, temperature, iterations
+        )
 
     def __repr__(self) -> str:
         return f"GPrune(keep_ratio={self.keep_ratio}, official={self.official}, iterations={self.iterations})"

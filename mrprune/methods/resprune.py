@@ -18,6 +18,7 @@ import torch
 
 from .. import ops
 from ..batching import pad_batch
+from . import _checks
 from .base import Pruner, check_keep_ratio, round_half_up, take_prefixes
 from .stages import Need
 
@@ -67,19 +68,19 @@ class ResPrune(Pruner):
         noun_extractor: Callable[[str], list[str]] | None = None,
     ) -> None:
         if (keep_ratio is None) == (budget is None):
-            raise ValueError("ResPrune: give exactly one of keep_ratio and budget")
-        self.keep_ratio = None if keep_ratio is None else check_keep_ratio(keep_ratio)
-        if budget is not None and not (isinstance(budget, int) and budget >= 1):
-            raise ValueError(f"ResPrune: budget must be a positive int, got {budget!r}")
-        self.budget = budget
+            raise ValueError("mrprune.ResPrune: give exactly one of keep_ratio and budget")
+        self.keep_ratio = None if keep_ratio is None else check_keep_ratio(keep_ratio, "ResPrune")
+        self.budget = None if budget is None else _checks.count("ResPrune", "budget", budget, minimum=1)
         if isinstance(alpha, str):
             if alpha not in ALPHA_PRESETS:
-                raise ValueError(f"ResPrune: alpha must be a number or one of {sorted(ALPHA_PRESETS)}, got {alpha!r}")
+                raise ValueError(
+                    f"mrprune.ResPrune: alpha must be a number or one of {sorted(ALPHA_PRESETS)}, got {alpha!r}"
+                )
             alpha = ALPHA_PRESETS[alpha]
-        if not alpha >= 0:
-            raise ValueError(f"ResPrune: alpha must be >= 0, got {alpha}")
-        self.alpha = float(alpha)
-        self.exhaustion_tol = exhaustion_tol
+        self.alpha = _checks.non_negative("ResPrune", "alpha", alpha)
+        self.exhaustion_tol = _checks.tolerance("ResPrune", "exhaustion_tol", exhaustion_tol)
+        if noun_extractor is not None and not callable(noun_extractor):
+            raise TypeError(f"mrprune.ResPrune: noun_extractor must be callable or None, got {noun_extractor!r}")
         self.noun_extractor = noun_extractor
 
     def __repr__(self) -> str:
@@ -105,10 +106,11 @@ class ResPrune(Pruner):
 
     def _select_batch(self, features, layouts, lengths, texts, seeds=None, **kwargs):
         counts = [self._count(n) for n in lengths.tolist()]
-        largest_norm = ops.topk_indices(features.float().norm(dim=-1), lengths, 1)[:, 0]  # ties to the lower index
+        norms = _checks.token_norms("ResPrune", features, lengths)
+        largest_norm = ops.topk_indices(norms, lengths, 1)[:, 0]  # ties to the lower index
         if seeds is None:
             seeds = largest_norm
-        seeds = torch.as_tensor(seeds, dtype=torch.int64, device=features.device).reshape(-1)
+        seeds = _checks.item_seeds("ResPrune.select_batch", seeds, lengths)
         seeds = torch.where(seeds < 0, largest_norm, seeds)
         picks, _ = ops.greedy_residual_select(
             features, lengths, max(counts, default=0), self._gate(features, lengths, texts), seeds, self.exhaustion_tol
