@@ -71,6 +71,15 @@ def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
+# The C++ kernels compute Grams of float16/bfloat16 features natively (float32 accumulation, never an upcast copy of
+# the N x D features); other dtypes are converted to float32.
+_NATIVE_FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _features(t: torch.Tensor) -> torch.Tensor:
+    return (t if t.dtype in _NATIVE_FEATURE_DTYPES else t.to(torch.float32)).contiguous()
+
+
 def _int64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.int64).contiguous()
 
@@ -79,7 +88,7 @@ def _int64(t: torch.Tensor | None) -> torch.Tensor | None:
 _CANONICAL: dict[str, Callable[..., tuple]] = {
     "cosine_graph": lambda x, lens, thr, temp: (_float32(x), _int64(lens), thr, temp),
     "graph_propagate": lambda g, deg, w, lens, it: (_float32(g), _float32(deg), _float32(w), _int64(lens), it),
-    "graph_scores": lambda x, lens, w, thr, temp, it: (_float32(x), _int64(lens), _float32(w), thr, temp, it),
+    "graph_scores": lambda x, lens, w, thr, temp, it: (_features(x), _int64(lens), _float32(w), thr, temp, it),
     "transfer_scores": lambda q, ql, k, km, kw, thr, temp: (
         _float32(q),
         _int64(ql),

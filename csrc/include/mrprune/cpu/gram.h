@@ -1,0 +1,163 @@
+// Cosine Grams of feature rows in their stored precision (float32, bfloat16, float16), tile by tile.
+//
+// cos(x_i, x_j) = (x_i . x_j) * (inv_i * inv_j) with inv_i = 1 / max(||x_i||, 1e-12) in float32: the raw dot
+// products come from gram_kernels.h (float32 accumulation, per-pair order), and the rows are never normalised (nor
+// upcast) in half precision. Both factors are symmetric in i and j, so the cosine Gram is bitwise symmetric and
+// identical tokens get identical rows.
+//
+// The n x n Gram is visited one tile pair at a time and only for column tiles at or right of the row tile (the upper
+// triangle: half the multiply-adds); callers fuse their thresholding, statistics or selection into the visit, so no
+// n x n matrix has to exist.
+#pragma once
+
+#include <atomic>
+#include <cstdlib>
+
+#include "mrprune/cpu/common.h"
+#include "mrprune/cpu/gram_kernels.h"
+
+namespace mrprune::cpu {
+
+using gemm::RowMatrix;
+using gemm::TileDots;
+
+inline dots::Elem elem_of(ScalarType type) {
+  switch (type) {
+    case ScalarType::Float:
+      return dots::Elem::kFloat32;
+    case ScalarType::BFloat16:
+      return dots::Elem::kBFloat16;
+    case ScalarType::Half:
+      return dots::Elem::kFloat16;
+    default:
+      STD_TORCH_CHECK(false, "mrprune: features must be float32, bfloat16 or float16 (the router converts others)");
+  }
+  return dots::Elem::kFloat32;
+}
+
+// features [B, N, D] (float32/bfloat16/float16, contiguous) and the router's contract.
+inline void check_features(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu(), "mrprune: ", name, " must be a CPU tensor");
+  STD_TORCH_CHECK(t.dim() == 3, "mrprune: ", name, " must be 3-D");
+  elem_of(t.scalar_type());
+  STD_TORCH_CHECK(t.is_contiguous(), "mrprune: ", name, " must be contiguous");
+}
+
+// Rows [0, n) of item b of features [B, N, D].
+inline RowMatrix item_rows(const Tensor& features, int64_t b, int64_t n) {
+  const dots::Elem elem = elem_of(features.scalar_type());
+  const int64_t tokens = features.size(1), dim = features.size(2);
+  const char* base = static_cast<const char*>(features.const_data_ptr()) + b * tokens * dim * dots::elem_size(elem);
+  return RowMatrix{base, elem, n, dim, dim};
+}
+
+// norms[i] = ||x_i|| (float32, fixed order), inv[i] = 1 / max(||x_i||, 1e-12) (either may be nullptr).
+inline void row_norms(const RowMatrix& x, float* norms, float* inv) {
+  torch::stable::parallel_for(0, x.rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float norm = std::sqrt(dots::self_dot(x.row(i), x.elem, x.d));
+      if (norms != nullptr) norms[i] = norm;
+      if (inv != nullptr) inv[i] = 1.f / std::max(norm, kNormEps);
+    }
+  });
+}
+
+// Edge length of the Gram tiles of the visits below.
+constexpr int64_t kTileRows = TileDots::kMaxRows;
+constexpr int64_t kTileCols = TileDots::kMaxCols;
+
+// Calls fn(i0, m, j0, n, raw, ld) for every block of the upper triangle of x x^T (rows i0..i0+m, columns
+// j0..j0+n with j0 >= i0; raw[r * ld + c] = x_{i0+r} . x_{j0+c}, raw dot products), in parallel. Every unordered
+// pair {i, j} lies in exactly one block as (min, max); a block starting on the diagonal also holds pairs with j < i,
+// which the callback must skip. fn runs concurrently for different blocks; `slot` (0 <= slot < slots()) identifies
+// the calling chunk for per-chunk scratch.
+class UpperTiles {
+ public:
+  explicit UpperTiles(int64_t n) : n_(n), row_tiles_((n + kTileRows - 1) / kTileRows) {}
+
+  // Work items pair row tile w with row tile R-1-w, so every item holds about the same number of blocks.
+  int64_t items() const { return (row_tiles_ + 1) / 2; }
+
+  // `stop` (optional) ends the visit early once set by a callback.
+  template <class F>
+  void visit(const RowMatrix& x, const F& fn, const std::atomic<bool>* stop = nullptr) const {
+    torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t end) {
+      TileDots dots(x.elem);
+      for (int64_t w = begin; w < end; ++w) {
+        visit_row_tile(x, dots, w, begin, fn, stop);
+        if (row_tiles_ - 1 - w != w) visit_row_tile(x, dots, row_tiles_ - 1 - w, begin, fn, stop);
+      }
+    });
+  }
+
+ private:
+  template <class F>
+  void visit_row_tile(const RowMatrix& x, TileDots& dots, int64_t t, int64_t slot, const F& fn,
+                      const std::atomic<bool>* stop) const {
+    const int64_t i0 = t * kTileRows, m = std::min(kTileRows, n_ - i0);
+    for (int64_t j0 = i0; j0 < n_; j0 += kTileCols) {
+      if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
+      const int64_t n = std::min(kTileCols, n_ - j0);
+      fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n), TileDots::ld(), slot);
+    }
+  }
+
+  int64_t n_, row_tiles_;
+};
+
+// Calls fn(i0, m, j0, n, raw, ld) for every block of a b^T (rows of a by rows of b), in parallel over row tiles.
+template <class F>
+inline void visit_cross_tiles(const RowMatrix& a, const RowMatrix& b, const F& fn) {
+  const int64_t row_tiles = (a.rows + kTileRows - 1) / kTileRows;
+  torch::stable::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
+    TileDots dots(a.elem);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = t * kTileRows, m = std::min(kTileRows, a.rows - i0);
+      for (int64_t j0 = 0; j0 < b.rows; j0 += kTileCols) {
+        const int64_t n = std::min(kTileCols, b.rows - j0);
+        fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n), TileDots::ld());
+      }
+    }
+  });
+}
+
+// The full cosine Gram S[:n, :n] (row stride lds) of x: upper blocks computed once, mirrored (bitwise symmetric).
+inline void cosine_gram(const RowMatrix& x, const float* inv, float* s, int64_t lds) {
+  const int64_t n = x.rows;
+  UpperTiles(n).visit(x, [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld,
+                             int64_t) {
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t i = i0 + r;
+      for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) {
+        const int64_t j = j0 + c;
+        const float v = raw[r * ld + c] * (inv[i] * inv[j]);
+        s[i * lds + j] = v;
+        s[j * lds + i] = v;
+      }
+    }
+  });
+}
+
+// The raw Gram G = x x^T (no normalisation), bitwise symmetric, into g[:n, :n] (row stride ldg).
+inline void raw_gram(const RowMatrix& x, float* g, int64_t ldg) {
+  UpperTiles(x.rows).visit(x, [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld,
+                                  int64_t) {
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t i = i0 + r;
+      for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) {
+        g[i * ldg + j0 + c] = raw[r * ld + c];
+        g[(j0 + c) * ldg + i] = raw[r * ld + c];
+      }
+    }
+  });
+}
+
+// Extra-memory budget (bytes) of the CPU kernels' optional structures (graph edge lists, a materialised Gram):
+// the feature matrix's own size, at least 256 MiB. MRPRUNE_CPU_WORKSPACE_BYTES overrides it (tests use it to force
+// the streaming paths on small inputs).
+inline int64_t workspace_budget(const RowMatrix& x) {
+  if (const char* env = std::getenv("MRPRUNE_CPU_WORKSPACE_BYTES")) return std::atoll(env);
+  return std::max<int64_t>(int64_t{256} << 20, x.rows * x.d * dots::elem_size(x.elem));
+}
+
+}  // namespace mrprune::cpu

@@ -1,0 +1,404 @@
+// Blocks of dot products between feature rows (a Gram tile), stored as float32, bfloat16 or float16, with float32
+// accumulation, in an order that depends only on the two rows.
+//
+// Each dot product x_i . x_j is accumulated in ONE float32 register lane, sequentially over k by fused multiply-add
+// (float32 and float16 rows; bfloat16 rows on CPUs without AVX-512 BF16), or sequentially over pairs of k by
+// VDPBF16PS (bfloat16 rows with AVX-512 BF16). Which block, tile position, thread or kernel edge case computes the
+// pair never changes its rounding, so
+//   * identical tokens get bit-identical similarities (exact ties stay exact; issue 14),
+//   * x_i . x_j == x_j . x_i bitwise (every product is commutative and the order is the same): a Gram built from
+//     these tiles is exactly symmetric,
+//   * a row recomputed later (streaming selections) equals the one computed inside a tile.
+//
+// Half precision is never upcast as a whole: a product of two bfloat16 (8-bit significand) or two float16 (11-bit)
+// numbers is exact in float32 (24 bits), so the float32-accumulated dot product of raw half rows equals the float32
+// computation on upcast rows up to summation order. float16 rows (and bfloat16 rows without AVX-512 BF16) are
+// converted one k-chunk of one tile at a time and give bit-identical results to upcast float32 rows; with VDPBF16PS
+// the two products of a pair are summed in the instruction's order and denormal inputs read as 0.
+//
+// Layout (a BLIS-style outer-product kernel): an 8-row by 32-column accumulator block; the 8 "A" values per k are
+// broadcast straight from the rows (or from a float32 copy of the k-chunk for converted types); the "B" rows are
+// packed k-major ([k][32] floats, or [pair][32] bfloat16 pairs) by 16 x 16 register transposes.
+//
+// Torch-free C++17: the AVX-512 code is compiled by target attributes and chosen at run time
+// (dots::isa()); other CPUs use portable loops with the same per-pair order as the float32 path.
+#pragma once
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "mrprune/cpu/dot_kernels.h"
+
+namespace mrprune::cpu::gemm {
+
+using dots::Elem;
+
+// A row-major [rows, d] matrix of features in their stored type (row stride in elements).
+struct RowMatrix {
+  const void* data;
+  Elem elem;
+  int64_t rows;
+  int64_t d;
+  int64_t stride;
+
+  const void* row(int64_t i) const {
+    return static_cast<const char*>(data) + i * stride * dots::elem_size(elem);
+  }
+};
+
+constexpr int kMR = 8;        // accumulator rows
+constexpr int kNR = 32;       // accumulator columns (two zmm)
+constexpr int64_t kKC = 256;  // k per chunk (elements, or bfloat16 pairs)
+
+// k rounded up to whole 16-word steps (packed panels and AMX tiles are padded with zeros to it).
+constexpr int64_t padded(int64_t k) { return (k + 15) / 16 * 16; }
+
+#ifdef MRPRUNE_X86_AVX512
+
+// In-register transpose of a 16 x 16 block of 32-bit values: out[k][r] = in[r][k].
+MRPRUNE_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // rows 4g .. 4g+3
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  // u[4g + m] holds, in 128-bit lane L, rows 4g..4g+3 at k = 4L + m.
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+    r[m] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[8 + m] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[4 + m] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+// 16 consecutive 32-bit words (float32 values, or bfloat16 pairs) of a row from word k, zero past `words`.
+MRPRUNE_AVX512 inline __m512 load_words(const void* row, int64_t k, int64_t words) {
+  const int64_t left = words - k;
+  const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff)
+                         : left <= 0 ? static_cast<__mmask16>(0)
+                                     : static_cast<__mmask16>((1u << left) - 1);
+  return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(row) + k);
+}
+
+// Pack B: rows [0, nb) of `rows` (pointers), k-chunk [k0, k0 + kc) of 32-bit words (float32 values or bfloat16
+// pairs; `words` per row), into panels of 32 columns: out[(p * kcp + k) * 32 + c] = row[32 p + c][k0 + k] with
+// kcp = padded(kc); missing rows and k (up to kcp) are 0. Element types that the kernel does not take natively are converted here (float16/bfloat16 to
+// float32): then `words` counts elements.
+MRPRUNE_AVX512 inline void pack_b_avx512(const void* const* rows, int64_t nb, Elem elem, bool convert, int64_t k0,
+                                         int64_t kc, int64_t words, float* out) {
+  const int64_t kcp = padded(kc);
+  const int64_t panels = (nb + kNR - 1) / kNR;
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t half = 0; half < 2; ++half) {
+      for (int64_t kb = 0; kb < kcp; kb += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t c = p * kNR + half * 16 + i;
+          if (c >= nb) {
+            r[i] = _mm512_setzero_ps();
+          } else if (!convert) {
+            r[i] = load_words(rows[c], k0 + kb, std::min(words, k0 + kc));
+          } else {
+            const int64_t left = std::min(words, k0 + kc) - (k0 + kb);
+            const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                   : left <= 0 ? static_cast<__mmask16>(0)
+                                               : static_cast<__mmask16>((1u << left) - 1);
+            r[i] = dots::load16(rows[c], elem, k0 + kb, mask);
+          }
+        }
+        transpose16(r);
+        for (int64_t k = 0; k < 16; ++k) _mm512_storeu_ps(out + (p * kcp + kb + k) * kNR + half * 16, r[k]);
+      }
+    }
+  }
+}
+
+// C[R x 32] (+)= A[R rows, kc] B[kc x 32]; A rows are float32 at a[r] (already offset to the chunk).
+template <int R>
+MRPRUNE_AVX512 void kernel_f32(const float* const* a, const float* b, int64_t kc, float* c, int64_t ldc,
+                               bool accumulate) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
+    acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * kNR), b1 = _mm512_loadu_ps(b + k * kNR + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r][k]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+  }
+}
+
+// The same with bfloat16 pairs: a[r] points at the chunk's first pair (uint32), b holds [kc pairs][32] pairs.
+template <int R>
+MRPRUNE_AVX512_BF16 void kernel_bf16dp(const uint32_t* const* a, const float* b, int64_t kc, float* c, int64_t ldc,
+                                       bool accumulate) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
+    acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_ps(b + k * kNR);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_ps(b + k * kNR + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r][k]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+  }
+}
+
+using KernelF32 = void (*)(const float* const*, const float*, int64_t, float*, int64_t, bool);
+using KernelBF16 = void (*)(const uint32_t* const*, const float*, int64_t, float*, int64_t, bool);
+
+inline KernelF32 kernel_f32_rows(int r) {
+  static const KernelF32 table[kMR] = {&kernel_f32<1>, &kernel_f32<2>, &kernel_f32<3>, &kernel_f32<4>,
+                                       &kernel_f32<5>, &kernel_f32<6>, &kernel_f32<7>, &kernel_f32<8>};
+  return table[r - 1];
+}
+
+inline KernelBF16 kernel_bf16_rows(int r) {
+  static const KernelBF16 table[kMR] = {&kernel_bf16dp<1>, &kernel_bf16dp<2>, &kernel_bf16dp<3>, &kernel_bf16dp<4>,
+                                        &kernel_bf16dp<5>, &kernel_bf16dp<6>, &kernel_bf16dp<7>, &kernel_bf16dp<8>};
+  return table[r - 1];
+}
+
+
+// AMX (TDPBF16PS) for bfloat16 pairs: a 32 x 32 block from four 16 x 16 float32 accumulator tiles. a: [32 rows][lda
+// words] zero-padded pairs, b: one packed 32-column panel ([kcp][32] pairs), c: result block (row stride ldc floats).
+// The tile configuration (every tile 16 rows x 64 bytes) is loaded by the caller.
+#define MRPRUNE_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
+
+MRPRUNE_AMX inline void kernel_amx(const uint32_t* a, int64_t lda, const float* b, int64_t kcp, float* c, int64_t ldc,
+                                   bool accumulate) {
+  const int64_t cstride = ldc * 4, astride = lda * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, cstride);
+    _tile_loadd(1, c + 16, cstride);
+    _tile_loadd(2, c + 16 * ldc, cstride);
+    _tile_loadd(3, c + 16 * ldc + 16, cstride);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t p = 0; p < kcp; p += 16) {
+    _tile_loadd(4, a + p, astride);
+    _tile_loadd(5, a + 16 * lda + p, astride);
+    _tile_loadd(6, b + p * kNR, kNR * 4);
+    _tile_loadd(7, b + p * kNR + 16, kNR * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, cstride);
+  _tile_stored(1, c + 16, cstride);
+  _tile_stored(2, c + 16 * ldc, cstride);
+  _tile_stored(3, c + 16 * ldc + 16, cstride);
+}
+
+struct alignas(64) AmxConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+MRPRUNE_AMX inline void amx_begin() {
+  static const AmxConfig config = [] {
+    AmxConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    return cfg;
+  }();
+  _tile_loadconfig(&config);
+}
+
+MRPRUNE_AMX inline void amx_end() { _tile_release(); }
+
+#endif  // MRPRUNE_X86_AVX512
+
+// Computes blocks of raw dot products C[i, j] = a_i . b_j (at most kMaxRows x kMaxCols per call). One object per
+// thread: it owns the packing and conversion buffers and the result block.
+class TileDots {
+ public:
+  static constexpr int64_t kMaxRows = 128;
+  static constexpr int64_t kMaxCols = 128;
+
+  explicit TileDots(Elem elem) : elem_(elem) {
+#ifdef MRPRUNE_X86_AVX512
+    avx512_ = dots::isa().avx512;
+#endif
+    // bfloat16 pairs go straight into VDPBF16PS (needs an even d, checked per call); everything else is float32.
+    pairs_ = avx512_ && elem == Elem::kBFloat16 && dots::isa().avx512_bf16;
+    amx_ = avx512_ && elem == Elem::kBFloat16 && dots::isa().amx_bf16;
+    convert_ = elem != Elem::kFloat32;
+    packed_.reset(new float[kMaxCols * padded(kKC)]);
+    result_.reset(new float[kMaxRows * kMaxCols]);
+    if (!avx512_) portable_a_.reset(new float[kMaxRows * kKC]);
+    if (convert_ || amx_) converted_.reset(new float[kMaxRows * kKC]);  // float32 rows, or zero-padded pairs for AMX
+  }
+
+  // Result row stride of compute().
+  static constexpr int64_t ld() { return kMaxCols; }
+
+  // C[r, c] = a.row(i0 + r) . b.row(j0 + c) for r < m <= kMaxRows, c < n <= kMaxCols; returns C (row stride ld()).
+  const float* compute(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n) {
+    const int64_t d = a.d;
+    if (m == 0 || n == 0) return result_.get();
+    if (d == 0) {
+      for (int64_t r = 0; r < m; ++r) std::fill(result_.get() + r * ld(), result_.get() + r * ld() + n, 0.f);
+      return result_.get();
+    }
+#ifdef MRPRUNE_X86_AVX512
+    if (avx512_) {
+      compute_avx512(a, i0, m, b, j0, n);
+      return result_.get();
+    }
+#endif
+    compute_portable(a, i0, m, b, j0, n);
+    return result_.get();
+  }
+
+ private:
+  // The same blocking and per-pair order as the AVX-512 float32 path (one accumulator per pair, k ascending, fused
+  // multiply-add), in plain loops the compiler vectorises: bit-identical results on every CPU.
+  void compute_portable(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n) {
+    const int64_t d = a.d, panels = (n + kNR - 1) / kNR;
+    float* abuf = portable_a_.get();
+    float* bbuf = packed_.get();
+    for (int64_t k0 = 0; k0 < d; k0 += kKC) {
+      const int64_t kc = std::min(kKC, d - k0);
+      for (int64_t c = 0; c < panels * kNR; ++c) {
+        for (int64_t k = 0; k < kc; ++k) {
+          bbuf[((c / kNR) * kc + k) * kNR + c % kNR] = c < n ? dots::load(b.row(j0 + c), elem_, k0 + k) : 0.f;
+        }
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t k = 0; k < kc; ++k) abuf[r * kKC + k] = dots::load(a.row(i0 + r), elem_, k0 + k);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t p = 0; p < panels; ++p) {
+          float acc[kNR];
+          float* c = result_.get() + r * ld() + p * kNR;
+          for (int j = 0; j < kNR; ++j) acc[j] = k0 > 0 ? c[j] : 0.f;
+          const float* bp = bbuf + p * kc * kNR;
+          for (int64_t k = 0; k < kc; ++k) {
+            const float av = abuf[r * kKC + k];
+            for (int j = 0; j < kNR; ++j) acc[j] = std::fma(av, bp[k * kNR + j], acc[j]);
+          }
+          for (int j = 0; j < kNR; ++j) c[j] = acc[j];
+        }
+      }
+    }
+  }
+
+#ifdef MRPRUNE_X86_AVX512
+  void compute_avx512(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n) {
+    const int64_t d = a.d;
+    const bool amx = (pairs_ || amx_) && d % 2 == 0 ? amx_ : false;
+    const bool pairs = pairs_ && d % 2 == 0;
+    const bool convert = convert_ && !pairs && !amx;
+    const int64_t words = (pairs || amx) ? d / 2 : d;  // 32-bit words per row
+    const void* brows[kMaxCols];
+    for (int64_t c = 0; c < n; ++c) brows[c] = b.row(j0 + c);
+    const int64_t panels = (n + kNR - 1) / kNR;
+    if (amx) amx_begin();
+    for (int64_t k0 = 0; k0 < words; k0 += kKC) {
+      const int64_t kc = std::min(kKC, words - k0), kcp = padded(kc);
+      pack_b_avx512(brows, n, elem_, convert, k0, kc, words, packed_.get());
+      if (amx) {
+        const int64_t blocks = (m + 31) / 32;
+        copy_pairs(a, i0, m, blocks * 32, k0, kc, kcp);
+        const uint32_t* abuf = reinterpret_cast<const uint32_t*>(converted_.get());
+        for (int64_t r0 = 0; r0 < blocks * 32; r0 += 32) {
+          for (int64_t p = 0; p < panels; ++p) {
+            kernel_amx(abuf + r0 * kKC, kKC, packed_.get() + p * kcp * kNR, kcp, result_.get() + r0 * ld() + p * kNR,
+                       ld(), k0 > 0);
+          }
+        }
+        continue;
+      }
+      if (convert) convert_rows(a, i0, m, k0, kc);
+      for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMR, m - r0));
+        const void* arows[kMR];
+        for (int r = 0; r < rows; ++r) {
+          arows[r] = convert ? static_cast<const void*>(converted_.get() + (r0 + r) * kKC)
+                             : static_cast<const void*>(static_cast<const uint32_t*>(a.row(i0 + r0 + r)) + k0);
+        }
+        for (int64_t p = 0; p < panels; ++p) {
+          float* c = result_.get() + r0 * ld() + p * kNR;
+          const float* bp = packed_.get() + p * kcp * kNR;
+          if (pairs) {
+            kernel_bf16_rows(rows)(reinterpret_cast<const uint32_t* const*>(arows), bp, kc, c, ld(), k0 > 0);
+          } else {
+            kernel_f32_rows(rows)(reinterpret_cast<const float* const*>(arows), bp, kc, c, ld(), k0 > 0);
+          }
+        }
+      }
+    }
+    if (amx) amx_end();
+  }
+
+  // The k-chunk of the A rows as bfloat16 pairs, rows [m, rows) and pairs [kc, kcp) zero (AMX loads whole tiles).
+  MRPRUNE_AVX512 void copy_pairs(const RowMatrix& a, int64_t i0, int64_t m, int64_t rows, int64_t k0, int64_t kc,
+                                 int64_t kcp) {
+    uint32_t* buf = reinterpret_cast<uint32_t*>(converted_.get());
+    for (int64_t r = 0; r < rows; ++r) {
+      uint32_t* dst = buf + r * kKC;
+      if (r >= m) {
+        std::fill(dst, dst + kcp, 0u);
+        continue;
+      }
+      const uint32_t* src = static_cast<const uint32_t*>(a.row(i0 + r)) + k0;
+      std::copy(src, src + kc, dst);
+      std::fill(dst + kc, dst + kcp, 0u);
+    }
+  }
+
+  // float32 copies of the k-chunk of the A rows (float16, or bfloat16 without VDPBF16PS).
+  MRPRUNE_AVX512 void convert_rows(const RowMatrix& a, int64_t i0, int64_t m, int64_t k0, int64_t kc) {
+    for (int64_t r = 0; r < m; ++r) {
+      float* dst = converted_.get() + r * kKC;
+      for (int64_t k = 0; k < kc; k += 16) {
+        const int64_t left = kc - k;
+        const __mmask16 mask =
+            left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+        _mm512_mask_storeu_ps(dst + k, mask, dots::load16(a.row(i0 + r), elem_, k0 + k, mask));
+      }
+    }
+  }
+#endif
+
+  Elem elem_;
+  bool avx512_ = false, pairs_ = false, amx_ = false, convert_ = false;
+  std::unique_ptr<float[]> packed_, result_, converted_, portable_a_;
+};
+
+}  // namespace mrprune::cpu::gemm
