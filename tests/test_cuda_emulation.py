@@ -208,6 +208,36 @@ CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
 }
 
 
+def greedy_single_item_case(n: int, dim: int, k: int, algorithm: str, sms: int):
+    """One random item over ``sms`` blocks (cross-block exchange every step), checked by its trajectory."""
+    g = torch.Generator().manual_seed(n * dim + k)
+    features = torch.randn(1, n, dim, generator=g) * (0.5 + torch.rand(1, n, 1, generator=g))
+    lengths = torch.tensor([n])
+
+    def check(result: dict) -> None:
+        assert result["status"] == 0
+        idx, energies = torch.from_numpy(result["indices"]), torch.from_numpy(result["energies"])
+        assert greedy.check_trajectory(features[0], None, idx[0], energies[0], k) == min(k, n, dim)
+
+    case = {
+        "op": "greedy_residual_select",
+        "features": _np(features),
+        "lengths": _np(lengths),
+        "k": k,
+        "algorithm": algorithm,
+        "sms": sms,
+    }
+    return case, check
+
+
+# The ThreadSanitizer run (about 20 times slower): one case per kernel family, smaller still.
+TSAN_CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
+    "topk-sorted-chunked": lambda: topk_case("random", [300, 0, 40], 50, True, max_grid_y=2),
+    "diversity-shared-state": lambda: diversity_clustered_case([40, 23], 8, 6, True),
+    "greedy-gram-3-blocks": lambda: greedy_single_item_case(40, 8, 6, "gram", sms=3),
+}
+
+
 @functools.cache
 def _cases() -> tuple[list[str], list[dict], list[Check]]:
     names = list(CASES)
@@ -239,3 +269,34 @@ def test_emulated_kernels_match_reference(emulated, order, name):
     names, _, checks = _cases()
     index = names.index(name)
     checks[index](emulated(order)[index])
+
+
+def _libtsan() -> str | None:
+    proc = subprocess.run([os.environ.get("CXX", "g++"), "-print-file-name=libtsan.so"], capture_output=True, text=True)
+    path = proc.stdout.strip()
+    return path if proc.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.mark.skipif(
+    os.environ.get("MRPRUNE_CUDAEMU_TSAN") != "1", reason="opt-in: scripts/check_cuda_emulation_tsan.sh"
+)
+def test_emulated_kernels_under_thread_sanitizer(tmp_path):
+    """A ThreadSanitizer build of the emulation: CUDA threads are TSan fibers switched without synchronisation,
+    barriers and warp collectives are release/acquire pairs, so any shared-memory access between two barriers that
+    races, and any unsynchronised global-memory access between blocks, is reported (and fails this test)."""
+    libtsan = _libtsan()
+    if libtsan is None:
+        pytest.skip("libtsan not found")
+    lib = build(tmp_path, tsan=True)
+    names = list(TSAN_CASES)
+    built = [TSAN_CASES[name]() for name in names]
+    env = {"LD_PRELOAD": libtsan, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
+    proc, results = request(lib, [c for c, _ in built], tmp_path, order="rand", seed=3, env=env, timeout_s=600)
+    assert "ThreadSanitizer" not in proc.stderr and results is not None, (
+        f"exit code {proc.returncode}:\n{proc.stderr[-8000:]}"
+    )
+    for name, (_, check), result in zip(names, built, results, strict=True):
+        try:
+            check(result)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from error

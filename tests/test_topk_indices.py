@@ -13,11 +13,13 @@ import pytest
 import torch
 
 import mrprune
-from tests.utils import kernel_backends, run
+from tests.utils import CUDA, device_of, kernel_backends, run
 
 OP = "topk_indices"
 BACKENDS = kernel_backends(OP)
-IMPLS = [*BACKENDS, "reference"]
+# The CUDA C++ kernel (GPU only) is one more implementation: inputs are copied to the GPU, results back.
+KERNELS = [*BACKENDS, CUDA]
+IMPLS = [*BACKENDS, "reference", CUDA]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -156,6 +158,47 @@ def test_large_heavy_ties(backend, k, sort_indices):
     assert int((got[1] >= 0).sum()) == min(k, 77_777)
 
 
+def padded_lengths(batch: int, tokens: int, generator: torch.Generator) -> list[int]:
+    """Random lengths in [0, N] with a full item, an empty one and a partial one whenever the batch allows."""
+    lengths = torch.randint(0, tokens + 1, (batch,), generator=generator)
+    lengths[0] = tokens
+    if batch > 1:
+        lengths[1] = 0
+    if batch > 2:
+        lengths[2] = max(tokens // 2 - 1, 0)
+    return lengths.tolist()
+
+
+@pytest.mark.parametrize("sort_indices", [False, True])
+@pytest.mark.parametrize("case", ["ties", "infs", "random"])
+@pytest.mark.parametrize(
+    "batch,tokens",
+    # around the CUDA kernel's 256-token tile: 1 token, partial tile, exact tiles, one past, LLaVA-style grids.
+    [(1, 1), (3, 7), (2, 255), (4, 256), (3, 257), (5, 576), (8, 1000), (2, 2304)],
+)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_tile_boundaries(backend, batch, tokens, case, sort_indices):
+    """Sizes around the tile width, padded items with +inf garbage, k in {0, 1, a partial length, N / 3, N}."""
+    generator = torch.Generator().manual_seed(batch * 100_003 + tokens)
+    lengths = padded_lengths(batch, tokens, generator)
+    scores = make_scores(case, lengths, torch.float32, generator)
+    lens = torch.tensor(lengths)
+    partial = [n for n in lengths if 0 < n < tokens]
+    for k in sorted({0, 1, tokens, partial[0] if partial else tokens // 2, tokens // 3}):
+        got = run(OP, backend, scores, lens, k, sort_indices)
+        assert torch.equal(got, mrprune.reference.topk_indices(scores, lens, k, sort_indices)), k
+
+
+@pytest.mark.parametrize("sort_indices", [False, True])
+@pytest.mark.parametrize("backend", IMPLS)
+def test_all_items_empty(backend, sort_indices):
+    """Every item empty: -1 everywhere, whatever k."""
+    scores, lengths = torch.randn(3, 300), torch.zeros(3, dtype=torch.int64)
+    for k in (0, 1, 300):
+        got = run(OP, backend, scores, lengths, k, sort_indices)
+        assert got.shape == (3, k) and bool((got == -1).all())
+
+
 # --- 3. batch equals per item, bad input, opcheck, compile -----------------------------------------------------
 
 
@@ -203,7 +246,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-@pytest.mark.parametrize("backend", IMPLS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
 def test_bad_input(backend, case):
     """Invalid arguments raise a clear error naming the op and the argument, whatever the backend."""
     change, error, message = BAD_INPUTS[case]
@@ -220,25 +263,76 @@ def test_opcheck(backend, sort_indices):
     """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) passes."""
     scores = make_scores("ties", [9, 0, 5], torch.float32, torch.Generator().manual_seed(6))
     scores[:, 5:] = 0  # opcheck also traces: keep the padding finite but still ignorable
+    device = device_of(backend)
     with mrprune.backends.use_backend(backend):
         result = torch.library.opcheck(
-            torch.ops.mrprune.topk_indices.default, (scores, torch.tensor([9, 0, 5]), 4, sort_indices)
+            torch.ops.mrprune.topk_indices.default,
+            (scores.to(device), torch.tensor([9, 0, 5], device=device), 4, sort_indices),
         )
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_compile_fullgraph_matches_eager(backend):
     """torch.compile(fullgraph=True) equals eager, in both sort modes, also on new values of the same shapes."""
 
     def select(scores, lengths):
         return mrprune.topk_indices(scores, lengths, 5), mrprune.topk_indices(scores, lengths, 5, sort_indices=True)
 
+    torch._dynamo.reset()
     compiled = torch.compile(select, fullgraph=True)
+    device = device_of(backend)
     lengths = torch.tensor([9, 0, 6])
     with mrprune.backends.use_backend(backend):
         for seed in (0, 1):
             scores = make_scores("ties", [9, 0, 6], torch.float32, torch.Generator().manual_seed(seed))
-            got, want = compiled(scores, lengths), select(scores, lengths)
+            got = compiled(scores.to(device), lengths.to(device))
+            want = select(scores.to(device), lengths.to(device))
+            assert got[0].device.type == device
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-            assert torch.equal(got[0], brute_force(scores, lengths, 5, False))
+            assert torch.equal(got[0].cpu(), brute_force(scores, lengths, 5, False))
+
+
+# --- 4. the CUDA kernel's own contract (GPU only) ----------------------------------------------------------------
+
+cuda_only = pytest.mark.parametrize("backend", [CUDA])
+
+
+@cuda_only
+def test_cuda_auto_backend_is_the_cuda_kernel(backend):
+    """On CUDA tensors the auto route picks the CUDA C++ kernel."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mrprune::_topk_indices_cuda", "CUDA")
+    assert mrprune.backends.available(OP, "cuda")[0] == "cuda"
+    scores, lengths = torch.randn(2, 50), torch.tensor([50, 20])
+    got = mrprune.topk_indices(scores.cuda(), lengths.cuda(), 30)
+    assert torch.equal(got.cpu(), mrprune.reference.topk_indices(scores, lengths, 30))
+
+
+@cuda_only
+def test_cuda_runs_on_the_current_stream(backend):
+    """The kernel is launched on the current stream (a side stream here), so the result is ready after it syncs."""
+    scores, lengths = torch.randn(4, 3000), torch.tensor([3000, 10, 0, 2999])
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), mrprune.backends.use_backend("cuda"):
+        got = mrprune.topk_indices(scores.cuda(), lengths.cuda(), 500, sort_indices=True)
+    stream.synchronize()
+    assert torch.equal(got.cpu(), mrprune.reference.topk_indices(scores, lengths, 500, True))
+
+
+@cuda_only
+def test_cuda_private_op_rejects_bad_arguments(backend):
+    """The launcher's own checks behind the router: clear errors, never a bad launch."""
+    scores, lengths = torch.randn(2, 10, device="cuda"), torch.tensor([10, 3], device="cuda")
+    op = torch.ops.mrprune._topk_indices_cuda
+    with pytest.raises(RuntimeError, match="k must lie"):
+        op(scores, lengths, 11, False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(scores.double(), lengths, 3, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(10, 2, device="cuda").t(), lengths, 3, False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(scores, lengths.int(), 3, False)
+    with pytest.raises(RuntimeError, match="shape"):
+        op(scores, lengths[:1], 3, False)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        op(scores, lengths.cpu(), 3, False)

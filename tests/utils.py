@@ -85,12 +85,39 @@ def compile_kernels_sm90(specs: list[tuple[str, str, dict, dict, int]]) -> list[
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+#: The CUDA C++ kernels as one more backend of the per-op tests (GPU only): :func:`run` copies the inputs to the GPU
+#: and the results back, so every CPU-side check applies unchanged.
+CUDA = pytest.param("cuda", marks=(pytest.mark.cuda, pytest.mark.ext), id="cuda")
+
+
+def device_of(backend: str) -> str:
+    """The device a backend of the per-op tests runs on (``"cuda"`` for the CUDA C++ kernels, else ``"cpu"``)."""
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def _to_device(value, device: str):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value
+
+
 def run(op: str, backend: str, *args, **kwargs):
-    """Call the public op with ``backend`` forced; fails if that backend does not serve the op."""
+    """Call the public op with ``backend`` forced; fails if that backend does not serve the op. The ``"cuda"``
+    backend runs on copies of the inputs on the GPU and returns its results on the CPU."""
     device = next(a for a in args if isinstance(a, torch.Tensor)).device
+    on_gpu = backend == "cuda" and device.type == "cpu"
+    if on_gpu:
+        args, kwargs = _to_device(args, "cuda"), {k: _to_device(v, "cuda") for k, v in kwargs.items()}
+        device = torch.device("cuda")
     assert backend in backends.available(op, device), f"{backend} does not implement {op} on {device}"
     with backends.use_backend(backend):
-        return getattr(mrprune, op)(*args, **kwargs)
+        out = getattr(mrprune, op)(*args, **kwargs)
+    if on_gpu:
+        assert all(t.device.type == "cuda" for t in (out if isinstance(out, tuple) else (out,)))
+        out = _to_device(out, "cpu")
+    return out
 
 
 def oracle(op: str, *args, **kwargs):
