@@ -194,7 +194,6 @@ def coverage_select(
     in pick order; -1 past ``n_b``. See :func:`mrprune.reference.coverage_select`.
     """
     _validation.integer("coverage_select", "k", k)
-    _validation.real("coverage_select", "alpha", alpha)
     return torch.ops.mrprune.coverage_select.default(features, lengths, k, saliency, alpha)
 
 

@@ -473,7 +473,8 @@ def coverage_select(
     """Saliency-weighted greedy coverage (SCOPE, arXiv 2510.24214; official code github.com/kinredon/SCOPE,
     ``scope/clip_encoder.py::SCOPE``), ``k`` picks per item.
 
-    With ``S`` the cosine matrix of the valid tokens and the coverage ``cur`` (initially 0), each step picks
+    With ``S`` the cosine matrix of the valid tokens (``S_jj = 1`` exactly for every non-zero token; the rows are
+    normalised as ``x / max(||x||, 1e-12)``) and the coverage ``cur`` (initially 0), each step picks
     ``argmax_j gain_j * a_j ** alpha`` over the unpicked tokens, ties to the lower index, where
     ``gain_j = sum_i max(0, S_ij - cur_i)`` runs over every valid token ``i`` (picked ones and ``j`` itself
     included, as in the official code), then sets ``cur := max(cur, S_j)``. The objective is a saliency-weighted
@@ -504,7 +505,10 @@ def coverage_select(
         n = int(lengths[b])
         if n == 0 or k == 0:
             continue
-        similarity = _symmetric_cosines(features[b, :n].to(dtype))
+        x = features[b, :n].to(dtype)
+        similarity = _symmetric_cosines(x)
+        # a token's cosine with itself is exactly 1 (not 1 +- rounding), so that exact ties stay exact
+        similarity.diagonal().copy_(torch.where(x.norm(dim=-1) >= NORM_EPS, 1.0, similarity.diagonal()))
         weight = torch.ones(n, dtype=dtype, device=features.device)
         if saliency is not None:
             weight = saliency[b, :n].to(dtype) ** alpha

@@ -54,13 +54,18 @@ Tensor coverage_select_cpu(Tensor features, Tensor lengths, int64_t k, std::opti
   std::fill(indices, indices + batch * k, int64_t{-1});
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   Workspace normalized = workspace(tokens * dim), similarity = workspace(tokens * tokens);
-  std::vector<float> weight, cur;
+  std::vector<float> weight, cur, norms;
   std::vector<Candidate> initial;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
     if (n == 0 || k == 0) continue;
-    normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.get(), nullptr);
+    norms.resize(n);
+    normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.get(), norms.data());
     symmetric_gram(normalized.get(), n, dim, similarity.get(), n);
+    // a token's cosine with itself is exactly 1 (the spec), not 1 +- rounding, so that exact ties stay exact
+    for (int64_t j = 0; j < n; ++j) {
+      if (norms[j] >= kNormEps) similarity[j * n + j] = 1.f;
+    }
     const float* s = similarity.get();
     weight.assign(n, 1.f);
     if (weights_all != nullptr) {
