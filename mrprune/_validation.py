@@ -132,9 +132,13 @@ def integer(op: str, name: str, value: object) -> int:
     """An integer argument (Python or NumPy int, never a bool or float, which the dispatcher would coerce)."""
     if isinstance(value, torch.SymInt):  # traced
         return value
+    message = f"mrprune.{op}: {name} must be an int, got {type(value).__name__} {value!r}"
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"mrprune.{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-    return operator.index(value)
+        raise TypeError(message)
+    try:
+        return operator.index(value)
+    except TypeError:  # e.g. a float or multi-element tensor
+        raise TypeError(message) from None
 
 
 def boolean(op: str, name: str, value: object) -> bool:

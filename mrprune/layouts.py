@@ -150,7 +150,7 @@ class GridLayout:
     @classmethod
     def from_grid_thw(cls, grid_thw: Sequence[int], merge_size: int = 2) -> GridLayout:
         """The token grid of a Qwen2.5-VL image or video from its ``image_grid_thw`` / ``video_grid_thw`` row."""
-        t, h, w = (int(v) for v in grid_thw)
+        t, h, w = (_validation.integer("GridLayout.from_grid_thw", "grid_thw", v) for v in grid_thw)
         if merge_size < 1 or h % merge_size or w % merge_size:
             raise ValueError(f"GridLayout.from_grid_thw: grid {list(grid_thw)} does not merge by {merge_size}")
         return cls(t, h // merge_size, w // merge_size)
