@@ -18,10 +18,12 @@ import torch
 import mrprune
 from mrprune import backends, reference
 from mrprune.testing import llava_next_features
-from tests.utils import INPUT_DTYPES, clustered, kernel_backends, oracle, padded, run
+from tests.utils import CUDA, INPUT_DTYPES, clustered, device_of, kernel_backends, oracle, padded, run
 
 OP = "diversity_select"
-KERNELS = kernel_backends(OP)
+CPU_KERNELS = kernel_backends(OP)
+# The CUDA C++ kernel (GPU only) is one more kernel: run() copies the inputs to the GPU and the picks back.
+KERNELS = [*CPU_KERNELS, CUDA]
 INF = math.inf
 # Kernels compute d = 1 - cos in float32; a float64 score gap above this cannot be reordered by their rounding.
 GAP = 1e-5
@@ -210,7 +212,7 @@ def with_garbage(features: torch.Tensor, lengths: torch.Tensor, generator: torch
 @pytest.mark.ext
 def test_cpp_kernel_registered():
     """The compiled extension serves diversity_select on the CPU (so the kernel tests below are not vacuous)."""
-    assert "cpp" in KERNELS
+    assert "cpp" in CPU_KERNELS
 
 
 # --- 1. reference vs brute force ---------------------------------------------------------------------------------
@@ -269,7 +271,12 @@ def test_unmasked_mode_repicks_a_duplicate(impl):
 
 
 # float64 inputs always run on the reference, so the kernels are checked in float32 only
-TWO_TOKEN_CASES = [("reference", torch.float64), ("reference", torch.float32), *((b, torch.float32) for b in KERNELS)]
+TWO_TOKEN_CASES = [
+    ("reference", torch.float64),
+    ("reference", torch.float32),
+    *((b, torch.float32) for b in CPU_KERNELS),
+    pytest.param("cuda", torch.float32, marks=CUDA.marks, id="cuda-float32"),
+]
 
 
 @pytest.mark.parametrize(("impl", "dtype"), TWO_TOKEN_CASES)
@@ -336,13 +343,13 @@ def test_kernel_exact_ties_family(backend, seed, mask_picked):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("mask_picked", [True, False])
-@pytest.mark.parametrize(("tokens", "dim"), [(40, 16), (64, 32), (33, 8)])
+@pytest.mark.parametrize(("tokens", "dim"), [(40, 16), (64, 32), (33, 8), (129, 20), (300, 64)])
 def test_kernel_matches_reference_clustered(backend, tokens, dim, mask_picked):
     """Clustered tokens with clear score gaps: the kernel reproduces every reference pick, the first one included."""
     g = torch.Generator().manual_seed(tokens * dim)
     features = clustered(tokens, dim, generator=g)[None]
     lengths = torch.tensor([tokens])
-    got = check_against_oracle(backend, features, lengths, tokens, mask_picked, min_prefix=tokens // 2)
+    got = check_against_oracle(backend, features, lengths, tokens, mask_picked, min_prefix=min(tokens // 2, 20))
     scores = distance64(features[0]).sort(dim=0).values[1]
     assert int(got[0, 0]) == int(scores.argmax()), "the first pick is not the most isolated token"
 
@@ -384,7 +391,9 @@ def test_kernel_input_dtypes(backend, dtype, mask_picked):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize(("tokens", "dim"), [(1, 1), (2, 3), (3, 2), (7, 1), (63, 7), (65, 33), (257, 5)])
+@pytest.mark.parametrize(
+    ("tokens", "dim"), [(1, 1), (2, 3), (3, 2), (7, 1), (63, 7), (65, 33), (127, 5), (128, 4), (129, 9), (257, 5)]
+)
 def test_kernel_odd_sizes(backend, tokens, dim):
     """Odd token counts and dimensions (incl. D = 1, where every distance is 0 or 2, and N = 257, past one GEMM row
     block): the kernel's picks are valid, gap-decided picks match, every pick is a near-maximiser."""
@@ -529,7 +538,7 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-@pytest.mark.parametrize("backend", ["reference", *KERNELS])
+@pytest.mark.parametrize("backend", ["reference", *CPU_KERNELS])
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_raises(case, backend):
     """Invalid arguments raise a clear ValueError/TypeError naming the op and the argument, whatever the backend."""
@@ -547,6 +556,7 @@ def test_opcheck(backend, mask_picked):
     """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) passes for the op."""
     g = torch.Generator().manual_seed(1)
     features, lengths = padded([clustered(n, 8, generator=g) for n in (11, 0, 6)])
+    features, lengths = features.to(device_of(backend)), lengths.to(device_of(backend))
     for args in ((features, lengths, 4, mask_picked), (features.half(), lengths, 11, mask_picked)):
         with backends.use_backend(backend):
             torch.library.opcheck(torch.ops.mrprune.diversity_select.default, args)
@@ -563,11 +573,155 @@ def test_torch_compile_fullgraph(backend):
             mrprune.diversity_select(features, lengths, 5, mask_picked=False),
         )
 
+    torch._dynamo.reset()
     compiled = torch.compile(select, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(2)
     for sizes in ((17, 0, 9), (23, 5)):
         features, lengths = padded([clustered(n, 8, generator=g) for n in sizes])
+        features, lengths = features.to(device_of(backend)), lengths.to(device_of(backend))
         with backends.use_backend(backend):
             got, want = compiled(features, lengths), select(features, lengths)
         for mode in range(2):
             assert torch.equal(got[mode], want[mode]), f"sizes {sizes}, mask_picked={mode == 0}"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dim", [16, 19])
+def test_kernel_result_independent_of_address(backend, dim):
+    """The same item at different float offsets (16-byte aligned or not) gives bitwise the same picks."""
+    n = 150
+    x = clustered(n, dim, generator=torch.Generator().manual_seed(11))
+    device = device_of(backend)
+    results = []
+    for offset in range(4):
+        buffer = torch.zeros(n * dim + 4, device=device)
+        item = buffer[offset : offset + n * dim].view(1, n, dim)
+        item.copy_(x.to(device))
+        with backends.use_backend(backend):
+            results.append(mrprune.diversity_select(item, torch.tensor([n], device=device), 60).cpu())
+    for offset, got in enumerate(results[1:], start=1):
+        assert torch.equal(got, results[0]), offset
+
+
+# --- 7. the CUDA kernel's own contract (GPU only) ----------------------------------------------------------------
+
+cuda_only = pytest.mark.parametrize("backend", [CUDA])
+
+
+@cuda_only
+def test_cuda_auto_backend_is_the_cuda_kernel(backend):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mrprune::_diversity_select_cuda", "CUDA")
+    assert backends.available(OP, "cuda")[0] == "cuda"
+
+
+@cuda_only
+def test_cuda_runs_on_the_current_stream(backend):
+    g = torch.Generator().manual_seed(9)
+    features, lengths = padded([clustered(n, 16, generator=g) for n in (400, 17, 0)])
+    want = run(OP, backend, features, lengths, 50)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), backends.use_backend(backend):
+        got = mrprune.diversity_select(features.cuda(), lengths.cuda(), 50)
+    stream.synchronize()
+    assert torch.equal(got.cpu(), want)
+
+
+@cuda_only
+def test_cuda_private_op_rejects_bad_arguments(backend):
+    features, lengths = torch.randn(2, 10, 4, device="cuda"), torch.tensor([10, 3], device="cuda")
+    op = torch.ops.mrprune._diversity_select_cuda
+    with pytest.raises(RuntimeError, match="k must lie"):
+        op(features, lengths, 11, True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(features.double(), lengths, 3, True)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(2, 4, 10, device="cuda").transpose(1, 2), lengths, 3, True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(features, lengths.int(), 3, True)
+    with pytest.raises(RuntimeError, match="shape"):
+        op(features, lengths[:1], 3, True)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        op(features, lengths.cpu(), 3, True)
+
+
+@cuda_only
+def test_cuda_several_chunks(backend):
+    """A batch whose similarity workspaces exceed one chunk (1 GiB at N = 4096: 15 items) runs in several launches:
+    each item still equals its own run bitwise and follows the reference."""
+    g = torch.Generator().manual_seed(21)
+    batch, tokens = 18, 4096
+    features = torch.randn(batch, tokens, 8, generator=g)
+    lengths = torch.randint(1, 300, (batch,), generator=g)
+    lengths[3] = tokens
+    got = run(OP, backend, features, lengths, 10)
+    for b in (0, 3, 16, 17):
+        assert torch.equal(run(OP, backend, features[b : b + 1], lengths[b : b + 1], 10), got[b : b + 1]), b
+    small = [b for b in range(batch) if b != 3][:4]
+    check_against_oracle(backend, features[small, :300], lengths[small], 10, True, min_prefix=0)
+
+
+def _chunked_greedy64(x: torch.Tensor, k: int, mask_picked: bool, block: int = 1024):
+    """The spec's greedy in float64 without an n x n matrix: the first score from column minima over row blocks,
+    then one distance row per step. Returns the picks and each step's winner lead over the runner-up."""
+    x = x.double()
+    n = x.shape[0]
+    u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    two = torch.full((2, n), INF, dtype=torch.float64)
+    for r0 in range(0, n, block):
+        d = 1 - u[r0 : r0 + block] @ u.T
+        two = torch.cat([two, d]).topk(2, dim=0, largest=False).values
+    scores = two[1] if n > 1 else two[0]
+    nearest = torch.full((n,), INF, dtype=torch.float64)
+    picked = torch.zeros(n, dtype=torch.bool)
+    picks, leads = [], []
+    for _ in range(min(k, n)):
+        top = scores.topk(2) if n > 1 else (scores, None)
+        j = int(torch.argmax(scores))
+        picks.append(j)
+        leads.append(float(top[0][0] - top[0][1]) if n > 1 else INF)
+        picked[j] = True
+        nearest = torch.minimum(nearest, 1 - u @ u[j])
+        scores = nearest.masked_fill(picked, -INF) if mask_picked else nearest
+    return picks, leads
+
+
+@pytest.mark.slow
+@cuda_only
+@pytest.mark.parametrize("mask_picked", [True, False])
+def test_cuda_large_n(backend, mask_picked):
+    """N = 16,384 (a 1 GiB similarity): the gap-decided picks equal the float64 greedy's, and every pick is a
+    near-maximiser of the float64 criterion along the kernel's own picks."""
+    n, dim, k = 16_384, 64, 96
+    x = clustered(n, dim, clusters=64, generator=torch.Generator().manual_seed(3))
+    got = run(OP, backend, x[None], torch.tensor([n]), k, mask_picked)[0].tolist()
+    want, leads = _chunked_greedy64(x, k, mask_picked)
+    prefix = next((t for t, lead in enumerate(leads) if lead < GAP), k)
+    assert prefix >= 10, f"test input near-tied at step {prefix}"
+    assert got[:prefix] == want[:prefix]
+    u = x.double() / x.double().norm(dim=-1, keepdim=True)
+    nearest = torch.full((n,), INF, dtype=torch.float64)
+    picked = torch.zeros(n, dtype=torch.bool)
+    for t, j in enumerate(got[1:], start=1):
+        prev = got[t - 1]
+        picked[prev] = True
+        nearest = torch.minimum(nearest, 1 - u @ u[prev])
+        scores = nearest.masked_fill(picked, -INF) if mask_picked else nearest
+        assert scores[j] >= scores.max() - GAP, t
+
+
+@pytest.mark.slow
+@cuda_only
+def test_cuda_state_in_global_memory(backend):
+    """A padded width N = 48,000 is too wide for the selection state in shared memory (5 bytes per token), so the
+    kernel keeps it in global memory; items of a few hundred tokens still follow the reference (and the batch runs
+    as two launches of one 9 GB similarity workspace each)."""
+    g = torch.Generator().manual_seed(8)
+    items = [clustered(n, 24, generator=g) for n in (300, 211)]
+    features = torch.zeros(2, 48_000, 24)
+    for b, item in enumerate(items):
+        features[b, : item.shape[0]] = item
+    lengths = torch.tensor([300, 211])
+    got = run(OP, backend, features, lengths, 50)
+    trimmed, _ = padded(items)
+    want = check_against_oracle(backend, trimmed, lengths, 50, True, min_prefix=20)
+    assert torch.equal(got, want)
