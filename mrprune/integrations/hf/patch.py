@@ -160,6 +160,7 @@ class PruningHandle:
 
     @instructions.setter
     def instructions(self, value: Sequence[str] | None) -> None:
+        _check_text_sources("mrprune.PruningHandle", instructions=value)
         self._texts.instructions = None if value is None else list(value)
 
     @property
@@ -168,6 +169,7 @@ class PruningHandle:
 
     @texts.setter
     def texts(self, value: Sequence[torch.Tensor] | None) -> None:
+        _check_text_sources("mrprune.PruningHandle", texts=value)
         self._texts.texts = None if value is None else list(value)
 
     # -- installation ---------------------------------------------------------------------------------------------
@@ -413,6 +415,7 @@ def patch(
         )
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"mrprune.patch: padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+    _check_text_sources("mrprune.patch", processor, instructions, texts)
     tokenizer = getattr(processor, "tokenizer", processor)
     if Need.TEXT in pruner.needs and texts is None and tokenizer is None:
         raise ValueError(
@@ -427,6 +430,31 @@ def patch(
     _PATCHED[model] = handle
     logger.info("mrprune: patched %s with %r (%s positions)", type(model).__name__, pruner, position_mode)
     return handle
+
+
+def _check_text_sources(owner: str, processor: Any = None, instructions: Any = None, texts: Any = None) -> None:
+    """Types of the text sources (a str would otherwise become one instruction per character, a tensor one text per
+    row, and a non-tokenizer fail mid-generation)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(
+            f"{owner}: processor must be a transformers processor or tokenizer, got {type(processor).__name__}"
+        )
+    if instructions is not None and (
+        isinstance(instructions, str | bytes)
+        or not isinstance(instructions, Sequence)
+        or not all(isinstance(s, str) for s in instructions)
+    ):
+        raise TypeError(f"{owner}: instructions must be a list of str (one per prompt), got {instructions!r:.80}")
+    if texts is not None and (
+        isinstance(texts, str | bytes | torch.Tensor)
+        or not isinstance(texts, Sequence)
+        or not all(isinstance(t, torch.Tensor) and t.dim() in (1, 2) for t in texts)
+    ):
+        raise TypeError(
+            f"{owner}: texts must be a list with one [M, D] embedding tensor or 1-D token-id tensor per prompt, got "
+            f"{type(texts).__name__}"
+        )
 
 
 @contextlib.contextmanager
