@@ -18,8 +18,10 @@ model adapter of an integration implements each stage once, so adding a method i
 
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
+from .fastervlm import FasterVLM
 from .fastv import FastV
 from .graph import GPrune, MRPruner
+from .l2norm import L2Norm
 from .presets import PRESETS, preset
 from .resprune import ALPHA_PRESETS, ResPrune
 from .stages import Need, Stage
@@ -29,7 +31,9 @@ __all__ = [
     "PRESETS",
     "DivPrune",
     "FastV",
+    "FasterVLM",
     "GPrune",
+    "L2Norm",
     "MRPruner",
     "Need",
     "Pruner",

@@ -7,10 +7,27 @@ from typing import Any
 
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
+from .fastervlm import FasterVLM
 from .graph import GPrune, MRPruner
+from .l2norm import L2Norm
 from .resprune import ResPrune
 
-__all__ = ["PRESETS", "preset"]
+__all__ = ["PRESETS", "preset", "table_settings"]
+
+
+def table_settings(
+    name: str, cls: Callable[..., Pruner], qwen: dict[str, Any] | None = None, **fixed: Any
+) -> dict[str, tuple[Callable[..., Pruner], dict[str, Any]]]:
+    """The settings of the MR-Pruner / ResPrune / G-Prune tables for one method: ``<name>_192`` / ``_128`` / ``_64``
+    (LLaVA-1.5 tokens kept per image), ``<name>_next_640`` / ``_next_320`` (LLaVA-NeXT tokens kept per image) and
+    ``<name>_qwen_667`` / ``_778`` / ``_889`` (Qwen2.5-VL: 66.7 / 77.8 / 88.9 % of each image's tokens pruned, with
+    ``qwen`` overriding arguments there)."""
+    settings = {f"{name}_{n}": (cls, {**fixed, "budget": n}) for n in (192, 128, 64)}
+    settings.update({f"{name}_next_{n}": (cls, {**fixed, "budget": n}) for n in (640, 320)})
+    for label, keep in (("667", 1 / 3), ("778", 2 / 9), ("889", 1 / 9)):
+        settings[f"{name}_qwen_{label}"] = (cls, {**fixed, **(qwen or {}), "keep_ratio": keep})
+    return settings
+
 
 #: name -> (constructor, arguments). Percentages in MR-Pruner names are the *pruned* share, as in its tables.
 PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
@@ -25,6 +42,9 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     "resprune_64": (ResPrune, {"budget": 64, "alpha": "llava"}),
     "divprune": (DivPrune, {"keep_ratio": 0.098}),
     "random_50": (RandomPruner, {"keep_ratio": 0.5}),
+    # Qwen2.5-VL's vision signal is the received attention of its last (full-attention) block
+    **table_settings("fastervlm", FasterVLM, qwen={"layer": -1}),
+    **table_settings("l2norm", L2Norm),
 }
 
 

@@ -5,8 +5,8 @@ Every visual item of a prefill is encoded through the model's own ``get_image_fe
 :meth:`~mrprune.integrations.hf.adapters.base.Adapter.attention_probe` records, for the encoder layers the method
 asks for, the attention the encoder paid each token: the [CLS] query row on CLIP towers (computed from the layer's
 own q/k, one row, so SDPA / FlashAttention stay on), the attention each token receives on towers without a [CLS]
-token (Qwen2.5-VL). The signals are aligned with the item's tokens in the LLM input space, so vision-stage methods
-select on the same indices as every other method.
+token (Qwen2.5-VL; ``mrprune.ops.received_attention``, streamed from the layer's q/k). The signals are aligned with
+the item's tokens in the LLM input space, so vision-stage methods select on the same indices as every other method.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "VisionStage",
     "VisualItem",
     "cls_attention_row",
-    "received_attention",
 ]
 
 Layout = LlavaNextLayout | GridLayout
@@ -51,11 +50,18 @@ class ItemAttention:
     crops : Tensor ``[n]`` int64
         The crop (0 = base view / the only crop, ``1 + row * cols + col`` for LLaVA-NeXT tiles, the frame for
         Qwen2.5-VL videos) that produced each token, -1 for none.
+    patches : Tensor ``[n]`` int64
+        Each token's index in its crop's raster (``per_crop`` column), -1 for none.
+    per_crop : dict int -> Tensor ``[crops, P]`` float32
+        The same attention per crop over all of the crop's ``P`` patches, including those no token kept (LLaVA-NeXT
+        unpadding): what per-crop official selections rank.
     """
 
     kind: str
     scores: dict[int, torch.Tensor]
     crops: torch.Tensor
+    patches: torch.Tensor
+    per_crop: dict[int, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -119,35 +125,6 @@ def cls_attention_row(
     keys = k_proj(hidden).view(crops, tokens, heads, -1).transpose(1, 2)
     logits = (query.float() @ keys.float().transpose(-1, -2)) * scale  # [crops, heads, 1, tokens]
     return logits.softmax(-1).mean(1)[:, 0, 1:]
-
-
-def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Head-averaged attention each token receives, ``sum_i softmax(q_i K^T * scale)_j`` within its segment.
-
-    Parameters
-    ----------
-    q, k : Tensor ``[S, heads, d]`` (after the rotary embedding)
-    cu_seqlens : Tensor ``[G + 1]`` int, segment boundaries (tokens attend within their segment only)
-    scale : float
-
-    Returns
-    -------
-    Tensor ``[S]`` float32.
-
-    Notes
-    -----
-    Computed eagerly in query chunks of 1024 rows (memory ``heads x 1024 x segment``, never ``S x S``); the fused
-    streaming op ``torch.ops.mrprune.received_attention`` replaces this once it lands.
-    """
-    out = q.new_zeros(q.shape[0], dtype=torch.float32)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        keys = k[start:end].float().transpose(0, 1)  # [heads, s, d]
-        for chunk in range(start, end, 1024):
-            queries = q[chunk : min(chunk + 1024, end)].float().transpose(0, 1)  # [heads, c, d]
-            probs = ((queries @ keys.transpose(-1, -2)) * scale).softmax(-1)  # [heads, c, s]
-            out[start:end] += probs.sum(1).mean(0)
-    return out
 
 
 def _pad_rows(rows: list[torch.Tensor], value: float) -> torch.Tensor:
@@ -297,5 +274,10 @@ class VisionStage:
                 for layer in self.method.attention_layers
             }
             extra["crops"] = _pad_rows([item.info.attention.crops.to(device) for item in items], -1)
+            extra["patches"] = _pad_rows([item.info.attention.patches.to(device) for item in items], -1)
+            extra["crop_attention"] = {
+                layer: [item.info.attention.per_crop[layer].to(device) for item in items]
+                for layer in self.method.attention_layers
+            }
             extra["attention_kind"] = self.adapter.attention_kind
         return extra

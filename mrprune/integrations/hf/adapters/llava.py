@@ -61,10 +61,16 @@ class LlavaAdapter(Adapter):
                 rows = probe()  # {layer: [images, P]}: one crop per image
                 if rows is None:
                     return None
-                images, patches = next(iter(rows.values())).shape
-                crops = torch.zeros(patches, dtype=torch.int64)
+                images, count = next(iter(rows.values())).shape
+                crops, patches = torch.zeros(count, dtype=torch.int64), torch.arange(count)
                 return [
-                    ItemAttention("cls", {layer: scores[i] for layer, scores in rows.items()}, crops)
+                    ItemAttention(
+                        "cls",
+                        {layer: scores[i] for layer, scores in rows.items()},
+                        crops,
+                        patches,
+                        {layer: scores[i : i + 1] for layer, scores in rows.items()},
+                    )
                     for i in range(images)
                 ]
 

@@ -86,18 +86,20 @@ class LlavaNextAdapter(Adapter):
                 if rows is None:
                     return None
                 crop_size = self.model.config.vision_config.image_size
+                pinpoints = self.model.config.image_grid_pinpoints
                 result, first = [], 0
                 for index, size in enumerate(self._image_sizes(arguments)):
-                    layout = self.layout(modality, arguments, index)
-                    sources = token_sources(layout, size, self.model.config.image_grid_pinpoints, crop_size)
+                    sources = token_sources(self.layout(modality, arguments, index), size, pinpoints, crop_size)
+                    canvas_h, canvas_w = best_resolution(size, pinpoints)
+                    count = 1 + (canvas_h // crop_size) * (canvas_w // crop_size)
                     made = sources[:, 0] >= 0
-                    scores = {}
+                    scores, per_crop = {}, {}
                     for layer, attention in rows.items():
-                        flat = attention[first + sources[:, 0].clamp(min=0), sources[:, 1].clamp(min=0)]
+                        per_crop[layer] = attention[first : first + count]
+                        flat = per_crop[layer][sources[:, 0].clamp(min=0), sources[:, 1].clamp(min=0)]
                         scores[layer] = torch.where(made.to(flat.device), flat, 0.0)
-                    result.append(ItemAttention("cls", scores, sources[:, 0]))
-                    canvas_h, canvas_w = best_resolution(size, self.model.config.image_grid_pinpoints)
-                    first += 1 + (canvas_h // crop_size) * (canvas_w // crop_size)
+                    result.append(ItemAttention("cls", scores, sources[:, 0], sources[:, 1], per_crop))
+                    first += count
                 return result
 
             yield items

@@ -3,8 +3,8 @@ patch merge (``GridLayout.from_grid_thw``); positions are 3-D M-RoPE, computed o
 
 The vision tower has no [CLS] token: its vision signal is the attention each token *receives* in a block (column sums
 of the head-averaged softmax within the block's attention segments: windows, or whole items in the full-attention
-blocks), averaged over the 2 x 2 patches the merger folds into one token, as the VisPruner authors recommend for
-Qwen2.5-VL.
+blocks; ``mrprune.ops.received_attention``, streamed from the block's q/k), averaged over the 2 x 2 patches the merger
+folds into one token, as the VisPruner authors recommend for Qwen2.5-VL.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from .... import ops
 from ....layouts import GridLayout
 from ..._cache import cache_keyword, cache_of
-from ..vision import ItemAttention, received_attention
+from ..vision import ItemAttention
 from .base import Adapter
 
 __all__ = ["Qwen2_5_VLAdapter"]
@@ -73,7 +74,10 @@ class Qwen2_5_VLAdapter(Adapter):
                 with torch.no_grad():
                     qkv = module.qkv(hidden.detach()).reshape(hidden.shape[0], 3, module.num_heads, -1)
                     q, k = rope(qkv[:, 0], qkv[:, 1], cos, sin)
-                    captured[layer] = received_attention(q, k, cu_seqlens, module.scaling)
+                    segments = ops.segment_ids_from_cu_seqlens(cu_seqlens, hidden.shape[0])[None]
+                    lengths = torch.tensor([hidden.shape[0]], device=hidden.device)
+                    q, k = q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, heads, S, d]
+                    captured[layer] = ops.received_attention(q, k, lengths, segments, module.scaling)[0]
 
             return capture
 
@@ -94,9 +98,11 @@ class Qwen2_5_VLAdapter(Adapter):
             merged = {layer: scores.view(-1, unit).mean(1)[order] for layer, scores in captured.items()}
             sizes = (grids.prod(-1) // unit).tolist()
             result, first = [], 0
-            for (_, h, w), n in zip(grids.tolist(), sizes, strict=True):
-                frames = torch.arange(n) // (h * w // unit)
-                result.append(ItemAttention("received", {k: v[first : first + n] for k, v in merged.items()}, frames))
+            for (t, h, w), n in zip(grids.tolist(), sizes, strict=True):
+                mine = {layer: scores[first : first + n] for layer, scores in merged.items()}
+                frames, patches = torch.arange(n) // (h * w // unit), torch.arange(n) % (h * w // unit)
+                per_frame = {layer: scores.view(t, -1) for layer, scores in mine.items()}
+                result.append(ItemAttention("received", mine, frames, patches, per_frame))
                 first += n
             return result
 

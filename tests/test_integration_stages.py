@@ -1,0 +1,280 @@
+"""The stage contract on every tiny model (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL) for every vision- and projector-stage
+method: keep-all is bit-identical to the unpatched model, budgets as documented, a batch of 2 equals its prompts
+one by one, ``remove()`` restores, and the vision stage hands methods the encoder attention an eager model computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import mrprune  # noqa: E402
+from mrprune.integrations import patch, patched  # noqa: E402
+from mrprune.integrations.testing import (  # noqa: E402
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
+    left_pad,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_5_vl,
+)
+from mrprune.methods.base import round_half_up  # noqa: E402
+
+ATOL = 1e-5
+GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+PATCH = 3 * 2 * 14 * 14
+
+
+def llava_case():
+    image = [IMAGE_TOKEN] * 16
+    input_ids, attention_mask = left_pad([[1, 5, 6, *image, 7, 8, *image, 9, 10, 11], [1, 12, *image, 13, 14, 15]])
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels)
+    singles = [dict(pixel_values=pixels[:2]), dict(pixel_values=pixels[2:])]
+    return tiny_llava(), inputs, singles
+
+
+def llava_next_case():
+    model = tiny_llava_next()
+    # (28, 40) is unpadded left and right, (40, 28) top and bottom: both offsets of the tiles' token grid matter
+    sizes = torch.tensor([[28, 40], [56, 56], [40, 28]])
+    pixels = torch.randn(3, 5, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        counts = [len(f) for f in model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output]
+    input_ids, attention_mask = left_pad(
+        [[1, 5, *[IMAGE_TOKEN] * counts[0], 7, *[IMAGE_TOKEN] * counts[1], 8, 9], [1, 12, *[IMAGE_TOKEN] * counts[2], 14]]
+    )
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, image_sizes=sizes)
+    singles = [
+        dict(pixel_values=pixels[:2], image_sizes=sizes[:2]),
+        dict(pixel_values=pixels[2:], image_sizes=sizes[2:]),
+    ]
+    return model, inputs, singles
+
+
+def qwen_case():
+    images, videos = torch.tensor([[1, 4, 4], [1, 4, 8], [1, 8, 4]]), torch.tensor([[2, 4, 4]])
+    vision = lambda token, n: [VISION_START, *[token] * n, VISION_END]  # noqa: E731
+    input_ids, attention_mask = left_pad(
+        [
+            [1, 5, *vision(IMAGE_TOKEN, 4), 7, *vision(IMAGE_TOKEN, 8), 8, 9],
+            [1, 12, *vision(IMAGE_TOKEN, 8), *vision(VIDEO_TOKEN, 8), 13, 14, 15],
+        ]
+    )
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(int(images.prod(-1).sum()), PATCH, generator=generator)
+    video = torch.randn(int(videos.prod(-1).sum()), PATCH, generator=generator)
+    types = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixels,
+        image_grid_thw=images,
+        pixel_values_videos=video,
+        video_grid_thw=videos,
+        mm_token_type_ids=types,
+    )
+    split = int(images[:2].prod(-1).sum())
+    singles = [
+        dict(pixel_values=pixels[:split], image_grid_thw=images[:2]),
+        dict(pixel_values=pixels[split:], image_grid_thw=images[2:], pixel_values_videos=video, video_grid_thw=videos),
+    ]
+    return tiny_qwen2_5_vl(), inputs, singles
+
+
+CASES = {"llava": llava_case, "llava_next": llava_next_case, "qwen2_5_vl": qwen_case}
+
+#: every vision- / projector-stage method of this contract, built from a keep ratio
+METHODS = {
+    "fastervlm": lambda keep: mrprune.methods.FasterVLM(keep_ratio=keep),
+    "fastervlm_last_layer": lambda keep: mrprune.methods.FasterVLM(keep_ratio=keep, layer=-1),
+    "l2norm": lambda keep: mrprune.methods.L2Norm(keep_ratio=keep),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    return request.param, *CASES[request.param]()
+
+
+def single_prompt(inputs, b, visual):
+    real = inputs["attention_mask"][b].bool()
+    one = dict(input_ids=inputs["input_ids"][b][real][None], **visual)
+    if "mm_token_type_ids" in inputs:
+        one["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][real][None]
+    return one
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@torch.no_grad()
+def test_keep_all_equals_unpatched(case, method):
+    _, model, inputs, _ = case
+    logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    with patched(model, METHODS[method](1.0)) as handle:
+        assert torch.equal(model(**inputs).logits, logits)
+        again = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    assert [r.tokens_after for r in handle.last] == [r.tokens_before for r in handle.last]
+    assert torch.equal(again.sequences, generated.sequences)
+    for ours, theirs in zip(again.logits, generated.logits, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@torch.no_grad()
+def test_budgets_and_batch_equal_single_prompts(case, method):
+    _, model, inputs, singles = case
+    steps = 3
+    with patched(model, METHODS[method](0.4)) as handle:
+        both = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
+        records = handle.last
+        for record in records:
+            for kept in record.kept:
+                assert torch.equal(kept, kept.unique())  # sorted ascending, distinct
+        for b, visual in enumerate(singles):
+            one = model.generate(**single_prompt(inputs, b, visual), max_new_tokens=steps, **GREEDY)
+            assert all(torch.equal(x, y) for x, y in zip(handle.last[0].kept, records[b].kept, strict=True))
+            assert torch.equal(one.sequences[0, -steps:], both.sequences[b, -steps:])
+            for ours, theirs in zip(one.logits, both.logits, strict=True):
+                torch.testing.assert_close(ours[0], theirs[b], rtol=0, atol=ATOL)
+    # every method here keeps round(0.4 n) tokens of an item of n (LLaVA-NeXT newlines included)
+    sizes = [_item_sizes(inputs, b) for b in range(2)]
+    assert [[k.numel() for k in r.kept] for r in records] == [[round_half_up(0.4 * n) for n in s] for s in sizes]
+
+
+def _item_sizes(inputs, b):
+    """Visual tokens of each item of prompt ``b`` (the test prompts separate items by text or vision markers)."""
+    ids = inputs["input_ids"][b]
+    cells = ((ids == IMAGE_TOKEN) | (ids == VIDEO_TOKEN)).nonzero()[:, 0]
+    runs = torch.tensor_split(cells, (cells.diff() > 1).nonzero()[:, 0] + 1)
+    return [run.numel() for run in runs]
+
+
+def _hooks_and_attributes(model):
+    hooks = {name: (list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    return hooks, set(model.__dict__), set(model.model.__dict__)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@torch.no_grad()
+def test_remove_restores_the_model(case, method):
+    _, model, inputs, _ = case
+    before = _hooks_and_attributes(model)
+    reference = model(**inputs).logits
+    handle = patch(model, METHODS[method](0.3))
+    assert model(**inputs).logits.shape[1] < reference.shape[1]
+    handle.remove()
+    assert _hooks_and_attributes(model) == before
+    assert torch.equal(model(**inputs).logits, reference)
+
+
+class Recording(mrprune.methods.FasterVLM):
+    """FasterVLM that keeps what the vision stage handed it."""
+
+    def _select_batch(self, features, layouts, lengths, texts, **kwargs):
+        self.seen = dict(kwargs, lengths=lengths)
+        return super()._select_batch(features, layouts, lengths, texts, **kwargs)
+
+
+def _eager(model):
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return eager
+
+
+def _clip_attention(model, crops, layer):
+    """``[crops, P]``: head-averaged [CLS] row of ``layer`` from an eager tower's attention probabilities."""
+    tower = _eager(model).model.vision_tower
+    return tower(crops, output_attentions=True).attentions[layer][:, :, 0, 1:].mean(1)
+
+
+def _qwen_received(model, pixels, grids, layer):
+    """Per merged token (original order), the received attention of block ``layer`` from a dense float64 softmax
+    over the block's segments; the window order is undone by matching the merger's rows with the pooled output."""
+    import sys
+
+    visual = model.model.visual
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["inputs"] = (kwargs.get("hidden_states", args[0] if args else None), kwargs)
+
+    def grab_merger(module, args, output):
+        captured["merged"] = output
+
+    hooks = [
+        visual.blocks[layer].attn.register_forward_pre_hook(grab, with_kwargs=True),
+        visual.merger.register_forward_hook(grab_merger),
+    ]
+    try:
+        pooled = torch.cat(list(model.model.get_image_features(pixels, grids, return_dict=True).pooler_output))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hidden, kwargs = captured["inputs"]
+    attention = visual.blocks[layer].attn
+    rope = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+    qkv = attention.qkv(hidden).reshape(hidden.shape[0], 3, attention.num_heads, -1)
+    q, k = rope(qkv[:, 0], qkv[:, 1], *kwargs["position_embeddings"])
+    bounds = kwargs["cu_seqlens"].tolist()
+    segment = torch.zeros(hidden.shape[0], dtype=torch.int64)
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        segment[start:end] = s
+    logits = torch.einsum("ihd,jhd->hij", q.double(), k.double()) * attention.scaling
+    logits = logits.masked_fill(segment[:, None] != segment[None], float("-inf"))
+    received = logits.softmax(-1).sum(1).mean(0)  # [S] window order
+    unit = visual.spatial_merge_size**2
+    per_token = received.view(-1, unit).mean(1)
+    merged = captured["merged"]
+    order = [int((merged == row).all(-1).nonzero()[0, 0]) for row in pooled]
+    return per_token[order]
+
+
+@torch.no_grad()
+def test_vision_attention_matches_eager_attention(case):
+    name, model, inputs, _ = case
+    method = Recording(keep_ratio=0.5, layer=0)
+    with patched(model, method):
+        model(**inputs)
+    seen, layer = method.seen, 0
+    scores, crops, lengths = seen["attention"][layer], seen["crops"], seen["lengths"]
+    if name == "llava":
+        oracle = _clip_attention(model, inputs["pixel_values"], layer)
+        assert seen["attention_kind"] == "cls"
+        torch.testing.assert_close(scores, oracle, rtol=1e-5, atol=1e-7)
+        assert bool((crops == 0).all())
+    elif name == "llava_next":
+        assert seen["attention_kind"] == "cls"
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = model.config
+        counts = [
+            image_size_to_num_patches(tuple(s.tolist()), config.image_grid_pinpoints, config.vision_config.image_size)
+            for s in inputs["image_sizes"]
+        ]
+        for i, count in enumerate(counts):
+            rows = _clip_attention(model, inputs["pixel_values"][i, :count], layer)  # [crops, P]
+            # pack the attention as LLaVA-NeXT packs features: value in every channel, newline = -7
+            features = rows[..., None].expand(-1, -1, config.text_config.hidden_size)
+            newline = torch.full((config.text_config.hidden_size,), -7.0)
+            packed = model.model.pack_image_features([features], inputs["image_sizes"][i : i + 1], "default", newline)
+            packed = packed[0][0][:, 0]
+            n = int(lengths[i])
+            assert packed.numel() == n
+            newlines = packed == -7.0
+            assert torch.equal(crops[i, :n] < 0, newlines)
+            torch.testing.assert_close(scores[i, :n], torch.where(newlines, 0.0, packed), rtol=1e-5, atol=1e-7)
+            assert bool((seen["crop_attention"][layer][i] - rows).abs().max() < 1e-6)
+    else:
+        assert seen["attention_kind"] == "received"
+        oracle = _qwen_received(model, inputs["pixel_values"], inputs["image_grid_thw"], layer)
+        images = inputs["image_grid_thw"].prod(-1).div(4).long().tolist()
+        flat = torch.cat([scores[i, :n] for i, n in enumerate(images)])
+        torch.testing.assert_close(flat.double(), oracle, rtol=1e-4, atol=1e-6)
+        video = int(inputs["video_grid_thw"].prod() // 4)
+        assert crops[len(images), :video].tolist() == [0] * (video // 2) + [1] * (video // 2)  # one crop per frame
