@@ -1,0 +1,43 @@
+"""vLLM plugin: prune the visual tokens of LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL (images and videos) in vLLM.
+
+Installed with ``pip install "mrprune[vllm]"``; vLLM loads it through the ``vllm.general_plugins`` entry point,
+whose :func:`register` replaces vLLM's ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` and
+``Qwen2_5_VLForConditionalGeneration`` by subclasses that prune when switched on (see :mod:`.config`):
+
+* ``LLM(model, hf_overrides={"mrprune": {"method": "mr_pruner", "keep_ratio": 0.25}})`` or
+  ``vllm serve MODEL --hf-overrides '{"mrprune": {"method": "mr_pruner", "keep_ratio": 0.25}}'``;
+* or ``MRPRUNE_VLLM=mr_pruner:0.25`` in the environment.
+
+Without either, the subclasses behave exactly as vLLM's own classes. The vLLM modules are imported only by
+:func:`register`, so importing this package never initialises vLLM (or CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import ENV_VAR, METHODS, PruneConfig, kept_count
+
+__all__ = ["ENV_VAR", "METHODS", "PruneConfig", "SUPPORTED_VLLM", "kept_count", "register"]
+
+logger = logging.getLogger(__name__)
+
+#: The vLLM release the plugin is tested with (its model classes' internals are not a stable API).
+SUPPORTED_VLLM = "0.32.0"
+
+_MODELS = {
+    "LlavaForConditionalGeneration": "mrprune.integrations.vllm.llava:PrunedLlava",
+    "LlavaNextForConditionalGeneration": "mrprune.integrations.vllm.llava:PrunedLlavaNext",
+    "Qwen2_5_VLForConditionalGeneration": "mrprune.integrations.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
+}
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register the pruning model classes (lazily, by name)."""
+    import vllm
+    from vllm import ModelRegistry
+
+    if vllm.__version__.split("+")[0] != SUPPORTED_VLLM:
+        logger.warning("mrprune vLLM plugin is tested with vLLM %s, running on %s", SUPPORTED_VLLM, vllm.__version__)
+    for architecture, target in _MODELS.items():
+        ModelRegistry.register_model(architecture, target)
