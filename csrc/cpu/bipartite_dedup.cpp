@@ -36,7 +36,9 @@ Tensor bipartite_dedup_cpu(Tensor features, Tensor lengths, int64_t k, int64_t p
         const int64_t num_evens = static_cast<int64_t>(evens.size());
         const int64_t r = std::min({per_round, remaining - k, num_evens});
         score.resize(num_evens);
-        torch::stable::parallel_for(0, num_evens, 16, [&](int64_t begin, int64_t end) {
+        // threads only for rounds with enough work (>= 64k reads per chunk): a parallel region costs more otherwise
+        const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(remaining - num_evens, 1));
+        torch::stable::parallel_for(0, num_evens, grain, [&](int64_t begin, int64_t end) {
           for (int64_t a = begin; a < end; ++a) {
             const float* row = s + evens[a] * n;
             float best = -std::numeric_limits<float>::infinity();

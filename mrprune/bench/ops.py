@@ -66,6 +66,9 @@ OPS = (
     "diversity_select",
     "max_cosine",
     "topk_indices",
+    "received_attention",
+    "coverage_select",
+    "bipartite_dedup",
 )
 METHODS = ("mr_pruner", "g_prune", "resprune", "divprune", "random")
 #: Implementation names, in table order (``eager`` is accepted for ``reference``).
@@ -655,6 +658,21 @@ def op_cases(
         scores = torch.rand(batch, n_graph, generator=generator).to(device)
         add("topk_indices", f"k={k_top} of {n_graph}", (scores, graph_lengths, k_top, True), ("index",), k=k_top)
 
+    if "received_attention" in selected:
+        # Qwen2.5-VL's vision attention (16 heads of 80); its window layers attend within 8 x 8-patch windows
+        heads, head_dim = 16, 80
+        qk = torch.randn(2, batch, heads, tokens, head_dim, generator=generator).to(device=device, dtype=features.dtype)
+        windows = (torch.arange(tokens, device=device) // 64).expand(batch, tokens).contiguous()
+        label = f"H={heads} d={head_dim} N={tokens}"
+        add("received_attention", f"{label} full", (qk[0], qk[1], lengths, None, None), n=tokens)
+        add("received_attention", f"{label} windows of 64", (qk[0], qk[1], lengths, windows, None), n=tokens)
+    k_cover = round(0.111 * tokens)  # SCOPE at LLaVA-1.5's 64 of 576
+    saliency = torch.rand(batch, tokens, generator=generator).to(device)
+    args = (features, lengths, k_cover, saliency, 1.0)
+    add("coverage_select", f"k={k_cover} of {tokens}", args, ("index",), k=k_cover, n=tokens)
+    k_dedup = round(0.0556 * tokens)  # VisPruner's diverse tokens at 64 of 576 (32 from the other 544)
+    add("bipartite_dedup", f"k={k_dedup} of {tokens}", (features, lengths, k_dedup, 8), ("index",), k=k_dedup, n=tokens)
+
     cases = []
     for op, label, args, outputs, k, n, queries in specs:
         impls: dict[str, Callable[[], Any]] = {}
@@ -681,12 +699,21 @@ def op_cases(
                 k=k,
                 impls=impls,
                 outputs=outputs,
-                eager_bytes=eager_bytes(op, n, queries, batch),
+                eager_bytes=eager_bytes(op, n, queries, batch) or _new_op_eager_bytes(op, args, n),
                 oracle=oracle,
                 notes=notes,
             )
         )
     return cases
+
+
+def _new_op_eager_bytes(op: str, args: tuple, tokens: int) -> int:
+    """Peak memory of the references of the vision-stage ops (per item: float32 ``N x N`` buffers, one per head for
+    ``received_attention``: logits, mask and softmax)."""
+    n2 = 4 * tokens * tokens
+    if op == "received_attention":
+        return 3 * args[0].shape[1] * n2
+    return {"coverage_select": 4 * n2, "bipartite_dedup": 3 * n2}.get(op, 0)
 
 
 def _bind(fn: Callable, args: tuple) -> Callable[[], Any]:
