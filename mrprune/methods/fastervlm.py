@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from . import _checks
 from ._vision import Budget, allocate, check_layer, token_scores, top_per_crop
 from .base import Pruner
@@ -97,7 +98,8 @@ class FasterVLM(Pruner):
             per_crop = crop_attention[self.layer][b]  # [crops, P]
             count, total = per_crop.shape
             t = self.size.budget if self.size.budget is not None else int(total * self.size.keep_ratio)
-            top = torch.topk(per_crop.float(), min(t, total), dim=-1).indices  # [crops, T]
+            lengths_c = torch.full((count,), total, dtype=torch.int64, device=per_crop.device)
+            top = ops.topk_indices(per_crop.float(), lengths_c, min(t, total))  # [crops, T]
             chosen = torch.zeros(count, total, dtype=torch.bool, device=per_crop.device)
             chosen.scatter_(1, top, True)
             owned, where = crops[b, :n], patches[b, :n]

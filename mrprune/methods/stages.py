@@ -55,8 +55,10 @@ class Need(str, enum.Enum):
         row where the tower has a [CLS] token, the mean attention the token (its merged patches) receives where it
         has none; 0 for tokens no crop produced (LLaVA-NeXT newlines) and padding. ``crops [B, N]`` int64 gives the
         crop (0 = base view, ``1 + row * cols + col`` for the high-resolution tiles; the frame on Qwen2.5-VL
-        videos) that produced each token, -1 for newlines and padding. ``attention_kind`` is ``"cls"`` or
-        ``"received"``.
+        videos) that produced each token, -1 for newlines and padding; ``patches [B, N]`` its index in that crop's
+        raster; ``crop_attention`` ``{layer: [Tensor [crops_b, P]] * B}`` the attention over every patch of every
+        crop, those LLaVA-NeXT's unpadding removed included (what per-crop official selections rank).
+        ``attention_kind`` is ``"cls"`` or ``"received"``.
     LAST_QUERY_ATTENTION
         ``attention [B, N]`` float32: the head-averaged attention the last prompt token pays each of the item's
         tokens in decoder layer ``layer - 1`` (``llm`` stage).
