@@ -55,6 +55,28 @@ SCHEMAS = {
     "coverage_select": ("(Tensor features, Tensor lengths, int k, Tensor? saliency=None, float alpha=1.0) -> Tensor"),
     # features [B,N,D], lengths [B] -> indices [B,k] int64
     "bipartite_dedup": "(Tensor features, Tensor lengths, int k, int per_round=8) -> Tensor",
+    # x [B,N,D], metric [B,N,C], lengths [B], sizes [B,N]? -> merged [B,N-r,D], sizes [B,N-r], source [B,N],
+    # out_lengths [B]
+    "bipartite_merge": (
+        "(Tensor x, Tensor metric, Tensor lengths, int r, Tensor? sizes=None, bool protect_first=True, "
+        "bool spatial_order=False) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    # x [B,N,D], metric [B,N,C], lengths [B], targets [B,T] -> merged [B,T,D], assignment [B,N], sizes [B,T]
+    "assign_merge": (
+        "(Tensor x, Tensor metric, Tensor lengths, Tensor targets, bool include_target=False) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+    # x [B,N,D], metric [B,N,C], weights [B,N], lengths [B], kept [B,K] -> merged [B,K,D], neighbors [B,K,k]
+    "knn_weighted_merge": (
+        "(Tensor x, Tensor metric, Tensor weights, Tensor lengths, Tensor kept, int k=32) -> (Tensor, Tensor)"
+    ),
+    # q [B,H,M,d], k [B,H_kv,N,d], key_mask [B,N], query_positions [B,M]? -> probs [B,M,N] (reduce: [B,N])
+    "attention_rows": (
+        "(Tensor q, Tensor k, Tensor key_mask, Tensor? query_positions=None, float? scale=None, "
+        "bool reduce=False) -> Tensor"
+    ),
+    # x [B,N,D], lengths [B] -> merged [B,c,D], assignment [B,N], centers [B,c]
+    "density_peak_merge": ("(Tensor x, Tensor lengths, int clusters, int? neighbors=None) -> (Tensor, Tensor, Tensor)"),
 }
 #: Ops with a CUDA C++ kernel (``csrc/cuda/<op>.cu``).
 CUDA_OPS = ("topk_indices", "greedy_residual_select", "diversity_select")
@@ -113,6 +135,34 @@ _CANONICAL: dict[str, Callable[..., tuple]] = {
     "received_attention": lambda q, k, lens, seg, scale: (_float32(q), _float32(k), _int64(lens), _int64(seg), scale),
     "coverage_select": lambda x, lens, k, sal, alpha: (_float32(x), _int64(lens), k, _float32(sal), alpha),
     "bipartite_dedup": lambda x, lens, k, r: (_float32(x), _int64(lens), k, r),
+    # the merges read and write x in its own dtype (float16/bfloat16/float32; float64 goes to the reference)
+    "bipartite_merge": lambda x, m, lens, r, sizes, protect, spatial: (
+        _features(x),
+        _features(m),
+        _int64(lens),
+        r,
+        _float32(sizes),
+        protect,
+        spatial,
+    ),
+    "assign_merge": lambda x, m, lens, targets, inc: (_features(x), _features(m), _int64(lens), _int64(targets), inc),
+    "knn_weighted_merge": lambda x, m, w, lens, kept, k: (
+        _features(x),
+        _features(m),
+        _float32(w),
+        _int64(lens),
+        _int64(kept),
+        k,
+    ),
+    "attention_rows": lambda q, k, mask, pos, scale, reduce: (  # q and k share a dtype (validated)
+        _features(q),
+        _features(k),
+        mask.contiguous(),
+        _int64(pos),
+        scale,
+        reduce,
+    ),
+    "density_peak_merge": lambda x, lens, c, m: (_features(x), _int64(lens), c, m),
 }
 
 _VALIDATE = {
@@ -127,6 +177,11 @@ _VALIDATE = {
     "received_attention": _validation.received_attention,
     "coverage_select": _validation.coverage_select,
     "bipartite_dedup": _validation.bipartite_dedup,
+    "bipartite_merge": _validation.bipartite_merge,
+    "assign_merge": _validation.assign_merge,
+    "knn_weighted_merge": _validation.knn_weighted_merge,
+    "attention_rows": _validation.attention_rows,
+    "density_peak_merge": _validation.density_peak_merge,
 }
 
 
@@ -252,3 +307,53 @@ def _coverage_select_fake(features, lengths, k, saliency=None, alpha=1.0):
 def _bipartite_dedup_fake(features, lengths, k, per_round=8):
     _validation.bipartite_dedup("bipartite_dedup", features, lengths, k, per_round)
     return features.new_empty(features.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.register_fake("mrprune::bipartite_merge", lib=_lib)
+def _bipartite_merge_fake(x, metric, lengths, r, sizes=None, protect_first=True, spatial_order=False):
+    _validation.bipartite_merge("bipartite_merge", x, metric, lengths, r, sizes, protect_first, spatial_order)
+    batch, tokens, dim = x.shape
+    return (
+        x.new_empty(batch, tokens - r, dim),
+        x.new_empty(batch, tokens - r, dtype=_score_dtype(x)),
+        x.new_empty(batch, tokens, dtype=torch.int64),
+        x.new_empty(batch, dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("mrprune::assign_merge", lib=_lib)
+def _assign_merge_fake(x, metric, lengths, targets, include_target=False):
+    _validation.assign_merge("assign_merge", x, metric, lengths, targets, include_target)
+    batch, tokens, dim = x.shape
+    slots = targets.shape[1]
+    return (
+        x.new_empty(batch, slots, dim),
+        x.new_empty(batch, tokens, dtype=torch.int64),
+        x.new_empty(batch, slots, dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("mrprune::knn_weighted_merge", lib=_lib)
+def _knn_weighted_merge_fake(x, metric, weights, lengths, kept, k=32):
+    _validation.knn_weighted_merge("knn_weighted_merge", x, metric, weights, lengths, kept, k)
+    batch, slots, dim = x.shape[0], kept.shape[1], x.shape[2]
+    return x.new_empty(batch, slots, dim), x.new_empty(batch, slots, k, dtype=torch.int64)
+
+
+@torch.library.register_fake("mrprune::attention_rows", lib=_lib)
+def _attention_rows_fake(q, k, key_mask, query_positions=None, scale=None, reduce=False):
+    _validation.attention_rows("attention_rows", q, k, key_mask, query_positions, scale, reduce)
+    batch, rows, tokens = q.shape[0], q.shape[2], k.shape[2]
+    shape = (batch, tokens) if reduce else (batch, rows, tokens)
+    return q.new_empty(shape, dtype=_score_dtype(q))
+
+
+@torch.library.register_fake("mrprune::density_peak_merge", lib=_lib)
+def _density_peak_merge_fake(x, lengths, clusters, neighbors=None):
+    _validation.density_peak_merge("density_peak_merge", x, lengths, clusters, neighbors)
+    batch, tokens, dim = x.shape
+    return (
+        x.new_empty(batch, clusters, dim),
+        x.new_empty(batch, tokens, dtype=torch.int64),
+        x.new_empty(batch, clusters, dtype=torch.int64),
+    )

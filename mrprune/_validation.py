@@ -400,3 +400,147 @@ def bipartite_dedup(op: str, x: torch.Tensor, lens: torch.Tensor, k: int, per_ro
     if integer(op, "per_round", per_round) < 1:
         raise ValueError(f"mrprune.{op}: per_round must be >= 1, got {per_round}")
     finite(op, "features", x, vectors=True)
+
+
+# --- token merging and multi-row attention (issue 17) ------------------------------------------------------------
+
+
+def _tokens_and_metric(op: str, x: torch.Tensor, metric: torch.Tensor, lens: torch.Tensor) -> tuple[int, int]:
+    """``x [B, N, D]`` and ``metric [B, N, C]`` (same B and N), ``lengths [B]``; returns ``(B, N)``."""
+    features(op, "x", x)
+    features(op, "metric", metric)
+    same_device(op, x, "x", metric=metric, lengths=lens)
+    batch, tokens, _ = x.shape
+    if tuple(metric.shape[:2]) != (batch, tokens):
+        raise ValueError(f"mrprune.{op}: metric must be [B={batch}, N={tokens}, C] like x, got {tuple(metric.shape)}")
+    lengths(op, lens, batch, tokens)
+    return batch, tokens
+
+
+def slot_positions(op: str, name: str, t: object, batch: int, lens: torch.Tensor, distinct: bool) -> None:
+    """``t [B, S]`` integer positions, each ``-1`` (unused) or in ``[0, lengths[b])``; with ``distinct``, no position
+    twice in an item."""
+    tensor(op, name, t)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"mrprune.{op}: {name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != 2 or t.shape[0] != batch:
+        raise ValueError(f"mrprune.{op}: {name} must have shape ({batch}, S), got {tuple(t.shape)}")
+    same_device(op, lens, "lengths", **{name: t})
+    if not t.numel():
+        return
+    in_range = (t == -1) | ((t >= 0) & (t < lens[:, None]))
+    _check(t, lambda: in_range.all(), f"mrprune.{op}: {name} must be -1 or lie in [0, lengths[b])")
+    if distinct and t.shape[1] > 1:
+        ordered = t.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+        _check(t, lambda: ~repeated.any(), f"mrprune.{op}: {name} must not repeat a position within an item")
+
+
+def bipartite_merge(
+    op: str,
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    lens: torch.Tensor,
+    r: int,
+    sizes: torch.Tensor | None,
+    protect_first: bool,
+    spatial_order: bool,
+) -> None:
+    batch, tokens = _tokens_and_metric(op, x, metric, lens)
+    boolean(op, "protect_first", protect_first)
+    boolean(op, "spatial_order", spatial_order)
+    most = max(tokens - (1 if protect_first else 0), 0) // 2
+    if not 0 <= integer(op, "r", r) <= most:
+        raise ValueError(
+            f"mrprune.{op}: r must lie in [0, {most}] (at most half of the N={tokens} padded tokens"
+            f"{', the protected first one excluded' if protect_first else ''}; ToMe caps r there), got {r}"
+        )
+    same_device(op, x, "x", sizes=sizes)
+    weights(op, "sizes", sizes, (batch, tokens))
+    if sizes is not None and sizes.numel():
+        valid = torch.arange(tokens, device=sizes.device) < lens[:, None]
+        _check(sizes, lambda: ~((sizes <= 0) & valid).any(), f"mrprune.{op}: sizes must be positive on valid tokens")
+    finite(op, "x", x)
+    finite(op, "metric", metric, vectors=True)
+
+
+def assign_merge(
+    op: str, x: torch.Tensor, metric: torch.Tensor, lens: torch.Tensor, targets: torch.Tensor, include_target: bool
+) -> None:
+    batch, _ = _tokens_and_metric(op, x, metric, lens)
+    slot_positions(op, "targets", targets, batch, lens, distinct=True)
+    boolean(op, "include_target", include_target)
+    finite(op, "x", x)
+    finite(op, "metric", metric, vectors=True)
+
+
+def knn_weighted_merge(
+    op: str,
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    w: torch.Tensor,
+    lens: torch.Tensor,
+    kept: torch.Tensor,
+    k: int,
+) -> None:
+    batch, tokens = _tokens_and_metric(op, x, metric, lens)
+    tensor(op, "weights", w)
+    same_device(op, x, "x", weights=w)
+    weights(op, "weights", w, (batch, tokens))
+    slot_positions(op, "kept", kept, batch, lens, distinct=False)
+    budget(op, k, tokens)
+    finite(op, "x", x)
+    finite(op, "metric", metric, vectors=True)
+
+
+def attention_rows(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_mask: torch.Tensor,
+    query_positions: torch.Tensor | None,
+    scale: float | None,
+    reduce: bool,
+) -> None:
+    features(op, "q", q, rank=4)
+    features(op, "k", k, rank=4)
+    batch, heads, rows, dim = q.shape
+    if k.dtype != q.dtype:
+        raise TypeError(f"mrprune.{op}: k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"mrprune.{op}: k must be [B={batch}, H_kv, N, d={dim}] like q, got {tuple(k.shape)}")
+    kv_heads, tokens = k.shape[1], k.shape[2]
+    if heads < 1 or dim < 1 or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"mrprune.{op}: q needs H >= 1 heads, a multiple of k's H_kv >= 1, and d >= 1; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}"
+        )
+    same_device(op, q, "q", k=k, key_mask=key_mask, query_positions=query_positions)
+    tensor(op, "key_mask", key_mask)
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"mrprune.{op}: key_mask must be bool, got {key_mask.dtype}")
+    shape(op, "key_mask", key_mask, (batch, tokens))
+    if query_positions is not None:
+        index_tensor(op, "query_positions", query_positions, (batch, rows))
+        if query_positions.numel():
+            _check(
+                query_positions,
+                lambda: ((query_positions >= -1) & (query_positions < tokens)).all(),
+                f"mrprune.{op}: query_positions must be -1 (a padded row) or lie in [0, N={tokens})",
+            )
+    if scale is not None and not (real(op, "scale", scale) > 0):
+        raise ValueError(f"mrprune.{op}: scale must be positive, got {scale!r}")
+    boolean(op, "reduce", reduce)
+    finite(op, "q", q, vectors=True)
+    finite(op, "k", k, vectors=True)
+
+
+def density_peak_merge(op: str, x: torch.Tensor, lens: torch.Tensor, clusters: int, neighbors: int | None) -> None:
+    features(op, "x", x)
+    same_device(op, x, "x", lengths=lens)
+    lengths(op, lens, x.shape[0], x.shape[1])
+    if not 0 <= integer(op, "clusters", clusters) <= x.shape[1]:
+        raise ValueError(f"mrprune.{op}: clusters must lie in [0, N={x.shape[1]}], got {clusters}")
+    if neighbors is not None and integer(op, "neighbors", neighbors) < 1:
+        raise ValueError(f"mrprune.{op}: neighbors must be >= 1 (or None), got {neighbors}")
+    finite(op, "x", x, vectors=True)

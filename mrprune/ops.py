@@ -30,6 +30,11 @@ __all__ = [
     "segment_ids_from_cu_seqlens",
     "coverage_select",
     "bipartite_dedup",
+    "bipartite_merge",
+    "assign_merge",
+    "knn_weighted_merge",
+    "attention_rows",
+    "density_peak_merge",
 ]
 
 
@@ -208,3 +213,103 @@ def bipartite_dedup(features: torch.Tensor, lengths: torch.Tensor, k: int, per_r
     _validation.integer("bipartite_dedup", "k", k)
     _validation.integer("bipartite_dedup", "per_round", per_round)
     return torch.ops.mrprune.bipartite_dedup.default(features, lengths, k, per_round)
+
+
+def bipartite_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    lengths: torch.Tensor,
+    r: int,
+    sizes: torch.Tensor | None = None,
+    protect_first: bool = True,
+    spatial_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching + size-weighted merge of ``r`` pairs per item (even positions into their most
+    similar odd position, by cosine of ``metric``).
+
+    ``x [B, N, D]``, ``metric [B, N, C]`` (ToMe: head-averaged keys), ``lengths [B]``, ``sizes [B, N]`` (``None``:
+    1) → ``merged [B, N - r, D]`` (``x.dtype``), ``merged_sizes [B, N - r]`` float32, ``source [B, N]`` int64 (output
+    row of every input token, -1 for padding), ``out_lengths [B]`` int64 (``n_b - min(r, (n_b - p) // 2)``). Output
+    order ``[unmerged even tokens, odd tokens]`` as ToMe, or by position with ``spatial_order``. See
+    :func:`mrprune.reference.bipartite_merge`.
+    """
+    _validation.integer("bipartite_merge", "r", r)
+    _validation.boolean("bipartite_merge", "protect_first", protect_first)
+    _validation.boolean("bipartite_merge", "spatial_order", spatial_order)
+    return torch.ops.mrprune.bipartite_merge.default(x, metric, lengths, r, sizes, protect_first, spatial_order)
+
+
+def assign_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    include_target: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual merge: every token joins the target of largest ``metric`` cosine (ties to the lower
+    slot); each target becomes itself plus the mean of its members (``include_target``: the mean of all).
+
+    ``x [B, N, D]``, ``metric [B, N, C]``, ``lengths [B]``, ``targets [B, T]`` (distinct positions or -1) →
+    ``merged [B, T, D]`` (``x.dtype``), ``assignment [B, N]`` int64 (slot of each token, -1 for padding),
+    ``sizes [B, T]`` int64 (tokens per slot, target included). See :func:`mrprune.reference.assign_merge`.
+    """
+    _validation.boolean("assign_merge", "include_target", include_target)
+    return torch.ops.mrprune.assign_merge.default(x, metric, lengths, targets, include_target)
+
+
+def knn_weighted_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    weights: torch.Tensor,
+    lengths: torch.Tensor,
+    kept: torch.Tensor,
+    k: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruMerge's merge: each kept token plus the ``weights``-weighted sum of its ``k`` nearest other tokens by
+    ``metric`` cosine (ties to the lower position; unnormalised weights, as the official code).
+
+    ``x [B, N, D]``, ``metric [B, N, C]``, ``weights [B, N]``, ``lengths [B]``, ``kept [B, K]`` (positions or -1) →
+    ``merged [B, K, D]`` (``x.dtype``), ``neighbors [B, K, k]`` int64 (nearest first, -1 padded). See
+    :func:`mrprune.reference.knn_weighted_merge`.
+    """
+    _validation.integer("knn_weighted_merge", "k", k)
+    return torch.ops.mrprune.knn_weighted_merge.default(x, metric, weights, lengths, kept, k)
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_mask: torch.Tensor,
+    query_positions: torch.Tensor | None = None,
+    scale: float | None = None,
+    reduce: bool = False,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of ``M`` query rows from ``q`` and ``k`` (FastV / PDrop / SparseVLM
+    scoring rows; the model keeps SDPA/FlashAttention).
+
+    ``q [B, H, M, d]``, ``k [B, H_kv, N, d]`` (GQA: ``H % H_kv == 0``), ``key_mask [B, N]`` bool,
+    ``query_positions [B, M]`` (causal mask ``j <= position``; -1: padded row; ``None``: no causal mask), ``scale``
+    (``None``: ``d ** -0.5``) → ``[B, M, N]`` float32, or ``[B, N]`` (mean over real rows) with ``reduce``. See
+    :func:`mrprune.reference.attention_rows`.
+    """
+    if scale is not None:
+        _validation.real("attention_rows", "scale", scale)
+    _validation.boolean("attention_rows", "reduce", reduce)
+    return torch.ops.mrprune.attention_rows.default(q, k, key_mask, query_positions, scale, reduce)
+
+
+def density_peak_merge(
+    x: torch.Tensor, lengths: torch.Tensor, clusters: int, neighbors: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseVLM's recycling: DPC-kNN density-peak clustering of each item's tokens into ``clusters`` centres, each
+    cluster merged by its mean.
+
+    ``x [B, N, D]``, ``lengths [B]``, ``neighbors`` (kNN of the density; ``None``: ``clusters``, as the official
+    code) → ``merged [B, clusters, D]`` (``x.dtype``), ``assignment [B, N]`` int64 (cluster of each token, -1 for
+    padding), ``centers [B, clusters]`` int64 (-1 past ``min(clusters, n_b)``). See
+    :func:`mrprune.reference.density_peak_merge`.
+    """
+    _validation.integer("density_peak_merge", "clusters", clusters)
+    if neighbors is not None:
+        _validation.integer("density_peak_merge", "neighbors", neighbors)
+    return torch.ops.mrprune.density_peak_merge.default(x, lengths, clusters, neighbors)

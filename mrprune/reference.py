@@ -41,6 +41,12 @@ __all__ = [
     "received_attention",
     "coverage_select",
     "bipartite_dedup",
+    "even_odd_best_match",
+    "bipartite_merge",
+    "assign_merge",
+    "knn_weighted_merge",
+    "attention_rows",
+    "density_peak_merge",
 ]
 
 #: The logit the official code gives to non-edges; finite so that a row without edges becomes uniform, not NaN.
@@ -571,3 +577,394 @@ def bipartite_dedup(features: torch.Tensor, lengths: torch.Tensor, k: int, per_r
                 order = torch.cat([evens[rank[r:]], odds])
         indices[b, : order.numel()] = order
     return indices
+
+
+# --- token merging and multi-row attention (issue 17) ------------------------------------------------------------
+
+
+def even_odd_best_match(
+    similarity: torch.Tensor, evens: torch.Tensor, odds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best odd-position partner of every even-position token: the even/odd matching that ToMe's bipartite merge
+    and VisPruner's de-duplication share.
+
+    Parameters
+    ----------
+    similarity : Tensor ``[n, n]``
+        Cosines of an item's tokens.
+    evens, odds : Tensor ``[a]``, ``[o]``, int64
+        Rows (set A) and columns (set B) of ``similarity``.
+
+    Returns
+    -------
+    value : Tensor ``[a]``, the largest cosine of each A token to B (``-inf`` when B is empty).
+    partner : Tensor ``[a]``, int64, its position in ``odds`` (the first maximum; 0 when B is empty).
+    """
+    if odds.numel() == 0:
+        return similarity.new_full((evens.numel(),), float("-inf")), evens.new_zeros(evens.numel())
+    block = similarity[evens][:, odds]
+    partner = torch.argmax(block, dim=1)  # the first maximum
+    return block.gather(1, partner[:, None])[:, 0], partner
+
+
+def bipartite_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    lengths: torch.Tensor,
+    r: int,
+    sizes: torch.Tensor | None = None,
+    protect_first: bool = True,
+    spatial_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching and size-weighted merge (arXiv 2210.09461; official code
+    github.com/facebookresearch/ToMe, ``tome/merge.py``: ``bipartite_soft_matching`` then ``merge_wavg``).
+
+    Per item with ``n = n_b`` valid tokens and ``p = 1`` if ``protect_first`` (the [CLS] at position 0) else 0:
+
+    1. ``r_b = min(r, (n - p) // 2)`` pairs are merged (the official cap);
+    2. A = positions 0, 2, 4, ...; B = positions 1, 3, ...; each A token's score is its largest cosine of
+       ``metric`` rows (normalised as ``x / max(||x||, 1e-12)``) to B, its partner the first B token reaching it;
+       a protected [CLS] scores ``-inf``;
+    3. the ``r_b`` A tokens with the highest scores (stable descending sort: ties merge the earlier position) are
+       merged into their partners; the other A tokens stay;
+    4. a B token that absorbed A tokens ``S`` becomes ``(s_b x_b + sum_{a in S} s_a x_a) / (s_b + sum_{a in S} s_a)``
+       with size ``s_b + sum s_a``; every other token is copied unchanged (bit for bit) with its size.
+
+    Output order: as the official code, ``[unmerged A tokens, B tokens in position order]``, where the unmerged A
+    tokens are in position order when ``protect_first`` (the official re-sort that keeps the [CLS] first) and in
+    descending score order otherwise; ``spatial_order=True`` puts every output token at its (B token's or unmerged A
+    token's own) position order instead.
+
+    Differences from the official code: a zero ``metric`` row has cosine 0 (official: NaN); the sort is stable
+    (official: ``argsort``, unspecified among ties); the weighted mean is accumulated in float32 (float64 for float64
+    input) and tokens that absorbed nothing are copied instead of being multiplied and divided by their size.
+
+    Parameters
+    ----------
+    x : Tensor ``[B, N, D]``, float16/bfloat16/float32/float64
+        The tokens to merge (ToMe: the block's hidden states).
+    metric : Tensor ``[B, N, C]``, floating
+        The similarity features (ToMe: the block's keys averaged over heads).
+    lengths : Tensor ``[B]``, int64
+    r : int, ``0 <= r <= max(N - p, 0) // 2``
+        Pairs to merge per item (fewer where an item is short).
+    sizes : Tensor ``[B, N]`` or None
+        Positive token sizes (original patches per token); ``None`` means 1.
+    protect_first : bool
+        Never merge position 0 (the [CLS] token).
+    spatial_order : bool
+        Order the output by position instead of the official ``[unmerged A, B]``.
+
+    Returns
+    -------
+    merged : Tensor ``[B, N - r, D]`` in ``x.dtype``; rows past ``n_b - r_b`` are 0.
+    merged_sizes : Tensor ``[B, N - r]`` (float32, or float64 for float64 ``x``); 0 past ``n_b - r_b``.
+    source : Tensor ``[B, N]``, int64: the output row of each input token (a merged A token maps to its partner's
+        row); -1 for padding.
+    out_lengths : Tensor ``[B]``, int64: ``n_b - r_b``.
+    """
+    dtype = compute_dtype(x.dtype)
+    batch, tokens, dim = x.shape
+    out_tokens = tokens - r
+    merged = x.new_zeros(batch, out_tokens, dim)
+    merged_sizes = x.new_zeros(batch, out_tokens, dtype=dtype)
+    source = torch.full((batch, tokens), -1, dtype=torch.int64, device=x.device)
+    out_lengths = torch.zeros(batch, dtype=torch.int64, device=x.device)
+    for b in range(batch):
+        n = int(lengths[b])
+        protect = 1 if protect_first and n > 0 else 0
+        rb = min(r, max(n - protect, 0) // 2)
+        size = torch.ones(n, dtype=dtype, device=x.device) if sizes is None else sizes[b, :n].to(dtype)
+        positions = torch.arange(n, device=x.device)
+        evens, odds = positions[0::2], positions[1::2]
+        u = normalize_rows(metric[b, :n].to(dtype))
+        score, partner = even_odd_best_match(u @ u.T, evens, odds)
+        if protect:
+            score[0] = float("-inf")
+        rank = torch.sort(score, descending=True, stable=True).indices
+        gone, stay = rank[:rb], rank[rb:]
+        if protect:
+            stay = stay.sort().values
+        kept = torch.cat([evens[stay], odds])  # output rows -> input positions (their representatives)
+        if spatial_order:
+            kept = kept.sort().values
+        slot = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+        slot[kept] = torch.arange(kept.numel(), device=x.device)
+        slot[evens[gone]] = slot[odds[partner[gone]]]
+        total = x.new_zeros(kept.numel(), dim, dtype=dtype).index_add_(0, slot, x[b, :n].to(dtype) * size[:, None])
+        mass = size.new_zeros(kept.numel()).index_add_(0, slot, size)
+        absorbed = torch.zeros(kept.numel(), dtype=torch.bool, device=x.device)
+        absorbed[slot[evens[gone]]] = True
+        rows = torch.where(absorbed[:, None], (total / mass[:, None]).to(x.dtype), x[b, kept])
+        merged[b, : kept.numel()] = rows
+        merged_sizes[b, : kept.numel()] = mass
+        source[b, :n] = slot
+        out_lengths[b] = n - rb
+    return merged, merged_sizes, source, out_lengths
+
+
+def assign_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    include_target: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every token joins its most similar target, then each target absorbs its members (VisionZip's contextual
+    tokens, arXiv 2412.04467; official code github.com/dvlab-research/VisionZip, ``visionzip/clip_encoder.py``).
+
+    Per item, token ``i`` (valid, not itself a target) joins the target slot ``t`` maximising
+    ``cos(metric_i, metric_{targets[b, t]})`` over the valid slots (rows normalised as ``x / max(||x||, 1e-12)``;
+    ties to the lower slot); a target stays in its own slot. With ``M_t`` the members of slot ``t`` (the target
+    excluded) and ``h = x``:
+
+    * ``include_target=False`` (VisionZip): ``c_t = h_t + (sum_{i in M_t} h_i) / max(|M_t|, 1)``, the target *plus*
+      the mean of its members;
+    * ``include_target=True``: the plain mean ``(h_t + sum_{i in M_t} h_i) / (1 + |M_t|)``.
+
+    Differences from the official code: a zero ``metric`` row has cosine 0 (official: NaN); sums are accumulated in
+    float32 (float64 for float64 input) instead of a bmm in the features' dtype.
+
+    Parameters
+    ----------
+    x : Tensor ``[B, N, D]``, float16/bfloat16/float32/float64
+        The tokens (VisionZip: the hidden states that remain after the dominant tokens).
+    metric : Tensor ``[B, N, C]``, floating
+        Similarity features (VisionZip: the keys averaged over heads).
+    lengths : Tensor ``[B]``, int64
+    targets : Tensor ``[B, T]``, int64
+        Positions of the targets, distinct per item, each in ``[0, n_b)``, or -1 for an unused slot (VisionZip:
+        the first ``C`` of ``0, step, 2 step, ...`` with ``step = max(1, n // C)``).
+    include_target : bool
+        The plain mean instead of VisionZip's target plus mean.
+
+    Returns
+    -------
+    merged : Tensor ``[B, T, D]`` in ``x.dtype``; 0 for unused slots.
+    assignment : Tensor ``[B, N]``, int64: the slot of every valid token (a target's own slot); -1 for padding and
+        for every token of an item without targets.
+    sizes : Tensor ``[B, T]``, int64: input tokens per slot (``1 + |M_t|``); 0 for unused slots.
+    """
+    dtype = compute_dtype(x.dtype)
+    batch, tokens, dim = x.shape
+    slots = targets.shape[1]
+    merged = x.new_zeros(batch, slots, dim)
+    assignment = torch.full((batch, tokens), -1, dtype=torch.int64, device=x.device)
+    sizes = torch.zeros(batch, slots, dtype=torch.int64, device=x.device)
+    for b in range(batch):
+        n = int(lengths[b])
+        used = (targets[b] >= 0).nonzero()[:, 0]
+        if n == 0 or used.numel() == 0:
+            continue
+        where = targets[b, used]
+        u = normalize_rows(metric[b, :n].to(dtype))
+        slot = used[torch.argmax(u @ u[where].T, dim=1)]  # the first maximum: the lower slot
+        slot[where] = used
+        assignment[b, :n] = slot
+        member = torch.ones(n, dtype=torch.bool, device=x.device)
+        member[where] = False
+        count = torch.bincount(slot[member], minlength=slots)
+        total = x.new_zeros(slots, dim, dtype=dtype).index_add_(0, slot[member], x[b, :n][member].to(dtype))
+        target, members = x[b, where].to(dtype), count[used].to(dtype)[:, None]
+        if include_target:
+            rows = (target + total[used]) / (members + 1)
+        else:
+            rows = target + total[used] / members.clamp_min(1)
+        merged[b, used] = rows.to(x.dtype)
+        sizes[b] = count
+        sizes[b, used] += 1
+    return merged, assignment, sizes
+
+
+def knn_weighted_merge(
+    x: torch.Tensor,
+    metric: torch.Tensor,
+    weights: torch.Tensor,
+    lengths: torch.Tensor,
+    kept: torch.Tensor,
+    k: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each kept token absorbs its ``k`` nearest neighbours, weighted (PruMerge / PruMerge+, arXiv 2403.15388;
+    official code github.com/42Shawn/LLaVA-PruMerge, ``llava/model/multimodal_encoder/clip_encoder.py``,
+    ``token_prune_merge_advanced(_plus)``).
+
+    For kept token ``c = kept[b, t]``: its neighbours ``K_c`` are the ``min(k, n_b - 1)`` valid tokens ``j != c``
+    (kept or not, as in the official code) with the largest ``cos(metric_c, metric_j)`` (rows normalised as
+    ``x / max(||x||, 1e-12)``; ties to the lower position), and ``y_t = x_c + sum_{j in K_c} w_j x_j``: the token
+    itself unweighted, the neighbours weighted by ``w`` (the [CLS] attention) without normalisation (the official
+    ``/ torch.sum(weights)`` is commented out).
+
+    Differences from the official code: the neighbour ranking breaks ties by position (official: ``topk`` over
+    ``[kept before c, kept after c, the rest]``, unspecified among ties); ``k`` is capped at ``n_b - 1`` (official:
+    an error); the sum is accumulated in float32 (float64 for float64 input).
+
+    Parameters
+    ----------
+    x : Tensor ``[B, N, D]``, float16/bfloat16/float32/float64
+        The tokens (PruMerge: the select layer's patch features).
+    metric : Tensor ``[B, N, C]``, floating
+        Similarity features (PruMerge: the last layer's keys).
+    weights : Tensor ``[B, N]``, floating, finite
+        Neighbour weights (PruMerge: the [CLS] attention of each patch).
+    lengths : Tensor ``[B]``, int64
+    kept : Tensor ``[B, K]``, int64
+        Positions of the kept tokens in ``[0, n_b)``, or -1 for an unused slot.
+    k : int, ``0 <= k <= N``
+        Neighbours per kept token (official: 32).
+
+    Returns
+    -------
+    merged : Tensor ``[B, K, D]`` in ``x.dtype``; 0 for unused slots.
+    neighbors : Tensor ``[B, K, k]``, int64: each kept token's neighbours, nearest first; -1 past ``min(k, n_b - 1)``
+        and for unused slots.
+    """
+    dtype = compute_dtype(x.dtype)
+    batch, _, dim = x.shape
+    slots = kept.shape[1]
+    merged = x.new_zeros(batch, slots, dim)
+    neighbors = torch.full((batch, slots, k), -1, dtype=torch.int64, device=x.device)
+    for b in range(batch):
+        n = int(lengths[b])
+        u = normalize_rows(metric[b, :n].to(dtype))
+        w = weights[b, :n].to(dtype)
+        for t in range(slots):
+            c = int(kept[b, t])
+            if c < 0:
+                continue
+            similarity = u @ u[c]
+            similarity[c] = float("-inf")
+            near = torch.sort(similarity, descending=True, stable=True).indices[: min(k, n - 1)]
+            neighbors[b, t, : near.numel()] = near
+            merged[b, t] = (x[b, c].to(dtype) + (w[near, None] * x[b, near].to(dtype)).sum(0)).to(x.dtype)
+    return merged, neighbors
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_mask: torch.Tensor,
+    query_positions: torch.Tensor | None = None,
+    scale: float | None = None,
+    reduce: bool = False,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of a few query rows, computed from ``q`` and ``k`` (FastV's last-token
+    row generalised to ``M`` rows: PDrop's last instruction token, SparseVLM's text raters), so the model's own
+    attention can stay on SDPA/FlashAttention.
+
+    ``P_h[m, j] = softmax_j(scale * q_h[m] . k_{g(h)}[j])`` over the keys row ``m`` may attend: ``key_mask[b, j]``
+    and, with ``query_positions``, ``j <= query_positions[b, m]`` (causal). Query head ``h`` reads key head
+    ``g(h) = h // (H / H_kv)`` (grouped-query attention, as ``repeat_interleave`` of the keys). The result is
+    ``(1 / H) sum_h P_h``.
+
+    Parameters
+    ----------
+    q : Tensor ``[B, H, M, d]``, float16/bfloat16/float32/float64
+        Queries of the rows (after RoPE, as the layer uses them).
+    k : Tensor ``[B, H_kv, N, d]``, same dtype, ``H % H_kv == 0``
+        Keys of the whole sequence (after RoPE).
+    key_mask : Tensor ``[B, N]``, bool
+        Keys any row may attend (the real tokens of each sequence).
+    query_positions : Tensor ``[B, M]``, integer, or None
+        Sequence position of each row for the causal mask; -1 marks a padded row (all zeros, left out of the
+        ``reduce`` mean). ``None``: no causal mask, every row real.
+    scale : float or None
+        Logit scale; ``None`` means ``d ** -0.5``.
+    reduce : bool
+        Return the mean over an item's real rows instead of every row.
+
+    Returns
+    -------
+    Tensor ``[B, M, N]`` (or ``[B, N]`` with ``reduce``), float32 (float64 for float64 input); 0 at keys a row may
+    not attend, for padded rows, for rows without any key, and (``reduce``) for items without real rows.
+    """
+    dtype = compute_dtype(q.dtype)
+    batch, heads, rows, dim = q.shape
+    kv_heads, tokens = k.shape[1], k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    out = q.new_zeros(batch, rows, tokens, dtype=dtype)
+    real = torch.ones(batch, rows, dtype=torch.bool, device=q.device)
+    for b in range(batch):
+        keys = k[b].to(dtype).repeat_interleave(heads // kv_heads, dim=0)  # [H, N, d]
+        allowed = key_mask[b][None, :].expand(rows, tokens)
+        if query_positions is not None:
+            real[b] = query_positions[b] >= 0
+            allowed = allowed & (torch.arange(tokens, device=q.device)[None, :] <= query_positions[b][:, None])
+            allowed = allowed & real[b][:, None]
+        logits = (q[b].to(dtype) @ keys.transpose(-1, -2)) * scale  # [H, M, N]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row without keys: 0
+        out[b] = probs.mean(0)
+    if not reduce:
+        return out
+    count = real.sum(1, keepdim=True).clamp_min(1).to(dtype)
+    return (out * real[..., None]).sum(1) / count
+
+
+def density_peak_merge(
+    x: torch.Tensor, lengths: torch.Tensor, clusters: int, neighbors: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Density-peak (DPC-kNN) clustering and mean merge of each item's tokens (SparseVLM v1's recycling of pruned
+    tokens, arXiv 2410.04417; official code github.com/Gumpest/SparseVLMs, ``cluster_and_merge``, itself TCFormer's
+    DPC-kNN).
+
+    Per item with ``n = n_b`` valid tokens and ``c = min(clusters, n)`` centres:
+
+    1. ``d_ij = ||x_i - x_j|| / sqrt(D)``;
+    2. density ``rho_i = exp(-mean of d_ij^2 over the m = min(neighbors, n) nearest j``, the token itself
+       included);
+    3. ``delta_i`` = the distance to the nearest token of strictly higher density, or ``max d`` over the item for
+       tokens without one; density ties are broken by position (the lower position counts as denser);
+    4. the ``c`` tokens with the largest ``rho_i * delta_i`` (stable: ties to the lower position) are the centres,
+       in that order;
+    5. every token joins its nearest centre (ties to the lower slot), a centre its own slot, and each cluster
+       becomes the mean of its tokens.
+
+    Differences from the official code: density ties are broken by position instead of by ``rand * 1e-6`` noise
+    (deterministic); the mean divides by the count (official: ``count + 1e-6``); distances and means are computed
+    in float32 (float64 for float64 input); ``clusters > n_b`` leaves slots empty (official: an error).
+
+    Parameters
+    ----------
+    x : Tensor ``[B, N, D]``, float16/bfloat16/float32/float64
+    lengths : Tensor ``[B]``, int64
+    clusters : int, ``0 <= clusters <= N``
+        Centres per item (SparseVLM: ``n / 10 + 1`` of the recycled tokens).
+    neighbors : int or None, ``>= 1``
+        ``m`` of the density; ``None`` means ``clusters`` (the official code uses the cluster count).
+
+    Returns
+    -------
+    merged : Tensor ``[B, clusters, D]`` in ``x.dtype``; 0 for empty slots.
+    assignment : Tensor ``[B, N]``, int64: the cluster of each valid token; -1 for padding.
+    centers : Tensor ``[B, clusters]``, int64: the centre positions, -1 past ``min(clusters, n_b)``.
+    """
+    dtype = compute_dtype(x.dtype)
+    batch, tokens, dim = x.shape
+    merged = x.new_zeros(batch, clusters, dim)
+    assignment = torch.full((batch, tokens), -1, dtype=torch.int64, device=x.device)
+    centers = torch.full((batch, clusters), -1, dtype=torch.int64, device=x.device)
+    m_nearest = clusters if neighbors is None else neighbors
+    for b in range(batch):
+        n = int(lengths[b])
+        c = min(clusters, n)
+        if c == 0:
+            continue
+        v = x[b, :n].to(dtype)
+        distance = (v[:, None] - v[None]).norm(dim=-1) / dim**0.5  # exact 0 for duplicates (cdist's GEMM is not)
+        m = max(1, min(m_nearest, n))
+        density = torch.exp(-(distance.sort(dim=1).values[:, :m] ** 2).mean(1))
+        position = torch.arange(n, device=x.device)
+        denser = (density[None, :] > density[:, None]) | (
+            (density[None, :] == density[:, None]) & (position[None, :] < position[:, None])
+        )
+        delta = torch.where(denser, distance, distance.max()).min(dim=1).values
+        score = density * delta
+        center = torch.sort(score, descending=True, stable=True).indices[:c]
+        slot = torch.argmin(distance[:, center], dim=1)  # the first minimum: the lower slot
+        slot[center] = torch.arange(c, device=x.device)
+        count = torch.bincount(slot, minlength=c).to(dtype)
+        total = v.new_zeros(c, dim).index_add_(0, slot, v)
+        merged[b, :c] = (total / count[:, None]).to(x.dtype)
+        assignment[b, :n] = slot
+        centers[b, :c] = center
+    return merged, assignment, centers
