@@ -29,6 +29,8 @@ def test_budget_ties_and_single_select():
     assert L2Norm(budget=10).select(features[0]).tolist() == list(range(6))  # a budget above n keeps everything
     features[0, 4] *= 2
     assert L2Norm(budget=1).select(features[0]).tolist() == [4]
+    # the L2 norm, not another one: [3, 0, 0, 0] (L2 3, L1 3) beats [1.2] * 4 (L2 2.4, L1 4.8)
+    assert L2Norm(budget=1).select(torch.tensor([[1.2] * 4, [3.0, 0, 0, 0]])).tolist() == [1]
 
 
 def test_presets_and_errors():
