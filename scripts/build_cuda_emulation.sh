@@ -26,4 +26,4 @@ elif [ -n "$mode" ]; then
 fi
 read -r -a extra <<<"${CUDAEMU_EXTRA_FLAGS:-}"
 mkdir -p "$(dirname "$out")"
-"$cxx" "${flags[@]}" "${extra[@]}" csrc/emu/runtime.cpp csrc/emu/kernels.cpp -o "$out"
+"$cxx" "${flags[@]}" "${extra[@]}" csrc/emu/runtime.cpp csrc/emu/kernels.cpp csrc/emu/selftest.cpp -o "$out"

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Compile-check the C++ sources without a GPU (engineering.md §3.4):
 #   * every csrc/cuda/*.cu with plain nvcc (sm_90 and sm_80, ptxas included) against the installed torch's headers,
-#     with the flags setup.py uses (stable ABI restricted to torch 2.11, USE_CUDA for the CUDA stream getter);
+#     with the flags setup.py uses (stable ABI restricted to torch 2.11, USE_CUDA for the CUDA stream getter), and
+#     ptxas's resource usage (--resource-usage): any kernel that spills registers to local memory fails the check
+#     (spills are made by ptxas, so they only show here, never in the PTX);
 #   * every csrc/cpu/*.cpp and csrc/module.cpp with g++ -fsyntax-only;
 #   * no file under csrc/ may include torch/extension.h, ATen/ or c10/cuda/ (they break the stable-ABI build).
 # Prints one line per file and stops at the first failure (non-zero exit).
 #
 # Environment: PYTHON (default: python) must import torch; NVCC (default: nvcc on PATH); ALLOW_NO_NVCC=1 skips the
-# CUDA files instead of failing when nvcc is missing.
+# CUDA files instead of failing when nvcc is missing; NVCC_EXTRA_FLAGS are appended to the nvcc command (e.g.
+# -maxrregcount=32 to see the spill check fail).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,17 +51,30 @@ if [ -z "$nvcc" ]; then
     fail "nvcc not found on PATH (install the CUDA toolkit, or set ALLOW_NO_NVCC=1 to skip the CUDA files)"
   fi
 else
+  read -r -a nvcc_extra <<<"${NVCC_EXTRA_FLAGS:-}"
   for f in "${cuda_files[@]}"; do
     start=$SECONDS
     out="$tmp/$(basename "$f" .cu).o"
     if ! log=$("$nvcc" -std=c++17 -O2 -DUSE_CUDA "$TORCH_TARGET" \
-      -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80 \
-      "${include_flags[@]}" -c "$f" -o "$out" 2>&1); then
+      -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80 --resource-usage \
+      "${nvcc_extra[@]}" "${include_flags[@]}" -c "$f" -o "$out" 2>&1); then
       echo "$log" >&2
       fail "nvcc failed on $f"
     fi
-    [ -z "$log" ] || echo "$log"
-    echo "ok    nvcc      $f ($((SECONDS - start)) s)"
+    # ptxas -v lines: "Compiling entry function '<name>' for 'sm_XX'", then "<s> bytes stack frame, <n> bytes spill
+    # stores, <m> bytes spill loads" per function. Anything but "0 bytes spill" is a spill.
+    spills=$(awk '
+      /Compiling entry function/ { fn = $0; sub(/.*entry function /, "", fn) }
+      /Function properties for/ { fn2 = $0; sub(/.*Function properties for /, "", fn2) }
+      /bytes spill stores/ && ($5 != 0 || $9 != 0) { print "  " (fn2 != "" ? fn2 : fn) ": " $0 }
+    ' <<<"$log" | c++filt)
+    usage=$(grep -E "Used [0-9]+ registers|bytes spill" <<<"$log" | sed 's/^/  /' || true)
+    if [ -n "$spills" ]; then
+      echo "$usage" >&2
+      echo "$spills" >&2
+      fail "register spills in $f (see above; spills are local-memory traffic on every access)"
+    fi
+    echo "ok    nvcc      $f ($((SECONDS - start)) s, no spills: $(grep -c "bytes spill" <<<"$log") kernel builds)"
   done
 fi
 

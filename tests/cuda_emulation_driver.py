@@ -62,11 +62,17 @@ def _load(path: str) -> ctypes.CDLL:
         ptr,
     ]
     lib.emu_greedy_residual_select.restype = ctypes.c_int
+    lib.emu_selftest.argtypes = [ctypes.c_int, ptr]
+    lib.emu_selftest.restype = ctypes.c_int
     return lib
 
 
 def _run(lib: ctypes.CDLL, case: dict) -> dict:
     op = case["op"]
+    if op == "selftest":  # csrc/emu/selftest.cpp
+        out = np.zeros(64 * 5, dtype=np.int32)
+        status = lib.emu_selftest(int(case["which"]), _pointer(out))
+        return {"out": out, "status": status}
     lengths = _i64(case["lengths"])
     k = int(case["k"])
     if op == "topk_indices":

@@ -233,8 +233,9 @@ def greedy_single_item_case(n: int, dim: int, k: int, algorithm: str, sms: int):
 # The ThreadSanitizer run (about 20 times slower): one case per kernel family, smaller still.
 TSAN_CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
     "topk-sorted-chunked": lambda: topk_case("random", [300, 0, 40], 50, True, max_grid_y=2),
-    "diversity-shared-state": lambda: diversity_clustered_case([40, 23], 8, 6, True),
-    "greedy-gram-3-blocks": lambda: greedy_single_item_case(40, 8, 6, "gram", sms=3),
+    # D = 20: three k-tiles of the Gram kernel (its double buffering and barriers run)
+    "diversity-shared-state": lambda: diversity_clustered_case([40, 23], 20, 6, True),
+    "greedy-gram-3-blocks": lambda: greedy_single_item_case(40, 20, 6, "gram", sms=3),
 }
 
 
@@ -271,6 +272,50 @@ def test_emulated_kernels_match_reference(emulated, order, name):
     checks[index](emulated(order)[index])
 
 
+# --- the emulator's own checks -------------------------------------------------------------------------------------
+
+# csrc/emu/selftest.cpp: test kernel -> (exit code, what the diagnosis must say).
+DETECTED = {
+    "divergent_barriers": (1, 86, "reached the __syncthreads of selftest.cpp"),
+    "exit_before_barrier": (2, 86, "thread 5 exited while"),
+    "divergent_shuffle": (3, 86, "exited while lane(s)"),
+    "shuffle_mask_without_self": (4, 86, "leaves out the lane itself"),
+    "shuffle_reads_outside_mask": (5, 86, "outside the mask 0x0000ffff"),
+    "dynamic_shared_overflow": (6, 86, "wrote past its 400 bytes of dynamic shared memory"),
+    "grid_deadlock": (7, 87, "did not finish within"),
+}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("cudaemu-selftest"))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_emulator_collectives_and_barriers(emulator, tmp_path, order):
+    """Shuffles (xor, down past the warp), ballots, __syncthreads_count and shared memory behave as on a GPU."""
+    proc, results = request(emulator, [{"op": "selftest", "which": 0}], tmp_path, order=order)
+    assert results is not None, proc.stderr
+    out = results[0]["out"].reshape(64, 5)
+    t = np.arange(64)
+    lane = t % 32
+    assert out[:, 0].tolist() == [496] * 32 + [1520] * 32
+    assert out[:, 1].tolist() == np.where(lane + 3 < 32, t + 3, t).tolist()
+    assert out[:, 2].tolist() == [np.uint32(0xAAAAAAAA).astype(np.int32)] * 64
+    assert out[:, 3].tolist() == [40] * 64
+    assert out[:, 4].tolist() == [2016] * 64
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("name", sorted(DETECTED))
+def test_emulator_detects(emulator, tmp_path, name, order):
+    """Each class of bug the emulator claims to catch ends the run with its diagnosis, in every thread order."""
+    which, code, message = DETECTED[name]
+    proc, results = request(emulator, [{"op": "selftest", "which": which}], tmp_path, order=order, timeout_s=2)
+    assert results is None and proc.returncode == code, (proc.returncode, proc.stderr)
+    assert message in proc.stderr, proc.stderr
+
+
 def _libtsan() -> str | None:
     proc = subprocess.run([os.environ.get("CXX", "g++"), "-print-file-name=libtsan.so"], capture_output=True, text=True)
     path = proc.stdout.strip()
@@ -288,9 +333,16 @@ def test_emulated_kernels_under_thread_sanitizer(tmp_path):
     if libtsan is None:
         pytest.skip("libtsan not found")
     lib = build(tmp_path, tsan=True)
+    env = {"LD_PRELOAD": libtsan, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
+    # The annotations work: a shared-memory race between two threads of a block is reported, the same accesses
+    # with a __syncthreads between them are not.
+    proc, _ = request(lib, [{"op": "selftest", "which": 8}], tmp_path / "race", env=env)
+    assert proc.returncode == 66 and "WARNING: ThreadSanitizer: data race" in proc.stderr, proc.stderr[-4000:]
+    proc, _ = request(lib, [{"op": "selftest", "which": 9}, {"op": "selftest", "which": 0}], tmp_path / "ok", env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
     names = list(TSAN_CASES)
     built = [TSAN_CASES[name]() for name in names]
-    env = {"LD_PRELOAD": libtsan, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
     proc, results = request(lib, [c for c, _ in built], tmp_path, order="rand", seed=3, env=env, timeout_s=600)
     assert "ThreadSanitizer" not in proc.stderr and results is not None, (
         f"exit code {proc.returncode}:\n{proc.stderr[-8000:]}"

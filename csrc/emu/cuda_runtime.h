@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 
 // --- qualifiers ----------------------------------------------------------------------------------------------------
 #define __global__
@@ -108,10 +109,10 @@ void configure(int order, uint64_t seed, double timeout_s, int workers);
 #define __syncthreads() ::cudaemu::syncthreads(__LINE__, __FILE__)
 #define __syncthreads_count(p) ::cudaemu::syncthreads_count((p) ? 1 : 0, __LINE__, __FILE__)
 #define __shfl_xor_sync(mask, v, lane_mask) \
-  ::cudaemu::from_bits<decltype(v)>(        \
+  ::cudaemu::from_bits<std::decay_t<decltype(v)>>(        \
       ::cudaemu::warp_collective(0, (mask), ::cudaemu::to_bits(v), (lane_mask), __LINE__, __FILE__))
 #define __shfl_down_sync(mask, v, delta) \
-  ::cudaemu::from_bits<decltype(v)>(     \
+  ::cudaemu::from_bits<std::decay_t<decltype(v)>>(     \
       ::cudaemu::warp_collective(1, (mask), ::cudaemu::to_bits(v), (delta), __LINE__, __FILE__))
 #define __ballot_sync(mask, p) ::cudaemu::warp_collective(2, (mask), (p) ? 1u : 0u, 0, __LINE__, __FILE__)
 
