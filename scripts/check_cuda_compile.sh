@@ -74,6 +74,8 @@ else
       echo "$spills" >&2
       fail "register spills in $f (see above; spills are local-memory traffic on every access)"
     fi
+    other=$(grep -vE "^ptxas info|bytes stack frame" <<<"$log" || true)  # warnings stay visible
+    [ -z "$other" ] || echo "$other"
     echo "ok    nvcc      $f ($((SECONDS - start)) s, no spills: $(grep -c "bytes spill" <<<"$log") kernel builds)"
   done
 fi

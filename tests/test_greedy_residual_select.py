@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import mrprune
-from tests.utils import INPUT_DTYPES, assert_close, clustered, kernel_backends, oracle, run
+from tests.utils import CUDA, INPUT_DTYPES, assert_close, clustered, device_of, kernel_backends, oracle, run
 
 OP = "greedy_residual_select"
-BACKENDS = kernel_backends(OP)
+CPU_BACKENDS = kernel_backends(OP)
+# The CUDA C++ kernel (GPU only) is one more backend: run() copies the inputs to the GPU and the results back.
+BACKENDS = [*CPU_BACKENDS, CUDA]
 ALGORITHMS = ("gram", "basis", "auto")
 TOL = 1e-5  # the op's default exhaustion_tol
 
@@ -596,8 +598,10 @@ def test_llava_next_scale_gram_basis_reference(backend):
 
 # --- 3. edge cases ---------------------------------------------------------------------------------------------
 
-IMPLS = [pytest.param(b, a, id=f"{b}-{a}") for b in BACKENDS for a in ALGORITHMS] + [
-    pytest.param("reference", "auto", id="reference")
+IMPLS = [
+    *(pytest.param(b, a, id=f"{b}-{a}") for b in CPU_BACKENDS for a in ALGORITHMS),
+    *(pytest.param("cuda", a, marks=CUDA.marks, id=f"cuda-{a}") for a in ALGORITHMS),
+    pytest.param("reference", "auto", id="reference"),
 ]
 
 
@@ -739,6 +743,65 @@ def test_exhaustion_tol(backend, algorithm, tol):
     assert tol != 0.5 or pivots < 6  # a loose threshold retires tokens early
 
 
+# Axis-aligned tokens: every Gram entry, factor entry and energy is exact in float32. Token 4 is parallel to token 0
+# (spanned after it), tokens 1 and 5 are zero vectors.
+AXES = torch.tensor(
+    [[3.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+)
+AXES_CASES = {
+    # name: (gate, seed, indices, energies)
+    "plain": (None, -1, [0, 2, 3, 1, 4, 5], [9.0, 4.0, 1.0, 0.0, 0.0, 0.0]),
+    "gate": ([1.0, 5.0, 1.0, 0.5, 2.0, 5.0], -1, [0, 2, 3, 1, 5, 4], [9.0, 4.0, 1.0, 0.0, 0.0, 0.0]),
+    "zero_seed": (None, 1, [1, 0, 2, 3, 4, 5], [0.0, 9.0, 4.0, 1.0, 0.0, 0.0]),
+    "spanned_seed": (None, 4, [4, 2, 3, 0, 1, 5], [1.0, 4.0, 1.0, 0.0, 0.0, 0.0]),
+    "gate_zero_top": ([0.0, 1.0, 1.0, 1.0, 1.0, 1.0], -1, [2, 3, 4, 1, 5, 0], [4.0, 1.0, 1.0, 0.0, 0.0, 0.0]),
+}
+
+
+@pytest.mark.parametrize("k", [1, 4, 6])
+@pytest.mark.parametrize("case", sorted(AXES_CASES))
+@pytest.mark.parametrize(("backend", "algorithm"), IMPLS)
+def test_exact_arithmetic_cases(backend, algorithm, case, k):
+    """Hand-checked trajectories with exact float32 arithmetic (seeds on zero and spanned vectors, gates with zeros,
+    rank exhaustion, fill by gate then index) match bit for bit."""
+    gate, seed, want_idx, want_e = AXES_CASES[case]
+    gate_t = None if gate is None else torch.tensor([gate])
+    idx, energies = _select(backend, algorithm, AXES[None], torch.tensor([6]), k, gate_t, torch.tensor([seed]))
+    assert idx[0].tolist() == want_idx[:k]
+    assert energies[0].tolist() == want_e[:k]
+
+
+@pytest.mark.parametrize(("backend", "algorithm"), IMPLS)
+def test_ties_go_to_the_lower_index(backend, algorithm):
+    """Equal energies everywhere (scaled orthogonal axes, exact): the picks are 0, 1, 2, ...; with a gate, the gate
+    decides and equal gated scores fall back to the lower index."""
+    n = 6
+    features, lengths = (2.0 * torch.eye(n))[None], torch.tensor([n])
+    idx, energies = _select(backend, algorithm, features, lengths, n)
+    assert idx[0].tolist() == list(range(n))
+    assert energies[0].tolist() == [4.0] * n
+    gate = torch.tensor([[0.5, 1.0, 0.5, 1.0, 0.25, 1.0]])
+    idx, _ = _select(backend, algorithm, features, lengths, n, gate)
+    assert idx[0].tolist() == [1, 3, 5, 0, 2, 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_low_precision_strided_inputs(backend, algorithm, dtype):
+    """Non-contiguous low-precision features and gates, int32 lengths and seeds: the spec's trajectory on the
+    rounded values."""
+    gen = torch.Generator().manual_seed(13)
+    features = torch.randn(2, 12, 29, generator=gen).to(dtype).transpose(1, 2)  # [2, 29, 12], non-contiguous
+    lengths = torch.tensor([29, 17], dtype=torch.int32)
+    seed = torch.tensor([-1, 4], dtype=torch.int32)
+    gate = torch.rand(29, 2, generator=gen).to(dtype).t()
+    idx, energies = _select(backend, algorithm, features, lengths, 15, gate, seed)
+    for b in range(2):
+        v, g, s = _item_args(features, lengths, gate, seed, b)
+        check_trajectory(v, g, idx[b], energies[b], 15, s)
+
+
 # --- 4. batch equals per item ----------------------------------------------------------------------------------
 
 
@@ -778,14 +841,35 @@ def test_result_independent_of_address(backend, algorithm):
     n, dim = 50, 19
     x = torch.randn(n, dim, generator=torch.Generator().manual_seed(11))
     results = []
+    device = device_of(backend)
     for offset in range(4):
-        buffer = torch.zeros(n * dim + 4)
+        buffer = torch.zeros(n * dim + 4, device=device)
         item = buffer[offset : offset + n * dim].view(1, n, dim)
-        item.copy_(x)
-        results.append(_select(backend, algorithm, item, torch.tensor([n]), 20))
+        item.copy_(x.to(device))
+        results.append(_select(backend, algorithm, item, torch.tensor([n], device=device), 20))
     for offset, result in enumerate(results[1:], start=1):
         assert torch.equal(result[0], results[0][0]), offset
         assert torch.equal(result[1], results[0][1]), (offset, (result[1] - results[0][1]).abs().max())
+
+
+@pytest.mark.parametrize("algorithm", ["gram", "basis"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_items_than_one_launch(backend, algorithm):
+    """More items than the CUDA kernel runs at once (one block per SM): several launches; every item passes the
+    trajectory checks and equals its own single-item run bitwise."""
+    batch = torch.cuda.get_device_properties(0).multi_processor_count + 5 if backend == "cuda" else 9
+    gen = torch.Generator().manual_seed(12)
+    features = torch.randn(batch, 40, 8, generator=gen)
+    lengths = torch.randint(0, 41, (batch,), generator=gen)
+    gate = torch.rand(batch, 40, generator=gen)
+    seed = torch.where(torch.rand(batch, generator=gen) < 0.5, lengths - 1, -1)
+    idx, energies = _select(backend, algorithm, features, lengths, 30, gate, seed)
+    for b in range(batch):
+        v, g, s = _item_args(features, lengths, gate, seed, b)
+        check_trajectory(v, g, idx[b], energies[b], 30, s)
+    for b in (0, batch - 1):
+        one = _select(backend, algorithm, features[b : b + 1], lengths[b : b + 1], 30, gate[b : b + 1], seed[b : b + 1])
+        assert torch.equal(one[0][0], idx[b]) and torch.equal(one[1][0], energies[b])
 
 
 # --- 5. bad input ----------------------------------------------------------------------------------------------
@@ -846,7 +930,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "reference"])
 def test_bad_input(backend, case):
     """Invalid arguments raise a clear error naming the op and the argument, whatever the backend."""
     change, error, message = BAD_INPUTS[case]
@@ -860,12 +944,12 @@ def test_bad_input(backend, case):
 # --- 6. opcheck and torch.compile ------------------------------------------------------------------------------
 
 
-def _small_args(with_extras: bool, algorithm: str, generator_seed: int = 0):
+def _small_args(with_extras: bool, algorithm: str, generator_seed: int = 0, device: str = "cpu"):
     gen = torch.Generator().manual_seed(generator_seed)
-    features = torch.randn(3, 9, 5, generator=gen)
-    lengths = torch.tensor([9, 0, 6])
-    gate = torch.rand(3, 9, generator=gen) if with_extras else None
-    seed = torch.tensor([4, -1, 0]) if with_extras else None
+    features = torch.randn(3, 9, 5, generator=gen).to(device)
+    lengths = torch.tensor([9, 0, 6], device=device)
+    gate = torch.rand(3, 9, generator=gen).to(device) if with_extras else None
+    seed = torch.tensor([4, -1, 0], device=device) if with_extras else None
     return features, lengths, 6, gate, seed, TOL, algorithm
 
 
@@ -875,7 +959,8 @@ def test_opcheck(backend, with_extras, algorithm):
     """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) passes."""
     with mrprune.backends.use_backend(backend):
         result = torch.library.opcheck(
-            torch.ops.mrprune.greedy_residual_select.default, _small_args(with_extras, algorithm)
+            torch.ops.mrprune.greedy_residual_select.default,
+            _small_args(with_extras, algorithm, device=device_of(backend)),
         )
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -888,11 +973,91 @@ def test_compile_fullgraph_matches_eager(backend, with_extras, algorithm):
     def select(features, lengths, gate, seed):
         return mrprune.greedy_residual_select(features, lengths, 6, gate, seed, algorithm=algorithm)
 
+    torch._dynamo.reset()
     compiled = torch.compile(select, fullgraph=True)
     with mrprune.backends.use_backend(backend):
         for generator_seed in (0, 1):
-            features, lengths, _, gate, seed, _, _ = _small_args(with_extras, algorithm, generator_seed)
+            args = _small_args(with_extras, algorithm, generator_seed, device_of(backend))
+            features, lengths, _, gate, seed, _, _ = args
             got = compiled(features, lengths, gate, seed)
             want = select(features, lengths, gate, seed)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
             assert got[0][0, 0] != -1
+
+
+# --- 7. the CUDA kernel's own contract (GPU only) ------------------------------------------------------------------
+
+cuda_only = pytest.mark.parametrize("backend", [CUDA])
+
+
+@cuda_only
+def test_cuda_auto_backend_is_the_cuda_kernel(backend):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mrprune::_greedy_residual_select_cuda", "CUDA")
+    assert mrprune.backends.available(OP, "cuda")[0] == "cuda"
+
+
+@cuda_only
+def test_cuda_runs_on_the_current_stream(backend):
+    features, lengths, gate, seed = gapped_batch(torch.float32, "gate_seed")[:4]
+    want = run(OP, backend, features, lengths, 13, gate, seed)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), mrprune.backends.use_backend(backend):
+        got = mrprune.greedy_residual_select(features.cuda(), lengths.cuda(), 13, gate.cuda(), seed.cuda())
+    stream.synchronize()
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@cuda_only
+def test_cuda_private_op_rejects_bad_arguments(backend):
+    features, lengths = torch.randn(2, 10, 4, device="cuda"), torch.tensor([10, 3], device="cuda")
+    op = torch.ops.mrprune._greedy_residual_select_cuda
+    with pytest.raises(RuntimeError, match="k must lie"):
+        op(features, lengths, 11, None, None, TOL, "auto")
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(features.double(), lengths, 3, None, None, TOL, "auto")
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(2, 4, 10, device="cuda").transpose(1, 2), lengths, 3, None, None, TOL, "auto")
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(features, lengths.int(), 3, None, None, TOL, "auto")
+    with pytest.raises(RuntimeError, match="shape"):
+        op(features, lengths[:1], 3, None, None, TOL, "auto")
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        op(features, lengths.cpu(), 3, None, None, TOL, "auto")
+    with pytest.raises(RuntimeError, match="gate must have shape"):
+        op(features, lengths, 3, torch.rand(2, 9, device="cuda"), None, TOL, "auto")
+    with pytest.raises(RuntimeError, match="seed must have shape"):
+        op(features, lengths, 3, None, torch.zeros(3, dtype=torch.int64, device="cuda"), TOL, "auto")
+    with pytest.raises(RuntimeError, match="algorithm"):
+        op(features, lengths, 3, None, None, TOL, "qr")
+
+
+@pytest.mark.slow
+@cuda_only
+@pytest.mark.parametrize("algorithm", ["gram", "basis"])
+@pytest.mark.parametrize(("tokens", "dim", "k"), [(4096, 96, 200), (16_384, 64, 96)])
+def test_cuda_large_n_trajectory(backend, algorithm, tokens, dim, k):
+    """N up to 16,384 (the Gram is 1 GiB there) with gates, a seed and rank exhaustion (k > D): trajectory checks."""
+    gen = torch.Generator().manual_seed(tokens)
+    features = torch.randn(2, tokens, dim, generator=gen) * (0.5 + torch.rand(2, tokens, 1, generator=gen))
+    gate = torch.rand(2, tokens, generator=gen)
+    gate[:, ::7] = 0
+    lengths = torch.tensor([tokens, tokens - 123])
+    seed = torch.tensor([17, -1])
+    idx, energies = _select(backend, algorithm, features, lengths, k, gate, seed)
+    for b in range(2):
+        v, g, s = _item_args(features, lengths, gate, seed, b)
+        assert check_trajectory(v, g, idx[b], energies[b], k, s) >= dim  # the whole span was explored first
+
+
+@pytest.mark.slow
+@cuda_only
+def test_cuda_qwen_scale(backend):
+    """K = 2731 of N = 8192 Qwen2.5-VL-like tokens (8 frames of 32 x 32), D = 3584, default ("auto") form: every pick
+    is a maximiser with the dense float64 energy."""
+    testing = pytest.importorskip("mrprune.testing")
+    x = testing.qwen2_5_vl_features(8, 32, 32, 3584, seed=0)
+    k = 2731
+    idx, energies = run(OP, backend, x[None], torch.tensor([x.shape[0]]), k)
+    picks = idx[0].tolist()
+    assert len(set(picks)) == k and bool((energies[0] > 0).all())  # no fill: D = 3584 > k
+    _check_order_on_gram(x.double() @ x.double().T, picks, energies[0], 1e-4)
