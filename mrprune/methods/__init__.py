@@ -21,6 +21,7 @@ from .baselines import DivPrune, RandomPruner
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .graph import GPrune, MRPruner
+from .hired import HiRED
 from .l2norm import L2Norm
 from .presets import PRESETS, preset
 from .resprune import ALPHA_PRESETS, ResPrune
@@ -33,6 +34,7 @@ __all__ = [
     "FastV",
     "FasterVLM",
     "GPrune",
+    "HiRED",
     "L2Norm",
     "MRPruner",
     "Need",

@@ -9,6 +9,7 @@ from .base import Pruner
 from .baselines import DivPrune, RandomPruner
 from .fastervlm import FasterVLM
 from .graph import GPrune, MRPruner
+from .hired import HiRED
 from .l2norm import L2Norm
 from .resprune import ResPrune
 
@@ -45,6 +46,7 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     # Qwen2.5-VL's vision signal is the received attention of its last (full-attention) block
     **table_settings("fastervlm", FasterVLM, qwen={"layer": -1}),
     **table_settings("l2norm", L2Norm),
+    **table_settings("hired", HiRED, qwen={"select_layer": -1}),
 }
 
 
