@@ -495,7 +495,7 @@ BATCH_OPS = {
     # op -> (args from (features, lengths, item), how to cut item b's valid part out of the batched output)
     "cosine_graph": (lambda x, n, b: (x, n, 0.5, 0.03), lambda out, b, k: (out[0][b, :k, :k], out[1][b, :k])),
     "graph_scores": (lambda x, n, b: (x, n, None, 0.5, 0.03, 3), lambda out, b, k: out[b, :k]),
-    "max_cosine": (lambda x, n, b: (x, n, x[:, :2], n.clamp_max(2)), lambda out, b, k: out[b, :k]),
+    "max_cosine": (lambda x, n, b: (x, n, x, n), lambda out, b, k: out[b, :k]),
     "diversity_select": (lambda x, n, b: (x, n, 3), lambda out, b, k: out[b]),
     "greedy_residual_select": (lambda x, n, b: (x, n, 3), lambda out, b, k: (out[0][b], out[1][b])),
     "topk_indices": (lambda x, n, b: (x[..., 0], n, 3), lambda out, b, k: out[b]),
