@@ -108,12 +108,24 @@ def test_kernel_matches_reference(backend, tokens, dim, k):
     lengths = torch.tensor([tokens, tokens - 9])
     kept = torch.stack([torch.randperm(int(n), generator=g)[:12] for n in lengths])
     kept[1, -2:] = -1
-    for b in range(2):
-        assert decided(metric[b], int(lengths[b]), kept[b], k)
     got = call(backend, x, metric, w, lengths, kept, k)
     want = call("reference", x, metric, w, lengths, kept, k)
-    assert torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    checked = 0
+    for b in range(2):
+        n = int(lengths[b])
+        u = metric[b, :n].double() / metric[b, :n].double().norm(dim=-1, keepdim=True)
+        for t, c in enumerate(kept[b].tolist()):
+            if c >= 0 and not decided(metric[b], n, kept[b, t : t + 1], k):
+                # a near tie at the k-th neighbour: the kernel's picks must still be near-maximisers
+                s = u @ u[c]
+                s[c] = -math.inf
+                kth = float(s.topk(k).values[-1])
+                assert all(float(s[j]) >= kth - GAP for j in got[1][b, t].tolist()), f"item {b} slot {t}"
+                continue
+            checked += 1
+            assert torch.equal(got[1][b, t], want[1][b, t]), f"item {b} slot {t}"
+            torch.testing.assert_close(got[0][b, t].double(), want[0][b, t], rtol=1e-5, atol=1e-5)
+    assert checked >= 18  # nearly all rows are decided
 
 
 @pytest.mark.parametrize("backend", KERNELS)
