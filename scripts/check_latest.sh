@@ -18,7 +18,7 @@ echo "torch==2.13.0" >"$root/torch-pin.txt" # the CPU wheel on disk; an unpinned
 python -m pip install -q -c "$root/torch-pin.txt" torch numpy "setuptools>=64" wheel
 # The extras without their upper bounds, so the newest releases come in (that is the point of this check).
 sed -E 's/"(transformers|lmms-eval)[^"]*"/"\1"/g' pyproject.toml >"$root/pyproject.toml"
-mkdir "$root/src" && git ls-files -z | xargs -0 cp --parents -t "$root/src" && cp "$root/pyproject.toml" "$root/src/"
+mkdir "$root/src" && git archive HEAD | tar -x -C "$root/src" && cp "$root/pyproject.toml" "$root/src/" # committed tree
 python -m pip install -q -c "$root/torch-pin.txt" --no-build-isolation -e "$root/src[hf,eval]" pytest expecttest hypothesis pillow scikit-image
 # PyPI's only torchvision for torch 2.13 is a CUDA build that cannot load beside the CPU torch (GPU users keep it).
 python -m pip uninstall -y -q torchvision || true
