@@ -93,13 +93,15 @@ def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-# The C++ kernels compute Grams of float16/bfloat16 features natively (float32 accumulation, never an upcast copy of
-# the N x D features); other dtypes are converted to float32.
+# The C++ CPU kernels compute Grams of float16/bfloat16 features natively (float32 accumulation, never an upcast copy
+# of the N x D features); other dtypes, pairs of different dtypes and CUDA tensors (the CUDA kernels take float32)
+# are converted to float32.
 _NATIVE_FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _features(t: torch.Tensor) -> torch.Tensor:
-    return (t if t.dtype in _NATIVE_FEATURE_DTYPES else t.to(torch.float32)).contiguous()
+def _features(t: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    native = t.device.type == "cpu" and t.dtype in _NATIVE_FEATURE_DTYPES and (other is None or other.dtype == t.dtype)
+    return (t if native else t.to(torch.float32)).contiguous()
 
 
 def _int64(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -108,20 +110,20 @@ def _int64(t: torch.Tensor | None) -> torch.Tensor | None:
 
 # --- canonical argument conversion for the C++ kernels (float32 values, int64 indices, contiguous) -----------------
 _CANONICAL: dict[str, Callable[..., tuple]] = {
-    "cosine_graph": lambda x, lens, thr, temp: (_float32(x), _int64(lens), thr, temp),
+    "cosine_graph": lambda x, lens, thr, temp: (_features(x), _int64(lens), thr, temp),
     "graph_propagate": lambda g, deg, w, lens, it: (_float32(g), _float32(deg), _float32(w), _int64(lens), it),
     "graph_scores": lambda x, lens, w, thr, temp, it: (_features(x), _int64(lens), _float32(w), thr, temp, it),
     "transfer_scores": lambda q, ql, k, km, kw, thr, temp: (
-        _float32(q),
+        _features(q, k),
         _int64(ql),
-        _float32(k),
+        _features(k, q),
         km.contiguous(),
         _float32(kw),
         thr,
         temp,
     ),
     "greedy_residual_select": lambda x, lens, k, gate, seed, tol, alg: (
-        _float32(x),
+        _features(x),
         _int64(lens),
         k,
         _float32(gate),
@@ -129,8 +131,8 @@ _CANONICAL: dict[str, Callable[..., tuple]] = {
         tol,
         alg,
     ),
-    "diversity_select": lambda x, lens, k, mask: (_float32(x), _int64(lens), k, mask),
-    "max_cosine": lambda q, ql, k, kl: (_float32(q), _int64(ql), _float32(k), _int64(kl)),
+    "diversity_select": lambda x, lens, k, mask: (_features(x), _int64(lens), k, mask),
+    "max_cosine": lambda q, ql, k, kl: (_features(q, k), _int64(ql), _features(k, q), _int64(kl)),
     "topk_indices": lambda s, lens, k, sort: (_float32(s), _int64(lens), k, sort),
     "received_attention": lambda q, k, lens, seg, scale: (_float32(q), _float32(k), _int64(lens), _int64(seg), scale),
     "coverage_select": lambda x, lens, k, sal, alpha: (_float32(x), _int64(lens), k, _float32(sal), alpha),

@@ -1,25 +1,39 @@
-// diversity_select on the CPU: DivPrune's greedy max-min selection. One symmetric GEMM for the cosines, then k
-// O(n) steps on a running nearest-picked distance, with d = 1 - cos rounded in float32 exactly as the reference.
+// diversity_select on the CPU: DivPrune's greedy max-min selection on the features' own precision.
 // Spec: mrprune.reference.diversity_select.
-#include "mrprune/cpu/common.h"
+//
+// Cosines come from gram.h (raw dot products in a per-pair fixed order, scaled by float32 inverse norms), so the
+// Gram is bitwise symmetric and duplicate tokens tie exactly, whatever their positions; ties go to the lower index.
+// Up to the workspace budget (gram.h) the n x n cosine Gram is built once from its upper triangle; past it (video
+// token counts) nothing n x n is stored: the first pick's statistic comes from one pass over the upper-triangle
+// tiles, and each pick's cosine row is recomputed from the features (O(n D) per pick, a fixed 16-lane order per
+// pair, so duplicates still tie).
+#include "mrprune/cpu/gram.h"
+
+#include <mutex>
 
 namespace mrprune::cpu {
 namespace {
 
-// Column j's second-smallest distance (its nearest other token; the smallest is normally the self-distance).
-float second_smallest_distance(const float* similarity_row, int64_t n) {
-  float smallest = std::numeric_limits<float>::infinity(), second = smallest;
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = 1.f - similarity_row[i];
-    if (d < smallest) {
-      second = smallest;
-      smallest = d;
-    } else if (d < second) {
-      second = d;
+// The two smallest values seen (with multiplicity).
+struct TwoSmallest {
+  float first = std::numeric_limits<float>::infinity();
+  float second = std::numeric_limits<float>::infinity();
+
+  void add(float v) {
+    if (v < first) {
+      second = first;
+      first = v;
+    } else if (v < second) {
+      second = v;
     }
   }
-  return n > 1 ? second : smallest;
-}
+  void merge(const TwoSmallest& other) {
+    add(other.first);
+    add(other.second);
+  }
+  // A column's nearest other token: the second-smallest distance (the smallest is normally the self-distance).
+  float nearest_other(int64_t n) const { return n > 1 ? second : first; }
+};
 
 // argmax with ties to the lower index; masked entries never win.
 int64_t first_argmax(const std::vector<float>& score, const std::vector<uint8_t>* masked) {
@@ -32,36 +46,84 @@ int64_t first_argmax(const std::vector<float>& score, const std::vector<uint8_t>
   return best;
 }
 
+// Initial scores without an n x n matrix: per-chunk two-smallest distances of every column from the upper tiles
+// (each pair counts for its row and its column), merged exactly (min is order-free).
+void initial_scores_streaming(const RowMatrix& x, const float* inv, std::vector<float>& score) {
+  const int64_t n = x.rows;
+  const UpperTiles tiles(n);
+  std::vector<std::vector<TwoSmallest>> partial(tiles.items());
+  tiles.visit(x, [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld, int64_t slot) {
+    std::vector<TwoSmallest>& mine = partial[slot];
+    if (mine.empty()) mine.resize(n);
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t i = i0 + r;
+      for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) {
+        const int64_t j = j0 + c;
+        const float distance = 1.f - raw[r * ld + c] * (inv[i] * inv[j]);
+        mine[i].add(distance);
+        if (j != i) mine[j].add(distance);
+      }
+    }
+  });
+  std::vector<TwoSmallest> merged(n);
+  for (const auto& mine : partial) {
+    for (int64_t i = 0; i < static_cast<int64_t>(mine.size()); ++i) merged[i].merge(mine[i]);
+  }
+  for (int64_t i = 0; i < n; ++i) score[i] = merged[i].nearest_other(n);
+}
+
 }  // namespace
 
 Tensor diversity_select_cpu(Tensor features, Tensor lengths, int64_t k, bool mask_picked) {
-  check_tensor(features, "features", 3, ScalarType::Float);
-  const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
+  check_features(features, "features");
+  const int64_t batch = features.size(0), tokens = features.size(1);
   check_lengths(lengths, "lengths", batch, tokens);
   STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
   Tensor out = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);
   int64_t* indices = out.mutable_data_ptr<int64_t>();
   std::fill(indices, indices + batch * k, int64_t{-1});
   const int64_t* len = lengths.const_data_ptr<int64_t>();
-  Workspace normalized = workspace(tokens * dim), similarity = workspace(tokens * tokens);
-  std::vector<float> score, nearest;
+  std::vector<float> score, nearest, inv, streamed_row;
   std::vector<uint8_t> picked;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
     if (n == 0 || k == 0) continue;
-    normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.get(), nullptr);
-    symmetric_gram(normalized.get(), n, dim, similarity.get(), n);
+    const RowMatrix x = item_rows(features, b, n);
+    inv.resize(n);
+    row_norms(x, nullptr, inv.data());
     score.resize(n);
-    torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) score[j] = second_smallest_distance(similarity.get() + j * n, n);
-    });
+    const bool materialise = n * n * static_cast<int64_t>(sizeof(float)) <= workspace_budget(x);
+    Workspace similarity = workspace(materialise ? n * n : 1);
+    if (materialise) {
+      cosine_gram(x, inv.data(), similarity.get(), n);
+      torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          TwoSmallest two;
+          for (int64_t i = 0; i < n; ++i) two.add(1.f - similarity[j * n + i]);
+          score[j] = two.nearest_other(n);
+        }
+      });
+    } else {
+      initial_scores_streaming(x, inv.data(), score);
+      streamed_row.resize(n);
+    }
+    // Row j of the cosine Gram: stored, or recomputed from the features.
+    auto cosine_row = [&](int64_t j) -> const float* {
+      if (materialise) return similarity.get() + j * n;
+      torch::stable::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          streamed_row[i] = dots::dot_rows(x.row(j), x.row(i), x.elem, x.d) * (inv[j] * inv[i]);
+        }
+      });
+      return streamed_row.data();
+    };
     nearest.assign(n, std::numeric_limits<float>::infinity());
     picked.assign(n, 0);
     int64_t j = first_argmax(score, nullptr);
     for (int64_t t = 0; t < std::min(k, n); ++t) {
       indices[b * k + t] = j;
       picked[j] = 1;
-      const float* row = similarity.get() + j * n;
+      const float* row = cosine_row(j);
       for (int64_t i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], 1.f - row[i]);
       j = first_argmax(nearest, mask_picked ? &picked : nullptr);
       if (j < 0) break;

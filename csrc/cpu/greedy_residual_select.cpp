@@ -6,7 +6,7 @@
 //  * basis (Gram-Schmidt, as the ResPrune paper describes): per pick, orthogonalise x_j twice against the basis Q
 //          and update e -= (X q)^2, i.e. one memory-bound GEMV over all of X per step.
 // Which is faster depends on n, k and D (see choose_gram). Spec: mrprune.reference.greedy_residual_select.
-#include "mrprune/cpu/common.h"
+#include "mrprune/cpu/gram.h"
 
 #include <numeric>
 #include <string>
@@ -49,7 +49,7 @@ void drop_energy(float* energy, const float* initial, const float* update, int64
 }
 
 struct ItemSelection {
-  const float* x;      // [n, dim]
+  RowMatrix x;         // [n, dim], float32/bfloat16/float16
   const float* gate;   // [n] or nullptr
   int64_t n, dim, k, seed;
   float tol;
@@ -61,7 +61,7 @@ struct ItemSelection {
 void select_gram(const ItemSelection& item, float* gram, float* factor, std::vector<float>& energy,
                  const std::vector<float>& initial, std::vector<uint8_t>& picked, int64_t& count) {
   const int64_t n = item.n;
-  symmetric_gram(item.x, n, item.dim, gram, n);
+  raw_gram(item.x, gram, n);
   int64_t rank = 0;
   for (; count < std::min(item.k, n); ++count) {
     const int64_t j = (count == 0 && item.seed >= 0) ? item.seed : next_pivot(energy.data(), item.gate, picked, n);
@@ -96,6 +96,13 @@ void project_rows(const float* rows, int64_t count, int64_t dim, const float* v,
   });
 }
 
+// The same for feature rows in their stored precision (a fixed 16-lane order per row, see dot_kernels.h).
+void project_rows(const RowMatrix& rows, const float* v, float* out) {
+  torch::stable::parallel_for(0, rows.rows, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) out[r] = dots::dot_vec(rows.row(r), rows.elem, v, rows.d);
+  });
+}
+
 // Gram-Schmidt with an explicit orthonormal basis. basis: [k, dim] workspace.
 void select_basis(const ItemSelection& item, float* basis, std::vector<float>& energy, const std::vector<float>& initial,
                   std::vector<uint8_t>& picked, int64_t& count) {
@@ -109,7 +116,7 @@ void select_basis(const ItemSelection& item, float* basis, std::vector<float>& e
     item.energies[count] = energy[j];
     picked[j] = 1;
     if (energy[j] > 0.f) {
-      std::copy(item.x + j * dim, item.x + (j + 1) * dim, residual.begin());
+      for (int64_t c = 0; c < dim; ++c) residual[c] = dots::load(item.x.row(j), item.x.elem, c);
       for (int pass = 0; pass < 2 && rank > 0; ++pass) {  // "twice is enough" re-orthogonalisation
         project_rows(basis, rank, dim, residual.data(), coefs.data());
         for (int64_t m = 0; m < rank; ++m) {
@@ -119,7 +126,7 @@ void select_basis(const ItemSelection& item, float* basis, std::vector<float>& e
       const float norm = std::sqrt(dot(residual.data(), residual.data(), dim));
       float* direction = basis + rank * dim;
       for (int64_t c = 0; c < dim; ++c) direction[c] = residual[c] / norm;
-      project_rows(item.x, n, dim, direction, projection.data());
+      project_rows(item.x, direction, projection.data());
       drop_energy(energy.data(), initial.data(), projection.data(), n, item.tol);
       ++rank;
     }
@@ -144,7 +151,7 @@ void fill_remaining(const ItemSelection& item, const std::vector<uint8_t>& picke
 std::tuple<Tensor, Tensor> greedy_residual_select_cpu(Tensor features, Tensor lengths, int64_t k,
                                                       std::optional<Tensor> gate, std::optional<Tensor> seed,
                                                       double exhaustion_tol, std::string algorithm) {
-  check_tensor(features, "features", 3, ScalarType::Float);
+  check_features(features, "features");
   if (gate.has_value()) check_tensor(*gate, "gate", 2, ScalarType::Float);
   if (seed.has_value()) check_tensor(*seed, "seed", 1, ScalarType::Long);
   const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
@@ -155,7 +162,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cpu(Tensor features, Tensor le
   STD_TORCH_CHECK(algorithm == "auto" || algorithm == "gram" || algorithm == "basis",
                   "mrprune: algorithm must be 'auto', 'gram' or 'basis'");
   Tensor indices = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);
-  Tensor energies = torch::stable::new_zeros(features, {batch, k});
+  Tensor energies = torch::stable::new_zeros(features, {batch, k}, ScalarType::Float);
   int64_t* out_indices = indices.mutable_data_ptr<int64_t>();
   std::fill(out_indices, out_indices + batch * k, int64_t{-1});
   const int64_t* len = lengths.const_data_ptr<int64_t>();
@@ -163,7 +170,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cpu(Tensor features, Tensor le
   std::vector<uint8_t> picked;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
-    const ItemSelection item{features.const_data_ptr<float>() + b * tokens * dim,
+    const ItemSelection item{item_rows(features, b, n),
                              gate.has_value() ? gate->const_data_ptr<float>() + b * tokens : nullptr,
                              n,
                              dim,
@@ -174,7 +181,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cpu(Tensor features, Tensor le
                              energies.mutable_data_ptr<float>() + b * k};
     initial.resize(n);
     torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) initial[i] = dot(item.x + i * dim, item.x + i * dim, dim);
+      for (int64_t i = begin; i < end; ++i) initial[i] = dots::self_dot(item.x.row(i), item.x.elem, dim);
     });
     energy = initial;
     picked.assign(n, 0);

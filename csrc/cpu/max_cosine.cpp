@@ -1,21 +1,22 @@
-// max_cosine on the CPU: one BLAS GEMM of the raw queries against the unit keys per item, then each row's max
-// divided by the query's norm (the same cosine as normalising first, without writing a normalised copy of the
-// queries, which are the large side: all of an image's visual tokens against a few text tokens).
+// max_cosine on the CPU: raw query x key dot products from gram.h tiles (stored precision, float32 accumulation),
+// scaled by the float32 inverse norms, and each row's max (no normalised copy of either side is written).
 // Spec: mrprune.reference.max_cosine.
-#include "mrprune/cpu/common.h"
+#include "mrprune/cpu/gram.h"
 
 namespace mrprune::cpu {
 
 Tensor max_cosine_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Tensor key_lengths) {
-  check_tensor(queries, "queries", 3, ScalarType::Float);
-  check_tensor(keys, "keys", 3, ScalarType::Float);
+  check_features(queries, "queries");
+  check_features(keys, "keys");
+  STD_TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "mrprune: queries and keys must share a dtype");
   const int64_t batch = queries.size(0), max_queries = queries.size(1), dim = queries.size(2);
   const int64_t max_keys = keys.size(1);
   check_lengths(query_lengths, "query_lengths", batch, max_queries);
   check_lengths(key_lengths, "key_lengths", batch, max_keys);
   check_sizes(keys, "keys", {batch, max_keys, dim});
-  Tensor rho = torch::stable::new_zeros(queries, {batch, max_queries});
-  Workspace key_unit = workspace(max_keys * dim), similarity = workspace(max_queries * max_keys);
+  Tensor rho = torch::stable::new_zeros(queries, {batch, max_queries}, ScalarType::Float);
+  std::vector<float> key_inv(max_keys), query_inv(max_queries);
+  Workspace similarity = workspace(max_queries * max_keys);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t m = query_lengths.const_data_ptr<int64_t>()[b], n = key_lengths.const_data_ptr<int64_t>()[b];
     float* out = rho.mutable_data_ptr<float>() + b * max_queries;
@@ -24,16 +25,19 @@ Tensor max_cosine_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Tensor 
       continue;
     }
     if (m == 0) continue;
-    const float* query = queries.const_data_ptr<float>() + b * max_queries * dim;
-    normalize_rows(keys.const_data_ptr<float>() + b * max_keys * dim, n, dim, key_unit.get(), nullptr);
-    matmul_into(float_view(query, m, dim, dim, 1), float_view(key_unit.get(), dim, n, 1, dim),
-                float_view(similarity.get(), m, n, n, 1));
+    const RowMatrix query_rows = item_rows(queries, b, m), key_rows = item_rows(keys, b, n);
+    row_norms(query_rows, nullptr, query_inv.data());
+    row_norms(key_rows, nullptr, key_inv.data());
+    visit_cross_tiles(query_rows, key_rows,
+                      [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* raw, int64_t ld) {
+                        for (int64_t r = 0; r < rows; ++r) {
+                          for (int64_t c = 0; c < cols; ++c) {
+                            similarity[(i0 + r) * n + j0 + c] = raw[r * ld + c] * (query_inv[i0 + r] * key_inv[j0 + c]);
+                          }
+                        }
+                      });
     torch::stable::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float* row = similarity.get() + i * n;
-        const float norm = std::sqrt(dot(query + i * dim, query + i * dim, dim));
-        out[i] = *std::max_element(row, row + n) / std::max(norm, kNormEps);
-      }
+      for (int64_t i = begin; i < end; ++i) out[i] = *std::max_element(similarity.get() + i * n, similarity.get() + (i + 1) * n);
     });
   }
   return rho;

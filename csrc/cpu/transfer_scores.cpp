@@ -1,14 +1,18 @@
-// transfer_scores on the CPU: per item, gather the masked keys, one BLAS GEMM for the query x key cosine block,
-// then per query row the thresholded-softmax statistics and the weighted mass, without storing the softmax.
+// transfer_scores on the CPU: per item, gather the masked keys (in their stored precision), the query x key cosine
+// block from gram.h tiles (float32 accumulation, scaled by float32 inverse norms), then per query row the
+// thresholded-softmax statistics and the weighted mass, without storing the softmax.
 // Spec: mrprune.reference.transfer_scores.
-#include "mrprune/cpu/common.h"
+#include "mrprune/cpu/gram.h"
+
+#include <cstring>
 
 namespace mrprune::cpu {
 
 Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Tensor key_mask,
                            std::optional<Tensor> key_weights, double threshold, double temperature) {
-  check_tensor(queries, "queries", 3, ScalarType::Float);
-  check_tensor(keys, "keys", 3, ScalarType::Float);
+  check_features(queries, "queries");
+  check_features(keys, "keys");
+  STD_TORCH_CHECK(queries.scalar_type() == keys.scalar_type(), "mrprune: queries and keys must share a dtype");
   check_tensor(key_mask, "key_mask", 2, ScalarType::Bool);
   if (key_weights.has_value()) check_tensor(*key_weights, "key_weights", 2, ScalarType::Float);
   const int64_t batch = queries.size(0), max_queries = queries.size(1), dim = queries.size(2);
@@ -18,9 +22,12 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
   check_sizes(key_mask, "key_mask", {batch, max_keys});
   if (key_weights.has_value()) check_sizes(*key_weights, "key_weights", {batch, max_keys});
   const float thr = static_cast<float>(threshold), temp = static_cast<float>(temperature);
-  Tensor prop = torch::stable::new_zeros(queries, {batch, max_queries});
-  Workspace query_unit = workspace(max_queries * dim), key_unit = workspace(max_keys * dim),
-            similarity = workspace(max_queries * max_keys);
+  Tensor prop = torch::stable::new_zeros(queries, {batch, max_queries}, ScalarType::Float);
+  const dots::Elem elem = elem_of(keys.scalar_type());
+  const int64_t row_bytes = dim * dots::elem_size(elem);
+  std::vector<char> gathered(static_cast<size_t>(std::max<int64_t>(max_keys * row_bytes, 1)));
+  std::vector<float> key_inv(max_keys), query_inv(max_queries);
+  Workspace similarity = workspace(max_queries * max_keys);
   std::vector<int64_t> selected_keys;
   std::vector<float> weight(max_keys);
   const int64_t* qlen = query_lengths.const_data_ptr<int64_t>();
@@ -33,15 +40,27 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
     }
     const int64_t selected = static_cast<int64_t>(selected_keys.size());
     if (selected == 0 || m == 0) continue;  // nothing pruned to transfer from: prop stays 0 (not 0/0)
-    // Gather and normalise the selected keys in one pass; their weights default to their norms.
-    normalize_rows(keys.const_data_ptr<float>() + b * max_keys * dim, selected, dim, key_unit.get(), weight.data(),
-                   selected_keys.data());
+    // Gather the selected keys (stored precision); their weights default to their norms.
+    const RowMatrix key_items = item_rows(keys, b, max_keys);
+    for (int64_t s = 0; s < selected; ++s) {
+      std::memcpy(gathered.data() + s * row_bytes, key_items.row(selected_keys[s]), static_cast<size_t>(row_bytes));
+    }
+    const RowMatrix key_rows{gathered.data(), elem, selected, dim, dim};
+    const RowMatrix query_rows = item_rows(queries, b, m);
+    row_norms(key_rows, weight.data(), key_inv.data());
+    row_norms(query_rows, nullptr, query_inv.data());
     if (key_weights.has_value()) {
       for (int64_t s = 0; s < selected; ++s) weight[s] = key_weights->const_data_ptr<float>()[b * max_keys + selected_keys[s]];
     }
-    normalize_rows(queries.const_data_ptr<float>() + b * max_queries * dim, m, dim, query_unit.get(), nullptr);
-    matmul_into(float_view(query_unit.get(), m, dim, dim, 1), float_view(key_unit.get(), dim, selected, 1, dim),
-                float_view(similarity.get(), m, selected, selected, 1));
+    visit_cross_tiles(query_rows, key_rows,
+                      [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* raw, int64_t ld) {
+                        for (int64_t r = 0; r < rows; ++r) {
+                          for (int64_t c = 0; c < cols; ++c) {
+                            similarity[(i0 + r) * selected + j0 + c] =
+                                raw[r * ld + c] * (query_inv[i0 + r] * key_inv[j0 + c]);
+                          }
+                        }
+                      });
     float* out = prop.mutable_data_ptr<float>() + b * max_queries;
     torch::stable::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

@@ -151,6 +151,17 @@ MRPRUNE_AVX512 float self_dot_avx512(const void* a, int64_t d) {
   return hsum(acc);
 }
 
+// a . b for two rows of type E (16 lanes, fixed tree: bit-identical to dot_portable).
+template <Elem E>
+MRPRUNE_AVX512 float dot_rows_avx512(const void* a, const void* b, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d; k += 16) {
+    const __mmask16 mask = d - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (d - k)) - 1);
+    acc = _mm512_fmadd_ps(load16(a, E, k, mask), load16(b, E, k, mask), acc);
+  }
+  return hsum(acc);
+}
+
 #endif  // MRPRUNE_X86_AVX512
 
 // The instruction sets found at run time (once). MRPRUNE_CPU_ISA = portable | avx512 | avx512_bf16 | amx caps the
@@ -210,6 +221,20 @@ inline float dot_vec(const void* a, Elem e, const float* v, int64_t d) {
   }
 #endif
   return dot_vec_portable(a, e, v, d);
+}
+
+// a . b for two rows of element type e (16 lanes, fixed tree), symmetric in a and b.
+inline float dot_rows(const void* a, const void* b, Elem e, int64_t d) {
+#ifdef MRPRUNE_X86_AVX512
+  if (isa().avx512) {
+    switch (e) {
+      case Elem::kFloat32: return dot_rows_avx512<Elem::kFloat32>(a, b, d);
+      case Elem::kBFloat16: return dot_rows_avx512<Elem::kBFloat16>(a, b, d);
+      default: return dot_rows_avx512<Elem::kFloat16>(a, b, d);
+    }
+  }
+#endif
+  return dot_portable(a, b, e, d);
 }
 
 // ||a||^2 in the same 16-lane order.

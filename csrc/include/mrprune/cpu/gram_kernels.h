@@ -1,9 +1,10 @@
 // Blocks of dot products between feature rows (a Gram tile), stored as float32, bfloat16 or float16, with float32
 // accumulation, in an order that depends only on the two rows.
 //
-// Each dot product x_i . x_j is accumulated in ONE float32 register lane, sequentially over k by fused multiply-add
-// (float32 and float16 rows; bfloat16 rows on CPUs without AVX-512 BF16), or sequentially over pairs of k by
-// VDPBF16PS (bfloat16 rows with AVX-512 BF16). Which block, tile position, thread or kernel edge case computes the
+// Each dot product x_i . x_j is accumulated in ONE float32 register lane, sequentially over runs of 64 k by fused
+// multiply-add (float32 and float16 rows; bfloat16 rows on CPUs without AVX-512 BF16) or over runs of 64 pairs of k
+// by VDPBF16PS (bfloat16 rows with AVX-512 BF16), the runs' partial sums added in order (blocked summation); or by
+// AMX TDPBF16PS (bfloat16 rows where the CPU and OS allow AMX), whose per-element order is the instruction's. Which block, tile position, thread or kernel edge case computes the
 // pair never changes its rounding, so
 //   * identical tokens get bit-identical similarities (exact ties stay exact; issue 14),
 //   * x_i . x_j == x_j . x_i bitwise (every product is commutative and the order is the same): a Gram built from
@@ -50,11 +51,23 @@ struct RowMatrix {
 constexpr int kMR = 8;        // accumulator rows
 constexpr int kNR = 32;       // accumulator columns (two zmm)
 constexpr int64_t kKC = 256;  // k per chunk (elements, or bfloat16 pairs)
+constexpr int64_t kSub = 64;  // k per register partial sum (blocked summation)
 
 // k rounded up to whole 16-word steps (packed panels and AMX tiles are padded with zeros to it).
 constexpr int64_t padded(int64_t k) { return (k + 15) / 16 * 16; }
 
 #ifdef MRPRUNE_X86_AVX512
+
+// C = partial, or C = C + partial.
+template <int R>
+MRPRUNE_AVX512 inline void store_partial(const __m512 (&acc)[R][2], float* c, int64_t ldc, bool add) {
+  for (int r = 0; r < R; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      float* dst = c + r * ldc + h * 16;
+      _mm512_storeu_ps(dst, add ? _mm512_add_ps(_mm512_loadu_ps(dst), acc[r][h]) : acc[r][h]);
+    }
+  }
+}
 
 // In-register transpose of a 16 x 16 block of 32-bit values: out[k][r] = in[r][k].
 MRPRUNE_AVX512 inline void transpose16(__m512 r[16]) {
@@ -124,26 +137,25 @@ MRPRUNE_AVX512 inline void pack_b_avx512(const void* const* rows, int64_t nb, El
   }
 }
 
-// C[R x 32] (+)= A[R rows, kc] B[kc x 32]; A rows are float32 at a[r] (already offset to the chunk).
+// C[R x 32] (+)= A[R rows, kc] B[kc x 32]; A rows are float32 at a[r] (already offset to the chunk). Each run of
+// kSub k's is summed in registers from 0 and then added to C (blocked summation: the rounding error grows with
+// kSub + d / kSub rather than with d).
 template <int R>
 MRPRUNE_AVX512 void kernel_f32(const float* const* a, const float* b, int64_t kc, float* c, int64_t ldc,
                                bool accumulate) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
-    acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_loadu_ps(b + k * kNR), b1 = _mm512_loadu_ps(b + k * kNR + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r][k]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+  for (int64_t s0 = 0; s0 < kc; s0 += kSub) {
+    const int64_t s1 = std::min(kc, s0 + kSub);
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = s0; k < s1; ++k) {
+      const __m512 b0 = _mm512_loadu_ps(b + k * kNR), b1 = _mm512_loadu_ps(b + k * kNR + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r][k]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      }
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+    store_partial<R>(acc, c, ldc, accumulate || s0 > 0);
   }
 }
 
@@ -151,23 +163,20 @@ MRPRUNE_AVX512 void kernel_f32(const float* const* a, const float* b, int64_t kc
 template <int R>
 MRPRUNE_AVX512_BF16 void kernel_bf16dp(const uint32_t* const* a, const float* b, int64_t kc, float* c, int64_t ldc,
                                        bool accumulate) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
-    acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_ps(b + k * kNR);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_ps(b + k * kNR + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r][k]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+  for (int64_t s0 = 0; s0 < kc; s0 += kSub) {
+    const int64_t s1 = std::min(kc, s0 + kSub);
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = s0; k < s1; ++k) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_ps(b + k * kNR);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_ps(b + k * kNR + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r][k]));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      }
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+    store_partial<R>(acc, c, ldc, accumulate || s0 > 0);
   }
 }
 
@@ -286,8 +295,8 @@ class TileDots {
   }
 
  private:
-  // The same blocking and per-pair order as the AVX-512 float32 path (one accumulator per pair, k ascending, fused
-  // multiply-add), in plain loops the compiler vectorises: bit-identical results on every CPU.
+  // The same blocking and per-pair order as the AVX-512 float32 path (one accumulator per pair and kSub run, k
+  // ascending, fused multiply-add, runs added in order), in plain loops the compiler vectorises: bit-identical results on every CPU.
   void compute_portable(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n) {
     const int64_t d = a.d, panels = (n + kNR - 1) / kNR;
     float* abuf = portable_a_.get();
@@ -304,15 +313,17 @@ class TileDots {
       }
       for (int64_t r = 0; r < m; ++r) {
         for (int64_t p = 0; p < panels; ++p) {
-          float acc[kNR];
           float* c = result_.get() + r * ld() + p * kNR;
-          for (int j = 0; j < kNR; ++j) acc[j] = k0 > 0 ? c[j] : 0.f;
           const float* bp = bbuf + p * kc * kNR;
-          for (int64_t k = 0; k < kc; ++k) {
-            const float av = abuf[r * kKC + k];
-            for (int j = 0; j < kNR; ++j) acc[j] = std::fma(av, bp[k * kNR + j], acc[j]);
+          for (int64_t s0 = 0; s0 < kc; s0 += kSub) {
+            float acc[kNR] = {};
+            for (int64_t k = s0; k < std::min(kc, s0 + kSub); ++k) {
+              const float av = abuf[r * kKC + k];
+              for (int j = 0; j < kNR; ++j) acc[j] = std::fma(av, bp[k * kNR + j], acc[j]);
+            }
+            const bool add = k0 > 0 || s0 > 0;
+            for (int j = 0; j < kNR; ++j) c[j] = add ? c[j] + acc[j] : acc[j];
           }
-          for (int j = 0; j < kNR; ++j) c[j] = acc[j];
         }
       }
     }
