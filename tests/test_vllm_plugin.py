@@ -1,0 +1,365 @@
+"""The vLLM plugin (mrprune.integrations.vllm): budgets from metadata, and tiny random models served by vLLM against
+the pruner called on the same features and against mrprune's transformers path on the same weights.
+
+The engine tests need vLLM (the CI venv of ``scripts/ci_vllm.sh``, ``requirements/vllm.lock``) and are skipped
+without it; the budget and switch tests run everywhere. Each tiny model is saved with ``save_pretrained`` (weights,
+config, processor, a word-level tokenizer) to a temporary folder that vLLM loads; the engine runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the test can read the selections the model recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from mrprune.methods import FasterVLM
+from mrprune.integrations.vllm.config import METHODS, PruneConfig, kept_count, resolve_config
+from mrprune.layouts import GridLayout, LlavaNextLayout
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (scripts/ci_vllm.sh)")
+
+LAYOUTS = [
+    GridLayout(1, 24, 24),
+    GridLayout(1, 4, 4),
+    GridLayout(1, 1, 7),
+    GridLayout(3, 5, 7),
+    LlavaNextLayout(4, 8, 4),
+    LlavaNextLayout(0, 0, 4),
+    LlavaNextLayout(2, 0, 4),
+    LlavaNextLayout.from_image_size((30, 60), [[28, 56], [56, 28], [56, 56]], crop_size=28, patch_size=7),
+]
+RATIOS = [0.01, 0.1, 0.25, 0.5, 0.625, 1.0]
+
+
+def _features(layout, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(layout.num_tokens, 16, generator=generator) + 3 * torch.randn(16, generator=generator)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_kept_count_is_what_the_pruner_keeps(method, ratio):
+    pruner = PruneConfig(method, {"keep_ratio": ratio}).build()
+    for seed, layout in enumerate(LAYOUTS):
+        kept = pruner.select(_features(layout, seed), layout)
+        assert kept.numel() == kept_count(pruner, layout), (pruner, layout)
+
+
+def test_kept_count_budget_and_unknown():
+    pruner = PruneConfig("l2norm", {"budget": 5}).build()
+    assert [kept_count(pruner, layout) for layout in LAYOUTS[:3]] == [5, 5, 5]
+    with pytest.raises(TypeError, match="FasterVLM"):
+        kept_count(FasterVLM(keep_ratio=0.5), GridLayout(1, 4, 4))
+
+
+def test_switch_parsing(monkeypatch):
+    assert PruneConfig.parse("mr_pruner:0.25") == PruneConfig("mr_pruner", {"keep_ratio": 0.25})
+    assert PruneConfig.parse('{"method": "divprune", "keep_ratio": 0.1, "record": 3}') == PruneConfig(
+        "divprune", {"keep_ratio": 0.1}, 3
+    )
+    with pytest.raises(ValueError, match="unknown method"):
+        PruneConfig.parse("fastv:0.5")
+    with pytest.raises(ValueError, match="official"):
+        PruneConfig.parse({"method": "g_prune", "keep_ratio": 0.5, "official": True})
+
+    class Config:
+        pass
+
+    monkeypatch.delenv("MRPRUNE_VLLM", raising=False)
+    assert resolve_config(Config()) is None
+    monkeypatch.setenv("MRPRUNE_VLLM", "random:0.5")
+    assert resolve_config(Config()) == PruneConfig("random", {"keep_ratio": 0.5})
+    config = Config()
+    config.mrprune = {"method": "g_prune", "keep_ratio": 0.3}  # hf_overrides wins over the environment
+    assert resolve_config(config) == PruneConfig("g_prune", {"keep_ratio": 0.3})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Engine tests: tiny random models in vLLM
+
+WORDS = ["[PAD]", "<s>", "</s>", "[UNK]"] + [f"w{i}" for i in range(4, 90)] + [f"x{i}" for i in range(90, 100)]
+IMAGE, VIDEO, VISION_START, VISION_END = 90, 91, 92, 93
+STEPS = 6
+
+
+def _tokenizer(special):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(WORDS)
+    for index, text in special.items():
+        words[index] = text
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="[UNK]",
+        additional_special_tokens=list(special.values()),
+    )
+
+
+def _text_config():
+    # head_dim 32: vLLM's CPU attention rejects 16
+    return dict(
+        vocab_size=100,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def _save(model, processor, path):
+    """save_pretrained, with the CLIP tower's weights under the ``vision_model.`` prefix vLLM's loader expects."""
+    from safetensors.torch import load_file, save_file
+
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    file = os.path.join(path, "model.safetensors")
+    state = load_file(file)
+    prefix = "vision_tower."
+    renamed = {
+        (f"{prefix}vision_model.{k[len(prefix) :]}" if k.startswith(prefix) and "vision_model." not in k else k): v
+        for k, v in state.items()
+    }
+    save_file(renamed, file, metadata={"format": "pt"})
+
+
+def build_llava(path, next_):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7
+    )
+    text = LlamaConfig(**_text_config())
+    if next_:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+        from transformers import LlavaNextProcessor as Processor
+
+        pinpoints = [[28, 56], [56, 28], [56, 56]]
+        config = LlavaNextConfig(
+            vision_config=vision, text_config=text, image_token_index=IMAGE, image_grid_pinpoints=pinpoints
+        )
+        model = LlavaNextForConditionalGeneration(config)
+        images = LlavaNextImageProcessor(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
+        )
+    else:
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+        from transformers import LlavaProcessor as Processor
+
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE, image_seq_length=16)
+        model = LlavaForConditionalGeneration(config)
+        images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = Processor(
+        image_processor=images,
+        tokenizer=_tokenizer({IMAGE: "<image>"}),
+        patch_size=7,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    _save(model, processor, path)
+    return model.eval(), processor
+
+
+def _image(height, width, seed):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _engine(path, method, **options):
+    from vllm import LLM
+
+    return LLM(
+        model=path,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        seed=0,
+        hf_overrides={"mrprune": {"method": method, "record": 64, **options}},
+        limit_mm_per_prompt={"image": 2},
+    )
+
+
+def _vllm_generate(llm, prompts):
+    """Greedy continuations, pruned prompt lengths and the model's recorded selections (cleared after reading)."""
+    from vllm import SamplingParams
+
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=STEPS, temperature=0.0), use_tqdm=False)
+    records = llm.apply_model(lambda model: _drain(model.mrprune.records))[0]
+    return [list(o.outputs[0].token_ids) for o in outputs], [len(o.prompt_token_ids) for o in outputs], records
+
+
+def _drain(records):
+    out = [(r.modality, r.layout, r.features.clone(), r.kept.clone()) for r in records]
+    records.clear()
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    if not HAVE_VLLM:
+        pytest.skip("vLLM is not installed (scripts/ci_vllm.sh)")
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _hf_generate(model, processor, texts, images, pruner):
+    """mrprune's transformers path (compact positions, as vLLM numbers a LLaVA prompt): greedy tokens and kept."""
+    from mrprune.integrations import patched
+
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    with patched(model, pruner, position_mode="compact") as handle, torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+        records = handle.last
+    tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, [k for record in records for k in record.kept]
+
+
+def _check_records_against_pruner(records, pruner):
+    """Every selection vLLM made is the pruner's own on the same features (exact)."""
+    assert records
+    for _, layout, features, kept in records:
+        assert torch.equal(pruner.select(features, layout), kept), layout
+
+
+LLAVA_TEXTS = ["w5 w6 <image> w7 w8", "w9 <image> w10 <image> w11 w12 w13"]
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("next_", [False, True], ids=["llava", "llava_next"])
+def test_llava_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path, next_):
+    model, processor = build_llava(str(tmp_path), next_)
+    sizes = [(30, 60), (60, 30), (56, 56)] if next_ else [(28, 28)] * 3
+    images = [_image(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+    per_prompt = [images[:1], images[1:]]
+    method, options = ("g_prune", {"keep_ratio": 0.4}) if next_ else ("mr_pruner", {"keep_ratio": 0.5})
+    pruner = PruneConfig(method, options).build()
+    llm = _engine(str(tmp_path), method, **options)
+    ids = [processor.tokenizer(t)["input_ids"] for t in LLAVA_TEXTS]
+    prompts = [{"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt)]
+
+    tokens, lengths, records = _vllm_generate(llm, prompts)
+    _check_records_against_pruner(records, pruner)
+    layouts = [r[1] for r in records]
+    assert lengths == [
+        len(i) - i.count(IMAGE) + sum(kept_count(pruner, layout) for layout in layouts[a:b])
+        for i, (a, b) in zip(ids, [(0, 1), (1, 3)])
+    ]
+    # batch size does not change the greedy continuation (the encoder cache may serve the images again)
+    alone = [_vllm_generate(llm, [prompt]) for prompt in prompts]
+    assert [a[0][0] for a in alone] == tokens
+
+    hf_tokens, hf_kept = _hf_generate(model, processor, LLAVA_TEXTS, images, pruner)
+    assert [k.tolist() for k in hf_kept] == [r[3].tolist() for r in records]
+    assert hf_tokens == tokens
+
+
+QWEN_SPECIAL = {
+    IMAGE: "<|image_pad|>",
+    VIDEO: "<|video_pad|>",
+    VISION_START: "<|vision_start|>",
+    VISION_END: "<|vision_end|>",
+}
+
+
+def build_qwen(path):
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(**_text_config(), rope_parameters=rope),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    pixels = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels),
+        video_processor=Qwen2VLVideoProcessor(size=pixels),
+        tokenizer=_tokenizer(QWEN_SPECIAL),
+    )
+    _save(model, processor, path)
+    return model.eval(), processor
+
+
+QWEN_TEXTS = [
+    "w5 w6 <|vision_start|> <|image_pad|> <|vision_end|> w7 w8",
+    "w9 <|vision_start|> <|image_pad|> <|vision_end|> w10 <|vision_start|> <|image_pad|> <|vision_end|> w11 w12",
+]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_qwen2_5_vl_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path):
+    """Original M-RoPE positions in both engines; images of different grids in one batch."""
+    model, processor = build_qwen(str(tmp_path))
+    images = [_image(h, w, seed) for seed, (h, w) in enumerate([(56, 112), (112, 84), (84, 84)])]
+    per_prompt = [images[:1], images[1:]]
+    options = {"keep_ratio": 0.4}
+    pruner = PruneConfig("mr_pruner", options).build()
+    llm = _engine(str(tmp_path), "mr_pruner", **options)
+    ids = [processor.tokenizer(t)["input_ids"] for t in QWEN_TEXTS]
+    prompts = [{"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt)]
+
+    tokens, lengths, records = _vllm_generate(llm, prompts)
+    _check_records_against_pruner(records, pruner)
+    alone = [_vllm_generate(llm, [prompt]) for prompt in prompts]
+    assert [a[0][0] for a in alone] == tokens
+
+    from mrprune.integrations import patched
+
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=QWEN_TEXTS, images=images, return_tensors="pt", padding=True)
+    with patched(model, pruner, position_mode="original") as handle, torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+        hf_kept = [k for record in handle.last for k in record.kept]
+    assert [k.tolist() for k in hf_kept] == [r[3].tolist() for r in records]
+    assert generated[:, inputs["input_ids"].shape[1] :].tolist() == tokens
