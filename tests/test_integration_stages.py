@@ -47,7 +47,10 @@ def llava_next_case():
     with torch.no_grad():
         counts = [len(f) for f in model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output]
     input_ids, attention_mask = left_pad(
-        [[1, 5, *[IMAGE_TOKEN] * counts[0], 7, *[IMAGE_TOKEN] * counts[1], 8, 9], [1, 12, *[IMAGE_TOKEN] * counts[2], 14]]
+        [
+            [1, 5, *[IMAGE_TOKEN] * counts[0], 7, *[IMAGE_TOKEN] * counts[1], 8, 9],
+            [1, 12, *[IMAGE_TOKEN] * counts[2], 14],
+        ]
     )
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, image_sizes=sizes)
     singles = [
@@ -94,6 +97,7 @@ METHODS = {
     "fastervlm": lambda keep: mrprune.methods.FasterVLM(keep_ratio=keep),
     "fastervlm_last_layer": lambda keep: mrprune.methods.FasterVLM(keep_ratio=keep, layer=-1),
     "l2norm": lambda keep: mrprune.methods.L2Norm(keep_ratio=keep),
+    "scope": lambda keep: mrprune.methods.SCOPE(keep_ratio=keep),
     "hired": lambda keep: mrprune.methods.HiRED(keep_ratio=keep, budget_layer=0, select_layer=-1),
 }
 

@@ -25,6 +25,7 @@ from .hired import HiRED
 from .l2norm import L2Norm
 from .presets import PRESETS, preset
 from .resprune import ALPHA_PRESETS, ResPrune
+from .scope import SCOPE
 from .stages import Need, Stage
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Pruner",
     "RandomPruner",
     "ResPrune",
+    "SCOPE",
     "Stage",
     "preset",
 ]

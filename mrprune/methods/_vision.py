@@ -11,7 +11,16 @@ from ..batching import pad_batch
 from . import _checks
 from .base import round_half_up, take_prefixes
 
-__all__ = ["Budget", "allocate", "check_layer", "token_scores", "top_per_crop"]
+__all__ = [
+    "Budget",
+    "allocate",
+    "check_layer",
+    "crop_groups",
+    "gather_kept",
+    "size_split",
+    "token_scores",
+    "top_per_crop",
+]
 
 
 class Budget:
@@ -68,6 +77,34 @@ def allocate(total: int, sizes: Sequence[int], weights: Sequence[float] | None =
     return counts
 
 
+def crop_groups(
+    crops: torch.Tensor, lengths: torch.Tensor, counts: Sequence[dict[int, int]]
+) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """The (item, crop) groups a per-crop selection runs on: each group's token indices in its item, its item, and
+    how many tokens it keeps (at most its size); empty groups left out."""
+    groups, owners, wanted = [], [], []
+    for b, per_item in enumerate(counts):
+        n = int(lengths[b])
+        for crop, k in sorted(per_item.items()):
+            index = (crops[b, :n] == crop).nonzero()[:, 0]
+            if index.numel():
+                groups.append(index)
+                owners.append(b)
+                wanted.append(min(k, index.numel()))
+    return groups, owners, wanted
+
+
+def gather_kept(
+    picks: list[torch.Tensor], groups: list[torch.Tensor], owners: list[int], items: int, device: torch.device
+) -> list[torch.Tensor]:
+    """Per item, the token indices that the groups' ``picks`` (indices into each group) select."""
+    kept: list[list[torch.Tensor]] = [[] for _ in range(items)]
+    for pick, group, owner in zip(picks, groups, owners, strict=True):
+        kept[owner].append(group[pick])
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    return [torch.cat(parts) if parts else empty for parts in kept]
+
+
 def top_per_crop(
     scores: torch.Tensor, crops: torch.Tensor, lengths: torch.Tensor, counts: Sequence[dict[int, int]]
 ) -> list[torch.Tensor]:
@@ -85,23 +122,27 @@ def top_per_crop(
     -------
     list of B int64 tensors (token indices of the item, unsorted).
     """
-    groups, owners, wanted = [], [], []
-    for b, per_item in enumerate(counts):
-        n = int(lengths[b])
-        for crop, k in sorted(per_item.items()):
-            index = (crops[b, :n] == crop).nonzero()[:, 0]
-            groups.append(index)
-            owners.append(b)
-            wanted.append(min(k, index.numel()))
-    kept: list[list[torch.Tensor]] = [[] for _ in counts]
-    live = [g for g in range(len(groups)) if groups[g].numel() > 0]
-    if live:
-        values, sizes = pad_batch([scores[owners[g], groups[g]].float()[:, None] for g in live])
-        picks = ops.topk_indices(values[..., 0], sizes, max(wanted[g] for g in live))
-        for g, pick in zip(live, take_prefixes(picks, [wanted[g] for g in live]), strict=True):
-            kept[owners[g]].append(groups[g][pick])
-    empty = torch.zeros(0, dtype=torch.int64, device=scores.device)
-    return [torch.cat(parts) if parts else empty for parts in kept]
+    groups, owners, wanted = crop_groups(crops, lengths, counts)
+    picks = []
+    if groups:
+        rows = [scores[owner, group].float()[:, None] for owner, group in zip(owners, groups, strict=True)]
+        values, sizes = pad_batch(rows)
+        picks = take_prefixes(ops.topk_indices(values[..., 0], sizes, max(wanted)), wanted)
+    return gather_kept(picks, groups, owners, len(counts), scores.device)
+
+
+def size_split(budget: Budget, crops: torch.Tensor, lengths: torch.Tensor) -> tuple[list[dict[int, int]], list]:
+    """Default-mode budgets: per item, ``budget(n)`` tokens with the newlines (crop -1) kept first and counted, the
+    rest split over the crops in proportion to their sizes; returns the per-crop counts and each item's newlines."""
+    counts, newlines = [], []
+    for b, n in enumerate(lengths.tolist()):
+        owned = crops[b, :n]
+        lines = (owned < 0).nonzero()[:, 0]
+        newlines.append(lines)
+        present = sorted(set(owned[owned >= 0].tolist()))
+        sizes = [int((owned == c).sum()) for c in present]
+        counts.append(dict(zip(present, allocate(max(budget(n) - lines.numel(), 0), sizes), strict=True)))
+    return counts, newlines
 
 
 def check_layer(owner: str, layer: int) -> int:

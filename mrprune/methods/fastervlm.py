@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from . import _checks
-from ._vision import Budget, allocate, check_layer, token_scores, top_per_crop
+from ._vision import Budget, check_layer, size_split, token_scores, top_per_crop
 from .base import Pruner
 from .stages import Need, Stage
 
@@ -80,15 +80,9 @@ class FasterVLM(Pruner):
         scores, crops = token_scores("FasterVLM", features, attention, crops, self.layer)
         if self.official:
             return self._official(lengths, crops, patches, crop_attention, attention_kind)
-        counts = []
-        for b, n in enumerate(lengths.tolist()):
-            owned = crops[b, :n]
-            newlines = int((owned < 0).sum())
-            present = sorted(set(owned[owned >= 0].tolist()))
-            sizes = [int((owned == c).sum()) for c in present]
-            counts.append(dict(zip(present, allocate(max(self.size(n) - newlines, 0), sizes), strict=True)))
+        counts, newlines = size_split(self.size, crops, lengths)
         kept = top_per_crop(scores, crops, lengths, counts)
-        return [torch.cat([k, (crops[b, : int(lengths[b])] < 0).nonzero()[:, 0]]) for b, k in enumerate(kept)]
+        return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
 
     def _official(self, lengths, crops, patches, crop_attention, attention_kind):
         if attention_kind != "cls" or crop_attention is None or patches is None:

@@ -12,6 +12,7 @@ from .graph import GPrune, MRPruner
 from .hired import HiRED
 from .l2norm import L2Norm
 from .resprune import ResPrune
+from .scope import SCOPE
 
 __all__ = ["PRESETS", "preset", "table_settings"]
 
@@ -47,6 +48,7 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     **table_settings("fastervlm", FasterVLM, qwen={"layer": -1}),
     **table_settings("l2norm", L2Norm),
     **table_settings("hired", HiRED, qwen={"select_layer": -1}),
+    **table_settings("scope", SCOPE, qwen={"layer": -1}),
 }
 
 

@@ -59,6 +59,10 @@ class Need(str, enum.Enum):
         raster; ``crop_attention`` ``{layer: [Tensor [crops_b, P]] * B}`` the attention over every patch of every
         crop, those LLaVA-NeXT's unpadding removed included (what per-crop official selections rank).
         ``attention_kind`` is ``"cls"`` or ``"received"``.
+    VISION_FEATURES
+        ``crop_features``: per item, the vision tower's own states at the feature layer for every patch of every
+        crop, ``[crops, P, D_vision]`` (before the projector; what official codes that compare CLIP features
+        read); ``None`` where the tower does not provide them (Qwen2.5-VL merges patches first).
     LAST_QUERY_ATTENTION
         ``attention [B, N]`` float32: the head-averaged attention the last prompt token pays each of the item's
         tokens in decoder layer ``layer - 1`` (``llm`` stage).
@@ -68,4 +72,5 @@ class Need(str, enum.Enum):
     TEXT = "text"
     CLS_SEED = "cls_seed"
     VISION_ATTENTION = "vision_attention"
+    VISION_FEATURES = "vision_features"
     LAST_QUERY_ATTENTION = "last_query_attention"

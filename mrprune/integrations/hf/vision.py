@@ -67,11 +67,13 @@ class ItemAttention:
 @dataclass(frozen=True)
 class ItemInfo:
     """How an image / video was encoded: the encoder call's ``arguments`` other than pixels (its layout follows from
-    them), its ``index`` among that call's items, and its encoder ``attention`` when the method asked for any."""
+    them), its ``index`` among that call's items, its encoder ``attention`` when the method asked for any, and the
+    vision tower's own features of its crops when the method reads them (``Need.VISION_FEATURES``)."""
 
     arguments: dict[str, Any]
     index: int
     attention: ItemAttention | None = None
+    crop_features: torch.Tensor | None = None  # [crops, P, D_vision]: the tower's feature-layer states, per crop
 
 
 @dataclass
@@ -184,8 +186,12 @@ class VisionStage:
             if isinstance(pooled, list | tuple):
                 metadata = {k: v for k, v in arguments.items() if not k.startswith("pixel_values")}
                 attention = (probe() if layers else None) or [None] * len(pooled)
-                for index, (tensor, item) in enumerate(zip(pooled, attention, strict=True)):
-                    self.registry.add(tensor, ItemInfo(metadata, index, item))
+                crop_features = None
+                if Need.VISION_FEATURES in self.method.needs:
+                    crop_features = self.adapter.crop_features(modality, arguments, output)
+                crop_features = crop_features or [None] * len(pooled)
+                for index, (tensor, item, own) in enumerate(zip(pooled, attention, crop_features, strict=True)):
+                    self.registry.add(tensor, ItemInfo(metadata, index, item, own))
             return output
 
         return encode
@@ -280,4 +286,7 @@ class VisionStage:
                 for layer in self.method.attention_layers
             }
             extra["attention_kind"] = self.adapter.attention_kind
+        if Need.VISION_FEATURES in needs:  # where the tower provides them (CLIP), else None
+            own = [item.info.crop_features for item in items]
+            extra["crop_features"] = None if any(f is None for f in own) else [f.to(device) for f in own]
         return extra

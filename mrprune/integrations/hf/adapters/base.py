@@ -4,7 +4,7 @@
 stage          what the adapter provides
 =============  ==============================================================================================
 vision         ``layout`` (each item's token layout), ``attention_probe`` (the encoder's attention per token at
-               given layers), ``attention_kind``, ``feature_attention_layer``
+               given layers), ``attention_kind``, ``feature_attention_layer``, ``crop_features``
 projector      ``modalities`` / ``token_id`` (placeholders), ``encoder_name``, ``visual_keys``
 llm            ``text_model`` (decoder layers), positions (``default_positions``, ``normalize_positions``,
                ``model_positions``: ``[A, B, L]`` with ``A = 1`` for 1-D RoPE, 3 for M-RoPE), ``check_llm``
@@ -56,6 +56,11 @@ class Adapter:
         :class:`~mrprune.integrations.hf.vision.ItemAttention` per item of the call with the encoder's attention at
         ``layers`` (indices into the encoder's layers), or ``None`` when the tower provides none."""
         return contextlib.nullcontext(lambda: None)
+
+    def crop_features(self, modality: str, arguments: dict[str, Any], output: Any) -> list[torch.Tensor] | None:
+        """Per item of an encoder call with ``arguments`` and ``output``, the vision tower's feature-layer states of
+        its crops ``[crops, P, D_vision]`` (before the projector, [CLS] dropped), or ``None`` when not available."""
+        return None
 
     def feature_attention_layer(self, arguments: dict[str, Any]) -> int | None:
         """The encoder layer whose output is the feature layer the projector reads (``None``: not one layer)."""

@@ -14,7 +14,7 @@ import torch
 
 from ..vision import cls_attention_row
 
-__all__ = ["cls_attention_probe", "cls_layers", "feature_attention_layer"]
+__all__ = ["cls_attention_probe", "cls_layers", "crop_features", "feature_attention_layer"]
 
 
 def cls_layers(vision_tower: Any) -> Any | None:
@@ -76,3 +76,13 @@ def cls_attention_probe(
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def crop_features(output: Any, feature_layer: Any) -> torch.Tensor | None:
+    """The tower's states at ``feature_layer`` for every crop of an encoder call, ``[crops, P, D_vision]`` ([CLS]
+    dropped), from the call's output (transformers returns the tower's ``hidden_states`` with the features), or
+    ``None`` when the output does not carry them or the feature layer is not one int."""
+    states = getattr(output, "hidden_states", None)
+    if states is None or not isinstance(feature_layer, int):
+        return None
+    return states[feature_layer][:, 1:].detach()

@@ -51,6 +51,11 @@ class LlavaAdapter(Adapter):
         feature_layer = config_argument(arguments, "vision_feature_layer", self.model.config)
         return clip.feature_attention_layer(self.base.vision_tower, feature_layer)
 
+    def crop_features(self, modality: str, arguments: dict[str, Any], output: Any) -> list[torch.Tensor] | None:
+        feature_layer = config_argument(arguments, "vision_feature_layer", self.model.config)
+        states = clip.crop_features(output, feature_layer)  # [images, P, D]: one crop per image
+        return None if states is None else [states[i : i + 1] for i in range(states.shape[0])]
+
     @contextlib.contextmanager
     def attention_probe(
         self, modality: str, arguments: dict[str, Any], layers: Sequence[int]

@@ -75,6 +75,20 @@ class LlavaNextAdapter(Adapter):
         feature_layer = config_argument(arguments, "vision_feature_layer", self.model.config)
         return clip.feature_attention_layer(self.base.vision_tower, feature_layer)
 
+    def _crop_counts(self, arguments: dict[str, Any]) -> list[int]:
+        """Crops per image of the call: the base view and the tiles of its anyres canvas."""
+        crop_size = self.model.config.vision_config.image_size
+        counts = []
+        for size in self._image_sizes(arguments):
+            canvas_h, canvas_w = best_resolution(size, self.model.config.image_grid_pinpoints)
+            counts.append(1 + (canvas_h // crop_size) * (canvas_w // crop_size))
+        return counts
+
+    def crop_features(self, modality: str, arguments: dict[str, Any], output: Any) -> list[torch.Tensor] | None:
+        feature_layer = config_argument(arguments, "vision_feature_layer", self.model.config)
+        states = clip.crop_features(output, feature_layer)  # [all crops, P, D]
+        return None if states is None else list(states.split(self._crop_counts(arguments)))
+
     @contextlib.contextmanager
     def attention_probe(
         self, modality: str, arguments: dict[str, Any], layers: Sequence[int]
@@ -88,10 +102,9 @@ class LlavaNextAdapter(Adapter):
                 crop_size = self.model.config.vision_config.image_size
                 pinpoints = self.model.config.image_grid_pinpoints
                 result, first = [], 0
-                for index, size in enumerate(self._image_sizes(arguments)):
+                counts = self._crop_counts(arguments)
+                for index, (size, count) in enumerate(zip(self._image_sizes(arguments), counts, strict=True)):
                     sources = token_sources(self.layout(modality, arguments, index), size, pinpoints, crop_size)
-                    canvas_h, canvas_w = best_resolution(size, pinpoints)
-                    count = 1 + (canvas_h // crop_size) * (canvas_w // crop_size)
                     made = sources[:, 0] >= 0
                     scores, per_crop = {}, {}
                     for layer, attention in rows.items():
