@@ -247,10 +247,15 @@ def _cases() -> tuple[list[str], list[dict], list[Check]]:
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+def emulator(tmp_path_factory) -> Path:
+    """The emulation library, built once per test module."""
+    return build(tmp_path_factory.mktemp("cudaemu-lib"))
+
+
+@pytest.fixture(scope="module")
+def emulated(emulator, tmp_path_factory):
     """``emulated(order)``: the results of every case under that thread order (one subprocess per order)."""
-    tmp = tmp_path_factory.mktemp("cudaemu")
-    lib = build(tmp)
+    tmp, lib = tmp_path_factory.mktemp("cudaemu"), emulator
     cache: dict[str, list[dict]] = {}
 
     def results(order: str) -> list[dict]:
@@ -284,11 +289,6 @@ DETECTED = {
     "dynamic_shared_overflow": (6, 86, "wrote past its 400 bytes of dynamic shared memory"),
     "grid_deadlock": (7, 87, "did not finish within"),
 }
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> Path:
-    return build(tmp_path_factory.mktemp("cudaemu-selftest"))
 
 
 @pytest.mark.parametrize("order", ORDERS)
