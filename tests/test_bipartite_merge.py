@@ -19,6 +19,8 @@ from tests.utils import INPUT_DTYPES, clustered, kernel_backends, padded
 
 OP = "bipartite_merge"
 KERNELS = kernel_backends(OP)
+#: Without Triton under the (slow) interpreter: for the large shapes.
+FAST_KERNELS = kernel_backends(OP, interpreted=False)
 #: A float64 decision (score order at the cut, best partner) closer than this could flip in float32.
 GAP = 1e-5
 
@@ -237,8 +239,11 @@ def test_hand_example(impl):
 # --- 2. kernels vs reference -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize(("tokens", "dim"), [(41, 8), (64, 16), (300, 24), (577, 12)])
+@pytest.mark.parametrize(
+    ("backend", "tokens", "dim"),
+    [(b, t, d) for b in KERNELS for t, d in ((41, 8), (64, 16))]
+    + [(b, t, d) for b in FAST_KERNELS for t, d in ((300, 24), (577, 12))],
+)
 def test_kernel_matches_reference_random(backend, tokens, dim):
     g = torch.Generator().manual_seed(tokens * dim)
     x = torch.randn(2, tokens, 20, generator=g)

@@ -17,3 +17,8 @@ __all__ = [
     "transfer_scores",
 ]
 
+
+# The merging ops of issue 17 (bipartite_merge, assign_merge) and the multi-row LLM attention (attention_rows).
+from . import assign_merge, attention_rows, bipartite_merge  # noqa: E402
+
+__all__ += ["assign_merge", "attention_rows", "bipartite_merge"]
