@@ -199,7 +199,8 @@ def coverage_select(
     in pick order; -1 past ``n_b``. See :func:`mrprune.reference.coverage_select`.
     """
     _validation.integer("coverage_select", "k", k)
-    _validation.real("coverage_select", "alpha", alpha)  # the dispatcher would take True as 1.0
+    if isinstance(alpha, bool):  # the dispatcher would take True as 1.0 (the router checks the value itself)
+        raise TypeError(f"mrprune.coverage_select: alpha must be a number, got {alpha!r}")
     return torch.ops.mrprune.coverage_select.default(features, lengths, k, saliency, alpha)
 
 

@@ -123,8 +123,11 @@ def test_reference_matches_brute_force_random(seed):
             assert torch.equal(got, brute_batch(features, lengths, k, per_round)), f"k={k} per_round={per_round}"
 
 
-@pytest.mark.parametrize("impl", ["reference", *KERNELS])
-@pytest.mark.parametrize("seed", range(6))
+# three draws where Triton runs interpreted (seconds each), six elsewhere
+EXACT_CASES = [(impl, seed) for impl in ["reference", *KERNELS] for seed in range(3 if impl == "triton" else 6)]
+
+
+@pytest.mark.parametrize(("impl", "seed"), EXACT_CASES)
 def test_exact_ties_family(impl, seed):
     """Exactly representable tokens full of duplicates, zeros and ties: every implementation equals the brute force
     (the stable order of equal scores decides which tokens drop and the next parity split)."""
