@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-from mrprune.methods import FasterVLM
 from mrprune.integrations.vllm.config import METHODS, PruneConfig, kept_count, resolve_config
 from mrprune.layouts import GridLayout, LlavaNextLayout
+from mrprune.methods import FasterVLM
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (scripts/ci_vllm.sh)")
@@ -263,14 +263,16 @@ def test_llava_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path, next_):
     pruner = PruneConfig(method, options).build()
     llm = _engine(str(tmp_path), method, **options)
     ids = [processor.tokenizer(t)["input_ids"] for t in LLAVA_TEXTS]
-    prompts = [{"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt)]
+    prompts = [
+        {"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt, strict=True)
+    ]
 
     tokens, lengths, records = _vllm_generate(llm, prompts)
     _check_records_against_pruner(records, pruner)
     layouts = [r[1] for r in records]
     assert lengths == [
         len(i) - i.count(IMAGE) + sum(kept_count(pruner, layout) for layout in layouts[a:b])
-        for i, (a, b) in zip(ids, [(0, 1), (1, 3)])
+        for i, (a, b) in zip(ids, [(0, 1), (1, 3)], strict=True)
     ]
     # batch size does not change the greedy continuation (the encoder cache may serve the images again)
     alone = [_vllm_generate(llm, [prompt]) for prompt in prompts]
@@ -347,7 +349,9 @@ def test_qwen2_5_vl_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path):
     pruner = PruneConfig("mr_pruner", options).build()
     llm = _engine(str(tmp_path), "mr_pruner", **options)
     ids = [processor.tokenizer(t)["input_ids"] for t in QWEN_TEXTS]
-    prompts = [{"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt)]
+    prompts = [
+        {"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt, strict=True)
+    ]
 
     tokens, lengths, records = _vllm_generate(llm, prompts)
     _check_records_against_pruner(records, pruner)

@@ -41,3 +41,28 @@ def register() -> None:
         logger.warning("mrprune vLLM plugin is tested with vLLM %s, running on %s", SUPPORTED_VLLM, vllm.__version__)
     for architecture, target in _MODELS.items():
         ModelRegistry.register_model(architecture, target)
+    _patch_cpu_runner()
+
+
+def _patch_cpu_runner() -> None:
+    """vLLM 0.32's CPU model runner never turns on its multimodal-pruning path (``GPUModelRunner.load_model`` sets
+    ``is_multimodal_pruning_enabled``, ``CPUModelRunner.load_model`` replaces it without doing so; vLLM's EVS has the
+    same gap on CPUs), so Qwen2.5-VL's kept tokens would never get their positions. Set the flag after loading one of
+    the plugin's models with pruning on (nothing changes for any other model)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    original = CPUModelRunner.load_model
+    if getattr(original, "_mrprune", False):
+        return
+
+    def load_model(self: CPUModelRunner, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        if getattr(self.get_model(), "mrprune", None) is not None and self.uses_mrope:
+            self.is_multimodal_pruning_enabled = True
+
+    load_model._mrprune = True  # type: ignore[attr-defined]
+    CPUModelRunner.load_model = load_model
