@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from . import _library, backends, ops, reference
+from . import _batched, _library, backends, ops, reference  # noqa: F401  (_batched: the "torch" backend)
 from .integrations import FastV, patch, patched
 from .layouts import GridLayout, LlavaNextLayout
 from .methods import PRESETS, DivPrune, GPrune, MRPruner, Pruner, RandomPruner, ResPrune, preset

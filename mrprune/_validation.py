@@ -102,12 +102,12 @@ def finite(op: str, name: str, x: torch.Tensor, vectors: bool = False) -> None:
     if not check_finite_enabled() or not x.numel():
         return
     if _on_device(x):
-        largest = torch.linalg.vector_norm(x, ord=math.inf)  # one reduction; NaN propagates
+        largest = torch.linalg.vector_norm(x, ord=math.inf, dtype=torch.float32)  # one reduction; NaN propagates
         torch._assert_async(torch.isfinite(largest), f"mrprune.{op}: {name} contains NaN or Inf")
         if vectors:
             bound = max_abs_for_norms(x.dtype, x.shape[-1])
             message = f"mrprune.{op}: {name} has entries so large that squared norms could overflow (|x| > {bound:.3g})"
-            torch._assert_async(~(largest > bound), message)
+            torch._assert_async(torch.le(largest, bound), message)
         return
     if not _on_host(x):
         return
@@ -162,7 +162,7 @@ def weights(op: str, name: str, w: torch.Tensor | None, expected: tuple[int, ...
     shape(op, name, w, expected)
     finite(op, name, w)
     if non_negative and w.numel():
-        _check(w, lambda: ~(w < 0).any(), f"mrprune.{op}: {name} must be non-negative")
+        _check(w, lambda: torch.logical_not((w < 0).any()), f"mrprune.{op}: {name} must be non-negative")
 
 
 def queries_and_keys(op: str, queries: torch.Tensor, keys: torch.Tensor) -> int:
@@ -239,11 +239,11 @@ def graph_propagate(
     iterations(op, iters)
     finite(op, "graph", graph)
     if degree.numel():
-        bad = (degree <= 0) & (torch.arange(tokens, device=degree.device) < lens[:, None])
+        bad = (degree <= 0) & (torch.arange(tokens, device=degree.device) < lens.unsqueeze(1))
         message = f"mrprune.{op}: degree must be positive on valid tokens"
         if _on_host(degree) and bool(bad.any()):
             message += f" (item {int(bad.any(dim=1).nonzero()[0, 0])})"
-        _check(degree, lambda: ~bad.any(), message)
+        _check(degree, lambda: torch.logical_not(bad.any()), message)
 
 
 def graph_scores(
@@ -309,7 +309,7 @@ def greedy_residual_select(
         message = f"mrprune.{op}: seed must be < lengths (or negative for none)"
         if _on_host(seed):
             message += f", got {seed.tolist()}"
-        _check(seed, lambda: ~(seed >= lens).any(), message)
+        _check(seed, lambda: torch.logical_not((seed >= lens).any()), message)
     tolerance(op, exhaustion_tol)
     if algorithm not in ("auto", "gram", "basis"):
         raise ValueError(f"mrprune.{op}: algorithm must be 'auto', 'gram' or 'basis', got {algorithm!r}")
@@ -346,8 +346,10 @@ def topk_indices(op: str, scores: torch.Tensor, lens: torch.Tensor, k: int, sort
     budget(op, k, scores.shape[1])
     if scores.numel():
         # padding is never ranked, so only the valid scores matter (as in the other ops)
-        valid = torch.arange(scores.shape[1], device=scores.device) < lens[:, None]
-        _check(scores, lambda: ~(torch.isnan(scores) & valid).any(), f"mrprune.{op}: scores contain NaN")
+        valid = torch.arange(scores.shape[1], device=scores.device) < lens.unsqueeze(1)
+        _check(
+            scores, lambda: torch.logical_not((torch.isnan(scores) & valid).any()), f"mrprune.{op}: scores contain NaN"
+        )
 
 
 def received_attention(

@@ -40,11 +40,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
+BACKENDS = ("auto", "reference", "cpp", "triton", "cuda", "torch")
 
 # Fastest first, per device type (measured by the benchmarks; Triton owns the graph ops on GPUs, CUDA C++ the
-# sequential selections, and each list ends with the reference that serves everything).
-_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+# sequential selections, and each list ends with the reference that serves everything). "torch" (mrprune._batched:
+# batched eager torch, no host synchronisation) serves GPU ops without a kernel; on the CPU the reference does.
+_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "torch", "reference")}
 _AUTO_ORDER_OVERRIDES = {
     ("graph_scores", "cuda"): ("triton", "cuda", "reference"),
     ("cosine_graph", "cuda"): ("triton", "cuda", "reference"),
@@ -90,7 +91,7 @@ def implementations(op: str) -> dict[str, Callable]:
 
 
 def _serves(backend: str, device_type: str) -> bool:
-    if backend == "reference":
+    if backend in ("reference", "torch"):
         return True
     if backend == "cpp":
         return device_type == "cpu"

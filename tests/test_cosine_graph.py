@@ -19,7 +19,6 @@ from tests.utils import (
     TRITON_DEVICE,
     assert_close,
     clustered,
-    compile_kernels_sm90,
     kernel_backends,
     oracle,
     padded,
@@ -478,24 +477,3 @@ def test_triton_llava_next_full_size_cuda(dtype, monkeypatch):
     x = testing.llava_next_features(48, 48, 4096, seed=0)
     high = x[576:].reshape(48, 49, 4096)[:, :48].reshape(1, 2304, 4096).to(dtype)
     check_against_oracle(None, high, torch.tensor([2304]), 0.5, 0.03, impl=_triton_impl())
-
-
-@pytest.mark.slow
-def test_triton_kernels_compile_for_sm90():
-    """The graph-construction kernels compile for the H100/H200 (sm_90) through Triton's whole pipeline and ptxas,
-    without a GPU (the interpreter accepts code the compiler rejects): half inputs on the wgmma tensor-core path,
-    float32 on IEEE FMAs, no register spills."""
-    gram = dict(lengths="*i64", pairs="*i32", N="i32", D="i32", stride_xb="i32", stride_xn="i32", stride_sb="i64",
-                N_BUCKET="i32", D_BUCKET="i32")
-    rows = dict(lengths="*i64", N="i32", stride_sb="i64", threshold="fp32", temperature="fp32")
-    specs = [
-        ("cosine_graph", "gram_store_kernel", {**gram, "x": "*fp16"}, dict(BLOCK=128, BLOCK_D=64, UPCAST=False), 8),
-        ("cosine_graph", "gram_store_kernel", {**gram, "x": "*fp32"}, dict(BLOCK=64, BLOCK_D=32, UPCAST=True), 4),
-        ("cosine_graph", "dense_rows_kernel", rows, dict(BLOCK_R=32, BLOCK_C=128, WRITE_P=True, WRITE_STATS=False), 4),
-        ("cosine_graph", "dense_rows_kernel", rows, dict(BLOCK_R=32, BLOCK_C=128, WRITE_P=False, WRITE_STATS=True), 4),
-        ("_common", "_row_norms_kernel", dict(x="*bf16", N="i32", D="i32", stride_xb="i32", stride_xn="i32"),
-         dict(BLOCK_R=32, BLOCK_D=256), 4),
-    ]
-    results = compile_kernels_sm90(specs)
-    assert results[0]["wgmma"] > 0 and results[1]["wgmma"] == 0
-    assert all(r["local"] == 0 for r in results), results

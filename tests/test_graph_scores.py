@@ -23,7 +23,6 @@ from tests.utils import (
     TRITON_DEVICE,
     assert_close,
     clustered,
-    compile_kernels_sm90,
     kernel_backends,
     oracle,
     padded,
@@ -587,26 +586,3 @@ def test_benchmark_official_path_matches_reference(iterations):
     x = torch.stack([clustered(30, 12, generator=gen) for _ in range(2)]).double()
     want = reference.graph_scores(x, torch.tensor([30, 30]), None, 0.5, 0.03, iterations)
     torch.testing.assert_close(bench.official_graph_scores(x, 0.5, 0.03, iterations), want, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.slow
-def test_triton_kernels_compile_for_sm90():
-    """The graph-scoring kernels compile for the H100/H200 (sm_90) through Triton's whole pipeline and ptxas, without
-    a GPU: the streaming passes on the wgmma tensor-core path for half inputs (IEEE FMAs for float32), no spills."""
-    stream = dict(lengths="*i64", pairs="*i32", N="i32", D="i32", stride_xb="i32", stride_xn="i32", stride_pb="i32",
-                  stride_ps="i32", threshold="fp32", temperature="fp32", N_BUCKET="i32", D_BUCKET="i32")
-    slots = dict(lengths="*i64", N="i32", stride_pb="i32", stride_ps="i32", ROWS_PER_SLOT="i32")
-    dense = dict(lengths="*i64", N="i32", stride_sb="i64", stride_pb="i32", stride_ps="i32", ROWS_PER_SLOT="i32",
-                 threshold="fp32", temperature="fp32")
-    tile = dict(BLOCK=128, BLOCK_D=64, UPCAST=False)
-    specs = [
-        ("graph_scores", "_stream_stats_kernel", {**stream, "x": "*fp16"}, tile, 8),
-        ("graph_scores", "_stream_propagate_kernel", {**stream, "x": "*bf16"}, tile, 8),
-        ("graph_scores", "_stream_propagate_kernel", {**stream, "x": "*fp32"}, dict(tile, UPCAST=True), 8),
-        ("graph_scores", "_stats_combine_kernel", slots, dict(BLOCK_R=128), 4),
-        ("graph_scores", "_slot_reduce_kernel", slots, dict(BLOCK_R=128), 4),
-        ("graph_scores", "_dense_propagate_kernel", dense, dict(BLOCK_R=32, BLOCK_C=128), 4),
-    ]
-    results = compile_kernels_sm90(specs)
-    assert results[0]["wgmma"] > 0 and results[1]["wgmma"] > 0 and results[2]["wgmma"] == 0
-    assert all(r["local"] == 0 for r in results), results

@@ -20,7 +20,6 @@ from tests.utils import (
     TRITON_DEVICE,
     assert_close,
     clustered,
-    compile_kernels_sm90,
     kernel_backends,
     oracle,
     padded,
@@ -652,20 +651,3 @@ def test_benchmark_official_path_matches_reference():
     want = reference.transfer_scores(queries, torch.tensor([20, 20]), keys, key_mask, None, 0.5, 0.03)
     got = bench.official_transfer_scores(queries, keys, key_mask, 0.5, 0.03)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.slow
-def test_triton_kernels_compile_for_sm90():
-    """The transfer kernels compile for the H100/H200 (sm_90) through Triton's whole pipeline and ptxas, without a
-    GPU: half inputs on the wgmma tensor-core path, no register spills."""
-    main = dict(q="*fp16", k="*fp16", k_mask="*u8", q_lengths="*i64", M="i32", N="i32", D="i32", stride_qb="i32",
-                stride_kb="i32", stride_n="i32", stride_pb="i32", stride_ps="i32", TILES_PER_SPLIT="i32",
-                threshold="fp32", temperature="fp32", N_BUCKET="i32", D_BUCKET="i32")
-    combine = dict(q_lengths="*i64", selected_count="*i64", M="i32", stride_pb="i32", stride_ps="i32", SPLITS="i32")
-    specs = [
-        ("transfer_scores", "_transfer_kernel", main, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, UPCAST=False), 8),
-        ("transfer_scores", "_transfer_combine_kernel", combine, dict(BLOCK_R=128), 4),
-    ]
-    results = compile_kernels_sm90(specs)
-    assert results[0]["wgmma"] > 0
-    assert all(r["local"] == 0 for r in results), results

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -54,35 +51,6 @@ def triton_test(fn):
 def to_triton(t):
     """``t`` on :data:`TRITON_DEVICE` (``None`` and non-tensors pass through)."""
     return t.to(TRITON_DEVICE) if isinstance(t, torch.Tensor) else t
-
-
-_COMPILE_SCRIPT = """
-import importlib, json, sys
-from mrprune.triton_kernels._common import compile_for_target
-out = []
-for module, name, types, constexprs, warps in json.loads(sys.argv[1]):
-    kernel = getattr(importlib.import_module("mrprune.triton_kernels." + module), name)
-    out.append(compile_for_target(kernel, types, constexprs, num_warps=warps))
-print(json.dumps(out))
-"""
-
-
-def compile_kernels_sm90(specs: list[tuple[str, str, dict, dict, int]]) -> list[dict]:
-    """Compile ``(module, kernel, types, constexprs, num_warps)`` specs of ``mrprune.triton_kernels`` for sm_90 (no
-    GPU needed) in a fresh process without ``TRITON_INTERPRET``; returns ``compile_for_target``'s summaries."""
-    if not getattr(mrprune, "HAS_TRITON", False):
-        pytest.skip("needs triton")
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the kernels compile for real in the Triton tests")
-    import triton
-
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 5):
-        pytest.skip("the ahead-of-time compile check uses the triton >= 3.5 ASTSource API")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(specs)], env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 #: The CUDA C++ kernels as one more backend of the per-op tests (GPU only): :func:`run` copies the inputs to the GPU

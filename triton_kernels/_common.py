@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -40,12 +40,12 @@ from mrprune import reference
 __all__ = [
     "EDGE_FILL_LOGIT",
     "NORM_EPS",
+    "LAUNCH_OPTIONS",
     "TUNE_CONFIGS",
     "ZERO_LOGIT_TOL",
     "Launcher",
     "autotune_enabled",
     "check_device",
-    "compile_for_target",
     "device_guard",
     "dot_upcast",
     "edge_logits",
@@ -57,9 +57,14 @@ __all__ = [
     "num_programs_target",
     "probe_tile_offsets",
     "row_norms",
+    "symmetric_config_ok",
+    "symmetric_fixed_config",
     "tile_offsets",
-    "tile_pairs",
+    "num_tile_pairs",
+    "probe_tile_pairs",
+    "triangle_pair",
     "token_block",
+    "token_block_cuda",
 ]
 
 #: The spec's constants (mrprune.reference), as compile-time constants of the kernels.
@@ -142,89 +147,151 @@ def token_block(n: int, t: torch.Tensor, override: int | None = None) -> int:
         return override
     if interpreting() or t.device.type != "cuda":
         return min(256, max(16, next_power_of_2(n)))
+    return token_block_cuda(n)
+
+
+def token_block_cuda(n: int) -> int:
+    """The token tile of a launch on a GPU: 128 (the tensor-core sweet spot for a ``BLOCK x BLOCK x BLOCK_D`` tile with
+    a two-sided softmax epilogue), 64 for small ``N`` so that the grid still fills the SMs."""
     return 128 if n >= 1024 else 64
 
 
-def feature_block(d: int, t: torch.Tensor, override: int | None = None) -> int:
-    """The fixed feature tile ``BLOCK_D`` (used when not autotuning)."""
+def feature_block(d: int, t: torch.Tensor, override: int | None = None) -> int | None:
+    """The feature tile ``BLOCK_D`` of a fixed-config launch: ``override``, else under the interpreter the largest
+    useful one, else ``None`` (on GPUs :class:`Launcher` takes it from its fixed config, which depends on the
+    token tile and the dtype)."""
     if override is not None:
         if override < 16 or override & (override - 1):
             raise ValueError(f"feature block must be a power of two >= 16, got {override}")
         return override
     if interpreting() or t.device.type != "cuda":
         return min(256, max(16, next_power_of_2(d)))
-    return 64
+    return None
 
 
 # --- launching -----------------------------------------------------------------------------------------------------
 
+#: Launch options passed to every kernel, never left to Triton's defaults: FMA contraction stays on (Triton 3.9's
+#: default, which the numbers and tolerances were measured with; Triton 3.10 turns the default off, and an unset
+#: ``TRITON_DEFAULT_FP_FUSION`` warns).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
-#: ``(BLOCK_D, num_warps, num_stages)`` tried by the autotuner: a short list, because every config costs a compile
-#: (seconds) on the first launch of each kernel (configs that exceed shared memory are skipped by the autotuner).
-TUNE_CONFIGS = ((64, 8, 3), (64, 4, 3), (64, 8, 4), (32, 8, 4), (32, 4, 4), (128, 8, 2), (128, 4, 3), (32, 8, 3))
+#: ``(BLOCK_D, num_warps, num_stages)`` the autotuner may try, before :class:`Launcher` removes those that spill
+#: for the launch's token tiles and dtype (every config costs a compile, seconds, on the first launch of each kernel).
+TUNE_CONFIGS = (
+    (64, 8, 3),
+    (64, 4, 3),
+    (64, 8, 4),
+    (32, 8, 4),
+    (32, 4, 4),
+    (128, 8, 2),
+    (128, 4, 3),
+    (32, 8, 3),
+    (16, 8, 3),
+    (16, 4, 3),
+)
 
 
-def _default_configs(block_d_options: Sequence[int]) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in TUNE_CONFIGS if bd in block_d_options
-    ]
+def symmetric_config_ok(constexprs: dict, bd: int, warps: int, stages: int) -> bool:
+    """Whether ``(BLOCK_D, num_warps, num_stages)`` compiles without spills on sm_90 for the symmetric-tile kernels
+    (Gram store, streaming statistics and propagation) with these constexprs (``BLOCK``, ``UPCAST``). Measured by
+    ``scripts/check_triton_compile.py``, which compiles every config this keeps and fails on any spill."""
+    block, upcast = constexprs["BLOCK"], constexprs["UPCAST"]
+    if upcast:
+        # float32 operands take Triton's FMA dot, which keeps the whole BLOCK_D slice of both operands in
+        # registers: BLOCK_D >= 64 spills kilobytes; a 128-token tile leaves room for 16 only, with 8 warps.
+        return (bd == 16 and warps == 8) if block >= 128 else bd <= 32
+    # a 128-token tile needs 8 warps: with 4 the accumulator and the softmax epilogue exceed 255 registers
+    return warps == 8 or block < 128
+
+
+def symmetric_fixed_config(constexprs: dict) -> tuple[int, int, int]:
+    """``(BLOCK_D, num_warps, num_stages)`` of a launch of a symmetric-tile kernel without autotuning on a GPU."""
+    block, upcast = constexprs["BLOCK"], constexprs["UPCAST"]
+    warps = 8 if block >= 128 else 4
+    if upcast:
+        return (16 if block >= 128 else 32), warps, 3
+    return 64, warps, 3
 
 
 class Launcher:
     """A jitted kernel with two ways to launch it, kept apart (research/engineering.md §3.3).
 
     * fixed: ``kernel[grid](..., BLOCK_D=..., num_warps=..., num_stages=...)`` under the interpreter, on CPU
-      tensors, or with ``MRPRUNE_TRITON_AUTOTUNE=0``;
-    * tuned: ``triton.autotune(configs, key)(kernel)``, built lazily on the first CUDA launch (building it needs no
-      driver, but keeping it out of import time keeps the CPU path free of it). The tuned parameters are
-      ``BLOCK_D``, ``num_warps`` and ``num_stages``; the kernel must be idempotent (it is benchmarked on the real
-      arguments), which every kernel launched through this class is (they only write fresh outputs).
+      tensors, with ``MRPRUNE_TRITON_AUTOTUNE=0``, or while a CUDA graph is being captured and this key has not been
+      tuned yet (the autotuner benchmarks with synchronisations, which capture forbids);
+    * tuned: ``triton.autotune(configs, key + ["BLOCK*"], prune_configs_by=...)(kernel)``, built lazily on the first
+      CUDA launch, trying only the configs that compile without spills (``config_ok``; checked on the cubins by
+      ``scripts/check_triton_compile.py``). The tuned parameters are ``BLOCK_D``, ``num_warps`` and
+      ``num_stages``; the kernel must be idempotent (it is benchmarked on the real arguments), which every kernel
+      launched through this class is (they only write fresh outputs).
     """
 
-    def __init__(self, kernel, key: Sequence[str], block_d_options: Sequence[int] = (32, 64, 128)):
+    def __init__(
+        self,
+        kernel,
+        key: Sequence[str],
+        config_ok: Callable[[dict, int, int, int], bool] = symmetric_config_ok,
+        fixed_config: Callable[[dict], tuple[int, int, int]] = symmetric_fixed_config,
+    ):
         self.kernel = kernel
-        self.key = list(key)
-        self.block_d_options = tuple(block_d_options)
+        self.config_ok = config_ok
+        self.fixed = fixed_config
+        block_keys = [n for n in ("BLOCK", "BLOCK_M", "BLOCK_N") if n in kernel.arg_names]
+        self.key = list(key) + block_keys  # a config tuned for one token tile is not reused for another
+        self.configs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in TUNE_CONFIGS]
         self._tuned = None
+        self._warm: set[tuple] = set()
+
+    def configs_for(self, constexprs: dict) -> list:
+        """The configs the autotuner may pick for a launch with these constexprs: those that do not spill
+        (``config_ok``), else the fixed one. The autotuner's ``early_config_prune``."""
+        kept = [c for c in self.configs if self.config_ok(constexprs, c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)]
+        if kept:
+            return kept
+        bd, warps, stages = self.fixed(constexprs)
+        return [triton.Config({"BLOCK_D": bd}, num_warps=warps, num_stages=stages)]
+
+    def _prune(self, configs: list, named_args: dict, **kwargs) -> list:
+        return self.configs_for(kwargs)  # the launch's constexprs come as keyword arguments
 
     @property
     def tuned(self):
         if self._tuned is None:
-            self._tuned = triton.autotune(configs=_default_configs(self.block_d_options), key=self.key)(self.kernel)
+            self._tuned = triton.autotune(
+                configs=self.configs, key=self.key, prune_configs_by={"early_config_prune": self._prune}
+            )(self.kernel)
         return self._tuned
 
-    def __call__(
-        self,
-        grid,
-        *args,
-        like: torch.Tensor,
-        block_d: int,
-        num_warps: int = 4,
-        num_stages: int = 2,
-        force_fixed: bool = False,
-        **kwargs,
-    ):
-        if autotune_enabled(like) and not force_fixed:
-            self.tuned[grid](*args, **kwargs)
-        else:
-            self.kernel[grid](*args, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages, **kwargs)
+    def _tune_key(self, args: tuple, kwargs: dict) -> tuple:
+        named = {**dict(zip(self.kernel.arg_names, args, strict=False)), **kwargs}
+        dtypes = tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
+        return tuple(named[k] for k in self.key) + dtypes
+
+    def __call__(self, grid, *args, like: torch.Tensor, block_d: int | None, force_fixed: bool = False, **kwargs):
+        fixed_bd, warps, stages = self.fixed(kwargs)
+        if autotune_enabled(like) and not force_fixed and block_d is None:
+            key = self._tune_key(args, kwargs)
+            if key in self._warm or not torch.cuda.is_current_stream_capturing():
+                self.tuned[grid](*args, **kwargs, **LAUNCH_OPTIONS)
+                self._warm.add(key)
+                return
+            # capturing a CUDA graph with an untuned key: the fixed config (autotune before capturing to get the
+            # tuned one)
+        self.kernel[grid](
+            *args,
+            BLOCK_D=fixed_bd if block_d is None else block_d,
+            num_warps=warps,
+            num_stages=stages,
+            **kwargs,
+            **LAUNCH_OPTIONS,
+        )
 
 
-@functools.cache
-def _tile_pairs_cpu(tiles: int) -> torch.Tensor:
-    rows, cols = torch.triu_indices(tiles, tiles)  # row-major over the upper triangle: pairs sharing I are adjacent
-    return torch.stack([rows, cols], dim=1).to(torch.int32).contiguous()
-
-
-_PAIRS_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def tile_pairs(tiles: int, device: torch.device) -> torch.Tensor:
-    """``[T (T + 1) / 2, 2]`` int32: the tile pairs ``(I, J)``, ``I <= J``, of a symmetric ``T x T`` tiling."""
-    key = (tiles, torch.device(device))
-    if key not in _PAIRS_ON_DEVICE:
-        _PAIRS_ON_DEVICE[key] = _tile_pairs_cpu(tiles).to(device)
-    return _PAIRS_ON_DEVICE[key]
+def num_tile_pairs(tiles: int) -> int:
+    """How many tile pairs ``(I, J)``, ``I <= J``, a symmetric ``tiles x tiles`` tiling has (the grid's first axis
+    of the symmetric kernels; :func:`triangle_pair` maps a program to its pair on the device)."""
+    return tiles * (tiles + 1) // 2
 
 
 # --- jitted helpers ------------------------------------------------------------------------------------------------
@@ -276,13 +343,27 @@ def gram_tile(
 
 
 @triton.jit
-def tile_pair(pairs, lengths, BLOCK: tl.constexpr):
+def triangle_pair(p, T):
+    """The ``p``-th pair ``(i, j)``, ``i <= j < T``, of the upper triangle in row-major order (scalars or blocks).
+
+    Row ``i`` starts at ``i T - i (i - 1) / 2``: ``i`` is the floor of the smaller root of that quadratic, computed in
+    float32 and corrected by one step either way (the rounding of the square root), so no table of pairs is copied to
+    the device."""
+    t2 = 2 * T + 1
+    root = tl.sqrt((t2 * t2 - 8 * p).to(tl.float32))
+    i = ((t2 - root) * 0.5).to(tl.int32)
+    i = tl.where(i * T - (i * (i - 1)) // 2 > p, i - 1, i)
+    i = tl.where((i + 1) * T - ((i + 1) * i) // 2 <= p, i + 1, i)
+    return i, i + (p - (i * T - (i * (i - 1)) // 2))
+
+
+@triton.jit
+def tile_pair(N, lengths, BLOCK: tl.constexpr):
     """This program's tile pair ``(ti, tj)``, ``ti <= tj``, of item ``program_id(1)``: the item (int64), both tiles'
     token offsets and validity masks, and whether the pair touches the item's valid tokens at all."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    ti = tl.load(pairs + 2 * pid)
-    tj = tl.load(pairs + 2 * pid + 1)
+    ti, tj = triangle_pair(pid, tl.cdiv(N, BLOCK))
     n = tl.load(lengths + b).to(tl.int32)
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
@@ -360,7 +441,17 @@ def row_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     grid = (triton.cdiv(tokens, block_r), batch)
     with device_guard(x):
         _row_norms_kernel[grid](
-            x, norms, inv, tokens, dim, x.stride(0), x.stride(1), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4
+            x,
+            norms,
+            inv,
+            tokens,
+            dim,
+            x.stride(0),
+            x.stride(1),
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=4,
+            **LAUNCH_OPTIONS,
         )
     return norms, inv
 
@@ -387,44 +478,22 @@ def probe_tile_offsets(
     return out
 
 
+@triton.jit
+def _tile_pair_probe_kernel(out, first, T, BLOCK: tl.constexpr):
+    p = first + tl.arange(0, BLOCK)
+    i, j = triangle_pair(p, T)
+    tl.store(out + 2 * tl.arange(0, BLOCK), i)
+    tl.store(out + 2 * tl.arange(0, BLOCK) + 1, j)
+
+
+def probe_tile_pairs(tiles: int, first: int, count: int = 64) -> torch.Tensor:
+    """``[count, 2]`` int32: the pairs :func:`triangle_pair` computes in a kernel for programs ``first ...``."""
+    out = torch.empty(count, 2, dtype=torch.int32)
+    _tile_pair_probe_kernel[(1,)](out, first, tiles, BLOCK=count)
+    return out
+
+
 def expected_tile_offsets(batch: int, row0: int, col0: int, strides: tuple[int, int, int], block: int = 16):
     """The same offsets in Python integers (exact)."""
     sb, sr, sc = strides
     return [[batch * sb + (row0 + r) * sr + (col0 + c) * sc for c in range(block)] for r in range(block)]
-
-
-# --- ahead-of-time compilation without a GPU (CI) -----------------------------------------------------------------
-
-
-def compile_for_target(
-    kernel,
-    types: dict[str, str],
-    constexprs: dict[str, object],
-    arch: int = 90,
-    num_warps: int = 4,
-    num_stages: int = 3,
-) -> dict[str, object]:
-    """Compile ``kernel`` (a ``@triton.jit`` function, in a process without ``TRITON_INTERPRET``) for CUDA ``sm_<arch>``
-    through Triton's whole pipeline, ptxas included, without a GPU or driver, and summarise the result.
-
-    ``types`` maps argument names to Triton signature types (``"*fp16"``, ``"i32"``, ``"fp32"``...); pointers not
-    named default to ``"*fp32"``. Returns ``{"shared": bytes, "wgmma": count, "mma": count, "local": count}`` (PTX
-    instruction counts: ``wgmma`` is Hopper's tensor-core path, ``local`` loads/stores mean register spills). The
-    interpreter accepts code that the compiler rejects (loop-carried type changes, layouts), so CI compiles every
-    kernel with this (tests/test_*: ``test_triton_kernels_compile_for_sm90``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = kernel.arg_names
-    signature = {n: ("constexpr" if n in constexprs else types.get(n, "*fp32")) for n in names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
-    ptx = compiled.asm.get("ptx", "")
-    return {
-        "shared": compiled.metadata.shared,
-        "wgmma": ptx.count("wgmma.mma_async"),
-        "mma": ptx.count("mma.sync"),
-        "local": ptx.count("ld.local") + ptx.count("st.local"),
-    }

@@ -22,6 +22,7 @@ import triton.language as tl
 from mrprune import _validation, backends
 
 from ._common import (
+    LAUNCH_OPTIONS,
     Launcher,
     check_device,
     cosine_tile,
@@ -31,10 +32,10 @@ from ._common import (
     feature_block,
     interpreting,
     next_power_of_2,
+    num_tile_pairs,
     row_norms,
     tile_offsets,
     tile_pair,
-    tile_pairs,
     token_block,
 )
 
@@ -46,7 +47,6 @@ def gram_store_kernel(
     x,
     inv_norms,
     lengths,
-    pairs,
     S,
     N,
     D,
@@ -59,7 +59,7 @@ def gram_store_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(pairs, lengths, BLOCK)
+    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
     if live:  # ti <= tj: the tile touches the item
         s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
         s = s
@@ -138,13 +138,11 @@ def gram_store(
     """``S[b, :n, :n] = cosine similarities`` (float32) for contiguous ``x [B, N, D]``; the rest of ``S`` untouched."""
     batch, tokens, dim = x.shape
     tiles = triton.cdiv(tokens, block)
-    pairs = tile_pairs(tiles, x.device)
     _gram_store(
-        (pairs.shape[0], batch),
+        (num_tile_pairs(tiles), batch),
         x,
         inv_norms,
         lengths,
-        pairs,
         S,
         tokens,
         dim,
@@ -157,8 +155,6 @@ def gram_store(
         UPCAST=dot_upcast(x),
         like=x,
         block_d=block_d,
-        num_warps=8 if block >= 128 else 4,
-        num_stages=3,
     )
 
 
@@ -213,6 +209,7 @@ def dense_rows(
         WRITE_P=P is not None,
         WRITE_STATS=stats,
         num_warps=4,
+        **LAUNCH_OPTIONS,
     )
     return (row_max, row_sum, degree, coef) if stats else degree
 

@@ -51,6 +51,7 @@ import triton.language as tl
 from mrprune import _validation, backends
 
 from ._common import (
+    LAUNCH_OPTIONS,
     Launcher,
     check_device,
     cosine_tile,
@@ -60,10 +61,10 @@ from ._common import (
     feature_block,
     next_power_of_2,
     num_programs_target,
+    num_tile_pairs,
     row_norms,
     tile_offsets,
     tile_pair,
-    tile_pairs,
     token_block,
 )
 from .cosine_graph import _check_dtype, dense_blocks, dense_rows, gram_store
@@ -121,7 +122,6 @@ def _stream_stats_kernel(
     x,
     inv_norms,
     lengths,
-    pairs,
     part_m,
     part_l,
     part_c,
@@ -139,7 +139,7 @@ def _stream_stats_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(pairs, lengths, BLOCK)
+    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
     if live:  # ti <= tj: the tile touches the item
         s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
         z, edge = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
@@ -209,7 +209,6 @@ def _stream_propagate_kernel(
     x,
     inv_norms,
     lengths,
-    pairs,
     row_max,
     coef,
     part_v,
@@ -227,7 +226,7 @@ def _stream_propagate_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(pairs, lengths, BLOCK)
+    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
     if live:
         s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
         z, _ = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
@@ -323,19 +322,17 @@ def _reduce(part_v, lengths, divisor, out, rows_per_slot):
         rows_per_slot,
         BLOCK_R=block_r,
         num_warps=4,
+        **LAUNCH_OPTIONS,
     )
 
 
 def _stream(features, inv, lengths, weights, threshold, temperature, iterations, block, block_d, out):
     batch, tokens, dim = features.shape
     tiles = triton.cdiv(tokens, block)
-    pairs = tile_pairs(tiles, features.device)
-    grid = (pairs.shape[0], batch)
+    grid = (num_tile_pairs(tiles), batch)
     common = dict(
         like=features,
         block_d=block_d,
-        num_warps=8 if block >= 128 else 4,
-        num_stages=3,
         BLOCK=block,
         UPCAST=dot_upcast(features),
     )
@@ -349,7 +346,6 @@ def _stream(features, inv, lengths, weights, threshold, temperature, iterations,
         features,
         inv,
         lengths,
-        pairs,
         part_m,
         part_l,
         part_c,
@@ -381,6 +377,7 @@ def _stream(features, inv, lengths, weights, threshold, temperature, iterations,
         block,
         BLOCK_R=block_r,
         num_warps=4,
+        **LAUNCH_OPTIONS,
     )
     part_v = part_m  # free again
     for step in range(iterations):
@@ -389,7 +386,6 @@ def _stream(features, inv, lengths, weights, threshold, temperature, iterations,
             features,
             inv,
             lengths,
-            pairs,
             row_max,
             coef,
             part_v,
@@ -437,6 +433,7 @@ def _materialize(
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             num_warps=4,
+            **LAUNCH_OPTIONS,
         )
         last = step == iterations - 1
         _reduce(part_v, lengths, degree if last else row_sum, out if last else coef, rows_per_slot)

@@ -22,6 +22,7 @@ import triton.language as tl
 from mrprune import _validation, backends
 
 from ._common import (
+    LAUNCH_OPTIONS,
     Launcher,
     check_device,
     device_guard,
@@ -29,14 +30,16 @@ from ._common import (
     edge_logits,
     feature_block,
     gram_tile,
+    interpreting,
     next_power_of_2,
     num_programs_target,
     row_norms,
     token_block,
+    token_block_cuda,
 )
 from .cosine_graph import _check_dtype
 
-__all__ = ["transfer_scores_triton"]
+__all__ = ["cuda_tiles", "transfer_scores_triton"]
 
 
 @triton.jit
@@ -159,7 +162,40 @@ def _transfer_combine_kernel(
     tl.store(out + b * M + rows, prop, mask=rows < M)
 
 
-_transfer = Launcher(_transfer_kernel, key=["N_BUCKET", "D_BUCKET"])
+def cuda_tiles(queries_n: int, keys_n: int, upcast: bool) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` on a GPU: the token tiles of the queries and the keys, except that float32 operands
+    never get a 128 x 128 tile (it spills in every config on sm_90)."""
+    block_m, block_n = token_block_cuda(queries_n), token_block_cuda(keys_n)
+    if upcast and min(block_m, block_n) > 64:
+        block_m = 64
+    return block_m, block_n
+
+
+def _config_ok(constexprs: dict, bd: int, warps: int, stages: int) -> bool:
+    """Configs of :func:`_transfer_kernel` that compile without spills on sm_90 (``scripts/check_triton_compile.py``
+    checks every one kept). The kernel holds more per row than the symmetric ones (running max, two rescaled sums,
+    edge count), so it needs 8 warps with a 128-token tile, and with float32 operands (FMA dot: the whole BLOCK_D
+    slice in registers) at most 32 features per step with 3 stages, or 16."""
+    bm, bn, upcast = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["UPCAST"]
+    if upcast:
+        return warps == 8 and stages == 3 and bd <= 32 and min(bm, bn) <= 64
+    if max(bm, bn) >= 128:
+        return warps == 8 and (bd <= 64 or min(bm, bn) <= 64)
+    return True
+
+
+def _fixed_config(constexprs: dict) -> tuple[int, int, int]:
+    """``(BLOCK_D, num_warps, num_stages)`` of :func:`_transfer_kernel` without autotuning on a GPU."""
+    bm, bn, upcast = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["UPCAST"]
+    if upcast:
+        return 16, 8, 3
+    return 64, (8 if max(bm, bn) >= 128 else 4), 3
+
+
+#: No spill is allowed in any kernel of this module (scripts/check_triton_compile.py).
+SPILL_ALLOWANCES: dict[str, tuple[int, str]] = {}
+
+_transfer = Launcher(_transfer_kernel, key=["N_BUCKET", "D_BUCKET"], config_ok=_config_ok, fixed_config=_fixed_config)
 
 
 def transfer_scores_triton(
@@ -186,6 +222,8 @@ def transfer_scores_triton(
     out = torch.empty(batch, queries_n, dtype=torch.float32, device=queries.device)  # the combine writes every entry
     block_m = token_block(queries_n, queries, block)
     block_n = token_block(keys_n, keys, block)
+    if block is None and queries.device.type == "cuda" and not interpreting():
+        block_m, block_n = cuda_tiles(queries_n, keys_n, dot_upcast(queries, keys))
     block_d = feature_block(dim, queries, block_d)
     q_blocks, key_tiles = triton.cdiv(queries_n, block_m), triton.cdiv(keys_n, block_n)
     if splits is None:
@@ -228,8 +266,6 @@ def transfer_scores_triton(
             UPCAST=dot_upcast(queries, keys),
             like=queries,
             block_d=block_d,
-            num_warps=8 if block_m >= 128 else 4,
-            num_stages=3,
         )
         block_r = min(128, max(16, next_power_of_2(queries_n)))
         _transfer_combine_kernel[(triton.cdiv(queries_n, block_r), batch)](
@@ -243,6 +279,7 @@ def transfer_scores_triton(
             splits,
             BLOCK_R=block_r,
             num_warps=4,
+            **LAUNCH_OPTIONS,
         )
     return out
 
