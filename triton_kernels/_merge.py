@@ -92,7 +92,8 @@ def best_match(
         block_c = min(64, max(16, next_power_of_2(c_count)))
     else:
         block_r, block_c = 64, 64
-    block_d = min(64, max(16, next_power_of_2(dim)))
+    upcast = dot_upcast(metric)
+    block_d = min(32 if upcast else 64, max(16, next_power_of_2(dim)))  # float32 tiles at 64 spill on sm_90
     with device_guard(metric):
         _best_match_kernel[(triton.cdiv(r_count, block_r), batch)](
             metric,
@@ -110,7 +111,7 @@ def best_match(
             BLOCK_R=block_r,
             BLOCK_C=block_c,
             BLOCK_D=block_d,
-            UPCAST=dot_upcast(metric),
+            UPCAST=upcast,
             num_warps=4,
         )
     return best, arg

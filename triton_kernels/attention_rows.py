@@ -118,9 +118,13 @@ def attention_rows_triton(
     scale = dim**-0.5 if scale is None else float(scale)
     probs = torch.zeros(batch, heads, rows, tokens, dtype=torch.float32, device=q.device)
     if batch and rows and tokens:
-        small = interpreting() or q.device.type != "cuda"
-        block_m = min(64, max(16, next_power_of_2(rows)))
-        block_n = min(128 if small else 64, max(16, next_power_of_2(tokens)))
+        upcast = dot_upcast(q, k)
+        if interpreting() or q.device.type != "cuda":
+            block_m = min(64, max(16, next_power_of_2(rows)))
+            block_n = min(128, max(16, next_power_of_2(tokens)))
+        else:  # 64 query rows: the wgmma tensor-core tile on sm_90 (rows past M are masked); float32 (no tensor
+            # cores) in 16 x 32 tiles, which do not spill with 128-feature heads
+            block_m, block_n = (16, 32) if upcast else (64, 64)
         block_d = max(16, next_power_of_2(dim))
         with device_guard(q):
             _attention_rows_kernel[(triton.cdiv(rows, block_m), heads, batch)](
@@ -145,7 +149,7 @@ def attention_rows_triton(
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_D=block_d,
-                UPCAST=dot_upcast(q, k),
+                UPCAST=upcast,
                 num_warps=4,
             )
     out = probs.mean(dim=1)  # [B, M, N]
