@@ -185,7 +185,7 @@ def _image(height, width, seed):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def _engine(path, method, **options):
+def _engine(path, method, videos=0, **options):
     from vllm import LLM
 
     return LLM(
@@ -195,7 +195,7 @@ def _engine(path, method, **options):
         max_model_len=1024,
         seed=0,
         hf_overrides={"mrprune": {"method": method, "record": 64, **options}},
-        limit_mm_per_prompt={"image": 2},
+        limit_mm_per_prompt={"image": 2, "video": videos} if videos else {"image": 2},
     )
 
 
@@ -347,7 +347,7 @@ def test_qwen2_5_vl_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path):
     per_prompt = [images[:1], images[1:]]
     options = {"keep_ratio": 0.4}
     pruner = PruneConfig("mr_pruner", options).build()
-    llm = _engine(str(tmp_path), "mr_pruner", **options)
+    llm = _engine(str(tmp_path), "mr_pruner", videos=1, **options)
     ids = [processor.tokenizer(t)["input_ids"] for t in QWEN_TEXTS]
     prompts = [
         {"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt, strict=True)
@@ -362,6 +362,29 @@ def test_qwen2_5_vl_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path):
 
     processor.tokenizer.padding_side = "left"
     inputs = processor(text=QWEN_TEXTS, images=images, return_tensors="pt", padding=True)
+    with patched(model, pruner, position_mode="original") as handle, torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+        hf_kept = [k for record in handle.last for k in record.kept]
+    assert [k.tolist() for k in hf_kept] == [r[3].tolist() for r in records]
+    assert generated[:, inputs["input_ids"].shape[1] :].tolist() == tokens
+
+    # a video: 4 frames of 56 x 84 px, 2 x 4 x 6 patches, 12 tokens after the merge, temporal M-RoPE positions
+    import numpy as np
+
+    frames = np.random.default_rng(7).integers(0, 256, (4, 56, 84, 3), dtype=np.uint8)
+    text = "w5 <|vision_start|> <|video_pad|> <|vision_end|> w6 w7"
+    metadata = {"total_num_frames": 4, "fps": 2.0, "duration": 2.0, "frames_indices": [0, 1, 2, 3]}
+    inputs = processor(
+        text=[text], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+    )
+    assert inputs["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per temporal patch at 2 fps
+    ids = processor.tokenizer(text)["input_ids"]
+    tokens, lengths, records = _vllm_generate(
+        llm, [{"prompt_token_ids": ids, "multi_modal_data": {"video": (frames, metadata)}}]
+    )
+    _check_records_against_pruner(records, pruner)
+    assert [r[0] for r in records] == ["video"] and records[0][1] == GridLayout(2, 2, 3)
+    assert lengths == [len(ids) - 1 + kept_count(pruner, GridLayout(2, 2, 3))]
     with patched(model, pruner, position_mode="original") as handle, torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
         hf_kept = [k for record in handle.last for k in record.kept]
