@@ -27,6 +27,7 @@ from .presets import PRESETS, preset
 from .resprune import ALPHA_PRESETS, ResPrune
 from .scope import SCOPE
 from .stages import Need, Stage
+from .vispruner import VisPruner
 
 __all__ = [
     "ALPHA_PRESETS",
@@ -44,5 +45,6 @@ __all__ = [
     "ResPrune",
     "SCOPE",
     "Stage",
+    "VisPruner",
     "preset",
 ]

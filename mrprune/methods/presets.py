@@ -13,6 +13,7 @@ from .hired import HiRED
 from .l2norm import L2Norm
 from .resprune import ResPrune
 from .scope import SCOPE
+from .vispruner import VisPruner
 
 __all__ = ["PRESETS", "preset", "table_settings"]
 
@@ -49,6 +50,7 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     **table_settings("l2norm", L2Norm),
     **table_settings("hired", HiRED, qwen={"select_layer": -1}),
     **table_settings("scope", SCOPE, qwen={"layer": -1}),
+    **table_settings("vispruner", VisPruner, qwen={"layer": -1}),
 }
 
 
