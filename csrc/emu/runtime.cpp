@@ -489,6 +489,7 @@ void run_block(const Launch& launch, unsigned linear, Stacks& stacks) {
   std::vector<int> order(static_cast<size_t>(threads));
   for (int t = 0; t < threads; ++t) order[static_cast<size_t>(t)] = t;
   if (g_config.order == 1) std::reverse(order.begin(), order.end());
+  int idle_rounds = 0;
   while (b.done < threads) {
     if (g_config.order == 2) std::shuffle(order.begin(), order.end(), b.rng);
     bool ran = false, progressed = false;
@@ -518,7 +519,11 @@ void run_block(const Launch& launch, unsigned linear, Stacks& stacks) {
       }
     }
     if (!ran) report_deadlock(&b);
-    if (!progressed) std::this_thread::yield();  // everyone spins: let the other blocks run
+    // Everyone spins (waits for another block): let the other blocks run; back off to short sleeps so that a long
+    // wait (or a deadlock, until the watchdog) does not burn a core.
+    idle_rounds = progressed ? 0 : idle_rounds + 1;
+    if (idle_rounds > 0 && idle_rounds <= 16) std::this_thread::yield();
+    if (idle_rounds > 16) std::this_thread::sleep_for(std::chrono::microseconds(std::min(1000, 10 * (idle_rounds - 16))));
   }
 
 #if CUDAEMU_TSAN
