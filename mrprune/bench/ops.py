@@ -69,6 +69,11 @@ OPS = (
     "received_attention",
     "coverage_select",
     "bipartite_dedup",
+    "bipartite_merge",
+    "assign_merge",
+    "knn_weighted_merge",
+    "attention_rows",
+    "density_peak_merge",
 )
 METHODS = ("mr_pruner", "g_prune", "resprune", "divprune", "random")
 #: Implementation names, in table order (``eager`` is accepted for ``reference``).
@@ -672,6 +677,7 @@ def op_cases(
     add("coverage_select", f"k={k_cover} of {tokens}", args, ("index",), k=k_cover, n=tokens)
     k_dedup = round(0.0556 * tokens)  # VisPruner's diverse tokens at 64 of 576 (32 from the other 544)
     add("bipartite_dedup", f"k={k_dedup} of {tokens}", (features, lengths, k_dedup, 8), ("index",), k=k_dedup, n=tokens)
+    _add_merge_cases(add, features, lengths, generator)
 
     cases = []
     for op, label, args, outputs, k, n, queries in specs:
@@ -705,6 +711,41 @@ def op_cases(
             )
         )
     return cases
+
+
+def _add_merge_cases(add: Callable, features: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator) -> None:
+    """The merging ops and the LLM attention rows of issue 17 at the settings of their methods (metric: 64 features,
+    like head-averaged keys)."""
+    device = features.device
+    batch, tokens, _ = features.shape
+    metric = torch.randn(batch, tokens, 64, generator=generator).to(device=device, dtype=features.dtype)
+    r = max(1, min(tokens // 36, (tokens - 1) // 2))  # ToMe's r = 16 per block at 576 tokens
+    args = (features, metric, lengths, r, None, True, False)
+    add("bipartite_merge", f"r={r} of {tokens}", args, ("float", "float", "index", "index"), k=r, n=tokens)
+    count = 30  # VisionZip's function default: 30 contextual targets at a uniform stride
+    step = max(1, tokens // count)
+    targets = (torch.arange(count, device=device) * step).clamp_max(tokens - 1).expand(batch, count).contiguous()
+    args = (features, metric, lengths, targets, False)
+    add("assign_merge", f"{count} targets of {tokens}", args, ("float", "index", "index"), k=count, n=tokens)
+    kept_count = max(1, round(0.055 * tokens))  # PruMerge's IQR keep ratio, ~5.5 %
+    weights = torch.rand(batch, tokens, generator=generator).to(device)
+    kept = torch.argsort(weights, dim=1, descending=True)[:, :kept_count].contiguous()
+    args = (features, metric, weights, lengths, kept, min(32, tokens))
+    add("knn_weighted_merge", f"{kept_count} kept, k=32 of {tokens}", args, ("float", "index"), k=kept_count, n=tokens)
+    # SparseVLM raters / PDrop: 16 query rows of a 32-head (8 KV heads) x 128 LLM layer over image + 64 text tokens
+    rows, heads, kv_heads, head_dim, length = 16, 32, 8, 128, tokens + 64
+    q = torch.randn(batch, heads, rows, head_dim, generator=generator).to(device=device, dtype=features.dtype)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=generator).to(device=device, dtype=features.dtype)
+    key_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    positions = (length - rows + torch.arange(rows, device=device)).expand(batch, rows).contiguous()
+    args = (q, k, key_mask, positions, None, True)
+    add("attention_rows", f"M={rows} H={heads}/{kv_heads} L={length}", args, n=length, queries=rows)
+    recycled = max(1, round(0.2 * tokens))  # SparseVLM: 30 % of the ~2/3 pruned tokens, n / 10 + 1 clusters
+    clusters = recycled // 10 + 1
+    sub = features[:, :recycled].contiguous()
+    sub_lengths = torch.full((batch,), recycled, dtype=torch.int64, device=device)
+    args = (sub, sub_lengths, clusters, None)
+    add("density_peak_merge", f"{clusters} clusters of {recycled}", args, ("float", "index", "index"), n=recycled)
 
 
 def _new_op_eager_bytes(op: str, args: tuple, tokens: int) -> int:
