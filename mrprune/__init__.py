@@ -15,7 +15,23 @@ import sys
 from . import _batched, _library, backends, ops, reference  # noqa: F401  (_batched: the "torch" backend)
 from .integrations import FastV, patch, patched
 from .layouts import GridLayout, LlavaNextLayout
-from .methods import PRESETS, DivPrune, GPrune, MRPruner, Pruner, RandomPruner, ResPrune, preset
+from .methods import (
+    PRESETS,
+    SCOPE,
+    DivPrune,
+    FasterVLM,
+    GPrune,
+    HiRED,
+    L2Norm,
+    MRPruner,
+    Need,
+    Pruner,
+    RandomPruner,
+    ResPrune,
+    Stage,
+    VisPruner,
+    preset,
+)
 from .ops import (
     cosine_graph,
     diversity_select,
@@ -96,13 +112,20 @@ __all__ = [
     "PRESETS",
     "DivPrune",
     "FastV",
+    "FasterVLM",
     "GPrune",
+    "HiRED",
+    "L2Norm",
     "GridLayout",
     "LlavaNextLayout",
     "MRPruner",
+    "Need",
     "Pruner",
     "RandomPruner",
     "ResPrune",
+    "SCOPE",
+    "Stage",
+    "VisPruner",
     "preset",
     "backends",
     "cosine_graph",

@@ -109,6 +109,7 @@ def manifests() -> list[Any]:
 
 def _method_classes() -> dict[str, type]:
     from .. import DivPrune, FastV, GPrune, MRPruner, RandomPruner, ResPrune
+    from ..methods import SCOPE, FasterVLM, HiRED, L2Norm, VisPruner
 
     return {
         "mrpruner": MRPruner,
@@ -118,6 +119,11 @@ def _method_classes() -> dict[str, type]:
         "randompruner": RandomPruner,
         "resprune": ResPrune,
         "fastv": FastV,
+        "fastervlm": FasterVLM,
+        "hired": HiRED,
+        "scope": SCOPE,
+        "vispruner": VisPruner,
+        "l2norm": L2Norm,
     }
 
 
