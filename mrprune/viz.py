@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .layouts import GridLayout, LlavaNextLayout
+from .layouts import DEFAULT_GRID_PINPOINTS, GridLayout, LlavaNextLayout
 
 __all__ = ["FITS", "SAMPLE_IMAGES", "add_arguments", "overlay", "run", "standin_features", "token_boxes"]
 
@@ -626,9 +626,52 @@ def standin_features(image: Any, layout: Layout, dim: int = 256, fit: str | None
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def method_scores(pruner: Any, features: torch.Tensor, layout: Layout, kept: torch.Tensor) -> tuple[torch.Tensor, str]:
+def standin_signals(
+    pruner: Any, features: torch.Tensor, layout: Layout, image_size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Stand-in inputs for what a method reads besides its tokens, so that every method can be drawn without a
+    vision tower: ``Need.VISION_ATTENTION`` gets each token's norm normalised over its crop as a *stand-in* for the
+    encoder attention (crops from the layout: LLaVA-NeXT tiles from ``image_size`` and the default pinpoints, Qwen
+    frames). Shapes are ``select``'s (a batch of one). Empty for methods that read nothing else."""
+    from .methods.stages import Need
+
+    if Need.VISION_ATTENTION not in getattr(pruner, "needs", ()):
+        return {}
+    total = layout.num_tokens
+    crops = torch.zeros(total, dtype=torch.int64)
+    if isinstance(layout, LlavaNextLayout):
+        from .integrations.hf.adapters.llava_next import token_sources
+
+        if image_size is None or layout.single_crop:
+            crops[layout.num_base :] = 1
+        else:
+            crops = token_sources(layout, image_size, DEFAULT_GRID_PINPOINTS, 336)[:, 0]
+    elif isinstance(layout, GridLayout):
+        crops = torch.arange(total) // (layout.height * layout.width)
+    norms = features.float().norm(dim=1)
+    attention = torch.zeros(total)
+    for crop in crops.unique().tolist():
+        members = crops == crop
+        if crop >= 0:
+            attention[members] = norms[members] / norms[members].sum().clamp_min(1e-12)
+    return {
+        "attention": {layer: attention[None] for layer in pruner.attention_layers},
+        "crops": crops[None],
+        "attention_kind": "cls",
+    }
+
+
+def method_scores(
+    pruner: Any,
+    features: torch.Tensor,
+    layout: Layout,
+    kept: torch.Tensor,
+    image_size: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, str]:
     """Per-token scores to draw for ``pruner`` and a caption for them.
 
+    Vision-stage methods: the stand-in encoder attention they ranked by (:func:`standin_signals`, with the image
+    size for LLaVA-NeXT's crops).
     MR-Pruner / G-Prune: their graph score per resolution (``mrprune.graph_scores`` with the pruner's settings; for
     MR-Pruner's base view plus ``beta`` times the transfer from the high-resolution tokens it pruned). Other methods
     have no per-token score; their token norms are drawn. Newline tokens get NaN.
@@ -641,6 +684,12 @@ def method_scores(pruner: Any, features: torch.Tensor, layout: Layout, kept: tor
     views, newlines = _views(layout, None)
     groups = {v.group: np.concatenate([w.indices().reshape(-1) for w in views if w.group == v.group]) for v in views}
     scores = torch.full((total,), math.nan)
+    signals = standin_signals(pruner, features, layout, image_size)
+    if signals:  # vision-stage methods: the (stand-in) encoder attention they rank by
+        attention = next(iter(signals["attention"].values()))[0]
+        for index in groups.values():
+            scores[index] = attention[index]
+        return scores, "stand-in encoder attention (token norm per crop)"
     if not isinstance(pruner, MRPruner | GPrune):
         norms = features.norm(dim=1)
         for index in groups.values():
@@ -815,8 +864,9 @@ def run(args: argparse.Namespace) -> int:
             features = standin_features(image, layout, dim=args.dim, fit=fit, seed=args.seed)
             note = STANDIN_NOTE
         pruner = preset(args.method)
-        kept = pruner.select(features, layout)
-        scores, label = method_scores(pruner, features, layout, kept) if args.scores else (None, "score")
+        size = (height, width) if args.layout == "llava_next" else None
+        kept = pruner.select(features, layout, **standin_signals(pruner, features, layout, size))
+        scores, label = method_scores(pruner, features, layout, kept, size) if args.scores else (None, "score")
         title = f"{args.method}: {pruner!r} on {name}, {described}"
         result = overlay(
             image,

@@ -308,3 +308,31 @@ def test_single_crop_llava_next_draws_base_and_newline():
         strip = np.asarray(picture, dtype=np.float64)[y0:y1, x0:x1]
         assert (strip.mean() > 200) == light
         assert _cell(picture, panel, 0, 0).min() > 250 and _cell(picture, panel, 0, 1).max() < 130
+
+
+def _one_preset_per_method():
+    seen = {}
+    for name, (cls, _) in sorted(mrprune.PRESETS.items()):
+        seen.setdefault(cls.__name__, name)
+    return sorted(seen.values())
+
+
+@pytest.mark.parametrize("method", _one_preset_per_method())
+def test_every_method_draws(tmp_path, method):
+    """Every method with a preset draws on LLaVA-NeXT (crops from the image size) and on a Qwen2.5-VL video; the
+    vision-stage ones rank by a stand-in attention and draw it as their scores."""
+    image = _png(tmp_path)
+    out = str(tmp_path / "out.png")
+    for layout in (["--layout", "llava_next"], ["--layout", "qwen", "--frames", "2"]):
+        argv = ["viz", "--image", image, "--method", method, *layout, "--out", out, "--scores", "--panel-height", "48"]
+        assert main(argv) == 0, (method, layout)
+    pruner = mrprune.preset(method)
+    layout = LlavaNextLayout.from_image_size((300, 500))
+    features = viz.standin_features(np.full((300, 500, 3), 128, dtype=np.uint8), layout, dim=32)
+    extra = viz.standin_signals(pruner, features, layout, (300, 500))
+    assert bool(extra) == (mrprune.Need.VISION_ATTENTION in pruner.needs)
+    if extra:  # one stand-in attention distribution per crop; newlines in none
+        crops, attention = extra["crops"][0], next(iter(extra["attention"].values()))[0]
+        assert crops.max() >= 2 and bool((attention[crops < 0] == 0).all())
+        for crop in crops[crops >= 0].unique().tolist():
+            torch.testing.assert_close(attention[crops == crop].sum(), torch.tensor(1.0))
