@@ -2,7 +2,7 @@
 # The vLLM plugin's tests in their own venv (vLLM pins its own transformers): create it from requirements/vllm.lock,
 # install this checkout into it (the plugin's entry point needs installed metadata), run tests/test_vllm_plugin.py.
 #
-#   bash scripts/ci_vllm.sh            # venv in $MRPRUNE_VLLM_VENV (default: .venv-vllm in the checkout)
+#   bash scripts/ci_vllm.sh            # venv in $MRPRUNE_VLLM_VENV (default: $TMPDIR/mrprune-venv-vllm)
 #
 # CPU only: torch is the CPU wheel (the one the main venv uses); PyPI's torchvision is a CUDA build whose extension
 # does not load on it, which scripts/vllm_cpu_torchvision_shim.py works around for the import (see its docstring).
@@ -10,7 +10,7 @@
 # (same torch, same stable ABI); without it mrprune falls back to its eager reference.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${MRPRUNE_VLLM_VENV:-$ROOT/.venv-vllm}"
+VENV="${MRPRUNE_VLLM_VENV:-${TMPDIR:-/tmp}/mrprune-venv-vllm}"
 start=$(date +%s)
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -19,7 +19,7 @@ fi
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" --no-deps -r "$ROOT/requirements/vllm.lock"
-"${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+MRPRUNE_BUILD_EXT=0 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp "$ROOT/scripts/vllm_cpu_torchvision_shim.py" "$SITE/"
 echo "import vllm_cpu_torchvision_shim; vllm_cpu_torchvision_shim.install()" > "$SITE/vllm_cpu_torchvision_shim.pth"

@@ -3,7 +3,8 @@ the pruner called on the same features and against mrprune's transformers path o
 
 The engine tests need vLLM (the CI venv of ``scripts/ci_vllm.sh``, ``requirements/vllm.lock``) and are skipped
 without it; the budget and switch tests run everywhere. Each tiny model is saved with ``save_pretrained`` (weights,
-config, processor, a word-level tokenizer) to a temporary folder that vLLM loads; the engine runs in-process
+config, processor, a word-level tokenizer; :mod:`mrprune.integrations.vllm.testing`) to a temporary folder that
+vLLM loads; the engine runs in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the test can read the selections the model recorded.
 """
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from mrprune.integrations.vllm.config import METHODS, PruneConfig, kept_count, resolve_config
+from mrprune.integrations.vllm.testing import IMAGE, build_llava, build_qwen, random_image
 from mrprune.layouts import GridLayout, LlavaNextLayout
 from mrprune.methods import FasterVLM
 
@@ -81,108 +83,7 @@ def test_switch_parsing(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 # Engine tests: tiny random models in vLLM
 
-WORDS = ["[PAD]", "<s>", "</s>", "[UNK]"] + [f"w{i}" for i in range(4, 90)] + [f"x{i}" for i in range(90, 100)]
-IMAGE, VIDEO, VISION_START, VISION_END = 90, 91, 92, 93
 STEPS = 6
-
-
-def _tokenizer(special):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = list(WORDS)
-    for index, text in special.items():
-        words[index] = text
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="[PAD]",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="[UNK]",
-        additional_special_tokens=list(special.values()),
-    )
-
-
-def _text_config():
-    # head_dim 32: vLLM's CPU attention rejects 16
-    return dict(
-        vocab_size=100,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
-def _save(model, processor, path):
-    """save_pretrained, with the CLIP tower's weights under the ``vision_model.`` prefix vLLM's loader expects."""
-    from safetensors.torch import load_file, save_file
-
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    file = os.path.join(path, "model.safetensors")
-    state = load_file(file)
-    prefix = "vision_tower."
-    renamed = {
-        (f"{prefix}vision_model.{k[len(prefix) :]}" if k.startswith(prefix) and "vision_model." not in k else k): v
-        for k, v in state.items()
-    }
-    save_file(renamed, file, metadata={"format": "pt"})
-
-
-def build_llava(path, next_):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7
-    )
-    text = LlamaConfig(**_text_config())
-    if next_:
-        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
-        from transformers import LlavaNextProcessor as Processor
-
-        pinpoints = [[28, 56], [56, 28], [56, 56]]
-        config = LlavaNextConfig(
-            vision_config=vision, text_config=text, image_token_index=IMAGE, image_grid_pinpoints=pinpoints
-        )
-        model = LlavaNextForConditionalGeneration(config)
-        images = LlavaNextImageProcessor(
-            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
-        )
-    else:
-        from transformers import LlavaConfig, LlavaForConditionalGeneration
-        from transformers import LlavaProcessor as Processor
-
-        config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE, image_seq_length=16)
-        model = LlavaForConditionalGeneration(config)
-        images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = Processor(
-        image_processor=images,
-        tokenizer=_tokenizer({IMAGE: "<image>"}),
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    _save(model, processor, path)
-    return model.eval(), processor
-
-
-def _image(height, width, seed):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _engine(path, method, videos=0, **options):
@@ -257,7 +158,7 @@ LLAVA_TEXTS = ["w5 w6 <image> w7 w8", "w9 <image> w10 <image> w11 w12 w13"]
 def test_llava_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path, next_):
     model, processor = build_llava(str(tmp_path), next_)
     sizes = [(30, 60), (60, 30), (56, 56)] if next_ else [(28, 28)] * 3
-    images = [_image(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+    images = [random_image(h, w, seed) for seed, (h, w) in enumerate(sizes)]
     per_prompt = [images[:1], images[1:]]
     method, options = ("g_prune", {"keep_ratio": 0.4}) if next_ else ("mr_pruner", {"keep_ratio": 0.5})
     pruner = PruneConfig(method, options).build()
@@ -283,55 +184,6 @@ def test_llava_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path, next_):
     assert hf_tokens == tokens
 
 
-QWEN_SPECIAL = {
-    IMAGE: "<|image_pad|>",
-    VIDEO: "<|video_pad|>",
-    VISION_START: "<|vision_start|>",
-    VISION_END: "<|vision_end|>",
-}
-
-
-def build_qwen(path):
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    torch.manual_seed(0)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(**_text_config(), rope_parameters=rope),
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            out_hidden_size=128,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        ),
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-    )
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    pixels = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=pixels),
-        video_processor=Qwen2VLVideoProcessor(size=pixels),
-        tokenizer=_tokenizer(QWEN_SPECIAL),
-    )
-    _save(model, processor, path)
-    return model.eval(), processor
-
-
 QWEN_TEXTS = [
     "w5 w6 <|vision_start|> <|image_pad|> <|vision_end|> w7 w8",
     "w9 <|vision_start|> <|image_pad|> <|vision_end|> w10 <|vision_start|> <|image_pad|> <|vision_end|> w11 w12",
@@ -343,7 +195,7 @@ QWEN_TEXTS = [
 def test_qwen2_5_vl_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path):
     """Original M-RoPE positions in both engines; images of different grids in one batch."""
     model, processor = build_qwen(str(tmp_path))
-    images = [_image(h, w, seed) for seed, (h, w) in enumerate([(56, 112), (112, 84), (84, 84)])]
+    images = [random_image(h, w, seed) for seed, (h, w) in enumerate([(56, 112), (112, 84), (84, 84)])]
     per_prompt = [images[:1], images[1:]]
     options = {"keep_ratio": 0.4}
     pruner = PruneConfig("mr_pruner", options).build()
@@ -453,7 +305,7 @@ def test_openai_server_reports_pruned_prompt_length(tmp_path):
                 assert time.monotonic() < deadline, "server did not start in 300 s"
                 time.sleep(2)
         png = io.BytesIO()
-        _image(28, 28, 0).save(png, format="PNG")
+        random_image(28, 28, 0).save(png, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "w5 w6 w7"}]
         reply = _post(
