@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mrprune import backends, ops, reference
-from tests.utils import INPUT_DTYPES, clustered, kernel_backends, padded
+from tests.utils import INPUT_DTYPES, clustered, kernel_backends, padded, to_triton, triton_test
 
 OP = "bipartite_dedup"
 KERNELS = kernel_backends(OP)
@@ -147,6 +147,20 @@ def test_hand_example(impl):
     x, y, z = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
     features = torch.tensor([[x, x, y, [0.0, 1.0, 0.3], z, [0.0, 0.1, 1.0]]])
     assert call(impl, features, torch.tensor([6]), 5, 1).tolist() == [[4, 2, 1, 3, 5]]
+
+
+@triton_test
+def test_triton_ranks_across_tiles():
+    """16-position tiles over exactly tied inputs (up to 30 evens per round): scores, stable ranks and the new order
+    are assembled across tiles exactly as the brute force orders them."""
+    from mrprune.triton_kernels.bipartite_dedup import bipartite_dedup_triton
+
+    g = torch.Generator().manual_seed(400)
+    features, lengths = padded([exact_family(n, g) for n in (60, 37)])
+    for k, per_round in ((7, 8), (20, 3)):
+        want = brute_batch(features, lengths, k, per_round)
+        got = bipartite_dedup_triton(to_triton(features.float()), to_triton(lengths), k, per_round, block=16)
+        assert torch.equal(got.cpu(), want), f"k={k} per_round={per_round}"
 
 
 # --- 2. kernels vs reference -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mrprune import backends, ops, reference
-from tests.utils import INPUT_DTYPES, clustered, kernel_backends, padded
+from tests.utils import INPUT_DTYPES, clustered, kernel_backends, padded, to_triton, triton_test
 
 OP = "coverage_select"
 KERNELS = kernel_backends(OP)
@@ -202,6 +202,43 @@ def test_hand_example(impl):
     saliency = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0]])
     # e1 (0) gains 1 + 1 + 0 + .707 first; then e2 (2) gains 1; all others gain 0 -> lower index first
     assert call(impl, features, lengths, 5, saliency).tolist() == [[0, 2, 1, 3, 4]]
+
+
+# float64 inputs always run on the reference, so the kernels are checked in float32 only
+TWO_TOKEN_CASES = [("reference", torch.float64), ("reference", torch.float32), *((b, torch.float32) for b in KERNELS)]
+
+
+@pytest.mark.parametrize(("impl", "dtype"), TWO_TOKEN_CASES)
+@pytest.mark.parametrize("dim", [3, 9, 33])
+def test_two_tokens_first_pick_is_index_zero(impl, dtype, dim):
+    """With two tokens both gains are 1 + max(0, S_01): an exact tie (the self-cosine is exactly 1 by the spec, and
+    S is symmetric), so the first pick must be 0 whatever the rounding of the norms."""
+    bad = []
+    for seed in range(20):
+        x = torch.randn(1, 2, dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        got = (
+            reference.coverage_select(x, torch.tensor([2]), 2)
+            if impl == "reference"
+            else call(impl, x, torch.tensor([2]), 2)
+        )
+        if got.tolist() != [[0, 1]]:
+            bad.append((seed, got.tolist()))
+    assert not bad, f"first pick of a tied pair went to index 1 (seed, picks): {bad}"
+
+
+@triton_test
+def test_triton_ties_across_tiles():
+    """16-token sweep tiles over exactly tied inputs: a tie between tiles goes to the earlier tile (lower index)."""
+    from mrprune.triton_kernels.coverage_select import coverage_select_triton
+
+    g = torch.Generator().manual_seed(300)
+    features, lengths = padded([exact_family(n, g) for n in (40, 23)])
+    features[features == 1e4] = 0.0
+    saliency = 2.0 ** torch.randint(-2, 2, features.shape[:2], generator=g).float()
+    for k in (5, 23):
+        want = brute_batch(features, lengths, k, saliency)
+        got = coverage_select_triton(to_triton(features.float()), to_triton(lengths), k, to_triton(saliency), block=16)
+        assert torch.equal(got.cpu(), want), f"k={k}"
 
 
 # --- 2. kernels vs reference -------------------------------------------------------------------------------------

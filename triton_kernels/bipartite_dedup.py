@@ -89,10 +89,12 @@ def _dedup_rounds_kernel(S, lengths, order, score, out, N, K, per_round, stride_
         tl.store(out + b * K + p, tl.load(final + p, mask=ok, other=0).to(tl.int64), mask=ok)
 
 
-def bipartite_dedup_triton(features: torch.Tensor, lengths: torch.Tensor, k: int, per_round: int = 8) -> torch.Tensor:
+def bipartite_dedup_triton(
+    features: torch.Tensor, lengths: torch.Tensor, k: int, per_round: int = 8, *, block: int | None = None
+) -> torch.Tensor:
     """Indices ``[B, k]`` int64 (positions of the survivors in the rounds' final order, -1 past ``min(k, n_b)``) for
     contiguous ``features [B, N, D]`` (float16/bfloat16/float32) and int64 ``lengths``; see
-    ``mrprune.reference.bipartite_dedup``."""
+    ``mrprune.reference.bipartite_dedup``. ``block`` overrides the tile of the rounds (tests: ranks across tiles)."""
     batch, tokens, dim = features.shape
     out = torch.full((batch, k), -1, dtype=torch.int64, device=features.device)
     if batch == 0 or k == 0:
@@ -101,9 +103,10 @@ def bipartite_dedup_triton(features: torch.Tensor, lengths: torch.Tensor, k: int
         _, inv = row_norms(features)
         S = torch.empty(batch, tokens, tokens, dtype=torch.float32, device=features.device)
         gram_store(features, inv, lengths, S, token_block(tokens, features), feature_block(dim, features))
-        order = torch.empty(batch, 2, tokens, dtype=torch.int32, device=features.device)
+        order = torch.zeros(batch, 2, tokens, dtype=torch.int32, device=features.device)  # never an invalid token
         score = torch.empty(batch, tokens, dtype=torch.float32, device=features.device)
-        block = min(256, max(16, next_power_of_2((tokens + 1) // 2))) if interpreting() else 64
+        if block is None:
+            block = min(256, max(16, next_power_of_2((tokens + 1) // 2))) if interpreting() else 64
         _dedup_rounds_kernel[(batch,)](
             S, lengths, order, score, out, tokens, k, per_round, S.stride(0), BLOCK=block, num_warps=4
         )

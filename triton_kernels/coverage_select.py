@@ -95,10 +95,12 @@ def coverage_select_triton(
     k: int,
     saliency: torch.Tensor | None = None,
     alpha: float = 1.0,
+    *,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Indices ``[B, k]`` int64 in pick order (-1 past ``n_b``) for contiguous ``features [B, N, D]``
     (float16/bfloat16/float32), int64 ``lengths`` and optional float32 ``saliency [B, N]``; see
-    ``mrprune.reference.coverage_select``."""
+    ``mrprune.reference.coverage_select``. ``block`` overrides the sweep tile (tests: ties across tiles)."""
     batch, tokens, dim = features.shape
     out = torch.full((batch, k), -1, dtype=torch.int64, device=features.device)
     if batch == 0 or k == 0:
@@ -115,7 +117,8 @@ def coverage_select_triton(
             weights = saliency.to(torch.float32) ** alpha
         cur = torch.empty(batch, tokens, dtype=torch.float32, device=features.device)
         picked = torch.empty(batch, tokens, dtype=torch.int8, device=features.device)
-        block = min(256, max(16, next_power_of_2(tokens))) if interpreting() else 64
+        if block is None:
+            block = min(256, max(16, next_power_of_2(tokens))) if interpreting() else 64
         _coverage_greedy_kernel[(batch,)](
             S, weights.contiguous(), lengths, cur, picked, out, tokens, k, S.stride(0),
             BLOCK_I=block, BLOCK_J=block, num_warps=4,
