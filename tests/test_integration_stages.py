@@ -284,3 +284,32 @@ def test_vision_attention_matches_eager_attention(case):
         torch.testing.assert_close(flat.double(), oracle, rtol=1e-4, atol=1e-6)
         video = int(inputs["video_grid_thw"].prod() // 4)
         assert crops[len(images), :video].tolist() == [0] * (video // 2) + [1] * (video // 2)  # one crop per frame
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "l2norm"])
+@torch.no_grad()
+def test_static_cache_equals_dynamic_cache(case, method):
+    """``cache_implementation="static"``: the pruned prompt fills fewer slots of the static cache; greedy decoding,
+    beam search and several return sequences match the dynamic cache."""
+    _, model, inputs, _ = case
+    with patched(model, METHODS[method](0.4)) as handle:
+        for extra in ({}, {"num_beams": 2, "num_return_sequences": 2}):
+            dynamic = model.generate(**inputs, max_new_tokens=3, **GREEDY, **extra)
+            kept = handle.last
+            static = model.generate(**inputs, max_new_tokens=3, cache_implementation="static", **GREEDY, **extra)
+            assert all(
+                torch.equal(x, y)
+                for a, b in zip(kept, handle.last, strict=True)
+                for x, y in zip(a.kept, b.kept, strict=True)
+            )
+            assert torch.equal(static.sequences, dynamic.sequences)
+            for ours, theirs in zip(static.logits, dynamic.logits, strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
+def test_static_cache_with_an_llm_stage_method_is_refused():
+    model, inputs, _ = llava_case()
+    with patched(model, mrprune.FastV(keep_ratio=0.5, layer=1)):
+        with pytest.raises(NotImplementedError, match="static caches"):
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")

@@ -238,6 +238,8 @@ class PruningHandle:
             cache = cache_of(call)
             state = self._decode.state_for(cache)
             visual = self._has_visual_inputs(call)
+            if getattr(cache, "is_compileable", False) and (state is not None or visual):
+                call = self._static_call(call, state)
             if state is not None:
                 if visual:
                     raise NotImplementedError(
@@ -249,6 +251,31 @@ class PruningHandle:
             return self._prefill(original, call)
 
         return forward
+
+    def _static_call(self, call: dict[str, Any], state: Any) -> dict[str, Any]:
+        """A call on a static (compileable) cache with the 2-D mask the pruned rows are built from: ``generate``
+        hands such calls a 4-D mask (or one per layer type) for the unpruned sequence. At prefill the padding is read
+        off the last query's row; decoding steps see the pruned prompt plus every token appended since (``generate``
+        never masks a generated token). The language model rebuilds its 4-D mask for the static cache from it."""
+        mask = call.get("attention_mask")
+        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            return call
+        if self._llm is not None:
+            raise NotImplementedError(
+                f"mrprune: {type(self.pruner).__name__} prunes inside the language model, which does not support "
+                "static caches yet; use the default (dynamic) cache"
+            )
+        if isinstance(mask, dict):
+            mask = mask.get("full_attention", next(iter(mask.values())))
+        tokens = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
+        if state is None:  # prefill: row of the last query over the prompt's columns
+            last = mask[:, 0, -1, : tokens.shape[1]]
+            flat = last if last.dtype == torch.bool else last == 0
+        else:
+            cache = cache_of(call)
+            seen = state.original_length + cache.get_seq_length() - state.pruned_length
+            flat = torch.ones(tokens.shape[0], seen + tokens.shape[1], dtype=torch.bool, device=tokens.device)
+        return {**call, "attention_mask": flat.long()}
 
     def _has_visual_inputs(self, call: dict[str, Any]) -> bool:
         encoded = call.get("mm_encoder_outputs") or {}
@@ -264,8 +291,6 @@ class PruningHandle:
         cache = cache_of(call)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("mrprune: pruning a prompt that continues a non-empty cache is not supported")
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise NotImplementedError("mrprune: static (compileable) caches are not supported; use the default cache")
         input_ids = call["input_ids"]
         batch, length = input_ids.shape
         mask = call.get("attention_mask")
@@ -396,8 +421,10 @@ def patch(
     -----
     ``Need.CLS_SEED`` (ResPrune) on CLIP vision towers (LLaVA, LLaVA-NeXT) is the patch token the [CLS] token attends
     to most at the feature layer (of the base view for LLaVA-NeXT); Qwen2.5-VL has no [CLS] token, so the method
-    uses its default. Not supported: ``inputs_embeds`` without ``input_ids``, static caches, chunked prefill, and
-    adding images to a cache that already holds a pruned prompt.
+    uses its default. Static caches (``generate(..., cache_implementation="static")``) work with vision- and
+    projector-stage methods: the pruned prompt fills fewer slots. Not supported: ``inputs_embeds`` without
+    ``input_ids``, static caches with ``llm``-stage methods, chunked prefill, and adding images to a cache that
+    already holds a pruned prompt.
     """
     _check_transformers()
     adapter_cls = resolve_adapter(model)
