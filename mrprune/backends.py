@@ -156,13 +156,15 @@ def call(op: str, device: torch.device, dtype: torch.dtype, args: tuple):
     """Run ``op`` on the backend :func:`resolve` picks; if that backend fails (and may be demoted), warn once, demote
     it for ``device``'s type and retry on the next one, down to the reference."""
     device_type = torch.device(device).type
+    tried: set[str] = set()
     while True:
         backend = _resolve_name(op, device, dtype)
         try:
             return _registry[op][backend](*args)
         except Exception as error:
-            if not _may_demote(backend, error):
+            if backend in tried or not _may_demote(backend, error):
                 raise
+            tried.add(backend)
             _demoted.add((op, device_type, backend))
             summary = str(error).strip().splitlines()
             summary = f"{type(error).__name__}: {summary[-1] if summary else ''}"[:300]
