@@ -338,6 +338,23 @@ def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
         4,
     )
 
+    # the sequential selections over a materialised float32 cosine matrix (one program per item, 64-token sweeps)
+    selection = dict(S=F32, lengths=I64, out=I64, N=n, K=640, stride_sb=n * n)
+    fixed(
+        "bipartite_dedup._dedup_rounds_kernel",
+        "float32",
+        dict(selection, order=_t("int32"), score=F32, per_round=8),
+        dict(BLOCK=64),
+        4,
+    )
+    fixed(
+        "coverage_select._coverage_greedy_kernel",
+        "float32",
+        dict(selection, weights=F32, cur=F32, picked=_t("int8")),
+        dict(BLOCK_I=64, BLOCK_J=64),
+        4,
+    )
+
     for item in extra:  # kernel:dtype:BLOCK_D:num_warps:num_stages, on the large shape's first spec of that kernel
         kernel, dtype, bd, warps, stages = item.split(":")
         base = next(s for s in reversed(out) if s.kernel.endswith(kernel) and s.dtype == dtype)
@@ -362,14 +379,15 @@ def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
 
 def _check_coverage(specs: list[Spec]) -> list[str]:
     """``@triton.jit`` kernels of the package without a spec (helpers called from kernels are not launched)."""
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import KernelInterface  # JITFunction, or InterpretedFunction under the interpreter
 
     covered = {s.kernel for s in specs} | TEST_ONLY
     missing = []
     for module in MODULES:
         mod = importlib.import_module(f"mrprune.triton_kernels.{module}")
         for name, obj in vars(mod).items():
-            if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__ and name.endswith("_kernel"):
+            defined_here = getattr(getattr(obj, "fn", None), "__module__", None) == mod.__name__
+            if isinstance(obj, KernelInterface) and defined_here and name.endswith("_kernel"):
                 if f"{module}.{name}" not in covered:
                     missing.append(f"{module}.{name}")
     return missing

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not mrprune.HAS_TRITON, reason="needs triton")
 def _script():
     spec = importlib.util.spec_from_file_location("check_triton_compile", ROOT / "scripts" / "check_triton_compile.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    return sys.modules[spec.name]
 
 
 def _compile_in_subprocess(code: str) -> str:
