@@ -201,15 +201,17 @@ def test_graph_scores_streaming_matches_edge_lists(monkeypatch, dtype, threshold
     """Past the workspace budget graph_scores streams Gram rows (1 + t passes) instead of storing edge lists; both
     agree with the reference, dense graphs (threshold -1) and rows without edges (zero vectors) included."""
     x = _features(n=260, seed=2)
-    x[0, 7] = 0  # a row without edges: uniform, the fill is not 0
+    x[0, 7] = 0  # a row without edges: uniform, its fill is not 0 (it carries mass with explicit weights)
     x = x.to(dtype)
     lengths = torch.tensor([x.shape[1]])
-    edges = cpp("graph_scores", x, lengths, None, threshold, 0.03, iterations)
-    monkeypatch.setenv("MRPRUNE_CPU_WORKSPACE_BYTES", "1")
-    streamed = cpp("graph_scores", x, lengths, None, threshold, 0.03, iterations)
-    want = reference.graph_scores(x, lengths, None, threshold, 0.03, iterations)
-    assert_close(edges, want, rtol=1e-4)
-    assert_close(streamed, want, rtol=1e-4)
+    for weights in (None, torch.rand(1, x.shape[1], generator=torch.Generator().manual_seed(0)) + 0.5):
+        monkeypatch.delenv("MRPRUNE_CPU_WORKSPACE_BYTES", raising=False)
+        edges = cpp("graph_scores", x, lengths, weights, threshold, 0.03, iterations)
+        monkeypatch.setenv("MRPRUNE_CPU_WORKSPACE_BYTES", "1")
+        streamed = cpp("graph_scores", x, lengths, weights, threshold, 0.03, iterations)
+        want = reference.graph_scores(x, lengths, weights, threshold, 0.03, iterations)
+        assert_close(edges, want, rtol=1e-4)
+        assert_close(streamed, want, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
