@@ -8,6 +8,7 @@ Usage (also ``python -m mrprune.bench``)::
     mrprune bench --backends reference,official,triton --dtype bfloat16 --plot
     mrprune bench --e2e                    # prefill / TTFT / decode of an HF model, unpruned and with each pruner
     mrprune bench --e2e --model-size 7b    # GPU: random-weight LLaVA-NeXT-7B-size model, bf16, 672 x 672 images
+    mrprune bench --e2e --model-size cpu   # CPU: CLIP-L/336 + 0.5B LLM, bf16, 672 x 672 images
     mrprune bench --list                   # shapes, ops, methods, implementations
 
 Every implementation's output is compared with the eager reference before it is timed (a disagreement marks the row
@@ -139,9 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     e2e.add_argument(
         "--model-size",
-        choices=("tiny", "small", "7b"),
-        help="tiny: test-size model; small: 672 x 672 token layout, narrow layers (CPU default); 7b: "
-        "LLaVA-NeXT-7B-size bf16 (GPU default)",
+        choices=("tiny", "small", "cpu", "7b"),
+        help="tiny: test-size model; small: 672 x 672 token layout, narrow layers (CPU default); cpu: CLIP-L/336 + "
+        "0.5B-parameter LLM, bf16 (realistic on a CPU); 7b: LLaVA-NeXT-7B-size bf16 (GPU default)",
     )
     e2e.add_argument(
         "--prune",

@@ -6,6 +6,9 @@ The model is built from a config with random weights (no hub, no download):
 * ``small`` (CPU default) — the real LLaVA-NeXT token layout (CLIP 336 px / 14 px patches, a 672 x 672 image:
   576 base + 48 x 48 high-res + 48 newline = 2928 visual tokens) with narrow layers (CLIP width 64, a 4-layer
   256-wide Llama), so that a CPU prefill takes a fraction of a second and pruning's share is visible.
+* ``cpu`` — a realistic CPU-sized model in bfloat16: CLIP ViT-L/14-336 (24 layers, 1024 wide) and a ~0.5 B-parameter
+  language model (Qwen2-0.5B's shape as a Llama: 24 layers, 896 wide, GQA 14/2 heads, 4864 MLP, 151,936-token
+  vocabulary), 672 x 672 images (2928 visual tokens): pruning's share of the prefill as a user would see it.
 * ``7b`` (GPU default) — LLaVA-NeXT-7B size in bfloat16: a Mistral-7B-like language model (32 layers, 4096 wide,
   GQA 32/8 heads, 14336 MLP) and CLIP ViT-L/14-336 (24 layers, 1024 wide), 672 x 672 images (2928 visual tokens).
 
@@ -56,7 +59,7 @@ def _require_integration() -> tuple[Callable, Any]:
 
 
 def model_config(size: str) -> Any:
-    """The ``LlavaNextConfig`` of the ``small`` or ``7b`` model (random weights are drawn from it)."""
+    """The ``LlavaNextConfig`` of the ``small``, ``cpu`` or ``7b`` model (random weights are drawn from it)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, MistralConfig
 
     if size == "small":
@@ -83,6 +86,41 @@ def model_config(size: str) -> Any:
         )
         return LlavaNextConfig(
             vision_config=vision, text_config=text, image_token_index=999, image_grid_pinpoints=PINPOINTS
+        )
+    if size == "cpu":  # CLIP ViT-L/14-336 (0.30 B) + a Qwen2-0.5B-shaped language model (0.49 B)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+        text = LlamaConfig(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        return LlavaNextConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=151646,
+            image_grid_pinpoints=PINPOINTS,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=True,
         )
     if size == "7b":  # llava-v1.6-mistral-7b: Mistral-7B text model, CLIP ViT-L/14-336 (7.57 B parameters)
         vision = CLIPVisionConfig(
@@ -119,7 +157,7 @@ def model_config(size: str) -> Any:
             vision_feature_select_strategy="default",
             tie_word_embeddings=False,
         )
-    raise ValueError(f"no config for model size {size!r}; choose small or 7b")
+    raise ValueError(f"no config for model size {size!r}; choose small, cpu or 7b")
 
 
 def build_model(size: str, device: torch.device) -> tuple[Any, dict[str, torch.Tensor], int, int]:
@@ -140,11 +178,11 @@ def build_model(size: str, device: torch.device) -> tuple[Any, dict[str, torch.T
 
         model = tiny_llava_next()
         image_size, pinpoints, crop, patch, image_token = (56, 56), [[28, 56], [56, 28], [56, 56]], 28, 7, IMAGE_TOKEN
-    elif size in ("small", "7b"):
+    elif size in ("small", "cpu", "7b"):
         if size == "7b" and device.type != "cuda":
             raise RuntimeError("--model-size 7b needs a GPU (a 7B prefill takes minutes on a CPU); use small")
         config = model_config(size)
-        dtype = torch.bfloat16 if size == "7b" else torch.float32
+        dtype = torch.bfloat16 if size in ("cpu", "7b") else torch.float32
         with torch.device(device):  # random init directly on the device, in its dtype (no float32 copy of a 7B)
             model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype)
         model = model.to(dtype).eval()
@@ -152,7 +190,7 @@ def build_model(size: str, device: torch.device) -> tuple[Any, dict[str, torch.T
         image_size, pinpoints, crop, patch = IMAGE_SIZE, PINPOINTS, vision.image_size, vision.patch_size
         image_token = config.image_token_index
     else:
-        raise ValueError(f"unknown model size {size!r}; choose tiny, small or 7b")
+        raise ValueError(f"unknown model size {size!r}; choose tiny, small, cpu or 7b")
     model = model.to(device)
     model.generation_config.eos_token_id = None  # random weights: never stop early, always generate new_tokens
     model.generation_config.pad_token_id = 0

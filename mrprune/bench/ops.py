@@ -769,10 +769,12 @@ def _bind(fn: Callable, args: tuple) -> Callable[[], Any]:
 
 
 def _official_graph_method(pruner: MRPruner | GPrune, features, layouts, lengths) -> list[torch.Tensor]:
-    """MR-Pruner / G-Prune's official code per image (research/algorithms.md §2, §3), dense, float32."""
+    """MR-Pruner / G-Prune's official code per image (research/algorithms.md §2, §3), dense, in the features' dtype
+    as the official code runs (float16/bfloat16 models: half-precision normalisation and matmul), float32 else."""
     kept = []
     for b, layout in enumerate(layouts):
-        x = features[b, : int(lengths[b])].float()
+        x = features[b, : int(lengths[b])]
+        x = x if x.dtype in (torch.float16, torch.bfloat16) else x.float()
         base_index = layout.base_indices.to(x.device)
         high_index = layout.highres_indices.to(x.device)
         low, high = x[base_index], x[high_index]
