@@ -18,6 +18,7 @@ from .layouts import GridLayout, LlavaNextLayout
 from .methods import (
     PRESETS,
     SCOPE,
+    CDPruner,
     DivPrune,
     FasterVLM,
     GPrune,
@@ -110,6 +111,7 @@ HAS_TRITON = _load_triton_kernels()
 __all__ = [
     "HAS_EXTENSION",
     "PRESETS",
+    "CDPruner",
     "DivPrune",
     "FastV",
     "FasterVLM",

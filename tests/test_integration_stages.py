@@ -99,6 +99,7 @@ METHODS = {
     "l2norm": lambda keep: mrprune.methods.L2Norm(keep_ratio=keep),
     "scope": lambda keep: mrprune.methods.SCOPE(keep_ratio=keep),
     "vispruner": lambda keep: mrprune.methods.VisPruner(keep_ratio=keep),
+    "cdpruner": lambda keep: mrprune.methods.CDPruner(keep_ratio=keep),
     "hired": lambda keep: mrprune.methods.HiRED(keep_ratio=keep, budget_layer=0, select_layer=-1),
 }
 

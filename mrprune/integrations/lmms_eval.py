@@ -109,7 +109,7 @@ def manifests() -> list[Any]:
 
 def _method_classes() -> dict[str, type]:
     from .. import DivPrune, FastV, GPrune, MRPruner, RandomPruner, ResPrune
-    from ..methods import SCOPE, FasterVLM, HiRED, L2Norm, VisPruner
+    from ..methods import SCOPE, CDPruner, FasterVLM, HiRED, L2Norm, VisPruner
 
     return {
         "mrpruner": MRPruner,
@@ -123,6 +123,7 @@ def _method_classes() -> dict[str, type]:
         "hired": HiRED,
         "scope": SCOPE,
         "vispruner": VisPruner,
+        "cdpruner": CDPruner,
         "l2norm": L2Norm,
     }
 

@@ -18,6 +18,7 @@ model adapter of an integration implements each stage once, so adding a method i
 
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
+from .cdpruner import CDPruner
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .graph import GPrune, MRPruner
@@ -32,6 +33,7 @@ from .vispruner import VisPruner
 __all__ = [
     "ALPHA_PRESETS",
     "PRESETS",
+    "CDPruner",
     "DivPrune",
     "FastV",
     "FasterVLM",

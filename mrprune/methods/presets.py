@@ -7,6 +7,7 @@ from typing import Any
 
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
+from .cdpruner import CDPruner
 from .fastervlm import FasterVLM
 from .graph import GPrune, MRPruner
 from .hired import HiRED
@@ -51,6 +52,8 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     **table_settings("hired", HiRED, qwen={"select_layer": -1}),
     **table_settings("scope", SCOPE, qwen={"layer": -1}),
     **table_settings("vispruner", VisPruner, qwen={"layer": -1}),
+    # CDPruner needs the user's CLIP model for its relevance: preset("cdpruner_64", clip=..., clip_tokenizer=...)
+    **table_settings("cdpruner", CDPruner, qwen={"layer": -1}),
 }
 
 

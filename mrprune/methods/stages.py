@@ -63,6 +63,11 @@ class Need(str, enum.Enum):
         ``crop_features``: per item, the vision tower's own states at the feature layer for every patch of every
         crop, ``[crops, P, D_vision]`` (before the projector; what official codes that compare CLIP features
         read); ``None`` where the tower does not provide them (Qwen2.5-VL merges patches first).
+    CLIP_EMBEDDINGS
+        ``clip_image [B, N, E]``: each token's patch in CLIP's joint space (``visual_projection(post_layernorm(.))``
+        of the vision tower's feature-layer state, with the CLIP model the method carries as ``clip``; 0 for
+        newlines), and ``clip_text``: per item the CLIP text embeddings ``[M, E]`` of its instruction's 77-token
+        segments (``clip_tokenizer``). ``None`` where the tower or the method does not provide them.
     LAST_QUERY_ATTENTION
         ``attention [B, N]`` float32: the head-averaged attention the last prompt token pays each of the item's
         tokens in decoder layer ``layer - 1`` (``llm`` stage).
@@ -73,4 +78,5 @@ class Need(str, enum.Enum):
     CLS_SEED = "cls_seed"
     VISION_ATTENTION = "vision_attention"
     VISION_FEATURES = "vision_features"
+    CLIP_EMBEDDINGS = "clip_embeddings"
     LAST_QUERY_ATTENTION = "last_query_attention"

@@ -18,7 +18,7 @@ from ...batching import pad_batch
 from ...methods.stages import Need
 from ...text import extract_nouns, noun_token_ids
 from .rows import Rows, take_labels
-from .vision import VisionStage, VisualItem
+from .vision import VisionStage, VisualItem, clip_signals
 
 __all__ = ["Texts", "merged_call", "select"]
 
@@ -40,6 +40,21 @@ class Texts:
         self.instructions = None if instructions is None else list(instructions)
         self.texts = None if texts is None else list(texts)
 
+    def strings(self, items: list[VisualItem], input_ids: torch.Tensor, real: torch.Tensor) -> list[str]:
+        """Each row's instruction: ``instructions``, else the prompt's text after its last visual token."""
+        batch = input_ids.shape[0]
+        if self.instructions is not None:
+            return _per_row(self.instructions, batch, "instructions")
+        strings = []
+        for b in range(batch):
+            last = max((int(item.cols.max()) for item in items if item.row == b), default=None)
+            if last is None or self.tokenizer is None:  # a prompt without visual tokens needs no text
+                strings.append("")
+                continue
+            tail = input_ids[b, last + 1 :][real[b, last + 1 :]]
+            strings.append(self.tokenizer.decode(tail.tolist(), skip_special_tokens=True))
+        return strings
+
     def embeddings(
         self, model: Any, method: Any, items: list[VisualItem], input_ids: torch.Tensor, real: torch.Tensor
     ) -> list[torch.Tensor]:
@@ -52,17 +67,7 @@ class Texts:
                     embed(t.to(input_ids.device)) if t.dim() == 1 else t for t in _per_row(self.texts, batch, "texts")
                 ]
             else:
-                if self.instructions is not None:
-                    strings = _per_row(self.instructions, batch, "instructions")
-                else:  # the prompt's text after its last visual token
-                    strings = []
-                    for b in range(batch):
-                        last = max((int(item.cols.max()) for item in items if item.row == b), default=None)
-                        if last is None:  # a prompt without visual tokens needs no text
-                            strings.append("")
-                            continue
-                        tail = input_ids[b, last + 1 :][real[b, last + 1 :]]
-                        strings.append(self.tokenizer.decode(tail.tolist(), skip_special_tokens=True))
+                strings = self.strings(items, input_ids, real)
                 rows = []
                 for text in strings:
                     nouns = extract_nouns(text, getattr(method, "noun_extractor", None))
@@ -84,6 +89,9 @@ def select(
     layouts = vision.layouts(items)
     features, lengths = pad_batch([item.features for item in items])
     extra = vision.signals(items)
+    if Need.CLIP_EMBEDDINGS in method.needs:
+        strings = texts.strings(items, input_ids, real)
+        extra.update(clip_signals(method, items, [strings[item.row] for item in items]))
     text = texts.embeddings(model, method, items, input_ids, real) if Need.TEXT in method.needs else None
     with torch.no_grad():
         return method.select_batch(features, layouts, lengths, text, **extra)

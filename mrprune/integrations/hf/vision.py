@@ -187,7 +187,7 @@ class VisionStage:
                 metadata = {k: v for k, v in arguments.items() if not k.startswith("pixel_values")}
                 attention = (probe() if layers else None) or [None] * len(pooled)
                 crop_features = None
-                if Need.VISION_FEATURES in self.method.needs:
+                if self.method.needs & {Need.VISION_FEATURES, Need.CLIP_EMBEDDINGS}:
                     crop_features = self.adapter.crop_features(modality, arguments, output)
                 crop_features = crop_features or [None] * len(pooled)
                 for index, (tensor, item, own) in enumerate(zip(pooled, attention, crop_features, strict=True)):
@@ -290,3 +290,32 @@ class VisionStage:
             own = [item.info.crop_features for item in items]
             extra["crop_features"] = None if any(f is None for f in own) else [f.to(device) for f in own]
         return extra
+
+
+def clip_signals(method: Any, items: Sequence[VisualItem], strings: Sequence[str]) -> dict[str, Any]:
+    """``Need.CLIP_EMBEDDINGS``: per token its patch's CLIP image embedding ``clip_image [B, N, E]`` (0 for
+    newlines), and per item the CLIP text embeddings ``[M, E]`` of its instruction ``strings[b]`` in 77-token
+    segments, with the CLIP model and tokenizer the method carries; both ``None`` when it carries none or the tower
+    gave no features."""
+    clip, tokenizer = getattr(method, "clip", None), getattr(method, "clip_tokenizer", None)
+    own = [item.info.crop_features for item in items]
+    if clip is None or any(f is None for f in own) or any(item.info.attention is None for item in items):
+        return {"clip_image": None, "clip_text": None}
+    device = items[0].features.device
+    with torch.no_grad():
+        rows = []
+        for item, states in zip(items, own, strict=True):
+            crops, patches = item.info.attention.crops, item.info.attention.patches
+            embedded = clip.visual_projection(clip.vision_model.post_layernorm(states.to(device)))  # [crops, P, E]
+            token = embedded[crops.clamp(min=0), patches.clamp(min=0)]
+            rows.append(torch.where((crops >= 0).to(device)[:, None], token, 0.0))
+        texts = []
+        for text in strings:
+            ids = [] if tokenizer is None or not text else list(tokenizer(text)["input_ids"])
+            segments = [ids[i : i + 77] for i in range(0, len(ids), 77)]
+            embeds = [
+                clip.get_text_features(input_ids=torch.tensor([segment], device=device), return_dict=True).pooler_output
+                for segment in segments
+            ]
+            texts.append(torch.cat(embeds) if embeds else None)
+    return {"clip_image": pad_batch(rows)[0], "clip_text": texts}
