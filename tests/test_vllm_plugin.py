@@ -104,9 +104,12 @@ def _vllm_generate(llm, prompts):
     """Greedy continuations, pruned prompt lengths and the model's recorded selections (cleared after reading)."""
     from vllm import SamplingParams
 
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=STEPS, temperature=0.0), use_tqdm=False)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=STEPS, temperature=0.0, logprobs=1), use_tqdm=False)
     records = llm.apply_model(lambda model: _drain(model.mrprune.records))[0]
-    return [list(o.outputs[0].token_ids) for o in outputs], [len(o.prompt_token_ids) for o in outputs], records
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    logprobs = [[step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True)]
+                for o in outputs]  # fmt: skip
+    return tokens, [len(o.prompt_token_ids) for o in outputs], records, torch.tensor(logprobs)
 
 
 def _drain(records):
@@ -129,17 +132,27 @@ def vllm_env():
             os.environ[key] = value
 
 
-def _hf_generate(model, processor, texts, images, pruner):
-    """mrprune's transformers path (compact positions, as vLLM numbers a LLaVA prompt): greedy tokens and kept."""
+def _hf_generate(model, inputs, pruner, position_mode):
+    """mrprune's transformers path: greedy tokens, kept indices per item, and each chosen token's log-probability."""
     from mrprune.integrations import patched
 
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
-    with patched(model, pruner, position_mode="compact") as handle, torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-        records = handle.last
-    tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()
-    return tokens, [k for record in records for k in record.kept]
+    with patched(model, pruner, position_mode=position_mode) as handle, torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        kept = [k for record in handle.last for k in record.kept]
+    tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
+    logprobs = torch.stack([step.float().log_softmax(-1) for step in out.logits], dim=1)
+    return tokens.tolist(), kept, logprobs.gather(-1, tokens[..., None])[..., 0]
+
+
+def _assert_same_run(hf, vllm_tokens, vllm_logprobs, records):
+    """Same kept tokens, same greedy continuation, and the same log-probabilities (positions show up there even
+    where the greedy choice would not change)."""
+    tokens, kept, logprobs = hf
+    assert [k.tolist() for k in kept] == [r[3].tolist() for r in records]
+    assert tokens == vllm_tokens
+    torch.testing.assert_close(vllm_logprobs, logprobs, atol=2e-4, rtol=0)
 
 
 def _check_records_against_pruner(records, pruner):
@@ -168,7 +181,7 @@ def test_llava_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path, next_):
         {"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt, strict=True)
     ]
 
-    tokens, lengths, records = _vllm_generate(llm, prompts)
+    tokens, lengths, records, logprobs = _vllm_generate(llm, prompts)
     _check_records_against_pruner(records, pruner)
     layouts = [r[1] for r in records]
     assert lengths == [
@@ -179,9 +192,10 @@ def test_llava_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path, next_):
     alone = [_vllm_generate(llm, [prompt]) for prompt in prompts]
     assert [a[0][0] for a in alone] == tokens
 
-    hf_tokens, hf_kept = _hf_generate(model, processor, LLAVA_TEXTS, images, pruner)
-    assert [k.tolist() for k in hf_kept] == [r[3].tolist() for r in records]
-    assert hf_tokens == tokens
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=LLAVA_TEXTS, images=images, return_tensors="pt", padding=True)
+    # compact positions: vLLM numbers a LLaVA prompt 0..L'-1
+    _assert_same_run(_hf_generate(model, inputs, pruner, "compact"), tokens, logprobs, records)
 
 
 QWEN_TEXTS = [
@@ -205,20 +219,14 @@ def test_qwen2_5_vl_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path):
         {"prompt_token_ids": i, "multi_modal_data": {"image": im}} for i, im in zip(ids, per_prompt, strict=True)
     ]
 
-    tokens, lengths, records = _vllm_generate(llm, prompts)
+    tokens, lengths, records, logprobs = _vllm_generate(llm, prompts)
     _check_records_against_pruner(records, pruner)
     alone = [_vllm_generate(llm, [prompt]) for prompt in prompts]
     assert [a[0][0] for a in alone] == tokens
 
-    from mrprune.integrations import patched
-
     processor.tokenizer.padding_side = "left"
     inputs = processor(text=QWEN_TEXTS, images=images, return_tensors="pt", padding=True)
-    with patched(model, pruner, position_mode="original") as handle, torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-        hf_kept = [k for record in handle.last for k in record.kept]
-    assert [k.tolist() for k in hf_kept] == [r[3].tolist() for r in records]
-    assert generated[:, inputs["input_ids"].shape[1] :].tolist() == tokens
+    _assert_same_run(_hf_generate(model, inputs, pruner, "original"), tokens, logprobs, records)
 
     # a video: 4 frames of 56 x 84 px, 2 x 4 x 6 patches, 12 tokens after the merge, temporal M-RoPE positions
     import numpy as np
@@ -231,17 +239,13 @@ def test_qwen2_5_vl_pruned_vllm_equals_pruned_hf(vllm_env, tmp_path):
     )
     assert inputs["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per temporal patch at 2 fps
     ids = processor.tokenizer(text)["input_ids"]
-    tokens, lengths, records = _vllm_generate(
+    tokens, lengths, records, logprobs = _vllm_generate(
         llm, [{"prompt_token_ids": ids, "multi_modal_data": {"video": (frames, metadata)}}]
     )
     _check_records_against_pruner(records, pruner)
     assert [r[0] for r in records] == ["video"] and records[0][1] == GridLayout(2, 2, 3)
     assert lengths == [len(ids) - 1 + kept_count(pruner, GridLayout(2, 2, 3))]
-    with patched(model, pruner, position_mode="original") as handle, torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-        hf_kept = [k for record in handle.last for k in record.kept]
-    assert [k.tolist() for k in hf_kept] == [r[3].tolist() for r in records]
-    assert generated[:, inputs["input_ids"].shape[1] :].tolist() == tokens
+    _assert_same_run(_hf_generate(model, inputs, pruner, "original"), tokens, logprobs, records)
 
 
 def _free_port():

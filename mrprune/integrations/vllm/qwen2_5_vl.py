@@ -113,8 +113,9 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.mrprune = selector
 
-    def _t_factors(self, media: Any, count: int) -> list[float]:
-        seconds = media.get("second_per_grid_ts") if media.get("type", "").endswith("videos") else None
+    def _t_factors(self, media: Any, count: int, video: bool) -> list[float]:
+        """Per item, the temporal position step: ``second_per_grid_t * tokens_per_second`` for videos, else 1."""
+        seconds = media.get("second_per_grid_ts") if video else None
         if seconds is None:
             return [1.0] * count
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
@@ -133,7 +134,7 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 items, grids = self._process_video_input(media), media["video_grid_thw"].tolist()
                 embeds_given = media["type"] == "video_embeds"
             items = list(items)
-            factors = self._t_factors(media, len(items))
+            factors = self._t_factors(media, len(items), video=modality == "video")
             layouts = [grid_layout(grid, merge) for grid in grids]
             if embeds_given:  # precomputed embeddings: their placeholders were counted unpruned
                 kept = [torch.arange(item.shape[0], device=item.device) for item in items]
