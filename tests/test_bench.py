@@ -276,6 +276,19 @@ def test_e2e_7b_config_is_llava_next_7b_size():
     assert layout.num_tokens == 2928
 
 
+def test_e2e_cpu_config_is_clip_l_and_a_half_billion_llm():
+    transformers = pytest.importorskip("transformers")
+    from mrprune.bench import e2e
+
+    config = e2e.model_config("cpu")
+    with torch.device("meta"):
+        model = transformers.LlavaNextForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.model.language_model.parameters()) == pytest.approx(0.494e9, rel=0.01)
+    assert sum(p.numel() for p in model.model.vision_tower.parameters()) == pytest.approx(0.3035e9, rel=0.01)
+    layout = mrprune.LlavaNextLayout.from_image_size(e2e.IMAGE_SIZE, config.image_grid_pinpoints, 336, 14)
+    assert layout.num_tokens == 2928
+
+
 def test_e2e_7b_refused_on_cpu(tmp_path):
     pytest.importorskip("transformers")
     assert cli.main(["bench", "--e2e", "--model-size", "7b", "--device", "cpu", "--no-save"]) == 2
