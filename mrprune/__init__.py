@@ -18,6 +18,7 @@ from .layouts import GridLayout, LlavaNextLayout
 from .methods import (
     PRESETS,
     SCOPE,
+    TRIM,
     CDPruner,
     DivPrune,
     FasterVLM,
@@ -127,6 +128,7 @@ __all__ = [
     "ResPrune",
     "SCOPE",
     "Stage",
+    "TRIM",
     "VisPruner",
     "preset",
     "backends",

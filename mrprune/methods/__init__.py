@@ -28,6 +28,7 @@ from .presets import PRESETS, preset
 from .resprune import ALPHA_PRESETS, ResPrune
 from .scope import SCOPE
 from .stages import Need, Stage
+from .trim import TRIM
 from .vispruner import VisPruner
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "RandomPruner",
     "ResPrune",
     "SCOPE",
+    "TRIM",
     "Stage",
     "VisPruner",
     "preset",
