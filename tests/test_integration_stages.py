@@ -314,3 +314,18 @@ def test_static_cache_with_an_llm_stage_method_is_refused():
     with patched(model, mrprune.FastV(keep_ratio=0.5, layer=1)):
         with pytest.raises(NotImplementedError, match="static caches"):
             model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_the_hf_integration_names_no_method():
+    """Stages, not method types: no module of the HF integration imports a concrete method (only the Pruner base and
+    the stage declarations)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(mrprune.__file__).parent / "integrations" / "hf"
+    allowed = {"Pruner", "Need", "Stage"}
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and "methods" in node.module:
+                names = {alias.name for alias in node.names}
+                assert names <= allowed, f"{path.name} imports {names - allowed} from {node.module}"
