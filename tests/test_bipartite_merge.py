@@ -219,6 +219,19 @@ def test_exact_ties_family(impl, seed):
                         torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+def test_ties_across_column_tiles(impl):
+    """Identical metric rows on 300 tokens (150 odd partners: several column tiles of every kernel): each even token's
+    partner is the first odd token, and the merged even tokens are the first ones after the [CLS]."""
+    metric = torch.ones(1, 300, 4)
+    x = torch.arange(300.0).reshape(1, 300, 1)
+    merged, sizes, source, out_lengths = call(impl, x, metric, torch.tensor([300]), 40)
+    want = brute_batch(x, metric, torch.tensor([300]), 40)
+    assert torch.equal(source, want[2]) and torch.equal(out_lengths, want[3])
+    assert source[0, 2:82:2].tolist() == [source[0, 1].item()] * 40
+    torch.testing.assert_close(merged.double(), want[0])
+
+
 @pytest.mark.parametrize("impl", ["brute", "reference", *KERNELS])
 def test_hand_example(impl):
     """Tokens 0..5 with metric rows [cls, e1, e1', e2, e2', e3] (primes: near copies). A = 0, 2, 4, B = 1, 3, 5.

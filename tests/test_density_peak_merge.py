@@ -108,6 +108,22 @@ def test_duplicates_and_clusters_at_least_length(impl):
     assert torch.equal(merged[0, assignment[0]].to(x.dtype), x[0])
 
 
+@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_density_ties(impl, seed):
+    """Tokens drawn with repetition from a few small-integer points: duplicates tie exactly in density (the lower
+    position counts as denser) and in distance (the lower slot); every implementation equals the brute force."""
+    g = torch.Generator().manual_seed(300 + seed)
+    pool = torch.randint(-3, 4, (4, 3), generator=g).double()
+    items = [pool[torch.randint(0, 4, (n,), generator=g)] for n in (12, 7, 1)]
+    x, lengths = padded(items)
+    for clusters, neighbors in ((3, None), (2, 4), (5, 2)):
+        want = brute_batch(x, lengths, clusters, neighbors)
+        got = call(impl, x.float(), lengths, clusters, neighbors)
+        assert torch.equal(got[2], want[2]) and torch.equal(got[1], want[1]), f"clusters={clusters}"
+        torch.testing.assert_close(got[0].double(), want[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 def test_kernel_matches_reference(backend, dtype):
