@@ -2,7 +2,12 @@
 
 All ops are batched over padded inputs with ``lengths[B]`` (padded positions never contribute and are never picked),
 accept float16/bfloat16/float32 features (computed in float32) or float64 (the reference, in float64), return
-fixed-size outputs (so they work under ``torch.compile`` and CUDA graphs), and are inference-only (no autograd).
+fixed-size outputs (so they work under ``torch.compile``), and are inference-only (no autograd). On CUDA tensors
+no op reads a value on the host (bad values raise as device-side assertions at the next synchronisation), so the ops
+with a GPU implementation can be captured in a CUDA graph; autotuned Triton kernels must have run once for the shape
+before capturing (under capture an untuned shape takes the fixed launch config). An op served on GPUs by its
+per-item reference only (no Triton, CUDA or batched ``"torch"`` implementation) still synchronises;
+``tests/test_no_host_sync.py`` lists the ops checked.
 Each validates its arguments before any kernel runs (scalar types here, before the dispatcher would coerce a bool
 or ``None`` to a number or a default; everything else in the op's router). The math of each op is specified in
 :mod:`mrprune.reference`.

@@ -82,8 +82,9 @@ def _basic_index(t: torch.Tensor, index) -> torch.Tensor:
 
 
 def _fake_cuda_python_ops(monkeypatch):
-    """CPU-only torch cannot run Python indexing or ``~`` on fake CUDA tensors (its Python bindings open a CUDA device
-    guard): route them through tensor methods, which fake mode handles. Tensor (advanced) indices still fail."""
+    """CPU-only torch cannot run some Python bindings on fake CUDA tensors (indexing, ``~``, ``copy_``, ``torch.where``
+    with Python scalars: they open a CUDA device guard): route them through aten ops, which fake mode handles (tensor
+    indices still fail); and make every host read of a fake CUDA tensor raise :class:`HostSync`."""
     getitem = torch.Tensor.__getitem__
 
     def basic(i) -> bool:
@@ -96,6 +97,26 @@ def _fake_cuda_python_ops(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "__getitem__", patched)
     monkeypatch.setattr(torch.Tensor, "__invert__", lambda self: torch.bitwise_not(self))
+    where = torch.where
+
+    def where_with_scalars(cond, *values, **kwargs):  # Python scalars: made 0-d tensors on the condition's device
+        if values and isinstance(cond, FakeTensor) and cond.device.type == "cuda":
+            like = next((v for v in values if isinstance(v, torch.Tensor)), None)
+            dtype = like.dtype if like is not None else torch.get_default_dtype()
+            values = [
+                v if isinstance(v, torch.Tensor) else torch.full((), v, dtype=dtype, device=cond.device) for v in values
+            ]
+        return where(cond, *values, **kwargs)
+
+    monkeypatch.setattr(torch, "where", where_with_scalars)
+    copy = torch.Tensor.copy_
+
+    def copy_(self, src, non_blocking=False):
+        if isinstance(self, FakeTensor) and self.device.type == "cuda":
+            return torch.ops.aten.copy_.default(self, src, non_blocking)  # still seen by NoHostSync
+        return copy(self, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
     for name in ("__int__", "__index__", "__bool__", "__float__", "item", "tolist"):
         original = getattr(torch.Tensor, name)
 
@@ -149,11 +170,6 @@ def _cuda_route(monkeypatch):
     return launches, lib
 
 
-# Ops whose CUDA route is still the per-item reference (one host read per item): known gaps, listed so that a device
-# path added later turns this into an unexpected pass that must be removed from the list.
-STILL_SYNC = {"coverage_select", "bipartite_dedup"}
-
-
 def _inputs(name: str, dtype: torch.dtype):
     b, n, m, d, k = 2, 300, 130, 64, 20
     x = torch.randn(b, n, d, dtype=dtype, device="cuda")
@@ -200,8 +216,6 @@ INPUTS = (
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("name", sorted(_library.SCHEMAS))
 def test_cuda_route_never_syncs(name, dtype, monkeypatch):
-    if name in STILL_SYNC:
-        pytest.xfail(f"{name}: the CUDA route is the per-item reference (no device implementation yet)")
     if name not in INPUTS:
         pytest.xfail(f"{name}: no fake inputs for this op yet (add them to _inputs)")
     monkeypatch.setenv("MRPRUNE_TRITON_AUTOTUNE", "0")  # the capturable launch path (tuning benchmarks sync)
