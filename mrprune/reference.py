@@ -572,7 +572,7 @@ def bipartite_dedup(features: torch.Tensor, lengths: torch.Tensor, k: int, per_r
             while order.numel() > k:
                 evens, odds = order[0::2], order[1::2]
                 r = min(per_round, order.numel() - k, evens.numel())
-                scores = similarity[evens][:, odds].max(dim=1).values
+                scores = even_odd_best_match(similarity, evens, odds)[0]  # shared with bipartite_merge (ToMe)
                 rank = torch.sort(scores, descending=True, stable=True).indices
                 order = torch.cat([evens[rank[r:]], odds])
         indices[b, : order.numel()] = order
