@@ -19,6 +19,6 @@ __all__ = [
 
 
 # The merging ops of issue 17 (bipartite_merge, assign_merge) and the multi-row LLM attention (attention_rows).
-from . import assign_merge, attention_rows, bipartite_merge, knn_weighted_merge  # noqa: E402
+from . import assign_merge, attention_rows, bipartite_merge, density_peak_merge, knn_weighted_merge  # noqa: E402
 
-__all__ += ["assign_merge", "attention_rows", "bipartite_merge", "knn_weighted_merge"]
+__all__ += ["assign_merge", "attention_rows", "bipartite_merge", "density_peak_merge", "knn_weighted_merge"]
