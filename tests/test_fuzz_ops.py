@@ -98,6 +98,24 @@ def _valid(op: str) -> dict:
         return dict(features=x, lengths=lengths, k=2, saliency=torch.rand(B, N), alpha=1.0)
     if op == "bipartite_dedup":
         return dict(features=x, lengths=lengths, k=2, per_round=2)
+    merge = dict(x=x, metric=features_from_seed(4, (B, N, 3)), lengths=lengths)
+    if op == "bipartite_merge":
+        return dict(merge, r=1, sizes=torch.rand(B, N) + 0.5, protect_first=True, spatial_order=False)
+    if op == "assign_merge":
+        return dict(merge, targets=torch.tensor([[0, 2], [1, -1]]), include_target=False)
+    if op == "knn_weighted_merge":
+        return dict(merge, weights=torch.rand(B, N), kept=torch.tensor([[0, 3], [1, -1]]), k=2)
+    if op == "attention_rows":
+        return dict(
+            q=features_from_seed(2, (B, H, M, D)),
+            k=features_from_seed(3, (B, 1, N, D)),
+            key_mask=torch.ones(B, N, dtype=torch.bool),
+            query_positions=torch.tensor([[4, 3, -1], [2, 2, 2]]),
+            scale=0.5,
+            reduce=False,
+        )
+    if op == "density_peak_merge":
+        return dict(x=x, lengths=lengths, clusters=2, neighbors=None)
     raise KeyError(op)
 
 
@@ -280,6 +298,44 @@ SPECS: dict[str, list[tuple[str, str, st.SearchStrategy]]] = {
         ("lengths", "lengths", _lengths()),
         ("k", "k", _int(0, N)),
         ("per_round", "per_round", _int(1, None)),
+    ],
+    "bipartite_merge": [
+        ("x", "x", _float_tensor(True)),
+        ("metric", "metric", _float_tensor(True, vectors=True)),
+        ("lengths", "lengths", _lengths()),
+        ("r", "r", _int(0, (N - 1) // 2)),
+        ("sizes", "sizes", _weights(required=False, non_negative=True)),
+        ("protect_first", "protect_first", FLAG),
+        ("spatial_order", "spatial_order", FLAG),
+    ],
+    "assign_merge": [
+        ("x", "x", _float_tensor(True)),
+        ("metric", "metric", _float_tensor(True, vectors=True)),
+        ("lengths", "lengths", _lengths()),
+        ("targets", "targets", st.one_of(_index_tensor("N"), st.just(("repeated", lambda t: t[:, :1].repeat(1, 2))))),
+        ("include_target", "include_target", FLAG),
+    ],
+    "knn_weighted_merge": [
+        ("x", "x", _float_tensor(True)),
+        ("metric", "metric", _float_tensor(True, vectors=True)),
+        ("weights", "weights", _weights(required=True)),
+        ("lengths", "lengths", _lengths()),
+        ("kept", "kept", _index_tensor("N")),
+        ("k", "k", _int(0, N)),
+    ],
+    "attention_rows": [
+        ("q", "q", _float_tensor(True, vectors=True)),
+        ("k", "k", _float_tensor(True, vectors=True)),
+        ("key_mask", "key_mask", _bool_mask()),
+        ("query_positions", "query_positions", _index_tensor("N")),
+        ("scale", "scale", _values([*NON_FINITE, 0.0, -1.0, True, "0.5"])),
+        ("reduce", "reduce", FLAG),
+    ],
+    "density_peak_merge": [
+        ("x", "x", _float_tensor(True, vectors=True)),
+        ("lengths", "lengths", _lengths()),
+        ("clusters", "clusters", _int(0, N)),
+        ("neighbors", "neighbors", _values([True, False, 2.0, "3", 0, -1])),
     ],
 }
 #: Public helpers of mrprune.ops that are not ops (no validation through a router).
