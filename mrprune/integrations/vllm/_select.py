@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=16)
 def _build(key: str) -> tuple[PruneConfig, Pruner]:
     config = PruneConfig.parse(key)
-    return config, config.build()
+    pruner = config.build()
+    logger.info("mrprune vLLM plugin: pruning with %r", pruner)
+    return config, pruner
 
 
 def pruner_for(hf_config: Any) -> tuple[PruneConfig, Pruner] | None:

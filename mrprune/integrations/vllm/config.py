@@ -23,7 +23,7 @@ from ...methods import DivPrune, GPrune, L2Norm, MRPruner, Pruner, RandomPruner
 from ...methods.base import Layout, round_half_up
 from ...methods.stages import Need, Stage
 
-__all__ = ["ENV_VAR", "METHODS", "PruneConfig", "kept_count", "resolve_config"]
+__all__ = ["ENV_VAR", "METHODS", "PruneConfig", "grid_layout", "kept_count", "resolve_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def resolve_config(hf_config: Any) -> PruneConfig | None:
     if value is None:
         return None
     config = PruneConfig.parse(value)
-    logger.info("mrprune vLLM plugin: %s %s (from %s)", config.method, config.kwargs, source)
+    logger.debug("mrprune vLLM plugin: %s %s (from %s)", config.method, config.kwargs, source)
     return config
 
 
