@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--ttft-requests", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--out", default="vllm_throughput.json")
