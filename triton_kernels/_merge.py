@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._common import device_guard, dot_upcast, interpreting, next_power_of_2
 
-__all__ = ["best_match", "segment_sum", "csr_offsets"]
+__all__ = ["best_match", "segment_sum", "csr_order"]
 
 
 @triton.jit
@@ -132,11 +132,15 @@ def _segment_sum_kernel(x, entry_rows, entry_coef, offsets, out, D, BLOCK_D: tl.
     tl.store(out + s * D + offs_d, acc.to(out.dtype.element_ty), mask=d_ok)
 
 
-def csr_offsets(segment: torch.Tensor, segments: int) -> torch.Tensor:
-    """``[segments + 1]`` int64 start offsets of entries sorted by ``segment`` (int64 ``[E]``, values in
-    ``[0, segments)``)."""
-    counts = torch.bincount(segment, minlength=segments)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+def csr_order(segment: torch.Tensor, segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group entries by output row without a host synchronisation (no boolean indexing, no ``bincount``): ``segment``
+    (int64 ``[E]``, ``-1`` for an entry that belongs nowhere) → ``order [E]`` (a stable sort: each segment's entries
+    in their given order, the ``-1`` entries last) and ``offsets [segments + 1]`` (segment ``s`` owns sorted entries
+    ``offsets[s] .. offsets[s + 1]``)."""
+    key = torch.where(segment >= 0, segment, segments)
+    ordered = torch.sort(key, stable=True)
+    bounds = torch.arange(segments + 1, device=segment.device, dtype=key.dtype)
+    return ordered.indices, torch.searchsorted(ordered.values, bounds)
 
 
 def segment_sum(

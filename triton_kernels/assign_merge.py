@@ -12,7 +12,7 @@ import torch
 from mrprune import _validation, backends
 
 from ._common import check_device, device_guard
-from ._merge import best_match, csr_offsets, segment_sum
+from ._merge import best_match, csr_order, segment_sum
 from .bipartite_merge import inverse_norms
 
 __all__ = ["assign_merge_triton"]
@@ -43,23 +43,20 @@ def assign_merge_triton(
         assignment = torch.where(is_target, own, assignment)
         member = (assignment >= 0) & ~is_target
         batch_index = torch.arange(batch, device=device)[:, None]
-        flat_slot = batch_index * slots + assignment.clamp_min(0)
-        members = torch.zeros(batch * slots, dtype=torch.int64, device=device)
-        members.scatter_add_(0, flat_slot[member], torch.ones_like(flat_slot[member]))
-        sizes = (members.reshape(batch, slots) + used).to(torch.int64)
-        # entries: every assigned token, by slot then position, with its coefficient
-        entry = assignment >= 0
-        flat = flat_slot[entry]
-        rows_in = (batch_index * tokens + position[None, :])[entry]
-        count = members.to(torch.float32)[flat]
+        segment = torch.where(assignment >= 0, batch_index * slots + assignment, -1)  # [B, N]
+        members = torch.zeros(batch * slots + 1, dtype=torch.int64, device=device)
+        dummy = batch * slots
+        members.scatter_add_(0, torch.where(member, segment, dummy).flatten(), member.flatten().to(torch.int64))
+        sizes = (members[:dummy].reshape(batch, slots) + used).to(torch.int64)
+        # entries: every assigned token (the flattened [B * N] rows), by slot then position, with its coefficient
+        count = members.to(torch.float32)[segment.clamp_min(0)]  # (the dummy slot keeps this in range when T = 0)
         if include_target:
             coef = 1.0 / (count + 1.0)
         else:
-            coef = torch.where(is_target[entry], 1.0, 1.0 / count.clamp_min(1.0))
-        order = torch.sort(flat, stable=True).indices
-        flat, rows_in, coef = flat[order], rows_in[order], coef[order]
-        offsets = csr_offsets(flat, batch * slots)
-        merged = segment_sum(x.reshape(batch * tokens, dim), rows_in, coef.to(torch.float32), offsets, batch * slots)
+            coef = torch.where(is_target, 1.0, 1.0 / count.clamp_min(1.0))
+        order, offsets = csr_order(segment.flatten(), dummy)
+        rows_in, coef = order, coef.flatten()[order]
+        merged = segment_sum(x.reshape(batch * tokens, dim), rows_in, coef.to(torch.float32), offsets, dummy)
     return merged.reshape(batch, slots, dim), assignment, sizes
 
 

@@ -12,7 +12,7 @@ import torch
 from mrprune import _validation, backends
 
 from ._common import check_device, device_guard
-from ._merge import best_match, csr_offsets, segment_sum
+from ._merge import best_match, csr_order, segment_sum
 
 __all__ = ["bipartite_merge_triton"]
 
@@ -71,15 +71,14 @@ def bipartite_merge_triton(
         slot = torch.where(valid, slot, -1)
         # CSR over the B * (N - r) output rows: entries are the valid tokens, by slot, then position
         size = torch.ones(batch, tokens, dtype=torch.float32, device=device) if sizes is None else sizes
-        flat = (torch.arange(batch, device=device)[:, None] * out_tokens + slot)[valid]
-        rows_in = (torch.arange(batch, device=device)[:, None] * tokens + position[None, :])[valid]
-        entry_size = size[valid]
-        by_slot = torch.sort(flat, stable=True).indices
-        flat, rows_in, entry_size = flat[by_slot], rows_in[by_slot], entry_size[by_slot]
-        offsets = csr_offsets(flat, batch * out_tokens)
+        segment = torch.where(valid, torch.arange(batch, device=device)[:, None] * out_tokens + slot, -1).flatten()
+        order, offsets = csr_order(segment, batch * out_tokens)
+        rows_in = order  # entries are the flattened [B * N] tokens
+        entry_size = torch.where(valid, size, 0.0).flatten()[order]
         cumulative = torch.cat([entry_size.new_zeros(1, dtype=torch.float64), entry_size.double().cumsum(0)])
         mass = (cumulative[offsets[1:]] - cumulative[offsets[:-1]]).to(torch.float32)  # exact order, no atomics
-        coef = entry_size / mass[flat]
+        owner = segment[order].clamp_min(0)
+        coef = entry_size / torch.where(mass[owner] > 0, mass[owner], 1.0)
         merged = segment_sum(x.reshape(batch * tokens, dim), rows_in, coef, offsets, batch * out_tokens)
     return (
         merged.reshape(batch, out_tokens, dim),

@@ -12,7 +12,7 @@ import torch
 from mrprune import _validation, backends
 
 from ._common import check_device, device_guard
-from ._merge import csr_offsets, segment_sum
+from ._merge import csr_order, segment_sum
 
 __all__ = ["density_peak_merge_triton"]
 
@@ -59,14 +59,12 @@ def density_peak_merge_triton(
         )
         slot = torch.where(own[:, :tokens] >= 0, own[:, :tokens], slot)
         assignment = torch.where(valid & (count[:, None] > 0), slot, -1)
-        entry = assignment >= 0
-        flat = (torch.arange(batch, device=device)[:, None] * clusters + assignment.clamp_min(0))[entry]
-        rows_in = (torch.arange(batch, device=device)[:, None] * tokens + position[None, :])[entry]
-        order_e = torch.sort(flat, stable=True).indices
-        flat, rows_in = flat[order_e], rows_in[order_e]
-        offsets = csr_offsets(flat, batch * clusters)
+        segment = torch.where(assignment >= 0, torch.arange(batch, device=device)[:, None] * clusters + assignment, -1)
+        order, offsets = csr_order(segment.flatten(), batch * clusters)
         sizes = (offsets[1:] - offsets[:-1]).clamp_min(1).to(torch.float32)
-        merged = segment_sum(x.reshape(batch * tokens, dim), rows_in, 1.0 / sizes[flat], offsets, batch * clusters)
+        rows_in = order
+        coef = 1.0 / sizes[segment.flatten()[order].clamp_min(0)]
+        merged = segment_sum(x.reshape(batch * tokens, dim), rows_in, coef, offsets, batch * clusters)
     return merged.reshape(batch, clusters, dim), assignment, centers
 
 

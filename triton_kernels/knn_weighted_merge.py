@@ -12,7 +12,7 @@ import torch
 from mrprune import _validation, backends
 
 from ._common import check_device, device_guard
-from ._merge import csr_offsets, segment_sum
+from ._merge import csr_order, segment_sum
 
 __all__ = ["knn_weighted_merge_triton"]
 
@@ -52,8 +52,8 @@ def knn_weighted_merge_triton(
         )
         live = torch.cat([used[..., None], real], dim=2)
         segment = torch.arange(batch * slots, device=device).view(batch, slots, 1).expand_as(live)
-        segment, rows_in, coef = segment[live], rows_in[live], coef[live]  # row-major: already grouped by segment
-        offsets = csr_offsets(segment, batch * slots)
+        order, offsets = csr_order(torch.where(live, segment, -1).flatten(), batch * slots)
+        rows_in, coef = rows_in.flatten()[order], coef.flatten()[order]
         merged = segment_sum(x.reshape(batch * tokens, dim), rows_in, coef, offsets, batch * slots)
     return merged.reshape(batch, slots, dim), neighbors
 
