@@ -35,6 +35,13 @@ def take_prefixes(indices: torch.Tensor, counts: Sequence[int]) -> list[torch.Te
     return [indices[b, :count] for b, count in enumerate(counts)]
 
 
+class _NeedsText:
+    """``Pruner.uses_text``: whether the method takes text embeddings (``Need.TEXT``), on the class and on instances."""
+
+    def __get__(self, instance: Any, owner: type) -> bool:
+        return Need.TEXT in owner.needs
+
+
 class Pruner:
     """Base class of the pruning methods.
 
@@ -49,10 +56,7 @@ class Pruner:
     position_mode: ClassVar[str] = "original"
     attention_layers: tuple[int, ...] = ()
 
-    @property
-    def uses_text(self) -> bool:
-        """The method takes text embeddings (``Need.TEXT``)."""
-        return Need.TEXT in self.needs
+    uses_text = _NeedsText()
 
     def select(
         self,
