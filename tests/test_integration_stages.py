@@ -287,14 +287,26 @@ def test_vision_attention_matches_eager_attention(case):
         assert crops[len(images), :video].tolist() == [0] * (video // 2) + [1] * (video // 2)  # one crop per frame
 
 
+def _transformers_before(version: str) -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release < Version(version).release
+
+
 @pytest.mark.parametrize("method", ["fastervlm", "l2norm"])
 @torch.no_grad()
 def test_static_cache_equals_dynamic_cache(case, method):
     """``cache_implementation="static"``: the pruned prompt fills fewer slots of the static cache; greedy decoding,
     beam search and several return sequences match the dynamic cache."""
-    _, model, inputs, _ = case
+    name, model, inputs, _ = case
+    variants = [{}, {"num_beams": 2, "num_return_sequences": 2}]
+    if name == "llava_next" and _transformers_before("5.23"):
+        # before 5.23, generate expands LLaVA-NeXT pixel_values image by image for beams, so a prompt with two images
+        # gets another prompt's image (the unpatched model silently misplaces it; mrprune refuses)
+        variants = variants[:1]
     with patched(model, METHODS[method](0.4)) as handle:
-        for extra in ({}, {"num_beams": 2, "num_return_sequences": 2}):
+        for extra in variants:
             dynamic = model.generate(**inputs, max_new_tokens=3, **GREEDY, **extra)
             kept = handle.last
             static = model.generate(**inputs, max_new_tokens=3, cache_implementation="static", **GREEDY, **extra)
