@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, dot_upcast, interpreting, next_power_of_2
+from ._common import LAUNCH_OPTIONS, device_guard, dot_upcast, interpreting, next_power_of_2
 
 __all__ = ["best_match", "segment_sum", "csr_order"]
 
@@ -113,6 +113,7 @@ def best_match(
             BLOCK_D=block_d,
             UPCAST=upcast,
             num_warps=4,
+            **LAUNCH_OPTIONS,
         )
     return best, arg
 
@@ -155,6 +156,6 @@ def segment_sum(
     block_d = min(256, max(16, next_power_of_2(dim)))
     with device_guard(x):
         _segment_sum_kernel[(segments, triton.cdiv(dim, block_d))](
-            x, entry_rows, entry_coef, offsets, out, dim, BLOCK_D=block_d, num_warps=4
+            x, entry_rows, entry_coef, offsets, out, dim, BLOCK_D=block_d, num_warps=4, **LAUNCH_OPTIONS
         )
     return out

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from mrprune import _validation, backends
 
-from ._common import check_device, device_guard, dot_upcast, interpreting, next_power_of_2
+from ._common import LAUNCH_OPTIONS, check_device, device_guard, dot_upcast, interpreting, next_power_of_2
 
 __all__ = ["attention_rows_triton"]
 
@@ -151,6 +151,7 @@ def attention_rows_triton(
                 BLOCK_D=block_d,
                 UPCAST=upcast,
                 num_warps=4,
+                **LAUNCH_OPTIONS,
             )
     out = probs.mean(dim=1)  # [B, M, N]
     if not reduce:

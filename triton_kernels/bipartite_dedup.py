@@ -18,7 +18,16 @@ import triton.language as tl
 
 from mrprune import _validation, backends
 
-from ._common import check_device, device_guard, feature_block, interpreting, next_power_of_2, row_norms, token_block
+from ._common import (
+    LAUNCH_OPTIONS,
+    check_device,
+    device_guard,
+    feature_block,
+    interpreting,
+    next_power_of_2,
+    row_norms,
+    token_block,
+)
 from .cosine_graph import gram_store
 
 __all__ = ["bipartite_dedup_triton"]
@@ -108,7 +117,7 @@ def bipartite_dedup_triton(
         if block is None:
             block = min(256, max(16, next_power_of_2((tokens + 1) // 2))) if interpreting() else 64
         _dedup_rounds_kernel[(batch,)](
-            S, lengths, order, score, out, tokens, k, per_round, S.stride(0), BLOCK=block, num_warps=4
+            S, lengths, order, score, out, tokens, k, per_round, S.stride(0), BLOCK=block, num_warps=4, **LAUNCH_OPTIONS
         )
     return out
 

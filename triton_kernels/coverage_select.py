@@ -19,7 +19,16 @@ import triton.language as tl
 
 from mrprune import _validation, backends, reference
 
-from ._common import check_device, device_guard, feature_block, interpreting, next_power_of_2, row_norms, token_block
+from ._common import (
+    LAUNCH_OPTIONS,
+    check_device,
+    device_guard,
+    feature_block,
+    interpreting,
+    next_power_of_2,
+    row_norms,
+    token_block,
+)
 from .cosine_graph import gram_store
 
 __all__ = ["coverage_select_triton"]
@@ -121,7 +130,7 @@ def coverage_select_triton(
             block = min(256, max(16, next_power_of_2(tokens))) if interpreting() else 64
         _coverage_greedy_kernel[(batch,)](
             S, weights.contiguous(), lengths, cur, picked, out, tokens, k, S.stride(0),
-            BLOCK_I=block, BLOCK_J=block, num_warps=4,
+            BLOCK_I=block, BLOCK_J=block, num_warps=4, **LAUNCH_OPTIONS,
         )  # fmt: skip
     return out
 
