@@ -101,3 +101,19 @@ def test_errors():
     method = TRIM(keep_ratio=0.5, clip=object())
     with pytest.raises(ValueError, match="clip_text"):
         method.select_batch(torch.randn(1, 4, 2), [None], attention={-2: torch.zeros(1, 4)})
+
+
+@torch.no_grad()
+def test_keep_all_is_the_unpatched_model_and_remove_restores():
+    model = tiny_llava()
+    clip = tiny_clip(model.config.vision_config)
+    image = [IMAGE_TOKEN] * 16
+    input_ids, mask = left_pad([[1, 5, *image, 7, *image, 9], [1, 12, *image, 14]])
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(6))
+    inputs = dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
+    reference = model(**inputs).logits
+    method = TRIM(keep_ratio=1.0, clip=clip, clip_tokenizer=clip_tokenizer)
+    with patched(model, method, instructions=["a dog", "a car"]) as handle:
+        assert torch.equal(model(**inputs).logits, reference)
+        assert [r.tokens_after for r in handle.last] == [32, 16]
+    assert torch.equal(model(**inputs).logits, reference)
