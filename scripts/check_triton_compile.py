@@ -75,7 +75,7 @@ F32, I64, U8 = _t("float32"), _t("int64"), _t("uint8")
 
 def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
     import torch
-    from mrprune.triton_kernels import _common, graph_scores, transfer_scores
+    from mrprune.triton_kernels import _common, graph_scores, received_attention, transfer_scores
     from mrprune.triton_kernels import cosine_graph as cg
 
     out: list[Spec] = []
@@ -158,9 +158,10 @@ def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
             scale=head_dim**-0.5,
         )
         for has_seg in (False, True):
-            tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=head_dim, HAS_SEG=has_seg, UPCAST=upcast)
-            fixed("received_attention._row_stats_kernel", dtype, attention, tiles, 4)
-            fixed("received_attention._column_kernel", dtype, dict(attention, part=F32), tiles, 4)
+            block_d, warps = received_attention.launch_config(head_dim, upcast, on_gpu=True)
+            tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, HAS_SEG=has_seg, UPCAST=upcast)
+            fixed("received_attention._row_stats_kernel", dtype, attention, tiles, warps)
+            fixed("received_attention._column_kernel", dtype, dict(attention, part=F32), tiles, warps)
         for m, n in ((SMALL_N, LARGE_N), (LARGE_N, SMALL_N), (SMALL_N, SMALL_N), (LARGE_N, LARGE_N)):
             bm, bn = transfer_scores.cuda_tiles(m, n, upcast)
             args = dict(

@@ -17,7 +17,9 @@ layout Qwen2.5-VL uses, that is the block-diagonal band; for unsorted ids it is 
 
 Values are loaded in their storage dtype; the dot runs on raw float16/bfloat16 operands on GPUs (exact products,
 float32 accumulation) and on float32 otherwise (float32 input, and bfloat16 under the interpreter, whose bfloat16
-arithmetic is wrong: ``dot_upcast``). Every softmax quantity is float32.
+arithmetic is wrong: ``dot_upcast``), accumulated over the head dimension in ``BLOCK_D`` steps (the whole head for
+half operands; 32 features for float32 ones, whose FMA dot would spill with the whole head: :func:`launch_config`).
+Every softmax quantity is float32.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import triton.language as tl
 
 from mrprune import _validation, backends
 
-from ._common import check_device, device_guard, dot_upcast, interpreting, next_power_of_2
+from ._common import LAUNCH_OPTIONS, check_device, device_guard, dot_upcast, interpreting, next_power_of_2
 
-__all__ = ["received_attention_triton", "tile_ranges"]
+__all__ = ["launch_config", "received_attention_triton", "tile_ranges"]
 
 
 def _block(tokens: int, t: torch.Tensor, override: int | None) -> int:
@@ -41,6 +43,18 @@ def _block(tokens: int, t: torch.Tensor, override: int | None) -> int:
     if interpreting() or t.device.type != "cuda":
         return min(128, max(16, next_power_of_2(tokens)))
     return 64
+
+
+def launch_config(dim: int, upcast: bool, on_gpu: bool) -> tuple[int, int]:
+    """``(BLOCK_D, num_warps)`` of both kernels: ``BLOCK_D`` is the head-dimension step of the logit dots. Half
+    operands on a GPU take the whole head in one wgmma dot with 4 warps. Float32 operands take Triton's FMA dot,
+    which keeps the whole ``BLOCK_D`` slice of both 64-token operands in registers: they step by 32 features with
+    8 warps (a 128-feature step spills kilobytes on sm_90, and the segment-masked column pass still spills with
+    4 warps; ``scripts/check_triton_compile.py``). The interpreter takes the whole head (fewest interpreted steps)."""
+    whole = max(16, next_power_of_2(dim))
+    if upcast and on_gpu:
+        return min(32, whole), 8
+    return whole, 4
 
 
 def tile_ranges(segment_ids: torch.Tensor | None, lengths: torch.Tensor, tokens: int, block: int) -> torch.Tensor:
@@ -75,32 +89,42 @@ def tile_ranges(segment_ids: torch.Tensor | None, lengths: torch.Tensor, tokens:
 
 @triton.jit
 def _logits(
-    q_tile,
+    q_base,
     k_base,
     seg_base,
+    offs_m,
     offs_j,
     own_seg,
     row_ok,
     n,
     scale,
-    stride_kn,
-    BLOCK_D: tl.constexpr,
+    stride_n,
     D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     HAS_SEG: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` float32 logits ``scale * q k^T`` of a query tile against the keys ``offs_j``; ``-inf``
-    where the key is padding, in another segment, or the row is invalid."""
+    """``[BLOCK_M, BLOCK_N]`` float32 logits ``scale * q k^T`` of the query rows ``offs_m`` against the keys
+    ``offs_j``, accumulated over the head dimension in ``BLOCK_D`` steps; ``-inf`` where the key is padding, in
+    another segment, or the row is invalid."""
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_j < n
-    kt = tl.load(
-        k_base + offs_d[:, None] + offs_j.to(tl.int64)[None, :] * stride_kn,
-        mask=(offs_d[:, None] < D) & col_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        kt = kt.to(tl.float32)
-    z = tl.dot(q_tile, kt, input_precision="ieee") * scale
+    q_ptrs = q_base + (offs_m.to(tl.int64)[:, None] * stride_n + offs_d[None, :])
+    k_ptrs = k_base + (offs_d[:, None] + offs_j.to(tl.int64)[None, :] * stride_n)
+    z = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + offs_d) < D
+        qt = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        kt = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            kt = kt.to(tl.float32)
+        z = tl.dot(qt, kt, z, input_precision="ieee")
+        q_ptrs += BLOCK_D
+        k_ptrs += BLOCK_D
+    z = z * scale
     ok = row_ok[:, None] & col_ok[None, :]
     if HAS_SEG:
         key_seg = tl.load(seg_base + offs_j, mask=col_ok, other=-1)
@@ -109,22 +133,13 @@ def _logits(
 
 
 @triton.jit
-def _load_rows(
-    base, seg_base, offs, n, stride_n, D, BLOCK_D: tl.constexpr, HAS_SEG: tl.constexpr, UPCAST: tl.constexpr
-):
-    offs_d = tl.arange(0, BLOCK_D)
+def _row_segments(seg_base, offs, n, HAS_SEG: tl.constexpr):
+    """The rows' validity and segment ids (``-2`` on padding; zeros without segments)."""
     ok = offs < n
-    tile = tl.load(
-        base + offs.to(tl.int64)[:, None] * stride_n + offs_d[None, :],
-        mask=ok[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        tile = tile.to(tl.float32)
     seg = tl.zeros_like(offs).to(tl.int64)
     if HAS_SEG:
         seg = tl.load(seg_base + offs, mask=ok, other=-2)
-    return tile, seg, ok
+    return seg, ok
 
 
 @triton.jit
@@ -157,7 +172,7 @@ def _row_stats_kernel(
         head = b * stride_qb + h * stride_qh
         seg_base = seg + b * N
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        q_tile, own_seg, row_ok = _load_rows(q + head, seg_base, offs_m, n, stride_qn, D, BLOCK_D, HAS_SEG, UPCAST)
+        own_seg, row_ok = _row_segments(seg_base, offs_m, n, HAS_SEG)
         ranges_at = ranges + (b * tl.cdiv(N, BLOCK_M) + tile) * 2
         first = tl.load(ranges_at)
         last = tl.load(ranges_at + 1)
@@ -166,8 +181,9 @@ def _row_stats_kernel(
         for kt in range(first, last):
             offs_j = kt * BLOCK_N + tl.arange(0, BLOCK_N)
             z = _logits(
-                q_tile, k + head, seg_base, offs_j, own_seg, row_ok, n, scale, stride_qn, BLOCK_D, D, HAS_SEG, UPCAST
-            )
+                q + head, k + head, seg_base, offs_m, offs_j, own_seg, row_ok, n, scale, stride_qn, D,
+                BLOCK_M, BLOCK_N, BLOCK_D, HAS_SEG, UPCAST,
+            )  # fmt: skip
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
@@ -215,10 +231,11 @@ def _column_kernel(
         last = tl.load(ranges_at + 1)
         for qt in range(first, last):
             offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-            q_tile, own_seg, row_ok = _load_rows(q + head, seg_base, offs_m, n, stride_qn, D, BLOCK_D, HAS_SEG, UPCAST)
+            own_seg, row_ok = _row_segments(seg_base, offs_m, n, HAS_SEG)
             z = _logits(
-                q_tile, k + head, seg_base, offs_j, own_seg, row_ok, n, scale, stride_qn, BLOCK_D, D, HAS_SEG, UPCAST
-            )
+                q + head, k + head, seg_base, offs_m, offs_j, own_seg, row_ok, n, scale, stride_qn, D,
+                BLOCK_M, BLOCK_N, BLOCK_D, HAS_SEG, UPCAST,
+            )  # fmt: skip
             m = tl.load(row_max + stats + offs_m, mask=row_ok, other=0.0)
             inv = 1.0 / tl.load(row_sum + stats + offs_m, mask=row_ok, other=1.0)
             acc += tl.sum(tl.exp(z - m[:, None]) * inv[:, None], axis=0)  # exp(-inf) = 0 off the mask
@@ -233,16 +250,22 @@ def received_attention_triton(
     scale: float | None = None,
     *,
     block: int | None = None,
+    block_d: int | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, N]`` float32 for contiguous ``q, k [B, H, N, d]`` (float16/bfloat16/float32, the same dtype),
     int64 ``lengths`` and optional int64 ``segment_ids [B, N]``; see ``mrprune.reference.received_attention``.
-    ``block`` overrides the query/key tile (tests)."""
+    ``block`` overrides the query/key tile and ``block_d`` the head-dimension step (tests)."""
     batch, heads, tokens, dim = q.shape
     if batch == 0 or tokens == 0:
         return torch.zeros(batch, tokens, dtype=torch.float32, device=q.device)
     scale = dim**-0.5 if scale is None else float(scale)
     block = _block(tokens, q, block)
-    block_d = max(16, next_power_of_2(dim))
+    upcast = dot_upcast(q)
+    default_d, warps = launch_config(dim, upcast, q.device.type == "cuda" and not interpreting())
+    if block_d is None:
+        block_d = default_d
+    elif block_d < 16 or block_d & (block_d - 1):
+        raise ValueError(f"head block must be a power of two >= 16, got {block_d}")
     tiles = triton.cdiv(tokens, block)
     with device_guard(q):
         ranges = tile_ranges(segment_ids, lengths, tokens, block)
@@ -256,8 +279,9 @@ def received_attention_triton(
             BLOCK_N=block,
             BLOCK_D=block_d,
             HAS_SEG=segment_ids is not None,
-            UPCAST=dot_upcast(q),
-            num_warps=4,
+            UPCAST=upcast,
+            num_warps=warps,
+            **LAUNCH_OPTIONS,
         )
         sizes = (tokens, dim, heads, q.stride(0), q.stride(1), q.stride(2), scale)
         _row_stats_kernel[grid](q, k, seg, lengths, ranges, row_max, row_sum, *sizes, **common)
