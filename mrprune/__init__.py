@@ -19,6 +19,7 @@ from .methods import (
     PRESETS,
     SCOPE,
     TRIM,
+    AgilePruner,
     CDPruner,
     DivPrune,
     FasterVLM,
@@ -112,6 +113,7 @@ HAS_TRITON = _load_triton_kernels()
 __all__ = [
     "HAS_EXTENSION",
     "PRESETS",
+    "AgilePruner",
     "CDPruner",
     "DivPrune",
     "FastV",

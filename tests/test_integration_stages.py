@@ -101,6 +101,7 @@ METHODS = {
     "vispruner": lambda keep: mrprune.methods.VisPruner(keep_ratio=keep),
     "cdpruner": lambda keep: mrprune.methods.CDPruner(keep_ratio=keep),
     "hired": lambda keep: mrprune.methods.HiRED(keep_ratio=keep, budget_layer=0, select_layer=-1),
+    "agilepruner": lambda keep: mrprune.methods.AgilePruner(keep_ratio=keep, erank_avg=1.0, tau_max=1.0),
 }
 
 

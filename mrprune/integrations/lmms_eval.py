@@ -109,7 +109,7 @@ def manifests() -> list[Any]:
 
 def _method_classes() -> dict[str, type]:
     from .. import DivPrune, FastV, GPrune, MRPruner, RandomPruner, ResPrune
-    from ..methods import SCOPE, TRIM, CDPruner, FasterVLM, HiRED, L2Norm, VisPruner
+    from ..methods import SCOPE, TRIM, AgilePruner, CDPruner, FasterVLM, HiRED, L2Norm, VisPruner
 
     return {
         "mrpruner": MRPruner,
@@ -126,6 +126,7 @@ def _method_classes() -> dict[str, type]:
         "cdpruner": CDPruner,
         "trim": TRIM,
         "l2norm": L2Norm,
+        "agilepruner": AgilePruner,
     }
 
 

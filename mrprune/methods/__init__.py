@@ -16,6 +16,7 @@ indices per item; integrations deliver each need as a keyword argument and never
 model adapter of an integration implements each stage once, so adding a method is one file here and one test file.
 """
 
+from .agilepruner import AgilePruner
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
 from .cdpruner import CDPruner
@@ -34,6 +35,7 @@ from .vispruner import VisPruner
 __all__ = [
     "ALPHA_PRESETS",
     "PRESETS",
+    "AgilePruner",
     "CDPruner",
     "DivPrune",
     "FastV",

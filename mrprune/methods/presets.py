@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .agilepruner import AgilePruner
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
 from .cdpruner import CDPruner
@@ -54,6 +55,8 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     **table_settings("vispruner", VisPruner, qwen={"layer": -1}),
     # CDPruner needs the user's CLIP model for its relevance: preset("cdpruner_64", clip=..., clip_tokenizer=...)
     **table_settings("cdpruner", CDPruner, qwen={"layer": -1}),
+    # AgilePruner: reconstructed from the paper (no code); erank_avg and tau_max are guesses
+    **table_settings("agilepruner", AgilePruner, qwen={"layer": -1}),
 }
 
 
