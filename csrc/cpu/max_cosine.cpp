@@ -28,7 +28,7 @@ Tensor max_cosine_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Tensor 
     const RowMatrix query_rows = item_rows(queries, b, m), key_rows = item_rows(keys, b, n);
     row_norms(query_rows, nullptr, query_inv.data());
     row_norms(key_rows, nullptr, key_inv.data());
-    visit_cross_tiles(query_rows, key_rows,
+    visit_cross_blocks(query_rows, key_rows,
                       [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* raw, int64_t ld) {
                         for (int64_t r = 0; r < rows; ++r) {
                           for (int64_t c = 0; c < cols; ++c) {

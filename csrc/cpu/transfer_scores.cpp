@@ -52,7 +52,7 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
     if (key_weights.has_value()) {
       for (int64_t s = 0; s < selected; ++s) weight[s] = key_weights->const_data_ptr<float>()[b * max_keys + selected_keys[s]];
     }
-    visit_cross_tiles(query_rows, key_rows,
+    visit_cross_blocks(query_rows, key_rows,
                       [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* raw, int64_t ld) {
                         for (int64_t r = 0; r < rows; ++r) {
                           for (int64_t c = 0; c < cols; ++c) {

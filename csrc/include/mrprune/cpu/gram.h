@@ -69,14 +69,22 @@ constexpr int64_t kTileCols = TileDots::kMaxCols;
 // Calls fn(i0, m, j0, n, raw, ld) for every block of the upper triangle of x x^T (rows i0..i0+m, columns
 // j0..j0+n with j0 >= i0; raw[r * ld + c] = x_{i0+r} . x_{j0+c}, raw dot products), in parallel. Every unordered
 // pair {i, j} lies in exactly one block as (min, max); a block starting on the diagonal also holds pairs with j < i,
-// which the callback must skip. fn runs concurrently for different blocks; `slot` (0 <= slot < slots()) identifies
-// the calling chunk for per-chunk scratch.
+// which the callback must skip. fn runs concurrently for different blocks, in no fixed order; `slot`
+// (0 <= slot < items()) identifies the calling chunk for per-chunk scratch.
 class UpperTiles {
  public:
-  explicit UpperTiles(int64_t n) : n_(n), row_tiles_((n + kTileRows - 1) / kTileRows) {}
+  explicit UpperTiles(int64_t n) : n_(n) {
+    // Every upper block, row tiles taken in folded order (w, R-1-w, ...) so that consecutive blocks of a static
+    // chunk mix long and short rows of the triangle: the threads get about the same number of multiply-adds.
+    const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
+    for (int64_t w = 0; w < (row_tiles + 1) / 2; ++w) {
+      add_row_tile(w);
+      if (row_tiles - 1 - w != w) add_row_tile(row_tiles - 1 - w);
+    }
+  }
 
-  // Work items pair row tile w with row tile R-1-w, so every item holds about the same number of blocks.
-  int64_t items() const { return (row_tiles_ + 1) / 2; }
+  // Number of work items (blocks); slots lie in [0, items()).
+  int64_t items() const { return static_cast<int64_t>(blocks_.size()); }
 
   // `stop` (optional) ends the visit early once set by a callback.
   template <class F>
@@ -84,28 +92,40 @@ class UpperTiles {
     torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t end) {
       TileDots dots(x.elem);
       for (int64_t w = begin; w < end; ++w) {
-        visit_row_tile(x, dots, w, begin, fn, stop);
-        if (row_tiles_ - 1 - w != w) visit_row_tile(x, dots, row_tiles_ - 1 - w, begin, fn, stop);
+        if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
+        const auto [i0, j0] = blocks_[w];
+        const int64_t m = std::min(kTileRows, n_ - i0), n = std::min(kTileCols, n_ - j0);
+        fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n), TileDots::ld(), begin);
       }
     });
   }
 
  private:
-  template <class F>
-  void visit_row_tile(const RowMatrix& x, TileDots& dots, int64_t t, int64_t slot, const F& fn,
-                      const std::atomic<bool>* stop) const {
-    const int64_t i0 = t * kTileRows, m = std::min(kTileRows, n_ - i0);
-    for (int64_t j0 = i0; j0 < n_; j0 += kTileCols) {
-      if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
-      const int64_t n = std::min(kTileCols, n_ - j0);
-      fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n), TileDots::ld(), slot);
-    }
+  void add_row_tile(int64_t t) {
+    for (int64_t j0 = t * kTileRows; j0 < n_; j0 += kTileCols) blocks_.emplace_back(t * kTileRows, j0);
   }
 
-  int64_t n_, row_tiles_;
+  int64_t n_;
+  std::vector<std::pair<int64_t, int64_t>> blocks_;
 };
 
-// Calls fn(i0, m, j0, n, raw, ld) for every block of a b^T (rows of a by rows of b), in parallel over row tiles.
+// Calls fn(i0, m, j0, n, raw, ld) for every block of a b^T (rows of a by rows of b), in parallel over blocks (any
+// thread, any order: for callbacks that write each block's own outputs).
+template <class F>
+inline void visit_cross_blocks(const RowMatrix& a, const RowMatrix& b, const F& fn) {
+  const int64_t row_tiles = (a.rows + kTileRows - 1) / kTileRows, col_tiles = (b.rows + kTileCols - 1) / kTileCols;
+  torch::stable::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
+    TileDots dots(a.elem);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t i0 = (w / col_tiles) * kTileRows, j0 = (w % col_tiles) * kTileCols;
+      const int64_t m = std::min(kTileRows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
+      fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n), TileDots::ld());
+    }
+  });
+}
+
+// Calls fn(i0, m, j0, n, raw, ld) for every block of a b^T (rows of a by rows of b), in parallel over row tiles: the
+// blocks of one row tile are visited by one thread in ascending column order (a fixed order per row).
 template <class F>
 inline void visit_cross_tiles(const RowMatrix& a, const RowMatrix& b, const F& fn) {
   const int64_t row_tiles = (a.rows + kTileRows - 1) / kTileRows;
