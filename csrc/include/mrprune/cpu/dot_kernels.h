@@ -1,21 +1,15 @@
-// Fixed-order dot products of feature rows stored as float32, bfloat16 or float16, with float32 accumulation.
+// Single fixed-order dot products of feature rows stored as float32, bfloat16 or float16, with float32 accumulation:
+// row norms, a row against a float32 vector (the greedy selection's basis form), and two rows (the streaming
+// selections' recomputed cosine rows). Gram tiles use gram_kernels.h instead.
 //
-// Every result depends only on the two rows' values, never on where the rows sit in memory, on the size of the
-// block they are computed in or on the thread count: each pair gets 16 lane accumulators (lane l sums the elements
-// k = l mod 16 in increasing k, by fused multiply-add) reduced by one fixed tree. So identical tokens get
-// bit-identical similarities (exact ties stay exact), a Gram built from these products is bitwise symmetric, and a
-// row recomputed later equals the one computed inside a tile.
-//
-// A product of two bfloat16 (8-bit significand) or two float16 (11-bit) values is exact in float32 (24 bits), so
-// these products on the raw half-precision rows equal the float32 computation on the upcast rows: float16 rows and
-// bfloat16 rows without AVX-512 BF16 are converted 16 elements at a time in registers and give bit-identical results
-// to upcast float32 rows; with AVX-512 BF16 (VDPBF16PS) bfloat16 pairs are accumulated by the instruction's own
-// order (lane l sums elements 2l and 2l+1 of each 32-element chunk; denormal inputs are read as 0), which agrees with
-// the float32 result up to summation order. No row is ever upcast as a whole.
+// Each result depends only on the rows' values, never on where they sit in memory or on the thread count: 16 lane
+// accumulators (lane l sums the elements k = l mod 16 in increasing k, by fused multiply-add) reduced by one fixed
+// tree, and a . b == b . a bitwise. float16/bfloat16 rows are converted 16 elements at a time in registers (never as
+// a whole); a product of two half-precision values is exact in float32, so the results equal the float32 ones on
+// upcast rows bit for bit.
 //
 // Torch-free: plain C++17 plus x86 intrinsics in functions compiled for AVX-512 by target attributes and chosen at
-// run time, so the extension still loads on CPUs without AVX-512 (the portable loops give the same results as the
-// AVX-512 float32 path).
+// run time (isa()), so the extension still loads on CPUs without AVX-512; the portable loops give the same results.
 #pragma once
 
 #include <cmath>
