@@ -96,3 +96,15 @@ def test_cuda_kernel_registered(op):
         f"mrprune._C has no CUDA kernel for {op}: was it built with MRPRUNE_CUDA=0 or without nvcc?"
     )
     assert "cuda" in backends.available(op, "cuda")
+
+
+def test_every_subpackage_ships():
+    """pyproject lists packages explicitly (triton_kernels/ ships as mrprune.triton_kernels), so a new subpackage
+    missing from the list installs from a checkout but not from a wheel."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "mrprune").rglob("__init__.py")} | {
+        "mrprune.triton_kernels"
+    }
+    assert declared == on_disk
