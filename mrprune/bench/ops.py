@@ -675,8 +675,15 @@ def op_cases(
     saliency = torch.rand(batch, tokens, generator=generator).to(device)
     args = (features, lengths, k_cover, saliency, 1.0)
     add("coverage_select", f"k={k_cover} of {tokens}", args, ("index",), k=k_cover, n=tokens)
-    k_dedup = round(0.0556 * tokens)  # VisPruner's diverse tokens at 64 of 576 (32 from the other 544)
-    add("bipartite_dedup", f"k={k_dedup} of {tokens}", (features, lengths, k_dedup, 8), ("index",), k=k_dedup, n=tokens)
+    # VisPruner de-duplicates one crop's tokens (the base view on LLaVA-NeXT): its rounds cascade, so on thousands of
+    # near-tied synthetic tokens even the float32 and float64 references keep different sets, and an index check
+    # would compare rounding, not kernels.
+    crop = features[:, layout.base_indices.to(device)].contiguous() if isinstance(layout, LlavaNextLayout) else features
+    n_crop = crop.shape[1]
+    k_dedup = round(0.0556 * n_crop)  # VisPruner's diverse tokens at 64 of 576 (32 from the other 544)
+    crop_lengths = torch.full((batch,), n_crop, dtype=torch.int64, device=device)
+    args = (crop, crop_lengths, k_dedup, 8)
+    add("bipartite_dedup", f"k={k_dedup} of {n_crop}", args, ("index",), k=k_dedup, n=n_crop)
     _add_merge_cases(add, features, lengths, generator)
 
     cases = []
