@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,6 +17,7 @@ __all__ = [
     "check_layer",
     "crop_groups",
     "gather_kept",
+    "select_per_crop",
     "size_split",
     "token_scores",
     "top_per_crop",
@@ -129,6 +130,28 @@ def top_per_crop(
         values, sizes = pad_batch(rows)
         picks = take_prefixes(ops.topk_indices(values[..., 0], sizes, max(wanted)), wanted)
     return gather_kept(picks, groups, owners, len(counts), scores.device)
+
+
+def select_per_crop(
+    budget: Budget,
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    crops: torch.Tensor,
+    lengths: torch.Tensor,
+    pick: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int]], list[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Default-mode per-crop selection: :func:`size_split`'s budgets, every (item, crop) group padded into one batch,
+    ``pick(tokens [G, P, D], saliency [G, P], sizes [G], wanted)`` choosing ``wanted[g]`` indices into row ``g``,
+    then each item's picks gathered back with its newlines appended (list of B int64 tensors, unsorted)."""
+    counts, newlines = size_split(budget, crops, lengths)
+    groups, owners, wanted = crop_groups(crops, lengths, counts)
+    picks = []
+    if groups:
+        tokens, sizes = pad_batch([features[o, g] for o, g in zip(owners, groups, strict=True)])
+        saliency = pad_batch([scores[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
+        picks = pick(tokens, saliency, sizes, wanted)
+    kept = gather_kept(picks, groups, owners, len(counts), features.device)
+    return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
 
 
 def size_split(budget: Budget, crops: torch.Tensor, lengths: torch.Tensor) -> tuple[list[dict[int, int]], list]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..batching import pad_batch
 from . import _checks
-from ._vision import Budget, check_layer, crop_groups, gather_kept, size_split, token_scores
+from ._vision import Budget, check_layer, select_per_crop, token_scores
 from .base import Pruner, take_prefixes
 from .stages import Need, Stage
 
@@ -88,15 +87,13 @@ class SCOPE(Pruner):
         scores, crops = token_scores("SCOPE", features, attention, crops, self.layer)
         if self.official:
             return self._official(lengths, crops, patches, crop_attention, crop_features, attention_kind)
-        counts, newlines = size_split(self.size, crops, lengths)
-        groups, owners, wanted = crop_groups(crops, lengths, counts)
-        picks = []
-        if groups:
-            tokens, sizes = pad_batch([features[o, g] for o, g in zip(owners, groups, strict=True)])
-            saliency = pad_batch([scores[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
-            picks = take_prefixes(ops.coverage_select(tokens, sizes, max(wanted), saliency, self.alpha), wanted)
-        kept = gather_kept(picks, groups, owners, len(counts), features.device)
-        return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
+        return select_per_crop(self.size, features, scores, crops, lengths, self._pick)
+
+    def _pick(
+        self, tokens: torch.Tensor, saliency: torch.Tensor, sizes: torch.Tensor, wanted: list[int]
+    ) -> list[torch.Tensor]:
+        """Per row ``g`` of ``tokens [G, P, D]``: ``wanted[g]`` saliency-weighted coverage picks (SCOPE's greedy)."""
+        return take_prefixes(ops.coverage_select(tokens, sizes, max(wanted), saliency, self.alpha), wanted)
 
     def _official(self, lengths, crops, patches, crop_attention, crop_features, attention_kind):
         if attention_kind != "cls" or crop_attention is None or crop_features is None or patches is None:

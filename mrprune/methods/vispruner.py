@@ -16,7 +16,7 @@ import torch
 from .. import ops
 from ..batching import pad_batch
 from . import _checks
-from ._vision import Budget, check_layer, crop_groups, gather_kept, size_split, token_scores
+from ._vision import Budget, check_layer, select_per_crop, token_scores
 from .base import Pruner
 from .stages import Need, Stage
 
@@ -101,15 +101,7 @@ class VisPruner(Pruner):
         scores, crops = token_scores("VisPruner", features, attention, crops, self.layer)
         if self.official:
             return self._official(lengths, crops, patches, crop_attention, crop_features, attention_kind)
-        counts, newlines = size_split(self.size, crops, lengths)
-        groups, owners, wanted = crop_groups(crops, lengths, counts)
-        picks = []
-        if groups:
-            tokens, sizes = pad_batch([features[o, g] for o, g in zip(owners, groups, strict=True)])
-            saliency = pad_batch([scores[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
-            picks = self._pick(tokens, saliency, sizes, wanted)
-        kept = gather_kept(picks, groups, owners, len(counts), features.device)
-        return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
+        return select_per_crop(self.size, features, scores, crops, lengths, self._pick)
 
     def _pick(self, tokens, saliency, sizes, wanted):
         """Per row of ``tokens [G, P, D]`` (``sizes`` valid), ``wanted[g]`` picks: the important tokens, then the
