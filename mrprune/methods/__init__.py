@@ -12,7 +12,9 @@ A method is a :class:`Pruner` that declares where it acts, its :class:`Stage`, a
   from q/k).
 
 Every method implements one ``_select_batch(features [B, N, D], layouts, lengths, texts, **needs)`` returning kept
-indices per item; integrations deliver each need as a keyword argument and never look at the method's type. Each
+indices per item, or, for merging methods (``merges = True``), :class:`MergedTokens` (output tokens, source map and
+the representative whose position each output token takes; :mod:`mrprune.methods.results`); integrations deliver
+each need as a keyword argument and never look at the method's type. Each
 model adapter of an integration implements each stage once, so adding a method is one file here and one test file.
 """
 
@@ -27,6 +29,7 @@ from .hired import HiRED
 from .l2norm import L2Norm
 from .presets import PRESETS, preset
 from .resprune import ALPHA_PRESETS, ResPrune
+from .results import MergedTokens, kept_indices
 from .scope import SCOPE
 from .stages import Need, Stage
 from .trim import TRIM
@@ -44,6 +47,7 @@ __all__ = [
     "HiRED",
     "L2Norm",
     "MRPruner",
+    "MergedTokens",
     "Need",
     "Pruner",
     "RandomPruner",
@@ -52,5 +56,6 @@ __all__ = [
     "TRIM",
     "Stage",
     "VisPruner",
+    "kept_indices",
     "preset",
 ]

@@ -16,6 +16,7 @@ import torch
 from .. import ops
 from ..layouts import GridLayout, LlavaNextLayout
 from . import _checks
+from .results import MergedTokens, Result
 from .stages import Need, Stage
 
 Layout = LlavaNextLayout | GridLayout
@@ -52,6 +53,8 @@ class Pruner:
     """
 
     stage: ClassVar[Stage] = Stage.PROJECTOR
+    #: ``True`` for methods that return :class:`~mrprune.methods.results.MergedTokens` instead of kept indices.
+    merges: ClassVar[bool] = False
     needs: ClassVar[frozenset[Need]] = frozenset({Need.LAYOUT})
     position_mode: ClassVar[str] = "original"
     attention_layers: tuple[int, ...] = ()
@@ -64,8 +67,8 @@ class Pruner:
         layout: Layout | None = None,
         text: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Kept token indices of one image.
+    ) -> Result:
+        """Kept token indices of one image (merging methods: its :class:`MergedTokens`).
 
         Parameters
         ----------
@@ -78,7 +81,7 @@ class Pruner:
 
         Returns
         -------
-        Tensor ``[K]``, int64, sorted ascending.
+        Tensor ``[K]``, int64, sorted ascending, or :class:`MergedTokens` (methods with ``merges = True``).
         """
         batch, layouts, lengths, texts = _checks.single_input(f"{type(self).__name__}.select", features, layout, text)
         return self.select_batch(batch, layouts, lengths, texts, **kwargs)[0]
@@ -90,8 +93,8 @@ class Pruner:
         lengths: torch.Tensor | Sequence[int] | None = None,
         texts: Sequence[torch.Tensor | None] | None = None,
         **kwargs: Any,
-    ) -> list[torch.Tensor]:
-        """Kept token indices of every image of a padded batch.
+    ) -> list[Result]:
+        """Kept token indices (merging methods: :class:`MergedTokens`) of every image of a padded batch.
 
         Parameters
         ----------
@@ -105,7 +108,8 @@ class Pruner:
 
         Returns
         -------
-        list of B int64 tensors, each sorted ascending (``[]`` for an empty batch, ``B = 0``).
+        list of B int64 tensors, each sorted ascending, or of B :class:`MergedTokens` (``merges = True``);
+        ``[]`` for an empty batch, ``B = 0``.
 
         Raises
         ------
@@ -117,7 +121,7 @@ class Pruner:
         if features.shape[0] == 0:
             return []
         kept = self._select_batch(features, layouts, lengths, texts, **kwargs)
-        return [k.sort().values for k in kept]
+        return [k if isinstance(k, MergedTokens) else k.sort().values for k in kept]
 
     def _select_batch(
         self,
@@ -126,7 +130,7 @@ class Pruner:
         lengths: torch.Tensor,
         texts: Sequence[torch.Tensor | None] | None,
         **kwargs: Any,
-    ) -> list[torch.Tensor]:
+    ) -> list[Result]:
         raise NotImplementedError
 
 

@@ -29,12 +29,13 @@ import inspect
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ...methods.base import Pruner
+from ...methods.results import MergedTokens, Result, kept_indices
 from ...methods.stages import Need, Stage
 from .._cache import cache_of
 from .adapters import resolve_adapter
@@ -75,6 +76,9 @@ class PruneRecord:
     columns : int64 Tensor ``[n]``
         The original input column of every real (non-padding) token of the pruned row, in order: pruned logits and
         hidden states of that row map back to the input through it.
+    merged : list of :class:`~mrprune.methods.results.MergedTokens` or None
+        One per item: for merging methods its merged tokens and source map (``kept`` then holds the
+        representatives, whose rows the merged tokens took), ``None`` for a plain selection.
     """
 
     kept: list[torch.Tensor]
@@ -83,6 +87,7 @@ class PruneRecord:
     tokens_after: int
     seconds: float
     columns: torch.Tensor
+    merged: list[MergedTokens | None] = field(default_factory=list)
 
 
 def _check_transformers() -> None:
@@ -314,9 +319,9 @@ class PruningHandle:
         kept = None
         if self._llm is None:  # vision / projector stage: select before the language model
             kept = select(self.pruner, self._vision, self._texts, self.model, items, input_ids, real)
-            for item, k in zip(items, kept, strict=True):
+            for item, result in zip(items, kept, strict=True):
                 dropped = torch.ones(item.cols.shape[0], dtype=torch.bool, device=keep.device)
-                dropped[k.to(keep.device)] = False
+                dropped[kept_indices(result).to(keep.device)] = False
                 keep[item.row, item.cols[dropped]] = False
         rows = rebuild(keep, ~real, side)
         new_call, new_positions = merged_call(
@@ -347,18 +352,19 @@ class PruningHandle:
             self._decode.remember(cache, length, rows, positions, new_positions)
         return output if call.get("return_dict") is not False else output.to_tuple()
 
-    def _records(self, items: list[VisualItem], kept: list[torch.Tensor], rows: Rows, seconds: float) -> list[Any]:
+    def _records(self, items: list[VisualItem], kept: list[Result], rows: Rows, seconds: float) -> list[Any]:
         records = []
         for b in range(rows.index.shape[0]):
             mine = [(item, k) for item, k in zip(items, kept, strict=True) if item.row == b]
             records.append(
                 PruneRecord(
-                    kept=[k.cpu() for _, k in mine],
+                    kept=[kept_indices(k).cpu() for _, k in mine],
                     modalities=[item.modality for item, _ in mine],
                     tokens_before=sum(item.features.shape[0] for item, _ in mine),
-                    tokens_after=sum(k.numel() for _, k in mine),
+                    tokens_after=sum(kept_indices(k).numel() for _, k in mine),
                     seconds=seconds,
                     columns=rows.columns(b).cpu(),
+                    merged=[k.cpu() if isinstance(k, MergedTokens) else None for _, k in mine],
                 )
             )
         return records

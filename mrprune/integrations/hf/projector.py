@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ...batching import pad_batch
+from ...methods.results import Result, merged_tokens
 from ...methods.stages import Need
 from ...text import extract_nouns, noun_token_ids
 from .rows import Rows, take_labels
@@ -84,8 +85,9 @@ def select(
     items: list[VisualItem],
     input_ids: torch.Tensor,
     real: torch.Tensor,
-) -> list[torch.Tensor]:
-    """Run a vision- or projector-stage method on every item of the batch at once: kept indices per item."""
+) -> list[Result]:
+    """Run a vision- or projector-stage method on every item of the batch at once: kept indices (or
+    :class:`~mrprune.methods.results.MergedTokens`) per item."""
     layouts = vision.layouts(items)
     features, lengths = pad_batch([item.features for item in items])
     extra = vision.signals(items)
@@ -103,13 +105,14 @@ def merged_call(
     position_mode: str,
     call: dict[str, Any],
     items: list[VisualItem],
-    kept: list[torch.Tensor] | None,
+    kept: list[Result] | None,
     rows: Rows,
     positions: torch.Tensor,
     mask_dtype: torch.dtype,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """The language-model call on the rebuilt rows: kept features merged into ``inputs_embeds`` (as the model merges
-    them), the new attention mask, explicit positions ``[A, B, L']`` (also returned) and labels."""
+    """The language-model call on the rebuilt rows: kept features (a merging method's merged tokens, at their
+    representatives' rows) merged into ``inputs_embeds`` (as the model merges them), the new attention mask,
+    explicit positions ``[A, B, L']`` (also returned) and labels."""
     visual = set(adapter.visual_keys) | {"mm_encoder_outputs", "input_ids"}
     new_call = {k: v for k, v in call.items() if k not in visual}
     new_ids = rows.take(call["input_ids"])
@@ -118,7 +121,9 @@ def merged_call(
         group = [(i, item) for i, item in enumerate(items) if item.modality == modality]
         if not group:
             continue
-        features = torch.cat([item.features if kept is None else item.features[kept[i]] for i, item in group])
+        features = torch.cat(
+            [item.features if kept is None else merged_tokens(kept[i], item.features) for i, item in group]
+        )
         cells = (new_ids == adapter.token_id(modality)) & rows.real
         embeds = embeds.masked_scatter(cells[..., None], features.to(embeds.device, embeds.dtype))
     if position_mode == "original":
