@@ -28,11 +28,13 @@ from .graph import GPrune, MRPruner
 from .hired import HiRED
 from .l2norm import L2Norm
 from .presets import PRESETS, preset
+from .prumerge import PruMerge
 from .resprune import ALPHA_PRESETS, ResPrune
 from .results import MergedTokens, kept_indices
 from .scope import SCOPE
 from .stages import Need, Stage
 from .trim import TRIM
+from .visionzip import VisionZip
 from .vispruner import VisPruner
 
 __all__ = [
@@ -50,12 +52,14 @@ __all__ = [
     "MergedTokens",
     "Need",
     "Pruner",
+    "PruMerge",
     "RandomPruner",
     "ResPrune",
     "SCOPE",
     "TRIM",
     "Stage",
     "VisPruner",
+    "VisionZip",
     "kept_indices",
     "preset",
 ]

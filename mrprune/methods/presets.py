@@ -13,8 +13,10 @@ from .fastervlm import FasterVLM
 from .graph import GPrune, MRPruner
 from .hired import HiRED
 from .l2norm import L2Norm
+from .prumerge import PruMerge
 from .resprune import ResPrune
 from .scope import SCOPE
+from .visionzip import VisionZip
 from .vispruner import VisPruner
 
 __all__ = ["PRESETS", "preset", "table_settings"]
@@ -57,6 +59,13 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     **table_settings("cdpruner", CDPruner, qwen={"layer": -1}),
     # AgilePruner: reconstructed from the paper (no code); erank_avg and tau_max are guesses
     **table_settings("agilepruner", AgilePruner, qwen={"layer": -1}),
+    # VisionZip: dominant + contextual = 54 + 10 / 108 + 20 / 162 + 30 (contextual_ratio 5/32); Qwen: last block
+    **table_settings("visionzip", VisionZip, qwen={"layer": -1}),
+    # PruMerge(+): the official adaptive IQR share, and the tables' fixed budgets (extra token included)
+    "prumerge_plus": (PruMerge, {}),
+    "prumerge": (PruMerge, {"plus": False}),
+    **table_settings("prumerge_plus", PruMerge),
+    **table_settings("prumerge", PruMerge, plus=False),
 }
 
 

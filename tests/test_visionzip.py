@@ -1,0 +1,290 @@
+"""VisionZip: ``official=True`` against a port of the official selection and merge (dvlab-research/VisionZip @
+3151f6d, ``visionzip/clip_encoder.py``, written here from its steps) on random inputs with gaps, per crop on
+LLaVA-NeXT-like items; the default mode's budgets, weights and batch independence; edge cases; argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrprune.methods import MergedTokens, VisionZip, preset
+
+LAYER = -2
+
+
+# --- the port (the official steps, eager torch, on one crop with its [CLS] row first) -------------------------------
+
+
+def official_visionzip(hidden, metric, head_rows, dominant, contextual):
+    """The official ``CLIPVisionTower_VisionZip.forward`` on one crop.
+
+    ``hidden [1 + P, D]`` and ``metric [1 + P, Dm]`` with the [CLS] token first, ``head_rows [H, P]`` the per-head
+    [CLS] attention over the patches; ``dominant`` is the official argument (``dominant - 1`` patches + [CLS]).
+    Returns the dominant patch positions, the targets' patch positions (the contextual tokens' order), the
+    contextual tokens, and each remaining patch's target slot.
+    """
+    tokens = hidden.shape[0]
+    top = head_rows.sum(0).topk(dominant - 1).indices + 1
+    all_indices = torch.cat([torch.zeros(1, dtype=top.dtype), top])
+    mask = torch.ones(tokens, dtype=torch.bool).scatter_(0, all_indices, False)
+    dominant_positions = (~mask).nonzero()[1:, 0] - 1  # [CLS] first, then the patches in index order
+    filtered_metric = metric[mask]
+    filtered_hidden = hidden[mask]
+    normalized = filtered_metric / filtered_metric.norm(dim=-1, keepdim=True)
+    step = max(1, normalized.shape[0] // contextual)
+    targets = torch.arange(0, normalized.shape[0], step)[:contextual]
+    others = ~torch.isin(torch.arange(normalized.shape[0]), targets)
+    similarity = normalized[others] @ normalized[targets].T
+    one_hot = torch.zeros(int(others.sum()), contextual, dtype=hidden.dtype)
+    one_hot.scatter_(1, similarity.argmax(dim=1)[:, None], 1)
+    counts = one_hot.sum(0).clamp(min=1)[:, None]
+    aggregated = one_hot.T @ filtered_hidden[others] / counts
+    contextual_tokens = filtered_hidden[targets] + aggregated
+    remaining = mask.nonzero()[:, 0] - 1
+    slot = torch.full((remaining.numel(),), -1, dtype=torch.int64)
+    slot[targets] = torch.arange(targets.numel())
+    slot[others] = similarity.argmax(dim=1)
+    return dominant_positions, remaining[targets], contextual_tokens, remaining, slot
+
+
+def gapped_rows(heads, patches, generator):
+    """Per-head attention on a 1/64 grid whose head sums are distinct (``4 perm + r``, ``r < 4``): head sum and head
+    mean rank the patches the same, exactly, without ties."""
+    rows = torch.randint(0, 4, (heads, patches), generator=generator).double()
+    rows[0] = 4 * torch.randperm(patches, generator=generator).double()
+    return (rows / 64 / patches).float()
+
+
+def crop_inputs(crops, patches, dim, generator, heads=2):
+    hidden = torch.randn(crops, 1 + patches, dim, generator=generator)
+    metric = torch.randn(crops, 1 + patches, dim + 3, generator=generator)
+    rows = torch.stack([gapped_rows(heads, patches, generator) for _ in range(crops)])  # [crops, H, P]
+    return hidden, metric, rows
+
+
+def check_against_port(result, positions, hidden, metric, rows, budget, contextual):
+    """``result`` for an item whose crop ``c`` patch ``p`` is token ``positions[c, p]``."""
+    kept, outputs = result.kept.tolist(), {}
+    for crop in range(hidden.shape[0]):
+        dom, targets, tokens, remaining, slot = official_visionzip(
+            hidden[crop], metric[crop], rows[crop], budget - contextual, contextual
+        )
+        for p in dom.tolist():
+            outputs[int(positions[crop, p])] = hidden[crop, 1 + p]
+        for t, token in zip(targets.tolist(), tokens, strict=True):
+            outputs[int(positions[crop, t])] = token
+        # every remaining patch joins its target's output token
+        for p, s in zip(remaining.tolist(), slot.tolist(), strict=True):
+            rep = int(positions[crop, targets[s]])
+            assert int(result.kept[result.sources[int(positions[crop, p])]]) == rep
+    assert kept == sorted(outputs)
+    expected = torch.stack([outputs[k] for k in kept])
+    torch.testing.assert_close(result.tokens, expected, rtol=1e-6, atol=1e-6)
+
+
+def select(method, features, crops, patches, rows, metric, lengths):
+    """``select_batch`` with the vision stage's signals built by hand (``rows [B][crops, H, P]``)."""
+    batch, width = features.shape[:2]
+    scores = torch.zeros(batch, width)
+    for b in range(batch):
+        made = crops[b] >= 0
+        mean = rows[b].mean(1)  # head mean, what the integration hands over
+        scores[b, made] = mean[crops[b, made], patches[b, made]]
+    return method.select_batch(
+        features,
+        [None] * batch,
+        lengths,
+        attention={LAYER: scores},
+        crops=crops,
+        patches=patches,
+        crop_attention={LAYER: [r.mean(1) for r in rows]},
+        crop_features=metric,
+        attention_kind="cls",
+    )
+
+
+@pytest.mark.parametrize(("patches", "budget"), [(576, 64), (576, 128), (576, 192), (37, 10), (20, 19)])
+def test_official_one_crop_matches_the_port(patches, budget):
+    generator = torch.Generator().manual_seed(patches + budget)
+    items = 3
+    hidden, metric, rows = crop_inputs(items, patches, 16, generator)
+    method = VisionZip(budget=budget, official=True)
+    dominant, contextual = method.split(budget)
+    if budget in (64, 128, 192):
+        assert (dominant, contextual) == {64: (54, 10), 128: (108, 20), 192: (162, 30)}[budget]
+    features = hidden[:, 1:]
+    crops = torch.zeros(items, patches, dtype=torch.int64)
+    positions = torch.arange(patches).expand(items, patches)
+    results = select(method, features, crops, positions, [r[None] for r in rows], metric[:, None, 1:], None)
+    for b, result in enumerate(results):
+        assert isinstance(result, MergedTokens)
+        assert result.kept.numel() == budget - 1  # the [CLS] state has no row
+        check_against_port(
+            result, positions[b : b + 1], hidden[b : b + 1], metric[b : b + 1], rows[b : b + 1], budget, contextual
+        )
+
+
+def test_official_per_crop_on_llava_next_like_items():
+    """Three crops, their tokens interleaved with newlines (dropped, as the official code adds none)."""
+    generator = torch.Generator().manual_seed(5)
+    crops_n, patches, budget = 3, 30, 12
+    hidden, metric, rows = crop_inputs(crops_n, patches, 8, generator)
+    # token layout: crop 0 patches, then crops 1 and 2 interleaved in rows of 5 with a newline after each row
+    crop_of, patch_of = [0] * patches, list(range(patches))
+    for r in range(patches // 5):
+        for crop in (1, 2):
+            crop_of += [crop] * 5
+            patch_of += list(range(5 * r, 5 * r + 5))
+        crop_of.append(-1)
+        patch_of.append(-1)
+    crops, where = torch.tensor([crop_of]), torch.tensor([patch_of])
+    n = crops.shape[1]
+    positions = torch.full((crops_n, patches), -1, dtype=torch.int64)
+    made = crops[0] >= 0
+    positions[crops[0, made], where[0, made]] = made.nonzero()[:, 0]
+    features = torch.zeros(1, n, 8)
+    features[0, made] = hidden[crops[0, made], 1 + where[0, made]]
+    method = VisionZip(budget=budget, official=True)
+    (result,) = select(method, features, crops, where, [rows], [metric[:, 1:]], None)
+    assert result.kept.numel() == crops_n * (budget - 1)
+    assert bool((result.sources[~made] == -1).all())  # newlines dropped
+    check_against_port(result, positions, hidden, metric, rows, budget, method.split(budget)[1])
+
+
+def test_official_errors():
+    generator = torch.Generator().manual_seed(0)
+    hidden, metric, rows = crop_inputs(1, 12, 4, generator)
+    crops, where = torch.zeros(1, 12, dtype=torch.int64), torch.arange(12)[None]
+    features = hidden[:, 1:]
+    with pytest.raises(ValueError, match="every patch of every crop"):  # a patch without a token (unpadding)
+        select(
+            VisionZip(budget=6, official=True),
+            features[:, :11],
+            crops[:, :11],
+            where[:, :11],
+            [rows],
+            [metric[:, 1:]],
+            None,
+        )
+    with pytest.raises(ValueError, match="CLIP towers"):
+        VisionZip(budget=6, official=True).select_batch(
+            features, [None], attention={LAYER: rows.mean(1)}, attention_kind="received"
+        )
+    with pytest.raises(ValueError, match="no contextual"):
+        select(
+            VisionZip(budget=6, contextual_ratio=0.0, official=True),
+            features,
+            crops,
+            where,
+            [rows],
+            [metric[:, 1:]],
+            None,
+        )
+    with pytest.raises(ValueError, match=r"include_target"):
+        VisionZip(budget=6, official=True, include_target=True)
+
+
+# --- default mode --------------------------------------------------------------------------------------------------
+
+
+def test_default_one_crop_is_the_port_with_one_more_dominant_token():
+    """On one crop the default mode is the official steps with ``T - C`` dominant patches (no [CLS] state) and the
+    similarity on the tokens themselves."""
+    generator = torch.Generator().manual_seed(2)
+    hidden, _, rows = crop_inputs(2, 50, 8, generator)
+    budget = 16
+    method = VisionZip(budget=budget)
+    dominant, contextual = method.split(budget)
+    features = hidden[:, 1:]
+    results = method.select_batch(features, [None, None], attention={LAYER: rows.mean(1)})
+    for b, result in enumerate(results):
+        assert result.kept.numel() == budget
+        positions = torch.arange(50)[None]
+        check_against_port(
+            result, positions, hidden[b : b + 1], hidden[b : b + 1], rows[b : b + 1], budget + 1, contextual
+        )
+
+
+def test_default_weights_budgets_and_newlines():
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(1, 23, 6, generator=generator)
+    crops = torch.tensor([[0] * 10 + [1] * 10 + [-1] * 3])
+    scores = torch.rand(1, 23, generator=generator)
+    (result,) = VisionZip(budget=11).select_batch(features, [None], attention={LAYER: scores}, crops=crops)
+    assert result.kept.numel() == 11
+    assert set(range(20, 23)) <= set(result.kept.tolist())  # newlines kept first, as themselves
+    sums = torch.zeros(11).index_add_(0, result.sources, result.weights)
+    torch.testing.assert_close(sums, torch.ones(11))  # every output token's weights sum to 1
+    assert bool((result.sources >= 0).all())  # nothing dropped when C > 0
+    # a merged token is twice the weighted mean of its sources (target + mean of members)
+    for slot in range(11):
+        members = (result.sources == slot).nonzero()[:, 0]
+        weighted = (result.weights[members, None] * features[0, members]).sum(0)
+        scale = 2.0 if members.numel() > 1 else 1.0
+        torch.testing.assert_close(result.tokens[slot], scale * weighted, rtol=1e-5, atol=1e-6)
+    # the plain mean with include_target
+    (plain,) = VisionZip(budget=11, include_target=True).select_batch(
+        features, [None], attention={LAYER: scores}, crops=crops
+    )
+    for slot in range(11):
+        members = (plain.sources == slot).nonzero()[:, 0]
+        torch.testing.assert_close(plain.tokens[slot], features[0, members].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_equals_items_one_by_one():
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(3, 40, 5, generator=generator)
+    scores = torch.rand(3, 40, generator=generator)
+    lengths = [40, 25, 7]
+    method = VisionZip(keep_ratio=0.3)
+    both = method.select_batch(features, [None] * 3, lengths, attention={LAYER: scores})
+    for b, n in enumerate(lengths):
+        (one,) = method.select_batch(features[b : b + 1, :n], [None], attention={LAYER: scores[b : b + 1, :n]})
+        assert torch.equal(one.kept, both[b].kept) and torch.equal(one.sources, both[b].sources)
+        assert torch.equal(one.tokens, both[b].tokens) and torch.equal(one.weights, both[b].weights)
+        assert one.kept.numel() == round(0.3 * n + 1e-9) or one.kept.numel() == int(0.3 * n + 0.5)
+
+
+def test_edge_cases():
+    generator = torch.Generator().manual_seed(6)
+    features = torch.randn(1, 9, 4, generator=generator)
+    scores = torch.rand(1, 9, generator=generator)
+    # budget >= n keeps every token as itself (bit-identical)
+    for method in (VisionZip(budget=50), VisionZip(keep_ratio=1.0)):
+        (result,) = method.select_batch(features, [None], attention={LAYER: scores})
+        assert result.kept.tolist() == list(range(9)) and torch.equal(result.tokens, features[0])
+    # tiny items: one and two tokens
+    for n in (1, 2):
+        (result,) = VisionZip(budget=1).select_batch(features[:, :n], [None], attention={LAYER: scores[:, :n]})
+        assert result.kept.numel() == 1
+    # ties: constant attention picks the lowest indices as dominant tokens
+    (result,) = VisionZip(budget=4, contextual_ratio=0.25).select_batch(
+        features, [None], attention={LAYER: torch.ones(1, 9)}
+    )
+    assert result.kept.tolist()[:3] == [0, 1, 2] and result.kept.numel() == 4
+    # no contextual share: the rest is dropped
+    (result,) = VisionZip(budget=3, contextual_ratio=0.0).select_batch(features, [None], attention={LAYER: scores})
+    assert result.kept.numel() == 3 and int((result.sources == -1).sum()) == 6
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="exactly one"):
+        VisionZip()
+    with pytest.raises(ValueError, match="exactly one"):
+        VisionZip(budget=4, keep_ratio=0.5)
+    with pytest.raises(ValueError, match="contextual_ratio"):
+        VisionZip(budget=4, contextual_ratio=1.5)
+    with pytest.raises(ValueError, match="contextual_ratio"):
+        VisionZip(budget=4, contextual_ratio=-0.1)
+    with pytest.raises(TypeError, match="layer"):
+        VisionZip(budget=4, layer=1.0)
+    with pytest.raises(ValueError, match="budget"):
+        VisionZip(budget=0)
+    with pytest.raises(ValueError, match=r"attention=\{-2"):
+        VisionZip(budget=4).select_batch(torch.randn(1, 5, 3), [None])
+
+
+def test_presets():
+    assert preset("visionzip_64").split(64) == (54, 10)
+    assert preset("visionzip_next_640").size.budget == 640
+    assert preset("visionzip_qwen_889").layer == -1
