@@ -33,6 +33,7 @@ from .resprune import ALPHA_PRESETS, ResPrune
 from .results import MergedTokens, kept_indices
 from .scope import SCOPE
 from .stages import Need, Stage
+from .tome import ToMe
 from .trim import TRIM
 from .visionzip import VisionZip
 from .vispruner import VisPruner
@@ -57,6 +58,7 @@ __all__ = [
     "ResPrune",
     "SCOPE",
     "TRIM",
+    "ToMe",
     "Stage",
     "VisPruner",
     "VisionZip",

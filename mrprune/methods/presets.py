@@ -16,6 +16,7 @@ from .l2norm import L2Norm
 from .prumerge import PruMerge
 from .resprune import ResPrune
 from .scope import SCOPE
+from .tome import ToMe
 from .visionzip import VisionZip
 from .vispruner import VisPruner
 
@@ -59,6 +60,10 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     **table_settings("cdpruner", CDPruner, qwen={"layer": -1}),
     # AgilePruner: reconstructed from the paper (no code); erank_avg and tau_max are guesses
     **table_settings("agilepruner", AgilePruner, qwen={"layer": -1}),
+    # ToMe: LLaVA-1.5 / LLaVA-NeXT only (Qwen2.5-VL's windowed tower is refused); tome_r16 is LightCompress' config
+    **{f"tome_{n}": (ToMe, {"budget": n}) for n in (192, 128, 64)},
+    **{f"tome_next_{n}": (ToMe, {"budget": n}) for n in (640, 320)},
+    "tome_r16": (ToMe, {"r": 16, "official": True}),
     # VisionZip: dominant + contextual = 54 + 10 / 108 + 20 / 162 + 30 (contextual_ratio 5/32); Qwen: last block
     **table_settings("visionzip", VisionZip, qwen={"layer": -1}),
     # PruMerge(+): the official adaptive IQR share, and the tables' fixed budgets (extra token included)

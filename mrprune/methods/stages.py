@@ -68,6 +68,11 @@ class Need(str, enum.Enum):
         of the vision tower's feature-layer state, with the CLIP model the method carries as ``clip``; 0 for
         newlines), and ``clip_text``: per item the CLIP text embeddings ``[M, E]`` of its instruction's 77-token
         segments (``clip_tokenizer``). ``None`` where the tower or the method does not provide them.
+    VISION_MERGE
+        The method merges tokens inside the vision encoder (ToMe): the integration runs the encoder's blocks through
+        the method's ``schedule`` / ``start`` / ``attention_bias`` / ``merge_block`` / ``unmerge`` and passes
+        ``groups [B, N]`` int64, each token's merged group (ids unique within the item), -1 for tokens of no crop
+        (LLaVA-NeXT newlines) and padding.
     LAST_QUERY_ATTENTION
         ``attention [B, N]`` float32: the head-averaged attention the last prompt token pays each of the item's
         tokens in decoder layer ``layer - 1`` (``llm`` stage).
@@ -79,4 +84,5 @@ class Need(str, enum.Enum):
     VISION_ATTENTION = "vision_attention"
     VISION_FEATURES = "vision_features"
     CLIP_EMBEDDINGS = "clip_embeddings"
+    VISION_MERGE = "vision_merge"
     LAST_QUERY_ATTENTION = "last_query_attention"

@@ -68,12 +68,14 @@ class ItemAttention:
 class ItemInfo:
     """How an image / video was encoded: the encoder call's ``arguments`` other than pixels (its layout follows from
     them), its ``index`` among that call's items, its encoder ``attention`` when the method asked for any, and the
-    vision tower's own features of its crops when the method reads them (``Need.VISION_FEATURES``)."""
+    vision tower's own features of its crops when the method reads them (``Need.VISION_FEATURES``), and each token's
+    merged group when the method merges inside the encoder (``Need.VISION_MERGE``)."""
 
     arguments: dict[str, Any]
     index: int
     attention: ItemAttention | None = None
     crop_features: torch.Tensor | None = None  # [crops, P, D_vision]: the tower's feature-layer states, per crop
+    groups: torch.Tensor | None = None  # [n] int64: each token's merged group, -1 for none
 
 
 @dataclass
@@ -161,6 +163,8 @@ class VisionStage:
                 f"mrprune.patch: {type(method).__name__} reads the vision encoder's attention, which "
                 f"{type(adapter.model).__name__}'s vision tower does not provide ([CLS] row or received attention)"
             )
+        if Need.VISION_MERGE in method.needs and adapter.vision_merge_refusal is not None:
+            raise NotImplementedError(f"mrprune.patch: {type(method).__name__}: {adapter.vision_merge_refusal}")
 
     def layers(self, arguments: dict[str, Any]) -> list[int]:
         """The encoder layers to probe in a call with ``arguments``."""
@@ -180,7 +184,11 @@ class VisionStage:
         def encode(*args: Any, **kwargs: Any) -> Any:
             arguments = _flat_arguments(signature, args, kwargs)
             layers = self.layers(arguments)
-            with self.adapter.attention_probe(modality, arguments, layers) as probe:
+            merging = Need.VISION_MERGE in self.method.needs
+            with (
+                self.adapter.attention_probe(modality, arguments, layers) as probe,
+                self.adapter.vision_merge(modality, arguments, self.method if merging else None) as merged,
+            ):
                 output = original(*args, **kwargs)
             pooled = getattr(output, "pooler_output", None)
             if isinstance(pooled, list | tuple):
@@ -190,8 +198,11 @@ class VisionStage:
                 if self.method.needs & {Need.VISION_FEATURES, Need.CLIP_EMBEDDINGS}:
                     crop_features = self.adapter.crop_features(modality, arguments, output)
                 crop_features = crop_features or [None] * len(pooled)
-                for index, (tensor, item, own) in enumerate(zip(pooled, attention, crop_features, strict=True)):
-                    self.registry.add(tensor, ItemInfo(metadata, index, item, own))
+                groups = merged() or [None] * len(pooled)
+                for index, (tensor, item, own, group) in enumerate(
+                    zip(pooled, attention, crop_features, groups, strict=True)
+                ):
+                    self.registry.add(tensor, ItemInfo(metadata, index, item, own, group))
             return output
 
         return encode
@@ -286,6 +297,13 @@ class VisionStage:
                 for layer in self.method.attention_layers
             }
             extra["attention_kind"] = self.adapter.attention_kind
+        if Need.VISION_MERGE in needs:
+            if any(item.info.groups is None for item in items):
+                raise ValueError(
+                    f"mrprune: {type(self.method).__name__} merges inside the vision encoder, but some items were "
+                    "encoded before patch(); pass pixels to the patched model"
+                )
+            extra["groups"] = _pad_rows([item.info.groups.to(device) for item in items], -1)
         if Need.VISION_FEATURES in needs:  # where the tower provides them (CLIP), else None
             own = [item.info.crop_features for item in items]
             extra["crop_features"] = None if any(f is None for f in own) else [f.to(device) for f in own]

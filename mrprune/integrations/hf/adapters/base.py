@@ -37,6 +37,8 @@ class Adapter:
     position_axes = 1
     #: what ``attention_probe`` records: ``"cls"`` (the [CLS] query row), ``"received"``, or ``None`` (nothing)
     attention_kind: str | None = None
+    #: why methods that merge inside the vision encoder (``Need.VISION_MERGE``) cannot run here; ``None``: they can
+    vision_merge_refusal: str | None = "this model's vision tower has no per-block merge support in mrprune"
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -55,6 +57,14 @@ class Adapter:
         """A context manager around one encoder call yielding a callable that returns, afterwards, one
         :class:`~mrprune.integrations.hf.vision.ItemAttention` per item of the call with the encoder's attention at
         ``layers`` (indices into the encoder's layers), or ``None`` when the tower provides none."""
+        return contextlib.nullcontext(lambda: None)
+
+    def vision_merge(
+        self, modality: str, arguments: dict[str, Any], method: Any
+    ) -> contextlib.AbstractContextManager[Callable[[], list[torch.Tensor] | None]]:
+        """A context manager around one encoder call that, for a ``Need.VISION_MERGE`` method (``None``: none), runs
+        the encoder's blocks through the method's merge and yields a callable that returns, afterwards, each item's
+        tokens' merged groups (``[n]`` int64, -1 for tokens of no crop), or ``None``."""
         return contextlib.nullcontext(lambda: None)
 
     def crop_features(self, modality: str, arguments: dict[str, Any], output: Any) -> list[torch.Tensor] | None:

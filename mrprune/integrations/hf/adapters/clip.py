@@ -1,7 +1,16 @@
-"""CLIP vision towers (LLaVA-1.5, LLaVA-NeXT): the [CLS] attention row of chosen encoder layers, per crop.
+"""CLIP vision towers (LLaVA-1.5, LLaVA-NeXT): the [CLS] attention row of chosen encoder layers, per crop, and the
+encoder run of methods that merge tokens in every block (ToMe).
 
 The row is recomputed from each layer's own ``q_proj`` / ``k_proj`` on the layer's input (one query, so the tower
 keeps SDPA / FlashAttention), captured by a pre-hook on the layer's ``self_attn`` for one encoder call.
+
+Merging (:func:`merge_blocks`): for one encoder call every layer's ``forward`` is replaced by the same steps as
+``CLIPEncoderLayer.forward`` on the method's merged tokens, with the method's merge between the attention residual
+and the MLP (keys from the layer's own ``k_proj``, captured by a forward hook) and its additive attention bias passed
+as the attention mask (SDPA and eager attention add a float mask to the logits; FlashAttention-2 and flex attention
+take none, so a bias-needing run on them is refused); each layer returns its merged states *unmerged* (every token
+gets its merged row), so the recorded ``hidden_states``, LLaVA's feature selection and the projector see the usual
+shapes.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import torch
 
 from ..vision import cls_attention_row
 
-__all__ = ["cls_attention_probe", "cls_layers", "crop_features", "feature_attention_layer"]
+__all__ = ["cls_attention_probe", "cls_layers", "crop_features", "feature_attention_layer", "merge_blocks"]
 
 
 def cls_layers(vision_tower: Any) -> Any | None:
@@ -86,3 +95,72 @@ def crop_features(output: Any, feature_layer: Any) -> torch.Tensor | None:
     if states is None or not isinstance(feature_layer, int):
         return None
     return states[feature_layer][:, 1:].detach()
+
+
+@contextlib.contextmanager
+def merge_blocks(
+    vision_tower: Any, method: Any, schedule: list[list[int]]
+) -> Iterator[Callable[[], torch.Tensor | None]]:
+    """Around one tower run of ``C`` crops: every encoder layer runs on the method's merged tokens (block ``i``
+    merging ``schedule[c][i]`` pairs of crop ``c``); yields a callable giving the source map ``[C, 1 + P]`` int64
+    (each token's row after the last merge, [CLS] first), or ``None`` if the tower did not run.
+
+    ``method`` provides ``start``, ``attention_bias``, ``merge_block``, ``unmerge`` and ``uses_bias``
+    (:class:`mrprune.ToMe`).
+    """
+    layers = cls_layers(vision_tower)
+    if layers is None:
+        raise ValueError("mrprune: merging inside the vision encoder needs a CLIP tower with a [CLS] token")
+    implementation = getattr(layers[0].self_attn.config, "_attn_implementation", None)
+    if method.uses_bias(schedule) and implementation not in ("sdpa", "eager", None):
+        raise NotImplementedError(
+            f"mrprune: {type(method).__name__} adds an attention bias (log(size) with proportional attention, -inf on "
+            f"the padding of crops merged to different lengths) that the vision tower's {implementation!r} attention "
+            "does not take; load the tower with attn_implementation='sdpa' (or 'eager'), or merge every crop with "
+            "the same r and proportional_attention=False"
+        )
+    run: dict[str, Any] = {}
+
+    def capture_keys(module: Any, args: tuple, output: torch.Tensor) -> None:
+        run["keys"] = output
+
+    def forward_for(index: int, layer: Any) -> Callable:
+        attention = layer.self_attn
+
+        def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+            if index == 0:
+                run["state"] = method.start(hidden_states, schedule)
+            elif hidden_states is not run.get("out"):
+                raise RuntimeError(
+                    f"mrprune: CLIP encoder layer {index} did not receive layer {index - 1}'s output, so the merged "
+                    "tokens cannot be followed"
+                )
+            state = run["state"]
+            residual = state.tokens
+            bias = method.attention_bias(state, residual.dtype)
+            if bias is not None:
+                attention_mask = bias if attention_mask is None else attention_mask + bias
+            hidden, _ = attention(hidden_states=layer.layer_norm1(residual), attention_mask=attention_mask, **kwargs)
+            hidden = residual + hidden
+            keys = run.pop("keys")
+            method.merge_block(state, index, hidden, keys.view(*hidden.shape[:2], attention.num_heads, -1))
+            residual = state.tokens
+            state.tokens = residual + layer.mlp(layer.layer_norm2(residual))
+            run["out"] = method.unmerge(state, state.tokens)
+            return run["out"]
+
+        return forward
+
+    previous = [layer.__dict__.get("forward") for layer in layers]  # another patch's instance forward, if any
+    if any(p is not None for p in previous):
+        raise RuntimeError("mrprune: the CLIP encoder layers' forward is already patched; remove that patch first")
+    hooks = [layer.self_attn.k_proj.register_forward_hook(capture_keys) for layer in layers]
+    for index, layer in enumerate(layers):
+        layer.forward = forward_for(index, layer)
+    try:
+        yield lambda: run["state"].source if "state" in run else None
+    finally:
+        for layer in layers:
+            del layer.__dict__["forward"]
+        for hook in hooks:
+            hook.remove()

@@ -14,7 +14,7 @@ from ..vision import ItemAttention
 from . import clip
 from .base import Adapter
 
-__all__ = ["LlavaAdapter", "check_default_strategy", "config_argument"]
+__all__ = ["LlavaAdapter", "check_default_strategy", "config_argument", "merge_depth"]
 
 
 def config_argument(arguments: dict[str, Any], name: str, config: Any) -> Any:
@@ -40,6 +40,8 @@ class LlavaAdapter(Adapter):
     def __init__(self, model: Any) -> None:
         super().__init__(model)
         self.attention_kind = "cls" if clip.cls_layers(self.base.vision_tower) is not None else None
+        if self.attention_kind == "cls":
+            self.vision_merge_refusal = None
 
     def layout(self, modality: str, arguments: dict[str, Any], index: int) -> GridLayout:
         check_default_strategy(self.model.config, arguments)
@@ -80,3 +82,30 @@ class LlavaAdapter(Adapter):
                 ]
 
             yield items
+
+    @contextlib.contextmanager
+    def vision_merge(
+        self, modality: str, arguments: dict[str, Any], method: Any
+    ) -> Iterator[Callable[[], list[torch.Tensor] | None]]:
+        if method is None:
+            yield lambda: None
+            return
+        blocks = merge_depth(self, arguments)
+        vision = self.model.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        images = arguments["pixel_values"].shape[0]
+        schedule = method.schedule(patches, blocks, [[patches]] * images, [0] * images)
+        with clip.merge_blocks(self.base.vision_tower, method, schedule) as source:
+            # an image's tokens are its crop's patches: their rows after the last merge ([CLS] is row 0)
+            yield lambda: None if source() is None else list(source()[:, 1:])
+
+
+def merge_depth(adapter: Adapter, arguments: dict[str, Any]) -> int:
+    """Encoder blocks up to the one whose output the projector reads (those a vision-encoder merge acts in)."""
+    check_default_strategy(adapter.model.config, arguments)
+    layer = adapter.feature_attention_layer(arguments)
+    if layer is None:
+        raise ValueError(
+            "mrprune: merging inside the vision encoder needs one int vision_feature_layer after the embeddings"
+        )
+    return layer + 1

@@ -14,7 +14,7 @@ from ....layouts import LlavaNextLayout, best_resolution
 from ..vision import ItemAttention
 from . import clip
 from .base import Adapter
-from .llava import check_default_strategy, config_argument
+from .llava import check_default_strategy, config_argument, merge_depth
 
 __all__ = ["LlavaNextAdapter", "token_sources"]
 
@@ -51,6 +51,8 @@ class LlavaNextAdapter(Adapter):
     def __init__(self, model: Any) -> None:
         super().__init__(model)
         self.attention_kind = "cls" if clip.cls_layers(self.base.vision_tower) is not None else None
+        if self.attention_kind == "cls":
+            self.vision_merge_refusal = None
 
     def _image_sizes(self, arguments: dict[str, Any]) -> list[tuple[int, int]]:
         sizes = arguments.get("image_sizes")
@@ -116,3 +118,41 @@ class LlavaNextAdapter(Adapter):
                 return result
 
             yield items
+
+    @contextlib.contextmanager
+    def vision_merge(
+        self, modality: str, arguments: dict[str, Any], method: Any
+    ) -> Iterator[Callable[[], list[torch.Tensor] | None]]:
+        if method is None:
+            yield lambda: None
+            return
+        blocks = merge_depth(self, arguments)
+        vision = self.model.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        pinpoints = self.model.config.image_grid_pinpoints
+        counts = self._crop_counts(arguments)
+        sources = [
+            token_sources(self.layout(modality, arguments, index), size, pinpoints, vision.image_size)
+            for index, size in enumerate(self._image_sizes(arguments))
+        ]
+        crop_tokens = [
+            torch.bincount(s[s[:, 0] >= 0, 0], minlength=c).tolist() for s, c in zip(sources, counts, strict=True)
+        ]
+        newlines = [int((s[:, 0] < 0).sum()) for s in sources]
+        schedule = method.schedule(patches, blocks, crop_tokens, newlines)
+
+        def groups(rows: torch.Tensor | None) -> list[torch.Tensor] | None:
+            # every crop merges on its own: a token's group is (its crop, its row after the last merge)
+            if rows is None:
+                return None
+            result, first = [], 0
+            for own, count in zip(sources, counts, strict=True):
+                own = own.to(rows.device)
+                crop, patch = own[:, 0].clamp(min=0), own[:, 1].clamp(min=0)
+                row = rows[first + crop, 1 + patch]
+                result.append(torch.where(own[:, 0] >= 0, crop * rows.shape[1] + row, -1))
+                first += count
+            return result
+
+        with clip.merge_blocks(self.base.vision_tower, method, schedule) as source:
+            yield lambda: groups(source())

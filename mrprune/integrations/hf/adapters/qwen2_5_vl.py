@@ -44,6 +44,11 @@ class Qwen2_5_VLAdapter(Adapter):
     )
     position_axes = 3
     attention_kind = "received"
+    vision_merge_refusal = (
+        "Qwen2.5-VL's vision tower is not supported: its blocks attend within windows (cu_seqlens over a "
+        "window-reordered sequence) and its merger folds 2 x 2 neighbouring patches, so a token merged across "
+        "windows or merge units has no place in either"
+    )
 
     def layout(self, modality: str, arguments: dict[str, Any], index: int) -> GridLayout:
         grids = arguments.get(f"{modality}_grid_thw")

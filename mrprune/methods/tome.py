@@ -1,0 +1,310 @@
+"""ToMe: token merging inside every vision-encoder block (Bolya et al., "Token Merging: Your ViT But Faster",
+ICLR 2023; official code facebookresearch/ToMe @ af95e4b, ``tome/merge.py``, ``tome/patch/timm.py``; its LLaVA port,
+ModelTC/LightCompress ``llmc/compression/token_reduction/tome.py``).
+
+A ``vision``-stage method that acts *inside* the encoder (``Need.VISION_MERGE``): in each block, after attention and
+before the MLP, the block's keys averaged over heads are the similarity metric; the tokens alternate into sets A
+(even rows) and B (odd rows), every A token finds its most similar B token, and the ``r`` A tokens with the best
+matches are merged into their partners by size-weighted mean (``mrprune.bipartite_merge``; [CLS] never merges,
+``r <= 50 %`` of a block's tokens). With *proportional attention* the later blocks add ``log(size)`` to every key's
+attention logit, so a merged token weighs as much as the patches it stands for.
+
+The integration runs the blocks (model code stays in the adapters): it calls :meth:`ToMe.start` on the tower's input,
+:meth:`ToMe.attention_bias` and :meth:`ToMe.merge_block` in each block, and :meth:`ToMe.unmerge` on each block's
+output, so the tower hands every patch position its merged token's state and LLaVA's feature selection and projector
+run unchanged. ``_select_batch`` then reads, per token in the LLM input space, the merged group it belongs to
+(``groups``) and returns :class:`~mrprune.methods.results.MergedTokens`: one output token per group, the projector
+output at the group's first token (the projector works token by token, so that is the projector of the merged state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from . import _checks
+from ._vision import Budget, allocate
+from .base import Pruner
+from .results import MergedTokens
+from .stages import Need, Stage
+
+__all__ = ["ToMe", "ToMeState", "merge_schedule"]
+
+
+@dataclass
+class ToMeState:
+    """ToMe's state over one encoder run of ``C`` crops of ``N0`` tokens ([CLS] first).
+
+    Attributes
+    ----------
+    tokens : Tensor ``[C, T, D]``
+        The current (merged) hidden states, rows past ``lengths[c]`` are padding.
+    sizes : Tensor ``[C, T]`` float32
+        Original tokens each row stands for (0 on padding).
+    lengths : Tensor ``[C]`` int64
+    source : Tensor ``[C, N0]`` int64
+        The current row of every original token.
+    schedule : list of C lists of int
+        Pairs each crop merges in each merging block.
+    merged : bool
+        Whether some block merged something (proportional attention starts in the next block).
+    """
+
+    tokens: torch.Tensor
+    sizes: torch.Tensor
+    lengths: torch.Tensor
+    source: torch.Tensor
+    schedule: list[list[int]]
+    merged: bool = False
+
+
+def merge_schedule(tokens: int, target: int, blocks: int) -> list[int]:
+    """``r`` per block that takes ``tokens`` patches (plus a [CLS]) to ``target`` in ``blocks`` ToMe blocks.
+
+    The merges are spread evenly (the first ``(tokens - target) % blocks`` blocks take one more); where a block's
+    50 % cap ``(T - 1) // 2`` binds, every block merges as much as it can (front-loaded) instead.
+
+    Raises
+    ------
+    ValueError
+        When even front-loaded merging cannot reach ``target``.
+    """
+    total = tokens - target
+    for even in (True, False):
+        left, count, schedule = total, tokens + 1, []
+        for block in range(blocks):
+            want = -(-left // (blocks - block)) if even else left
+            step = min(want, (count - 1) // 2)
+            schedule.append(step)
+            left, count = left - step, count - step
+        if left <= 0:
+            return schedule
+    raise ValueError(
+        f"mrprune.ToMe: {target} tokens out of {tokens} patches are out of reach in {blocks} block(s) (each merges at "
+        f"most half of its tokens: at least {tokens - sum(schedule)} remain); use a larger budget"
+    )
+
+
+class ToMe(Pruner):
+    """ToMe: bipartite soft matching and size-weighted merging in every vision-encoder block up to LLaVA's select layer.
+
+    Parameters
+    ----------
+    r : int or sequence of int, optional
+        Pairs merged per block (capped at half of a block's tokens, [CLS] aside): an int for every block (LightCompress'
+        ``r: 16``), with ``r_step`` the linear schedule ``int(r + i * r_step)`` (LightCompress' ``(start, step)``), or
+        one entry per block (missing blocks merge nothing). Every crop follows the same schedule.
+    budget : int, optional
+        Tokens kept per image instead (LLaVA-1.5: 192 / 128 / 64; LLaVA-NeXT: 640 / 320, newlines included and kept):
+        split over the crops by their token counts, each crop's ``r`` schedule chosen by :func:`merge_schedule`.
+    keep_ratio : float in (0, 1], optional
+        Share of each image's tokens kept instead (``round(keep_ratio * n)``). Exactly one of ``r``, ``budget`` and
+        ``keep_ratio``.
+    r_step : float
+        Added to ``r`` per block (``r`` an int only).
+    proportional_attention : bool
+        Add ``log(size)`` to the attention logits of the blocks after the first merge (the ToMe paper and its timm
+        patch). Needs a tower on SDPA or eager attention: FlashAttention-2 and flex attention take no float bias, and
+        the integration refuses them with an error rather than drop the bias.
+    official : bool
+        ``True`` reproduces LightCompress' LLaVA port (the code behind the papers' ToMe rows): ``r`` per block as
+        above; sizes are *not* carried from block to block (each block averages its matched tokens with equal weight,
+        the port discards ``merge_wavg``'s sizes) and there is no proportional attention; [CLS] protected, official
+        ``[unmerged A, B]`` row order (it decides the next block's A/B split). ``r`` only.
+
+    Notes
+    -----
+    Budget: a crop of ``P`` patches ends with ``P - sum(r_i)`` tokens over the blocks up to the one whose output LLaVA
+    projects (``vision_feature_layer``, -2: 23 of CLIP-L's 24 blocks; LightCompress with ``r = 16``: 576 - 368 = 208
+    tokens). Blocks after it do not merge (the official port merges there too, but nothing reads their output).
+
+    Differences from the official port, all documented: the merged tokens reach the language model in the order of
+    their representatives (each group's first token in the image, whose position the merged token takes), not in
+    the port's ``[unmerged A, B]`` shuffle; the matching sort is stable and the weighted mean accumulates in float32
+    (``mrprune.bipartite_merge``); batches of any size and every crop of LLaVA-NeXT (each crop merges on its own;
+    the port runs LLaVA-1.5 at batch 1). On LLaVA-NeXT a group can lie partly in the padding that unpadding removes:
+    only its remaining tokens count, so a ``budget`` is an upper bound there, and every crop keeps at least one
+    token. Qwen2.5-VL is refused (its windowed blocks and 2 x 2 patch merger need merged tokens to stay inside a
+    window and a merge unit).
+    """
+
+    stage = Stage.VISION
+    merges = True
+    needs = Pruner.needs | {Need.VISION_MERGE}
+
+    def __init__(
+        self,
+        r: int | Sequence[int] | None = None,
+        budget: int | None = None,
+        keep_ratio: float | None = None,
+        r_step: float = 0.0,
+        proportional_attention: bool = True,
+        official: bool = False,
+    ) -> None:
+        if sum(value is not None for value in (r, budget, keep_ratio)) != 1:
+            raise ValueError("mrprune.ToMe: give exactly one of r, budget and keep_ratio")
+        self.official = _checks.flag("ToMe", "official", official)
+        self.proportional_attention = _checks.flag("ToMe", "proportional_attention", proportional_attention)
+        self.r_step = _checks.real("ToMe", "r_step", r_step)
+        self.size = None if r is not None else Budget("ToMe", budget, keep_ratio)
+        if r is None:
+            self.r = None
+        elif isinstance(r, int) and not isinstance(r, bool):
+            self.r = _checks.count("ToMe", "r", r)
+        elif isinstance(r, Sequence) and not isinstance(r, str):
+            self.r = tuple(_checks.count("ToMe", "r", value) for value in r)
+            if self.r_step:
+                raise ValueError("mrprune.ToMe: r_step applies to an int r only")
+        else:
+            raise TypeError(f"mrprune.ToMe: r must be an int or a sequence of ints, got {r!r}")
+        if self.official and self.r is None:
+            raise ValueError("mrprune.ToMe(official=True) takes r (the official per-block merge count)")
+        if self.official:
+            self.proportional_attention = False
+
+    def __repr__(self) -> str:
+        if self.r is None:
+            what = repr(self.size)
+        else:
+            what = f"r={self.r!r}" + (f", r_step={self.r_step}" if self.r_step else "")
+        return f"ToMe({what}, proportional_attention={self.proportional_attention}, official={self.official})"
+
+    # -- inside the encoder (called by the integration) ---------------------------------------------------------
+
+    def schedule(
+        self, patches: int, blocks: int, crop_tokens: Sequence[Sequence[int]], extra: Sequence[int]
+    ) -> list[list[int]]:
+        """``r`` per block for every crop of an encoder call (the crops of all items, in order).
+
+        Parameters
+        ----------
+        patches : int
+            Patch tokens per crop (the [CLS] aside).
+        blocks : int
+            Blocks that merge: those up to the one whose output the projector reads.
+        crop_tokens : per item, per crop, how many of the crop's patches reach the language model (LLaVA-1.5: all;
+            LLaVA-NeXT: after unpadding).
+        extra : per item, its tokens from no crop (LLaVA-NeXT newlines), kept as they are.
+        """
+        if self.r is not None:
+            if isinstance(self.r, int):
+                per_block = [max(int(self.r + i * self.r_step), 0) for i in range(blocks)]
+            else:
+                per_block = [*self.r[:blocks], *[0] * max(blocks - len(self.r), 0)]
+            return [list(per_block) for crops in crop_tokens for _ in crops]
+        schedules = []
+        for crops, lines in zip(crop_tokens, extra, strict=True):
+            wanted = self.size(sum(crops) + lines) - lines
+            for share in allocate(max(wanted, 0), crops):
+                schedules.append(merge_schedule(patches, min(max(share, 1), patches), blocks))
+        return schedules
+
+    def start(self, hidden: torch.Tensor, schedule: list[list[int]]) -> ToMeState:
+        """The state before the first block: ``hidden [C, N0, D]`` (the tower's input, [CLS] first), sizes 1."""
+        crops, tokens, _ = hidden.shape
+        if len(schedule) != crops:
+            raise ValueError(f"mrprune.ToMe: {len(schedule)} schedules for {crops} crops")
+        device = hidden.device
+        return ToMeState(
+            tokens=hidden,
+            sizes=torch.ones(crops, tokens, dtype=torch.float32, device=device),
+            lengths=torch.full((crops,), tokens, dtype=torch.int64, device=device),
+            source=torch.arange(tokens, device=device).expand(crops, tokens),
+            schedule=schedule,
+        )
+
+    def attention_bias(self, state: ToMeState, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive attention bias ``[C, 1, 1, T]`` of the next block: ``log(size)`` per key with proportional
+        attention once something merged, ``-inf`` on padding rows (crops whose schedules differ); ``None`` when it
+        would be all zeros (the block then runs exactly as the unpatched tower)."""
+        padded = bool((state.lengths < state.tokens.shape[1]).any())
+        if not padded and not (self.proportional_attention and state.merged):
+            return None
+        if self.proportional_attention:
+            bias = state.sizes.log()  # log 0 = -inf on padding
+        else:
+            bias = torch.where(state.sizes > 0, 0.0, float("-inf"))
+        return bias[:, None, None, :].to(dtype)
+
+    def uses_bias(self, schedule: list[list[int]]) -> bool:
+        """Whether blocks will need :meth:`attention_bias` (proportional attention, or crops of different lengths)."""
+        merges = any(any(r) for r in schedule)
+        return merges and (self.proportional_attention or any(r != schedule[0] for r in schedule))
+
+    def merge_block(self, state: ToMeState, block: int, hidden: torch.Tensor, keys: torch.Tensor) -> None:
+        """Merge after block ``block``'s attention, in place on ``state``.
+
+        Parameters
+        ----------
+        hidden : Tensor ``[C, T, D]``
+            The block's states after attention and its residual (``state.tokens``' layout).
+        keys : Tensor ``[C, T, H, d]``
+            The block's keys per head (the metric is their mean over heads, as the official ``k.mean(1)``).
+        """
+        state.tokens = hidden
+        steps = [schedule[block] if block < len(schedule) else 0 for schedule in state.schedule]
+        if not any(steps):
+            return
+        metric = keys.mean(2)
+        crops, width, dim = hidden.shape
+        rows = torch.full((crops, width), -1, dtype=torch.int64, device=hidden.device)
+        parts = []
+        for r in sorted(set(steps)):
+            members = [c for c, step in enumerate(steps) if step == r]
+            index = torch.tensor(members, device=hidden.device)
+            lengths = state.lengths[index]
+            span = int(lengths.max())
+            sizes = None if self.official else state.sizes[index, :span]
+            r_cap = min(r, (span - 1) // 2)
+            merged, merged_sizes, source, out_lengths = ops.bipartite_merge(
+                hidden[index, :span], metric[index, :span], lengths, r_cap, sizes, protect_first=True
+            )
+            rows[index, :span] = source
+            parts.append((index, merged, merged_sizes, out_lengths))
+        new_width = max(int(out.max()) for *_, out in parts)
+        tokens = hidden.new_zeros(crops, new_width, dim)
+        sizes = torch.zeros(crops, new_width, dtype=torch.float32, device=hidden.device)
+        lengths = torch.zeros(crops, dtype=torch.int64, device=hidden.device)
+        for index, merged, merged_sizes, out_lengths in parts:
+            span = min(merged.shape[1], new_width)
+            tokens[index, :span] = merged[:, :span]
+            valid = torch.arange(span, device=hidden.device) < out_lengths[:, None]
+            # official: sizes are not carried (every row weighs 1 in the next merge)
+            sizes[index, :span] = torch.where(valid, 1.0, 0.0) if self.official else merged_sizes[:, :span].float()
+            lengths[index] = out_lengths
+        state.tokens, state.sizes, state.lengths = tokens, sizes, lengths
+        state.source = rows.gather(1, state.source)
+        state.merged = True
+
+    def unmerge(self, state: ToMeState, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [C, T, D]`` (merged rows) -> ``[C, N0, D]``: every original token gets its row's state."""
+        return hidden.gather(1, state.source[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    # -- in the LLM input space --------------------------------------------------------------------------------
+
+    def _select_batch(self, features, layouts, lengths, texts, groups=None, **kwargs):
+        if groups is None or not isinstance(groups, torch.Tensor) or groups.shape != features.shape[:2]:
+            raise ValueError(
+                f"mrprune.ToMe: needs groups [B, N] = {tuple(features.shape[:2])} (each token's merged group in the "
+                "vision encoder, -1 for tokens of no crop); integrations pass it, select_batch callers must"
+            )
+        results = []
+        for b, n in enumerate(lengths.tolist()):
+            own = groups[b, :n].to(features.device)
+            position = torch.arange(n, device=features.device)
+            ids = torch.where(own >= 0, own, -1 - position)  # a token of no crop is a group of its own
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            first = torch.full((unique.numel(),), n, dtype=torch.int64, device=features.device)
+            first = first.scatter_reduce(0, inverse, position, reduce="amin")
+            order = first.argsort()
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel(), device=features.device)
+            sources = rank[inverse]
+            kept = first[order]
+            sizes = torch.bincount(sources, minlength=kept.numel())
+            weights = (1.0 / sizes[sources]).float()
+            results.append(MergedTokens(features[b, kept], kept, sources, weights))
+        return results
