@@ -13,6 +13,8 @@ from .base import round_half_up, take_prefixes
 
 __all__ = [
     "Budget",
+    "Pick",
+    "Split",
     "allocate",
     "check_layer",
     "crop_groups",
@@ -22,6 +24,14 @@ __all__ = [
     "token_scores",
     "top_per_crop",
 ]
+
+
+#: ``pick(tokens [G, P, D], saliency [G, P], sizes [G], wanted)``: ``wanted[g]`` indices into row ``g`` of a padded
+#: batch of (item, crop) groups (:func:`select_per_crop`).
+Pick = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int]], list[torch.Tensor]]
+#: ``split(b, scored, owned, present, sizes)``: item ``b``'s crop -> count, or ``None`` for the split by size
+#: (:func:`size_split`).
+Split = Callable[[int, int, torch.Tensor, list[int], list[int]], dict[int, int] | None]
 
 
 class Budget:
@@ -138,33 +148,45 @@ def select_per_crop(
     scores: torch.Tensor,
     crops: torch.Tensor,
     lengths: torch.Tensor,
-    pick: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int]], list[torch.Tensor]],
+    pick: Pick | None = None,
+    split: Split | None = None,
 ) -> list[torch.Tensor]:
-    """Default-mode per-crop selection: :func:`size_split`'s budgets, every (item, crop) group padded into one batch,
-    ``pick(tokens [G, P, D], saliency [G, P], sizes [G], wanted)`` choosing ``wanted[g]`` indices into row ``g``,
-    then each item's picks gathered back with its newlines appended (list of B int64 tensors, unsorted)."""
-    counts, newlines = size_split(budget, crops, lengths)
-    groups, owners, wanted = crop_groups(crops, lengths, counts)
-    picks = []
-    if groups:
-        tokens, sizes = pad_batch([features[o, g] for o, g in zip(owners, groups, strict=True)])
-        saliency = pad_batch([scores[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
-        picks = pick(tokens, saliency, sizes, wanted)
-    kept = gather_kept(picks, groups, owners, len(counts), features.device)
+    """Default-mode per-crop selection: :func:`size_split`'s budgets (``split`` may set an item's own), every
+    (item, crop) group padded into one batch, ``pick(tokens [G, P, D], saliency [G, P], sizes [G], wanted)`` choosing
+    ``wanted[g]`` indices into row ``g`` (``None``: each crop's best-scored tokens, :func:`top_per_crop`, with no
+    copy of the features), then each item's picks gathered back with its newlines appended (list of B int64 tensors,
+    unsorted)."""
+    counts, newlines = size_split(budget, crops, lengths, split)
+    if pick is None:
+        kept = top_per_crop(scores, crops, lengths, counts)
+    else:
+        groups, owners, wanted = crop_groups(crops, lengths, counts)
+        picks = []
+        if groups:
+            tokens, sizes = pad_batch([features[o, g] for o, g in zip(owners, groups, strict=True)])
+            saliency = pad_batch([scores[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
+            picks = pick(tokens, saliency, sizes, wanted)
+        kept = gather_kept(picks, groups, owners, len(counts), features.device)
     return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
 
 
-def size_split(budget: Budget, crops: torch.Tensor, lengths: torch.Tensor) -> tuple[list[dict[int, int]], list]:
+def size_split(
+    budget: Budget, crops: torch.Tensor, lengths: torch.Tensor, split: Split | None = None
+) -> tuple[list[dict[int, int]], list[torch.Tensor]]:
     """Default-mode budgets: per item, ``budget(n)`` tokens with the newlines (crop -1) kept first and counted, the
-    rest split over the crops in proportion to their sizes; returns the per-crop counts and each item's newlines."""
+    rest (``scored``) split over the crops in proportion to their sizes, unless ``split(b, scored, owned, present,
+    sizes)`` (item ``b``, its crops ``owned [n]``, the crops present in ascending order and their sizes) returns the
+    item's own crop -> count; returns the per-crop counts and each item's newlines."""
     counts, newlines = [], []
     for b, n in enumerate(lengths.tolist()):
         owned = crops[b, :n]
         lines = (owned < 0).nonzero()[:, 0]
         newlines.append(lines)
+        scored = max(budget(n) - lines.numel(), 0)
         present = sorted(set(owned[owned >= 0].tolist()))
         sizes = [int((owned == c).sum()) for c in present]
-        counts.append(dict(zip(present, allocate(max(budget(n) - lines.numel(), 0), sizes), strict=True)))
+        own = None if split is None else split(b, scored, owned, present, sizes)
+        counts.append(own if own is not None else dict(zip(present, allocate(scored, sizes), strict=True)))
     return counts, newlines
 
 

@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from .. import ops
-from ..batching import pad_batch
 from . import _checks
-from ._vision import Budget, check_layer, crop_groups, gather_kept, size_split, token_scores
+from ._vision import Budget, Pick, check_layer, select_per_crop, token_scores
 from .base import Pruner, take_prefixes
 from .stages import Need, Stage
 
@@ -142,16 +141,7 @@ class CDPruner(Pruner):
         for b in range(batch):  # per image: no coupling between the images of a batch
             valid = made[b, : int(lengths[b])]
             gates[b, : int(lengths[b])][valid] = _minmax(rel[b, : int(lengths[b])][valid]) ** 2
-        counts, newlines = size_split(self.size, crops, lengths)
-        groups, owners, wanted = crop_groups(crops, lengths, counts)
-        picks = []
-        if groups:
-            tokens, sizes = pad_batch([unit[o, g] for o, g in zip(owners, groups, strict=True)])
-            gate = pad_batch([gates[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
-            chosen, _ = ops.greedy_residual_select(tokens, sizes, max(wanted), gate)
-            picks = take_prefixes(chosen, wanted)
-        kept = gather_kept(picks, groups, owners, batch, features.device)
-        return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
+        return select_per_crop(self.size, unit, gates, crops, lengths, _dpp_greedy())
 
     def _official(self, unit, rel, lengths, crops):
         made = crops >= 0
@@ -164,9 +154,20 @@ class CDPruner(Pruner):
         valid = torch.arange(unit.shape[1], device=unit.device)[None] < lengths[:, None]
         gate = torch.zeros_like(rel)
         gate[valid] = _minmax(rel[valid]) ** 2  # over the whole call, as the official code
-        counts = [{0: self.size.budget}] * unit.shape[0]
-        groups, owners, wanted = crop_groups(crops, lengths, counts)
-        tokens, sizes = pad_batch([unit[o, g] for o, g in zip(owners, groups, strict=True)])
-        gates = pad_batch([gate[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
-        chosen, _ = ops.greedy_residual_select(tokens, sizes, max(wanted), gates, None, 0.0)
-        return gather_kept(take_prefixes(chosen, wanted), groups, owners, unit.shape[0], unit.device)
+        budget = self.size.budget
+
+        def split(b, scored, owned, present, sizes):  # the official visual_token_num, in the first crop only
+            return {0: budget}
+
+        return select_per_crop(self.size, unit, gate, crops, lengths, _dpp_greedy(tol=0.0), split)
+
+
+def _dpp_greedy(tol: float = 1e-5) -> Pick:
+    """The DPP greedy MAP per group: ``greedy_residual_select`` on the normalised tokens with the group's gate and
+    exhaustion tolerance ``tol`` (the op's default 1e-5; the official incremental Cholesky stops at none: 0)."""
+
+    def pick(tokens: torch.Tensor, gate: torch.Tensor, sizes: torch.Tensor, wanted: list[int]) -> list[torch.Tensor]:
+        chosen, _ = ops.greedy_residual_select(tokens, sizes, max(wanted), gate, None, tol)
+        return take_prefixes(chosen, wanted)
+
+    return pick

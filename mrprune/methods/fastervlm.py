@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from . import _checks
-from ._vision import Budget, check_layer, size_split, token_scores, top_per_crop
+from ._vision import Budget, check_layer, select_per_crop, token_scores
 from .base import Pruner
 from .stages import Need, Stage
 
@@ -80,9 +80,7 @@ class FasterVLM(Pruner):
         scores, crops = token_scores("FasterVLM", features, attention, crops, self.layer)
         if self.official:
             return self._official(lengths, crops, patches, crop_attention, attention_kind)
-        counts, newlines = size_split(self.size, crops, lengths)
-        kept = top_per_crop(scores, crops, lengths, counts)
-        return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
+        return select_per_crop(self.size, features, scores, crops, lengths)
 
     def _official(self, lengths, crops, patches, crop_attention, attention_kind):
         if attention_kind != "cls" or crop_attention is None or patches is None:

@@ -15,7 +15,7 @@ import torch
 from .. import ops
 from ..layouts import LlavaNextLayout
 from . import _checks
-from ._vision import Budget, allocate, check_layer, token_scores, top_per_crop
+from ._vision import Budget, allocate, check_layer, select_per_crop, token_scores
 from .base import Pruner
 from .stages import Need, Stage
 
@@ -102,21 +102,14 @@ class HiRED(Pruner):
         early = token_scores("HiRED", features, attention, crops, self.budget_layer)[0]
         if self.official:
             return self._official(layouts, lengths, crops, patches, crop_attention, attention_kind)
-        counts, newlines = [], []
-        for b, n in enumerate(lengths.tolist()):
-            owned = crops[b, :n]
-            lines = (owned < 0).nonzero()[:, 0]
-            newlines.append(lines)
-            scored = max(self.size(n) - lines.numel(), 0)
-            present = sorted(set(owned[owned >= 0].tolist()))
-            sizes = [int((owned == c).sum()) for c in present]
+
+        def split(b, scored, owned, present, sizes):  # multi-crop LLaVA-NeXT: by the early attention; else by size
             layout = layouts[b]
             if isinstance(layout, LlavaNextLayout) and not layout.single_crop and len(present) > 1:
-                counts.append(self._split(scored, early[b, :n], owned, layout, present, sizes))
-            else:
-                counts.append(dict(zip(present, allocate(scored, sizes), strict=True)))
-        kept = top_per_crop(scores, crops, lengths, counts)
-        return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
+                return self._split(scored, early[b, : owned.numel()], owned, layout, present, sizes)
+            return None
+
+        return select_per_crop(self.size, features, scores, crops, lengths, split=split)
 
     def _split(self, scored, early, owned, layout, present, sizes):
         """Default-mode budgets per crop of one multi-crop image: ``alpha`` for the base view, the rest by where
