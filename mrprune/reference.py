@@ -67,6 +67,21 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
+def exact_matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` (``[n, D] x [m, D] -> [n, m]``) in which exact duplicate rows of ``a`` get bitwise equal rows and
+    exact duplicate rows of ``b`` bitwise equal columns.
+
+    BLAS may round one dot product differently at different output positions, so duplicate tokens would get
+    different similarities and the lower-index tie rule could break between them; each distinct row is multiplied
+    once and the products are gathered back.
+    """
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return a @ b.T
+    unique_a, inverse_a = torch.unique(a, dim=0, return_inverse=True)
+    unique_b, inverse_b = (unique_a, inverse_a) if b is a else torch.unique(b, dim=0, return_inverse=True)
+    return (unique_a @ unique_b.T)[inverse_a][:, inverse_b]
+
+
 def thresholded_softmax(
     similarity: torch.Tensor, threshold: float, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +135,7 @@ def cosine_graph(
     for b in range(batch):
         n = int(lengths[b])
         x = normalize_rows(features[b, :n].to(dtype))
-        graph[b, :n, :n], degree[b, :n] = thresholded_softmax(x @ x.T, threshold, temperature)
+        graph[b, :n, :n], degree[b, :n] = thresholded_softmax(exact_matmul_t(x, x), threshold, temperature)
     return graph, degree
 
 
@@ -151,7 +166,9 @@ def graph_propagate(
         n = int(lengths[b])
         mass = weights[b, :n].to(dtype)
         for _ in range(iterations):
-            mass = mass @ graph[b, :n, :n].to(dtype)
+            # row-wise reductions of P^T in one fixed order per row, not a BLAS vector-matrix product: duplicate
+            # tokens have equal columns of P and so get bitwise equal mass
+            mass = (graph[b, :n, :n].to(dtype).T.contiguous() * mass).sum(-1)
         scores[b, :n] = mass / degree[b, :n].to(dtype)
     return scores
 
@@ -312,7 +329,8 @@ def greedy_residual_select(
                     residual = residual - (basis @ residual) @ basis
                 direction = residual / residual.norm()
                 basis = torch.cat([basis, direction[None]])
-                energy = (energy - (v @ direction) ** 2).clamp_min(0)
+                # a row-wise reduction, not a BLAS matvec: duplicate tokens keep bitwise equal energies
+                energy = (energy - (v * direction).sum(-1) ** 2).clamp_min(0)
                 energy = torch.where(energy <= exhaustion_tol * initial, 0.0, energy)
             energy[j] = 0
     return indices, energies
@@ -346,9 +364,10 @@ def diversity_select(features: torch.Tensor, lengths: torch.Tensor, k: int, mask
         if n == 0 or k == 0:
             continue
         x = normalize_rows(features[b, :n].to(dtype))
-        similarity = x @ x.T
-        # a matmul is not exactly symmetric; mirror the upper triangle so d_sj == d_js and exact ties stay exact
-        distance = 1 - (torch.triu(similarity) + torch.triu(similarity, 1).T)
+        similarity = exact_matmul_t(x, x)
+        # a matmul is not exactly symmetric; mirror the upper triangle so d_sj == d_js and exact ties stay exact; a
+        # cosine is at most 1 (collinear tokens can round to 1 + ulp, and a negative distance would break exact ties)
+        distance = 1 - (torch.triu(similarity) + torch.triu(similarity, 1).T).clamp(max=1)
         first_score = distance.sort(dim=0).values[1] if n > 1 else distance[0]
         j = int(torch.argmax(first_score))
         nearest = torch.full((n,), float("inf"), dtype=dtype, device=x.device)
@@ -386,7 +405,7 @@ def max_cosine(
         if n == 0:
             rho[b, :m] = float("-inf")
             continue
-        similarity = normalize_rows(queries[b, :m].to(dtype)) @ normalize_rows(keys[b, :n].to(dtype)).T
+        similarity = exact_matmul_t(normalize_rows(queries[b, :m].to(dtype)), normalize_rows(keys[b, :n].to(dtype)))
         rho[b, :m] = similarity.max(dim=1).values
     return rho
 

@@ -35,6 +35,10 @@ struct TwoSmallest {
   float nearest_other(int64_t n) const { return n > 1 ? second : first; }
 };
 
+// 1 - cos, with the cosine capped at 1: the float32 cosine of collinear tokens can round to 1 + ulp, and a negative
+// self-distance would outrank the exact ties (distance 0) that the lower-index rule must settle.
+inline float cosine_distance(float cosine) { return 1.f - std::min(cosine, 1.f); }
+
 // argmax with ties to the lower index; masked entries never win.
 int64_t first_argmax(const std::vector<float>& score, const std::vector<uint8_t>* masked) {
   int64_t best = -1;
@@ -59,7 +63,7 @@ void initial_scores_streaming(const RowMatrix& x, const float* inv, std::vector<
       const int64_t i = i0 + r;
       for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) {
         const int64_t j = j0 + c;
-        const float distance = 1.f - raw[r * ld + c] * (inv[i] * inv[j]);
+        const float distance = cosine_distance(raw[r * ld + c] * (inv[i] * inv[j]));
         mine[i].add(distance);
         if (j != i) mine[j].add(distance);
       }
@@ -99,7 +103,7 @@ Tensor diversity_select_cpu(Tensor features, Tensor lengths, int64_t k, bool mas
       torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
           TwoSmallest two;
-          for (int64_t i = 0; i < n; ++i) two.add(1.f - similarity[j * n + i]);
+          for (int64_t i = 0; i < n; ++i) two.add(cosine_distance(similarity[j * n + i]));
           score[j] = two.nearest_other(n);
         }
       });
@@ -124,7 +128,7 @@ Tensor diversity_select_cpu(Tensor features, Tensor lengths, int64_t k, bool mas
       indices[b * k + t] = j;
       picked[j] = 1;
       const float* row = cosine_row(j);
-      for (int64_t i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], 1.f - row[i]);
+      for (int64_t i = 0; i < n; ++i) nearest[i] = std::min(nearest[i], cosine_distance(row[i]));
       j = first_argmax(nearest, mask_picked ? &picked : nullptr);
       if (j < 0) break;
     }

@@ -9,6 +9,7 @@ tensor or flag belongs, a tuple where a layout belongs all raise.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -227,3 +228,22 @@ def _lengths(owner: str, lengths: Any, features: torch.Tensor) -> torch.Tensor:
         lengths = _as_index_tensor(owner, "lengths", lengths)
     _validation.lengths(owner, lengths, batch, tokens)
     return lengths.to(device=features.device, dtype=torch.int64)
+
+
+def keywords(owner: str, method: Any, given: Any) -> None:
+    """Reject keyword arguments of ``select`` / ``select_batch`` that ``method`` never reads (a misspelt option
+    would otherwise be ignored silently): those of its declared needs (:data:`~mrprune.methods.stages.NEED_KEYWORDS`)
+    and those its ``_select_batch`` names."""
+    from .stages import NEED_KEYWORDS
+
+    positional = {"self", "features", "layouts", "lengths", "texts"}
+    parameters = inspect.signature(type(method)._select_batch).parameters.values()
+    known = {p.name for p in parameters if p.name not in positional and p.kind is not p.VAR_KEYWORD}
+    for need in method.needs:
+        known.update(NEED_KEYWORDS.get(need.value, ()))
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(
+            f"mrprune.{owner}: unexpected keyword argument(s) {unknown}; {type(method).__name__} reads "
+            f"{sorted(known) or 'none'}"
+        )

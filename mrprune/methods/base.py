@@ -118,6 +118,7 @@ class Pruner:
         """
         owner = f"{type(self).__name__}.select_batch"
         lengths, layouts = _checks.batch_inputs(owner, features, layouts, lengths, texts, self.uses_text)
+        _checks.keywords(owner, self, kwargs)
         if features.shape[0] == 0:
             return []
         kept = self._select_batch(features, layouts, lengths, texts, **kwargs)

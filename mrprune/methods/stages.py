@@ -13,20 +13,44 @@ stage           the method's ``features``, and what else it may read            
                 without one (Qwen2.5-VL)
 ``projector``   the item's tokens in the LLM input space (after the projector / merger), their layout,       MR-Pruner,
                 optionally the instruction's text embeddings and a [CLS] seed                                L2-norm
-``llm``         the hidden states entering decoder layer ``layer`` and the head-averaged attention row of    FastV
-                the last prompt token in the layer before it (recomputed from that layer's q/k, so SDPA and
-                FlashAttention stay on)
+``llm``         at each of its pruning layers ``K`` (``layers``), the hidden states of the item's surviving    FastV,
+                tokens entering decoder layer ``K``, plus attention rows, key norms and normed states of its  PDrop,
+                scoring layer ``K + score_offset`` (recomputed from that layer's own modules, so SDPA and      DART
+                FlashAttention stay on) and the prompt's text tokens (:class:`PromptTokens`)
 ==============  ==========================================================================================  ==========
 
-Every stage returns kept indices per item (sorted ascending). Vision- and projector-stage methods select before the
-language model runs; ``llm``-stage methods select inside it and keep the original positions.
+Every stage returns kept indices per item (sorted ascending) or :class:`~mrprune.methods.results.MergedTokens`.
+Vision- and projector-stage methods select before the language model runs; ``llm``-stage methods select inside it
+and keep the original positions.
+
+``llm``-stage declarations
+--------------------------
+``layers : tuple[int, ...]``
+    The pruning layers ``K_1 < K_2 < ...``: at the entry of each, the item's surviving tokens are scored again and
+    pruned further (a one-layer method may give ``layer`` instead). ``select_batch`` is called once per pruning
+    layer with the keyword arguments ``step`` (0, 1, ...: which pruning layer), ``layer`` (its index ``K``),
+    ``origin [B, N]`` int64 (each
+    current token's index among the item's original tokens, -1 for padding), ``original_lengths [B]`` int64 (the
+    items' token counts before the first pruning layer) and ``positions [B, N]`` int64 (each token's index in its
+    row's current sequence of real tokens, -1 for padding); it returns indices into the *current* tokens. Layouts
+    describe the original tokens, so they are given at step 0 only (``None``, flat, afterwards).
+``score_offset : int`` (default -1)
+    Layer ``K + score_offset`` provides the attention rows and keys: -1 is the layer before ``K`` run on its input
+    (FastV, DART), 0 is layer ``K``'s own projections on the states entering it (PDrop).
+``prune_earlier_cache : bool`` (default False)
+    ``False``: the layers before a pruning layer keep the cache entries of the longer prompt they saw (every
+    stage's layers keep their own entries, as PDrop's and DART's official code); ``True``: they drop the unkept
+    tokens too, so every layer's cache holds the final pruned prompt (FastV).
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
-__all__ = ["Need", "Stage"]
+import torch
+
+__all__ = ["Need", "PromptTokens", "Stage"]
 
 
 class Stage(str, enum.Enum):
@@ -75,7 +99,21 @@ class Need(str, enum.Enum):
         (LLaVA-NeXT newlines) and padding.
     LAST_QUERY_ATTENTION
         ``attention [B, N]`` float32: the head-averaged attention the last prompt token pays each of the item's
-        tokens in decoder layer ``layer - 1`` (``llm`` stage).
+        tokens in the scoring layer (``llm`` stage; decoder layer ``layer - 1`` for FastV).
+    PROMPT_ATTENTION
+        ``prompt``: a :class:`PromptTokens` whose ``attention [B, T, N]`` float32 holds, for each text token of the
+        item's prompt, its head-averaged attention to each of the item's tokens in the scoring layer (softmax over
+        every key the token may attend, causal, then the item's columns; 0 for a text token before the item),
+        and ``input_embeddings [B, N0, D]``: the input embeddings of the item's *original* tokens (the language
+        model's input; ``N0`` = ``original_lengths``) (``llm`` stage; SparseVLM's raters).
+    KEY_NORMS
+        ``key_norms [B, N]`` float32: the L1 norm of each item token's key in the scoring layer (after the rotary
+        embedding, all key heads concatenated), and ``prompt.key_norms [B, T]`` for the text tokens (``llm``
+        stage; DART's pivots).
+    NORMED_STATES
+        ``normed [B, N, D]``: the hidden states of the item's tokens entering the pruning layer passed through the
+        language model's final norm, and ``prompt.normed [B, T, D]`` for the text tokens (``llm`` stage; DART's
+        duplication cosine).
     """
 
     LAYOUT = "layout"
@@ -86,3 +124,63 @@ class Need(str, enum.Enum):
     CLIP_EMBEDDINGS = "clip_embeddings"
     VISION_MERGE = "vision_merge"
     LAST_QUERY_ATTENTION = "last_query_attention"
+    PROMPT_ATTENTION = "prompt_attention"
+    KEY_NORMS = "key_norms"
+    NORMED_STATES = "normed_states"
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """The text tokens of each item's prompt inside the language model (``llm`` stage), padded to ``T``.
+
+    Given as ``prompt`` to ``llm``-stage methods that need :attr:`Need.PROMPT_ATTENTION`, :attr:`Need.KEY_NORMS` or
+    :attr:`Need.NORMED_STATES`. The text tokens of an item are the real tokens of its prompt (row) that belong to
+    no visual item, in sequence order; items of one prompt share them.
+
+    Attributes
+    ----------
+    lengths : Tensor ``[B]`` int64
+        ``T_b``: item ``b`` owns rows ``:T_b`` of every per-token field.
+    positions : Tensor ``[B, T]`` int64
+        Each text token's index in its row's current sequence of real tokens (-1 for padding).
+    after : Tensor ``[B, T]`` bool
+        Whether the text token comes after the item's last token (the instruction, for an image before it).
+    embeddings : Tensor ``[B, T, D]``
+        The text tokens' input embeddings (the language model's input, model dtype).
+    hidden : Tensor ``[B, T, D]``
+        Their hidden states entering the scoring layer (model dtype).
+    attention : Tensor ``[B, T, N]`` float32 or None
+        :attr:`Need.PROMPT_ATTENTION`: each text token's head-averaged attention to each of the item's tokens.
+    key_norms : Tensor ``[B, T]`` float32 or None
+        :attr:`Need.KEY_NORMS`: the L1 norms of the text tokens' keys.
+    normed : Tensor ``[B, T, D]`` or None
+        :attr:`Need.NORMED_STATES`: the text tokens' states entering the pruning layer after the final norm.
+    """
+
+    lengths: torch.Tensor
+    positions: torch.Tensor
+    after: torch.Tensor
+    embeddings: torch.Tensor
+    hidden: torch.Tensor
+    attention: torch.Tensor | None = None
+    key_norms: torch.Tensor | None = None
+    normed: torch.Tensor | None = None
+
+
+#: What the ``llm`` stage passes at every pruning layer besides the needs (see ``llm``-stage declarations above).
+LLM_KEYWORDS = ("step", "layer", "origin", "original_lengths", "positions")
+
+#: The keyword arguments through which integrations deliver each need to ``select_batch`` (needs absent here deliver
+#: none: the layout and the texts are positional). ``select_batch`` rejects a keyword that neither a declared need
+#: nor the method's own ``_select_batch`` names.
+NEED_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "cls_seed": ("seeds",),
+    "vision_attention": ("attention", "crops", "patches", "crop_attention", "attention_kind"),
+    "vision_features": ("crop_features",),
+    "clip_embeddings": ("clip_image", "clip_text"),
+    "vision_merge": ("groups",),
+    "last_query_attention": ("attention", *LLM_KEYWORDS),
+    "prompt_attention": ("prompt", "input_embeddings", *LLM_KEYWORDS),
+    "key_norms": ("key_norms", "prompt", *LLM_KEYWORDS),
+    "normed_states": ("normed", "prompt", *LLM_KEYWORDS),
+}

@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
   const float* row = sim + r * static_cast<int64_t>(n_tokens);  // row j of item b (= column j: S is symmetric)
   float first = selection::positive_infinity(), second = first;
   for (int i = lane; i < n; i += 32) {
-    const float d = 1.f - __ldg(row + i);
+    const float d = 1.f - fminf(__ldg(row + i), 1.f);  // a cosine is at most 1 (see the CPU kernel)
     second = fminf(second, fmaxf(first, d));
     first = fminf(first, d);
   }
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float* row = item_sim + static_cast<int64_t>(j) * n_tokens;
     best = selection::no_pick();
     for (int i = tid; i < n; i += kThreads) {
-      const float near = fminf(nearest[i], 1.f - __ldg(row + i));
+      const float near = fminf(nearest[i], 1.f - fminf(__ldg(row + i), 1.f));
       nearest[i] = near;
       bool is_picked = picked[i] != 0;
       if (i == j) {
