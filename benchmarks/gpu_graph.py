@@ -66,8 +66,9 @@ def official_graph(x: torch.Tensor, threshold: float, temperature: float) -> tup
     return p, (p > 0).sum(-1).to(x.dtype)
 
 
-def official_graph_scores(x: torch.Tensor, threshold: float = 0.5, temperature: float = 0.03,
-                          iterations: int = 1) -> torch.Tensor:
+def official_graph_scores(
+    x: torch.Tensor, threshold: float = 0.5, temperature: float = 0.03, iterations: int = 1
+) -> torch.Tensor:
     """``(w P^t) / degree`` as the official MR-Pruner (t = 1) and G-Prune (t = 5, ``matrix_power``) code."""
     p, degree = official_graph(x, threshold, temperature)
     if iterations > 1:
@@ -76,8 +77,9 @@ def official_graph_scores(x: torch.Tensor, threshold: float = 0.5, temperature: 
     return torch.bmm(w, p)[:, 0] / degree
 
 
-def official_transfer_scores(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor,
-                             threshold: float = 0.5, temperature: float = 0.03) -> torch.Tensor:
+def official_transfer_scores(
+    queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor, threshold: float = 0.5, temperature: float = 0.03
+) -> torch.Tensor:
     """MR-Pruner's transfer, one item at a time (the selected keys differ per item), in the input precision."""
     out = []
     for q, k, m in zip(queries, keys, key_mask, strict=True):
@@ -204,9 +206,20 @@ def graph_cases(args, records: list[dict]) -> None:
             gram = _gram(x, records, "graph_scores", dtype, args.quick)
             for iterations in (1, 5):
                 want = reference.graph_scores(x, lengths, None, 0.5, 0.03, iterations)
-                _run_impls(records, _graph_impls(x, lengths, iterations), args.quick, want, keep, gram,
-                           op="graph_scores", batch=batch, tokens=rows * cols, dim=4096, dtype=str(dtype),
-                           iterations=iterations)
+                _run_impls(
+                    records,
+                    _graph_impls(x, lengths, iterations),
+                    args.quick,
+                    want,
+                    keep,
+                    gram,
+                    op="graph_scores",
+                    batch=batch,
+                    tokens=rows * cols,
+                    dim=4096,
+                    dtype=str(dtype),
+                    iterations=iterations,
+                )
 
 
 def video_cases(args, records: list[dict]) -> None:
@@ -217,8 +230,20 @@ def video_cases(args, records: list[dict]) -> None:
             gram = _gram(x, records, "graph_scores", dtype, args.quick)
             for iterations in iteration_set:
                 impls = _graph_impls(x, lengths, iterations, variants=("stream", "auto"), eager=False)
-                _run_impls(records, impls, args.quick, None, None, gram, op="graph_scores", batch=1, tokens=tokens,
-                           dim=4096, dtype=str(dtype), iterations=iterations)
+                _run_impls(
+                    records,
+                    impls,
+                    args.quick,
+                    None,
+                    None,
+                    gram,
+                    op="graph_scores",
+                    batch=1,
+                    tokens=tokens,
+                    dim=4096,
+                    dtype=str(dtype),
+                    iterations=iterations,
+                )
 
 
 def _transfer_impls(base, lengths, high, mask):
@@ -242,10 +267,30 @@ def transfer_cases(args, records: list[dict]) -> None:
         mask = torch.rand(8, 2304, generator=torch.Generator().manual_seed(0)).lt(0.5).cuda()
         lengths = torch.full((8,), 576, dtype=torch.int64, device="cuda")
         want = reference.transfer_scores(base, lengths, high, mask, None, 0.5, 0.03)
-        gram = _floor(_bmm_floor(F.normalize(base, dim=-1), F.normalize(high, dim=-1)), records, "transfer_scores",
-                      dtype, args.quick, batch=8, tokens=2304, queries=576)
-        _run_impls(records, _transfer_impls(base, lengths, high, mask), args.quick, want, None, gram,
-                   op="transfer_scores", batch=8, tokens=2304, queries=576, dim=4096, dtype=str(dtype))
+        gram = _floor(
+            _bmm_floor(F.normalize(base, dim=-1), F.normalize(high, dim=-1)),
+            records,
+            "transfer_scores",
+            dtype,
+            args.quick,
+            batch=8,
+            tokens=2304,
+            queries=576,
+        )
+        _run_impls(
+            records,
+            _transfer_impls(base, lengths, high, mask),
+            args.quick,
+            want,
+            None,
+            gram,
+            op="transfer_scores",
+            batch=8,
+            tokens=2304,
+            queries=576,
+            dim=4096,
+            dtype=str(dtype),
+        )
 
 
 def _cosine_impls(x, lengths):
@@ -268,8 +313,19 @@ def cosine_cases(args, records: list[dict]) -> None:
         lengths = torch.full((8,), 2304, dtype=torch.int64, device="cuda")
         gram = _gram(x, records, "cosine_graph", dtype, args.quick)
         want = reference.cosine_graph(x, lengths)[1]  # compare the degrees
-        _run_impls(records, _cosine_impls(x, lengths), args.quick, want, _not_borderline(x, 0.5), gram,
-                   op="cosine_graph", batch=8, tokens=2304, dim=4096, dtype=str(dtype))
+        _run_impls(
+            records,
+            _cosine_impls(x, lengths),
+            args.quick,
+            want,
+            _not_borderline(x, 0.5),
+            gram,
+            op="cosine_graph",
+            batch=8,
+            tokens=2304,
+            dim=4096,
+            dtype=str(dtype),
+        )
 
 
 def _public(op, *args):
@@ -314,23 +370,30 @@ def _run_impls(records, impls, quick, want, keep, gram_ms, **case):
 
 
 def _print(records: list[dict]) -> None:
-    print(f"{'op':16s} {'B':>2s} {'N':>6s} {'dtype':14s} {'t':>2s} {'impl':20s} {'ms':>10s} {'peak MiB':>10s} "
-          f"{'x official':>10s} {'/ gram':>7s} {'rel err':>9s}")
+    print(
+        f"{'op':16s} {'B':>2s} {'N':>6s} {'dtype':14s} {'t':>2s} {'impl':20s} {'ms':>10s} {'peak MiB':>10s} "
+        f"{'x official':>10s} {'/ gram':>7s} {'rel err':>9s}"
+    )
     for r in records:
         time = f"{r['time_ms']:10.3f}" if r.get("status") == "ok" else f"{r.get('status', '?'):>10s}"
         peak = f"{r['peak_mib']:10.1f}" if "peak_mib" in r else " " * 10
         speed = f"{r['speedup_vs_official']:10.2f}" if "speedup_vs_official" in r else " " * 10
         ratio = f"{r['ratio_to_gram']:7.2f}" if "ratio_to_gram" in r else " " * 7
         err = f"{r['max_rel_err']:9.1e}" if "max_rel_err" in r else " " * 9
-        print(f"{r['op']:16s} {r.get('batch', ''):>2} {r.get('tokens', ''):>6} {r['dtype']:14s} "
-              f"{r.get('iterations', ''):>2} {r['impl']:20s} {time} {peak} {speed} {ratio} {err}")
+        print(
+            f"{r['op']:16s} {r.get('batch', ''):>2} {r.get('tokens', ''):>6} {r['dtype']:14s} "
+            f"{r.get('iterations', ''):>2} {r['impl']:20s} {time} {peak} {speed} {ratio} {err}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and short timing (a smoke test)")
-    parser.add_argument("--cases", default="graph,transfer,cosine,video",
-                        help="comma-separated subset of graph, transfer, cosine, video")
+    parser.add_argument(
+        "--cases",
+        default="graph,transfer,cosine,video",
+        help="comma-separated subset of graph, transfer, cosine, video",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON path (default: benchmarks/results/)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":

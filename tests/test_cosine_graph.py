@@ -362,8 +362,9 @@ def _triton_graph(x, lengths, threshold=0.5, temperature=0.03, **options):
     """The Triton launcher with canonical arguments (what the registered backend passes), on TRITON_DEVICE."""
     from mrprune.triton_kernels.cosine_graph import cosine_graph_triton
 
-    return cosine_graph_triton(to_triton(x.contiguous()), to_triton(lengths.to(torch.int64)), threshold,
-                               temperature, **options)
+    return cosine_graph_triton(
+        to_triton(x.contiguous()), to_triton(lengths.to(torch.int64)), threshold, temperature, **options
+    )
 
 
 def _triton_impl(**options):

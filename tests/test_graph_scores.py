@@ -409,8 +409,9 @@ def _triton_scores(x, lengths, weights=None, threshold=0.5, temperature=0.03, it
     from mrprune.triton_kernels.graph_scores import graph_scores_triton
 
     w = None if weights is None else to_triton(weights.to(torch.float32).contiguous())
-    return graph_scores_triton(to_triton(x.contiguous()), to_triton(lengths.to(torch.int64)), w, threshold,
-                               temperature, iterations, **options)
+    return graph_scores_triton(
+        to_triton(x.contiguous()), to_triton(lengths.to(torch.int64)), w, threshold, temperature, iterations, **options
+    )
 
 
 def _triton_impl(**options):
@@ -429,8 +430,16 @@ def test_triton_small_shapes(variant, n, dim, iterations):
     gen = torch.Generator().manual_seed(n * 100 + dim)
     x = clustered(n, dim, generator=gen)[None]
     threshold, temperature = ((0.5, 0.03), (0.2, 0.1))[n % 2]
-    check_against_oracle(None, x, torch.tensor([n]), None, threshold, temperature, iterations,
-                         impl=_triton_impl(variant=variant, block=16, block_d=16))
+    check_against_oracle(
+        None,
+        x,
+        torch.tensor([n]),
+        None,
+        threshold,
+        temperature,
+        iterations,
+        impl=_triton_impl(variant=variant, block=16, block_d=16),
+    )
 
 
 @triton_test
@@ -444,8 +453,16 @@ def test_triton_dtypes_padded_batch(variant, dtype):
     x, lengths = padded([clustered(n, 24, generator=gen) for n in (29, 0, 40, 5)])
     x = x.to(dtype)
     weights = torch.where(torch.arange(40) < lengths[:, None], torch.rand(4, 40, generator=gen), 1e4)
-    scores = check_against_oracle(None, x, lengths, weights if variant == "stream" else None, 0.5, 0.03, 2,
-                                  impl=_triton_impl(variant=variant, block=16, block_d=16))
+    scores = check_against_oracle(
+        None,
+        x,
+        lengths,
+        weights if variant == "stream" else None,
+        0.5,
+        0.03,
+        2,
+        impl=_triton_impl(variant=variant, block=16, block_d=16),
+    )
     assert not scores[1].any() and not scores[0, 29:].any() and not scores[3, 5:].any()
 
 
@@ -456,8 +473,16 @@ def test_triton_iterations(variant):
     gen = torch.Generator().manual_seed(41)
     x = clustered(40, 16, spread=0.4, generator=gen)[None]
     for iterations in range(1, 6):
-        check_against_oracle(None, x, torch.tensor([40]), None, 0.2, 0.1, iterations,
-                             impl=_triton_impl(variant=variant, block=16, block_d=16))
+        check_against_oracle(
+            None,
+            x,
+            torch.tensor([40]),
+            None,
+            0.2,
+            0.1,
+            iterations,
+            impl=_triton_impl(variant=variant, block=16, block_d=16),
+        )
 
 
 @triton_test
@@ -474,8 +499,17 @@ def test_triton_rows_without_edges(variant):
     norms = x[0].double().norm(dim=-1)
     assert_close(scores[0], (norms.sum() / 37 / 37).expand(37))
     for threshold, temperature in ((0.5, 0.03), (-1.0, 1e-4), (0.0, 0.1)):
-        check_against_oracle(None, x, lengths, None, threshold, temperature, 2, max_left_out=1.0,
-                             impl=_triton_impl(variant=variant, block=16, block_d=16))
+        check_against_oracle(
+            None,
+            x,
+            lengths,
+            None,
+            threshold,
+            temperature,
+            2,
+            max_left_out=1.0,
+            impl=_triton_impl(variant=variant, block=16, block_d=16),
+        )
 
 
 @triton_test
@@ -485,8 +519,12 @@ def test_triton_variants_and_splits_agree():
     gen = torch.Generator().manual_seed(43)
     x, lengths = padded([clustered(n, 20, generator=gen) for n in (50, 17, 33)])
     want = _triton_scores(x, lengths, None, 0.2, 0.1, 2, variant="stream", block=16, block_d=16).cpu()
-    for options in (dict(variant="stream", block=32, block_d=32), dict(variant="materialize", splits=1),
-                    dict(variant="materialize", block=16, splits=3), dict(variant="auto")):
+    for options in (
+        dict(variant="stream", block=32, block_d=32),
+        dict(variant="materialize", splits=1),
+        dict(variant="materialize", block=16, splits=3),
+        dict(variant="auto"),
+    ):
         assert_close(_triton_scores(x, lengths, None, 0.2, 0.1, 2, **options).cpu(), want)
 
 

@@ -44,7 +44,12 @@ DELTA = 1e-5
 TINY_CASES = {
     "random": (tiny_random(5, 4, 1), tiny_random(7, 4, 2), [1, 0, 1, 1, 0, 1, 1], None, 0.3, 0.03),
     "random_weights": (
-        tiny_random(6, 3, 3), tiny_random(5, 3, 4), [1, 1, 0, 1, 1], [0.5, 2.0, 9.0, 1.5, 3.0], 0.2, 0.1
+        tiny_random(6, 3, 3),
+        tiny_random(5, 3, 4),
+        [1, 1, 0, 1, 1],
+        [0.5, 2.0, 9.0, 1.5, 3.0],
+        0.2,
+        0.1,
     ),
     "zero_vectors": ([[0.0, 0.0], [1.0, 0.1]], [[1.0, 0.0], [0.0, 0.0], [0.9, 0.2]], [1, 1, 1], None, 0.5, 0.03),
     "no_edge": ([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], [[0.0, 1.0, 0.0], [-1.0, 0.5, 0.0]], [1, 1], [2.0, 5.0], 0.5, 0.1),
@@ -53,8 +58,14 @@ TINY_CASES = {
     "threshold_negative": (tiny_random(4, 3, 7), tiny_random(5, 3, 8), [1, 1, 0, 1, 1], None, -0.5, 0.1),
     "empty_mask": (tiny_random(3, 3, 9), tiny_random(4, 3, 10), [0, 0, 0, 0], None, 0.5, 0.03),
     # cos([3, 4], [1, 0]) = 0.6 exactly (an edge at threshold 0.6); duplicated keys tie.
-    "tie_at_threshold": ([[3.0, 4.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]], [1, 1, 1, 1],
-                         [1.0, 2.0, 3.0, 4.0], 0.6, 0.05),
+    "tie_at_threshold": (
+        [[3.0, 4.0], [1.0, 0.0]],
+        [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 1.0]],
+        [1, 1, 1, 1],
+        [1.0, 2.0, 3.0, 4.0],
+        0.6,
+        0.05,
+    ),
     # The only edge logit (-0.995 / 1e-4 = -9950) is far below the non-edge's -5000 (S = 0): the mass goes there.
     "edges_below_fill": ([[1.0, 0.0]], [[-2.0, 0.2], [0.0, 1.0]], [1, 1], None, -1.0, 1e-4),
     # exp((-0.995 - 1) / 1e-3) underflows to 0, but that key is still an edge: the degree counts it.
@@ -125,8 +136,9 @@ def near_threshold_queries(queries, query_lengths, keys, key_mask, threshold) ->
     return out
 
 
-def check_against_oracle(backend, queries, query_lengths, keys, key_mask, key_weights, threshold, temperature,
-                         max_left_out=0.1, impl=None):
+def check_against_oracle(
+    backend, queries, query_lengths, keys, key_mask, key_weights, threshold, temperature, max_left_out=0.1, impl=None
+):
     """``impl`` (a function of the op's arguments) replaces the public op with ``backend`` forced."""
     args = (queries, query_lengths, keys, key_mask, key_weights, threshold, temperature)
     prop = run(OP, backend, *args) if impl is None else impl(*args).cpu()
@@ -369,8 +381,14 @@ def test_empty_mask_and_no_edge_queries(impl):
 @pytest.mark.parametrize("impl", ["reference", *BACKENDS])
 def test_zero_query_lengths(impl):
     """Items without queries give all-zero output whatever their padding and keys hold."""
-    prop = run(OP, impl, torch.randn(2, 3, 4) * 1e3, torch.tensor([0, 0]), torch.randn(2, 5, 4),
-               torch.ones(2, 5, dtype=torch.bool))
+    prop = run(
+        OP,
+        impl,
+        torch.randn(2, 3, 4) * 1e3,
+        torch.tensor([0, 0]),
+        torch.randn(2, 5, 4),
+        torch.ones(2, 5, dtype=torch.bool),
+    )
     assert prop.shape == (2, 3) and not prop.any()
 
 
@@ -405,8 +423,17 @@ def test_batch_equals_per_item(impl, explicit_weights):
     prop = run(OP, impl, queries, query_lengths, keys, key_mask, weights, 0.2, 0.1)
     for b, (m, n) in enumerate(sizes):
         w = None if weights is None else weights[b : b + 1, :n].contiguous()
-        alone = run(OP, impl, queries[b : b + 1, :m].contiguous(), torch.tensor([m]), keys[b : b + 1, :n].contiguous(),
-                    key_mask[b : b + 1, :n].contiguous(), w, 0.2, 0.1)
+        alone = run(
+            OP,
+            impl,
+            queries[b : b + 1, :m].contiguous(),
+            torch.tensor([m]),
+            keys[b : b + 1, :n].contiguous(),
+            key_mask[b : b + 1, :n].contiguous(),
+            w,
+            0.2,
+            0.1,
+        )
         if impl in ("cpp", "reference"):
             assert torch.equal(prop[b, :m], alone[0])
         else:
@@ -499,15 +526,21 @@ def test_torch_compile_fullgraph():
 # the keys split over several programs (the flash-decoding combine), every input dtype.
 
 
-def _triton_prop(queries, query_lengths, keys, key_mask, key_weights=None, threshold=0.5, temperature=0.03,
-                 **options):
+def _triton_prop(queries, query_lengths, keys, key_mask, key_weights=None, threshold=0.5, temperature=0.03, **options):
     """The Triton launcher with canonical arguments (what the registered backend passes), on TRITON_DEVICE."""
     from mrprune.triton_kernels.transfer_scores import transfer_scores_triton
 
     w = None if key_weights is None else to_triton(key_weights.to(torch.float32).contiguous())
-    return transfer_scores_triton(to_triton(queries.contiguous()), to_triton(query_lengths.to(torch.int64)),
-                                  to_triton(keys.contiguous()), to_triton(key_mask.contiguous()), w, threshold,
-                                  temperature, **options)
+    return transfer_scores_triton(
+        to_triton(queries.contiguous()),
+        to_triton(query_lengths.to(torch.int64)),
+        to_triton(keys.contiguous()),
+        to_triton(key_mask.contiguous()),
+        w,
+        threshold,
+        temperature,
+        **options,
+    )
 
 
 def _triton_impl(**options):
@@ -528,8 +561,17 @@ def test_triton_small_shapes(n, dim):
     key_mask[0, 0] = True
     key_weights = torch.rand(1, n, generator=gen) * 3 if dim == 16 else None
     threshold, temperature = ((0.5, 0.03), (0.2, 0.1))[n % 2]
-    check_against_oracle(None, queries, torch.tensor([m]), keys, key_mask, key_weights, threshold, temperature,
-                         impl=_triton_impl(block=16, block_d=16, splits=n % 3 + 1))
+    check_against_oracle(
+        None,
+        queries,
+        torch.tensor([m]),
+        keys,
+        key_mask,
+        key_weights,
+        threshold,
+        temperature,
+        impl=_triton_impl(block=16, block_d=16, splits=n % 3 + 1),
+    )
 
 
 @triton_test
@@ -546,8 +588,17 @@ def test_triton_dtypes_padded_batch(dtype, splits):
     key_mask = (torch.rand(keys.shape[:2], generator=gen) < 0.6) & (torch.arange(40) < key_lengths[:, None])
     key_mask[3] = False
     key_weights = torch.where(key_mask, torch.rand(keys.shape[:2], generator=gen), 1e4) if splits > 1 else None
-    prop = check_against_oracle(None, queries.to(dtype), query_lengths, keys.to(dtype), key_mask, key_weights, 0.5,
-                                0.03, impl=_triton_impl(block=16, block_d=16, splits=splits))
+    prop = check_against_oracle(
+        None,
+        queries.to(dtype),
+        query_lengths,
+        keys.to(dtype),
+        key_mask,
+        key_weights,
+        0.5,
+        0.03,
+        impl=_triton_impl(block=16, block_d=16, splits=splits),
+    )
     assert not prop[1].any() and not prop[3].any() and not prop[2, 8:].any() and (prop[0, :21] > 0).all()
 
 
@@ -558,8 +609,9 @@ def test_triton_mixed_dtypes():
     x = clustered(60, 20, generator=gen)
     queries, keys = x[:25].to(torch.float16)[None], x[25:].to(torch.bfloat16)[None]
     key_mask = torch.rand(1, 35, generator=gen) < 0.7
-    check_against_oracle(None, queries, torch.tensor([25]), keys, key_mask, None, 0.5, 0.03,
-                         impl=_triton_impl(block=16, splits=2))
+    check_against_oracle(
+        None, queries, torch.tensor([25]), keys, key_mask, None, 0.5, 0.03, impl=_triton_impl(block=16, splits=2)
+    )
 
 
 @triton_test
@@ -630,8 +682,17 @@ def test_triton_llava_next_full_size_cuda(dtype, monkeypatch):
     monkeypatch.setenv("MRPRUNE_TRITON_AUTOTUNE", "1")  # the autotuned launch path, at the real shape
     base, high = _llava(48, 48, 4096)
     key_mask = torch.rand(1, 2304, generator=torch.Generator().manual_seed(48)) < 0.5
-    check_against_oracle(None, base.to(dtype)[None], torch.tensor([576]), high.to(dtype)[None], key_mask, None, 0.5,
-                         0.03, impl=_triton_impl())
+    check_against_oracle(
+        None,
+        base.to(dtype)[None],
+        torch.tensor([576]),
+        high.to(dtype)[None],
+        key_mask,
+        None,
+        0.5,
+        0.03,
+        impl=_triton_impl(),
+    )
 
 
 def test_benchmark_official_path_matches_reference():

@@ -38,8 +38,10 @@ os.environ.setdefault("MRPRUNE_TRITON_AUTOTUNE", "0")
 
 #: Where the Triton-specific tests run: the GPU if there is one, else the CPU under the interpreter, else nowhere.
 TRITON_DEVICE = (
-    "cuda" if torch.cuda.is_available() else ("cpu" if triton_interpreted("cpu") else None)
-) if getattr(mrprune, "HAS_TRITON", False) else None
+    ("cuda" if torch.cuda.is_available() else ("cpu" if triton_interpreted("cpu") else None))
+    if getattr(mrprune, "HAS_TRITON", False)
+    else None
+)
 
 
 def triton_test(fn):
@@ -113,4 +115,3 @@ def clustered(n: int, dim: int, clusters: int = 4, spread: float = 0.6, generato
     centres = torch.randn(clusters, dim, generator=generator)
     labels = torch.randint(0, clusters, (n,), generator=generator)
     return centres[labels] + spread * torch.randn(n, dim, generator=generator) + 0.3
-
