@@ -27,6 +27,7 @@ from .fastv import FastV
 from .graph import GPrune, MRPruner
 from .hired import HiRED
 from .l2norm import L2Norm
+from .pdrop import PDrop
 from .presets import PRESETS, preset
 from .prumerge import PruMerge
 from .resprune import ALPHA_PRESETS, ResPrune
@@ -51,6 +52,7 @@ __all__ = [
     "L2Norm",
     "MRPruner",
     "MergedTokens",
+    "PDrop",
     "Need",
     "Pruner",
     "PruMerge",

@@ -39,6 +39,8 @@ class FastV(Pruner):
 
     stage = Stage.LLM
     needs = Pruner.needs | {Need.LAST_QUERY_ATTENTION}
+    #: every layer's cache keeps only the kept tokens (layers ``0 .. K-1`` drop theirs too)
+    prune_earlier_cache = True
 
     def __init__(self, keep_ratio: float = 0.5, layer: int = 2) -> None:
         self.keep_ratio = check_keep_ratio(keep_ratio)

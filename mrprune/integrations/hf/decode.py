@@ -5,12 +5,16 @@ mask are replaced by the pruned prompt's, and its position ids are shifted by ``
 unpruned position)`` per sample: zero under ``"original"`` (decoding continues after the unpruned length), the number
 of dropped tokens under ``"compact"``. Without position ids the next positions are filled in. The state is kept per
 cache object (weakly), so beams and several return sequences that share a cache share it.
+
+An ``llm``-stage method whose earlier layers keep the longer prompt leaves cache layers of different lengths: the
+state then also lists the later groups of layers with their own prompt masks (:attr:`DecodeState.groups`), and the
+caller runs the step under :meth:`~mrprune.integrations.hf.llm.LLMStage.decoding`.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,10 +29,12 @@ class DecodeState:
     """What decoding steps against a pruned prefill's cache need."""
 
     original_length: int  # L: prompt columns as the caller counts them
-    pruned_length: int  # L': prompt slots in the cache
-    mask: torch.Tensor  # [B, L'] attention mask of the pruned prompt
+    pruned_length: int  # L': prompt slots in cache layer 0
+    mask: torch.Tensor  # [B, L'] attention mask of the pruned prompt in cache layer 0
     next_original: torch.Tensor  # [A, B]: next position the unpruned prompt would continue at
     next_pruned: torch.Tensor  # [A, B]: next position after the pruned prompt
+    # later groups of cache layers holding other prompt lengths: (first layer, end layer, prompt mask [B, L_g])
+    groups: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
 
 
 class DecodeTracker:
@@ -42,16 +48,22 @@ class DecodeTracker:
         self._states.clear()
 
     def remember(
-        self, cache: Any, length: int, rows: Rows, positions: torch.Tensor, new_positions: torch.Tensor
+        self,
+        cache: Any,
+        length: int,
+        rows: Rows,
+        positions: torch.Tensor,
+        new_positions: torch.Tensor,
+        groups: list[tuple[int, int, torch.Tensor]] | None = None,
     ) -> None:
-        """Record a pruned prefill of ``length`` columns (positions ``[A, B, L]``) that filled ``cache`` with
-        ``rows`` at ``new_positions [A, B, L']``."""
+        """Record a pruned prefill of ``length`` columns (positions ``[A, B, L]``) that filled ``cache`` (its layer
+        0, and every layer outside ``groups``) with ``rows`` at ``new_positions [A, B, L']``."""
         next_original = positions[..., -1] + 1
         if self.position_mode == "original":
             next_pruned = next_original
         else:
             next_pruned = new_positions.amax(-1) + 1
-        state = DecodeState(length, rows.index.shape[1], rows.real.long(), next_original, next_pruned)
+        state = DecodeState(length, rows.index.shape[1], rows.real.long(), next_original, next_pruned, groups or [])
         key = id(cache)
         self._states[key] = (weakref.ref(cache, lambda _, key=key: self._states.pop(key, None)), state)
 

@@ -250,7 +250,11 @@ class PruningHandle:
                     raise NotImplementedError(
                         "mrprune: new visual inputs on top of a pruned prefill's cache are not supported"
                     )
-                return original(**self._decode.decode_call(call, state, cache))
+                call = self._decode.decode_call(call, state, cache)
+                if not state.groups:
+                    return original(**call)
+                with self._llm.decoding(state.groups, call["attention_mask"][:, state.pruned_length :]):
+                    return original(**call)
             if not visual:
                 return original(**call)
             return self._prefill(original, call)
@@ -265,11 +269,6 @@ class PruningHandle:
         mask = call.get("attention_mask")
         if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             return call
-        if self._llm is not None:
-            raise NotImplementedError(
-                f"mrprune: {type(self.pruner).__name__} prunes inside the language model, which does not support "
-                "static caches yet; use the default (dynamic) cache"
-            )
         if isinstance(mask, dict):
             mask = mask.get("full_attention", next(iter(mask.values())))
         tokens = call["input_ids"] if call.get("input_ids") is not None else call["inputs_embeds"]
@@ -336,6 +335,7 @@ class PruningHandle:
             run = self._llm.start(items, self._vision.layouts(items), rows, side)
             with run:
                 output = original(**new_call)
+            cache_rows, groups = run.cache_groups(rows)
             kept, rows, seconds = run.kept, rows.compose(run.rows), seconds + run.seconds
             new_positions = rows.take(positions, dim=2)
             if labels is not None:
@@ -349,7 +349,9 @@ class PruningHandle:
         self.last = self._records(items, kept, rows, seconds)
         cache = cache_of(output)
         if cache is not None:
-            self._decode.remember(cache, length, rows, positions, new_positions)
+            if self._llm is None:
+                cache_rows, groups = rows, []
+            self._decode.remember(cache, length, cache_rows, positions, new_positions, groups)
         return output if call.get("return_dict") is not False else output.to_tuple()
 
     def _records(self, items: list[VisualItem], kept: list[Result], rows: Rows, seconds: float) -> list[Any]:
@@ -427,10 +429,9 @@ def patch(
     -----
     ``Need.CLS_SEED`` (ResPrune) on CLIP vision towers (LLaVA, LLaVA-NeXT) is the patch token the [CLS] token attends
     to most at the feature layer (of the base view for LLaVA-NeXT); Qwen2.5-VL has no [CLS] token, so the method
-    uses its default. Static caches (``generate(..., cache_implementation="static")``) work with vision- and
-    projector-stage methods: the pruned prompt fills fewer slots. Not supported: ``inputs_embeds`` without
-    ``input_ids``, static caches with ``llm``-stage methods, chunked prefill, and adding images to a cache that
-    already holds a pruned prompt.
+    uses its default. Static caches (``generate(..., cache_implementation="static")``) work with every stage: the
+    pruned prompt fills fewer slots (``llm`` stage: per layer). Not supported: ``inputs_embeds`` without
+    ``input_ids``, chunked prefill, and adding images to a cache that already holds a pruned prompt.
     """
     _check_transformers()
     adapter_cls = resolve_adapter(model)

@@ -1,0 +1,435 @@
+"""The multi-layer ``llm`` stage on every tiny model (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; 4 decoder layers).
+
+Methods prune at several layers; the layers before each stage keep the longer prompt in their cache (PDrop) or drop
+it too (a FastV-like staged method). The oracle is a hand-written greedy loop on the *unpatched* eager model that
+recomputes the whole sequence at every step and hides, per decoder layer, the prompt tokens the pruned model no
+longer has there (prompt rows: dropped at a pruning layer at or before it; generated rows: the same, or the final
+dropped set when every layer's cache is pruned). The kept tokens are checked stage by stage against the eager
+attention of the same masked model; the needs of the stage (prompt attention, key norms, normed states) against the
+eager model's own attention probabilities and hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import mrprune  # noqa: E402
+from mrprune.integrations import patched  # noqa: E402
+from mrprune.integrations.testing import (  # noqa: E402
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
+    left_pad,
+    mask_positions,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_5_vl,
+)
+from mrprune.methods.base import Pruner, round_half_up, top_tokens  # noqa: E402
+from mrprune.methods.stages import Need, Stage  # noqa: E402
+
+LAYERS = 4
+ATOL = 1e-4  # the oracle runs eager attention without a cache, the patched model SDPA with one
+GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+PATCH = 3 * 2 * 14 * 14
+
+
+def llava_case():
+    image = [IMAGE_TOKEN] * 16
+    input_ids, attention_mask = left_pad([[1, 5, 6, *image, 7, 8, *image, 9, 10, 11], [1, 12, *image, 13, 14, 15]])
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels)
+    singles = [dict(pixel_values=pixels[:2]), dict(pixel_values=pixels[2:])]
+    return tiny_llava(layers=LAYERS), inputs, mask_positions(attention_mask), singles
+
+
+def llava_next_case():
+    model = tiny_llava_next(layers=LAYERS)
+    sizes = torch.tensor([[28, 40], [56, 56], [40, 28]])
+    pixels = torch.randn(3, 5, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        counts = [len(f) for f in model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output]
+    input_ids, attention_mask = left_pad(
+        [
+            [1, 5, *[IMAGE_TOKEN] * counts[0], 7, *[IMAGE_TOKEN] * counts[1], 8, 9],
+            [1, 12, *[IMAGE_TOKEN] * counts[2], 14],
+        ]
+    )
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, image_sizes=sizes)
+    singles = [
+        dict(pixel_values=pixels[:2], image_sizes=sizes[:2]),
+        dict(pixel_values=pixels[2:], image_sizes=sizes[2:]),
+    ]
+    return model, inputs, mask_positions(attention_mask), singles
+
+
+def qwen_case():
+    images, videos = torch.tensor([[1, 4, 4], [1, 4, 8], [1, 8, 4]]), torch.tensor([[2, 4, 4]])
+    vision = lambda token, n: [VISION_START, *[token] * n, VISION_END]  # noqa: E731
+    input_ids, attention_mask = left_pad(
+        [
+            [1, 5, *vision(IMAGE_TOKEN, 4), 7, *vision(IMAGE_TOKEN, 8), 8, 9],
+            [1, 12, *vision(IMAGE_TOKEN, 8), *vision(VIDEO_TOKEN, 8), 13, 14, 15],
+        ]
+    )
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(int(images.prod(-1).sum()), PATCH, generator=generator)
+    video = torch.randn(int(videos.prod(-1).sum()), PATCH, generator=generator)
+    types = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixels,
+        image_grid_thw=images,
+        pixel_values_videos=video,
+        video_grid_thw=videos,
+        mm_token_type_ids=types,
+    )
+    model = tiny_qwen2_5_vl(layers=LAYERS)
+    positions = model.model.get_rope_index(
+        input_ids, types, image_grid_thw=images, video_grid_thw=videos, attention_mask=attention_mask
+    )[0]
+    split = int(images[:2].prod(-1).sum())
+    singles = [
+        dict(pixel_values=pixels[:split], image_grid_thw=images[:2]),
+        dict(pixel_values=pixels[split:], image_grid_thw=images[2:], pixel_values_videos=video, video_grid_thw=videos),
+    ]
+    return model, inputs, positions, singles
+
+
+CASES = {"llava": llava_case, "llava_next": llava_next_case, "qwen2_5_vl": qwen_case}
+
+
+class StagedTopK(Pruner):
+    """Test method: FastV's rule at several layers (scored by the layer before, every layer's cache pruned)."""
+
+    stage = Stage.LLM
+    needs = Pruner.needs | {Need.LAST_QUERY_ATTENTION}
+    score_offset = -1
+    prune_earlier_cache = True
+
+    def __init__(self, layers, ratios):
+        self.layers, self.ratios = tuple(layers), tuple(ratios)
+
+    def count(self, step, original, current):
+        return min(round_half_up(self.ratios[step] * original), current)
+
+    def _select_batch(self, features, layouts, lengths, texts, attention=None, step=0, original_lengths=None, **kw):
+        counts = [self.count(step, n0, n) for n0, n in zip(original_lengths.tolist(), lengths.tolist(), strict=True)]
+        return top_tokens(attention.float(), lengths, counts)
+
+
+METHODS = {
+    "pdrop": lambda keep=None: mrprune.methods.PDrop(layers=(1, 2, 3), ratios=keep or (0.5, 0.25, 0.125)),
+    "pdrop_official": lambda keep=None: mrprune.methods.PDrop(layers=(1, 3), ratios=keep or (0.6, 0.3), official=True),
+    "staged": lambda keep=None: StagedTopK(layers=(1, 3), ratios=keep or (0.6, 0.3)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    return request.param, *CASES[request.param]()
+
+
+def eager_copy(model):
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return eager
+
+
+def items_of(input_ids):
+    """``[(row, columns)]`` of every visual item: per row images in prompt order, then videos."""
+    items = []
+    for b in range(input_ids.shape[0]):
+        for token in (IMAGE_TOKEN, VIDEO_TOKEN):
+            cells = (input_ids[b] == token).nonzero()[:, 0]
+            if cells.numel():
+                items.extend((b, run) for run in torch.tensor_split(cells, (cells.diff() > 1).nonzero()[:, 0] + 1))
+    return items
+
+
+def hide_hooks(model, prompt_hidden, decode_hidden=None):
+    """Pre-hooks hiding, in decoder layer ``l``, the prompt columns ``prompt_hidden[l] [B, L]`` from the prompt's rows
+    and ``decode_hidden[l]`` (default: the same) from every later row (eager float masks)."""
+    decode_hidden = prompt_hidden if decode_hidden is None else decode_hidden
+
+    def hook(index):
+        def hide(module, args, kwargs):
+            mask = kwargs["attention_mask"]
+            length = prompt_hidden[index].shape[1]
+            hidden = torch.zeros(mask.shape[0], 1, mask.shape[2], mask.shape[3], dtype=torch.bool)
+            hidden[:, 0, :length, :length] = prompt_hidden[index][:, None, :]
+            hidden[:, 0, length:, :length] = decode_hidden[index][:, None, :]
+            return args, {**kwargs, "attention_mask": mask.masked_fill(hidden, torch.finfo(mask.dtype).min)}
+
+        return hide
+
+    layers = model.model.language_model.layers
+    return [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+
+def layer_hidden(real, method, kept_by_stage, upto=None):
+    """Per decoder layer, the prompt columns hidden there: real tokens dropped at a pruning layer at or before it."""
+    layers = method.layers
+    hidden = []
+    for index in range(LAYERS):
+        stages = [s for s, k in enumerate(layers) if k <= index and (upto is None or s < upto)]
+        hidden.append(real & ~kept_by_stage[stages[-1]] if stages else torch.zeros_like(real))
+    return hidden
+
+
+@torch.no_grad()
+def expected_stages(model, inputs, positions, method):
+    """The kept columns after each pruning layer, chosen on the eager attention of the masked unpatched model."""
+    eager = eager_copy(model)
+    real = inputs["attention_mask"].bool()
+    items = items_of(inputs["input_ids"])
+    survivors = [cols for _, cols in items]
+    kept_by_stage = []
+    for step, layer in enumerate(method.layers):
+        hooks = hide_hooks(eager, layer_hidden(real, method, kept_by_stage, upto=step))
+        try:
+            attentions = eager(**inputs, position_ids=positions, output_attentions=True).attentions
+        finally:
+            for hook in hooks:
+                hook.remove()
+        scores = attentions[layer + method.score_offset][:, :, -1].mean(1)  # the last column is every prompt's last
+        keep = real.clone()
+        for i, (b, cols) in enumerate(items):
+            current = survivors[i]
+            count = method.count(step, cols.numel(), current.numel())
+            survivors[i] = current[scores[b, current].topk(count).indices.sort().values]
+            keep[b, cols] = False
+            keep[b, survivors[i]] = True
+        kept_by_stage.append(keep)
+    return kept_by_stage, [(b, cols, s) for (b, cols), s in zip(items, survivors, strict=True)]
+
+
+@torch.no_grad()
+def oracle_generate(model, inputs, positions, method, kept_by_stage, steps):
+    """Greedy tokens and logits of the masked unpatched eager model, the whole sequence recomputed at every step."""
+    eager = eager_copy(model)
+    real = inputs["attention_mask"].bool()
+    prompt_hidden = layer_hidden(real, method, kept_by_stage)
+    final = real & ~kept_by_stage[-1]
+    decode_hidden = [final] * LAYERS if method.prune_earlier_cache else prompt_hidden
+    hooks = hide_hooks(eager, prompt_hidden, decode_hidden)
+    ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], positions
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    types = inputs.get("mm_token_type_ids")
+    tokens, scores = [], []
+    try:
+        for _ in range(steps):
+            call = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra)
+            if types is not None:
+                call["mm_token_type_ids"] = types
+            logits = eager(**call).logits[:, -1]
+            token = logits.argmax(-1)
+            tokens.append(token)
+            scores.append(logits)
+            ids = torch.cat([ids, token[:, None]], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+            if types is not None:
+                types = torch.cat([types, types.new_zeros(types.shape[0], 1)], 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(tokens, 1), scores
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@torch.no_grad()
+def test_generate_equals_the_staged_oracle(case, method):
+    """Kept tokens stage by stage as the eager attention picks them, and greedy decoding on the cache the stages left
+    (layers of different lengths, or all pruned) equal to the hand-written full-recompute loop."""
+    _, model, inputs, positions, _ = case
+    pruner = METHODS[method]()
+    steps = 4
+    kept_by_stage, expected = expected_stages(model, inputs, positions, pruner)
+    with patched(model, pruner) as handle:
+        generated = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
+    kept = [(b, k) for b, record in enumerate(handle.last) for k in record.kept]
+    assert len(kept) == len(expected)
+    for (b, ours), (row, cols, theirs) in zip(kept, expected, strict=True):
+        assert b == row
+        assert torch.equal(cols[ours], theirs)
+    tokens, scores = oracle_generate(model, inputs, positions, pruner, kept_by_stage, steps)
+    assert torch.equal(generated.sequences[:, inputs["input_ids"].shape[1] :], tokens)
+    for ours, theirs in zip(generated.logits, scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@torch.no_grad()
+def test_keep_all_equals_unpatched(case, method):
+    _, model, inputs, _, _ = case
+    logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    pruner = METHODS[method]((1.0,) * len(METHODS[method]().layers))
+    with patched(model, pruner) as handle:
+        assert torch.equal(model(**inputs).logits, logits)
+        again = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    assert [r.tokens_after for r in handle.last] == [r.tokens_before for r in handle.last]
+    assert torch.equal(again.sequences, generated.sequences)
+    for a, b in zip(again.logits, generated.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["pdrop", "staged"])
+@torch.no_grad()
+def test_batch_equals_single_prompts(case, method):
+    _, model, inputs, _, singles = case
+    steps = 3
+    with patched(model, METHODS[method]()) as handle:
+        both = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
+        records = handle.last
+        for b, visual in enumerate(singles):
+            real = inputs["attention_mask"][b].bool()
+            text = {k: inputs[k][b][real][None] for k in ("input_ids", "mm_token_type_ids") if k in inputs}
+            one = model.generate(**text, **visual, max_new_tokens=steps, **GREEDY)
+            assert torch.equal(one.sequences[0, -steps:], both.sequences[b, -steps:])
+            for ours, theirs in zip(one.logits, both.logits, strict=True):
+                torch.testing.assert_close(ours[0], theirs[b], rtol=0, atol=ATOL)
+            assert all(torch.equal(x, y) for x, y in zip(handle.last[0].kept, records[b].kept, strict=True))
+
+
+@pytest.mark.parametrize("method", ["pdrop", "staged"])
+@torch.no_grad()
+def test_static_cache_equals_dynamic_cache(case, method):
+    """``cache_implementation="static"``: every layer group fills its own number of slots; greedy decoding, beam
+    search and several return sequences match the dynamic cache."""
+    import transformers
+    from packaging.version import Version
+
+    name, model, inputs, _, _ = case
+    variants = [{}, {"num_beams": 2, "num_return_sequences": 2}]
+    if name == "llava_next" and Version(transformers.__version__).release < (5, 23):
+        variants = variants[:1]  # see tests/test_integration_stages.py::test_static_cache_equals_dynamic_cache
+    with patched(model, METHODS[method]()) as handle:
+        for extra in variants:
+            dynamic = model.generate(**inputs, max_new_tokens=3, **GREEDY, **extra)
+            kept = handle.last
+            static = model.generate(**inputs, max_new_tokens=3, cache_implementation="static", **GREEDY, **extra)
+            assert all(
+                torch.equal(x, y)
+                for a, b in zip(kept, handle.last, strict=True)
+                for x, y in zip(a.kept, b.kept, strict=True)
+            )
+            assert torch.equal(static.sequences, dynamic.sequences)
+            for ours, theirs in zip(static.logits, dynamic.logits, strict=True):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_remove_restores_the_model(case):
+    _, model, inputs, _, _ = case
+    hooks_before = {name: list(m._forward_pre_hooks) for name, m in model.named_modules()}
+    logits = model(**inputs).logits
+    with patched(model, METHODS["pdrop"]()):
+        model.generate(**inputs, max_new_tokens=2)
+    assert {name: list(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks_before
+    assert "forward" not in model.__dict__
+    assert torch.equal(model(**inputs).logits, logits)
+
+
+class Recorder(Pruner):
+    """Test method: records what the stage hands it and keeps the first half of each item's tokens."""
+
+    stage = Stage.LLM
+    needs = Pruner.needs | {Need.LAST_QUERY_ATTENTION, Need.PROMPT_ATTENTION, Need.KEY_NORMS, Need.NORMED_STATES}
+    prune_earlier_cache = False
+
+    def __init__(self, layers, offset):
+        self.layers, self.score_offset, self.calls = tuple(layers), offset, []
+
+    def _select_batch(self, features, layouts, lengths, texts, **kwargs):
+        self.calls.append(dict(features=features, lengths=lengths, **kwargs))
+        return [torch.arange((n + 1) // 2) for n in lengths.tolist()]
+
+
+def _rotary(model, hidden, positions):
+    return model.model.language_model.rotary_emb(hidden, positions)
+
+
+@pytest.mark.parametrize("offset", [-1, 0])
+@torch.no_grad()
+def test_needs_equal_the_eager_model(case, offset):
+    """Per stage: prompt attention and the last query's attention equal the eager attention probabilities of the
+    masked unpatched model, key norms its layer's keys, normed states its final norm of the hidden states; prompt
+    positions, order and input embeddings as in the input."""
+    _, model, inputs, positions, _ = case
+    recorder = Recorder(layers=(1, 3), offset=offset)
+    with patched(model, recorder):
+        model(**inputs, position_ids=positions)
+    eager = eager_copy(model)
+    text_model = eager.model.language_model
+    real = inputs["attention_mask"].bool()
+    input_ids = inputs["input_ids"]
+    items = items_of(input_ids)
+    visual = torch.zeros_like(real)
+    for b, cols in items:
+        visual[b, cols] = True
+    survivors = [cols for _, cols in items]
+    kept_by_stage = []
+    embeds = None
+
+    def grab(module, args, kwargs):
+        nonlocal embeds
+        embeds = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    for step, layer in enumerate(recorder.layers):
+        call = recorder.calls[step]
+        assert call["step"] == step and call["layer"] == layer
+        hooks = hide_hooks(eager, layer_hidden(real, recorder, kept_by_stage, upto=step))
+        hooks.append(text_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True))
+        try:
+            out = eager(**inputs, position_ids=positions, output_attentions=True, output_hidden_states=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        scorer = layer + offset
+        probs = out.attentions[scorer].mean(1)  # [B, L, L]
+        states = out.hidden_states[scorer]
+        normed = text_model.norm(out.hidden_states[layer])
+        module = text_model.layers[scorer]
+        k = module.self_attn.k_proj(module.input_layernorm(states))
+        k = k.view(*k.shape[:2], -1, module.self_attn.head_dim).transpose(1, 2)
+        cos, sin = _rotary(eager, states, positions)
+        rope = sys.modules[type(module.self_attn).__module__].apply_rotary_pos_emb
+        k = rope(k, k, cos, sin)[1]
+        norms = k.abs().sum(-1).sum(1)  # [B, L]
+        prompt = call["prompt"]
+        keep = real.clone()
+        for i, (b, cols) in enumerate(items):
+            current = survivors[i]
+            n = current.numel()
+            assert torch.equal(call["origin"][i, :n], torch.searchsorted(cols, current))
+            text = (real[b] & ~visual[b]).nonzero()[:, 0]
+            present = (kept_by_stage[-1] if step else real)[b].nonzero()[:, 0]
+            t = text.numel()
+            assert int(prompt.lengths[i]) == t
+            assert torch.equal(prompt.positions[i, :t], torch.searchsorted(present, text))
+            assert torch.equal(call["positions"][i, :n], torch.searchsorted(present, current))
+            assert torch.equal(prompt.after[i, :t], text > cols.max())
+            torch.testing.assert_close(prompt.embeddings[i, :t], embeds[b, text], rtol=0, atol=0)
+            torch.testing.assert_close(prompt.hidden[i, :t], states[b, text], rtol=0, atol=1e-6)
+            torch.testing.assert_close(call["features"][i, :n], out.hidden_states[layer][b, current], rtol=0, atol=1e-6)
+            torch.testing.assert_close(prompt.attention[i, :t, :n], probs[b][text][:, current], rtol=0, atol=1e-5)
+            torch.testing.assert_close(call["attention"][i, :n], probs[b, -1, current], rtol=0, atol=1e-5)
+            torch.testing.assert_close(call["key_norms"][i, :n], norms[b, current], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(prompt.key_norms[i, :t], norms[b, text], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(call["normed"][i, :n], normed[b, current], rtol=0, atol=1e-5)
+            torch.testing.assert_close(prompt.normed[i, :t], normed[b, text], rtol=0, atol=1e-5)
+            torch.testing.assert_close(call["input_embeddings"][i, : cols.numel()], embeds[b, cols], rtol=0, atol=1e-6)
+            survivors[i] = current[: (n + 1) // 2]
+            keep[b, cols] = False
+            keep[b, survivors[i]] = True
+        kept_by_stage.append(keep)
