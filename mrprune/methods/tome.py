@@ -61,7 +61,7 @@ class ToMeState:
     merged: bool = False
 
 
-def merge_schedule(tokens: int, target: int, blocks: int) -> list[int]:
+def merge_schedule(tokens: int, target: int, blocks: int, reach: bool = True) -> list[int]:
     """``r`` per block that takes ``tokens`` patches (plus a [CLS]) to ``target`` in ``blocks`` ToMe blocks.
 
     The merges are spread evenly (the first ``(tokens - target) % blocks`` blocks take one more); where a block's
@@ -70,7 +70,8 @@ def merge_schedule(tokens: int, target: int, blocks: int) -> list[int]:
     Raises
     ------
     ValueError
-        When even front-loaded merging cannot reach ``target``.
+        When even front-loaded merging cannot reach ``target`` (with ``reach=False`` the front-loaded schedule is
+        returned instead).
     """
     total = tokens - target
     for even in (True, False):
@@ -80,7 +81,7 @@ def merge_schedule(tokens: int, target: int, blocks: int) -> list[int]:
             step = min(want, (count - 1) // 2)
             schedule.append(step)
             left, count = left - step, count - step
-        if left <= 0:
+        if left <= 0 or not (reach or even):
             return schedule
     raise ValueError(
         f"mrprune.ToMe: {target} tokens out of {tokens} patches are out of reach in {blocks} block(s) (each merges at "
@@ -119,16 +120,19 @@ class ToMe(Pruner):
     -----
     Budget: a crop of ``P`` patches ends with ``P - sum(r_i)`` tokens over the blocks up to the one whose output LLaVA
     projects (``vision_feature_layer``, -2: 23 of CLIP-L's 24 blocks; LightCompress with ``r = 16``: 576 - 368 = 208
-    tokens). Blocks after it do not merge (the official port merges there too, but nothing reads their output).
+    tokens). Blocks after it run on the merged tokens without merging (the official port merges there too, but
+    nothing reads their output).
 
     Differences from the official port, all documented: the merged tokens reach the language model in the order of
     their representatives (each group's first token in the image, whose position the merged token takes), not in
     the port's ``[unmerged A, B]`` shuffle; the matching sort is stable and the weighted mean accumulates in float32
     (``mrprune.bipartite_merge``); batches of any size and every crop of LLaVA-NeXT (each crop merges on its own;
-    the port runs LLaVA-1.5 at batch 1). On LLaVA-NeXT a group can lie partly in the padding that unpadding removes:
-    only its remaining tokens count, so a ``budget`` is an upper bound there, and every crop keeps at least one
-    token. Qwen2.5-VL is refused (its windowed blocks and 2 x 2 patch merger need merged tokens to stay inside a
-    window and a merge unit).
+    the port runs LLaVA-1.5 at batch 1; LLaVA-NeXT's anyres packing cannot take its shortened crops at all). On
+    LLaVA-NeXT a crop merges all its patches, those unpadding removes included, to its share of the budget, and a
+    group lying partly in that padding counts only its remaining tokens, so a ``budget`` is an upper bound there
+    (a crop whose share is all its tokens, or that has no tokens in the image, merges nothing; a crop given no
+    share merges as far as its blocks reach). Qwen2.5-VL is refused (its windowed blocks and 2 x 2 patch merger
+    need merged tokens to stay inside a window and a merge unit).
     """
 
     stage = Stage.VISION
@@ -195,11 +199,15 @@ class ToMe(Pruner):
             else:
                 per_block = [*self.r[:blocks], *[0] * max(blocks - len(self.r), 0)]
             return [list(per_block) for crops in crop_tokens for _ in crops]
+        fewest = patches - sum(merge_schedule(patches, 1, blocks, reach=False))
         schedules = []
         for crops, lines in zip(crop_tokens, extra, strict=True):
             wanted = self.size(sum(crops) + lines) - lines
-            for share in allocate(max(wanted, 0), crops):
-                schedules.append(merge_schedule(patches, min(max(share, 1), patches), blocks))
+            for share, present in zip(allocate(max(wanted, 0), crops), crops, strict=True):
+                # a crop keeping all its tokens (or having none in the image) merges nothing; one given no share
+                # (a budget below one token per crop) merges all it can
+                target = patches if share >= present else share if share else fewest
+                schedules.append(merge_schedule(patches, target, blocks))
         return schedules
 
     def start(self, hidden: torch.Tensor, schedule: list[list[int]]) -> ToMeState:
