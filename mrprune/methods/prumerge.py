@@ -80,8 +80,11 @@ class PruMerge(Pruner):
     3))`` over all ``P`` tokens. Budget / ratio: the image's count (LLaVA-NeXT newlines kept first and counted) split
     over its crops by size; per crop one slot goes to the extra token (when something is pruned and the crop keeps
     >= 2), PruMerge+ gives half the rest (rounded down) to samples evenly spaced among the tokens not picked by
-    attention. ``sources`` of the result: a pruned token's output is the kept token that ranks it nearest (the
-    neighbour lists overlap), else the extra token; ``weights`` are the normalised coefficients ``1 : a_j``.
+    attention. ``sources`` of the result: a pruned token's output is the kept token that ranks it nearest (lowest
+    rank, then lowest position; the neighbour lists overlap and also hold kept tokens, so this is the primary group
+    only), else the extra token; ``weights`` are the coefficients normalised per output (``1 / (1 + sum a)`` for the
+    kept token, ``a_j / (1 + sum a)`` for a neighbour, ``a_j / sum a`` in the extra token), so a kept token's
+    primary group need not sum to 1.
     """
 
     stage = Stage.VISION
@@ -270,19 +273,18 @@ def _merge(
         size, slots = int(sizes[g]), chosen.numel()
         a = saliency[g, :size].float()
         lists = near[g, :slots]  # [slots, k], nearest first, -1 padded
-        # each token's nearest-ranking kept token: rank * slots + slot, minimised (ties: the lower slot)
-        big = (k + 1) * slots
+        # each token's nearest-ranking kept token: rank * size + its position, minimised (ties: the lower position)
+        big = (k + 1) * size
         best = torch.full((size,), big, dtype=torch.int64, device=device)
-        rank = (
-            torch.arange(k, device=device)[None].expand(slots, k) * slots + torch.arange(slots, device=device)[:, None]
-        )
+        key = torch.arange(k, device=device)[None] * size + chosen[:, None]
         valid = lists >= 0
-        best.scatter_reduce_(0, lists[valid], rank[valid], reduce="amin")
+        best.scatter_reduce_(0, lists[valid], key.expand_as(lists)[valid], reduce="amin")
         found = best < big
-        slot = torch.where(found, best % max(slots, 1), 0)
-        into = torch.where(found, chosen[slot] if slots else slot, -1)
+        into = torch.where(found, best % max(size, 1), -1)
+        slot_of = torch.zeros(size, dtype=torch.int64, device=device)
+        slot_of[chosen] = torch.arange(slots, device=device)
         mass = 1.0 + torch.where(valid, a[lists.clamp(min=0)], 0.0).sum(1)  # [slots]: 1 + sum of a_j
-        weight = torch.where(found, a / mass[slot], 0.0) if slots else torch.zeros_like(a)
+        weight = torch.where(found, a / mass[slot_of[into.clamp(min=0)]], 0.0) if slots else torch.zeros_like(a)
         into[chosen], weight[chosen] = chosen, 1.0 / mass
         reps, outs = [chosen], [merged[g, :slots]]
         pruned = torch.ones(size, dtype=torch.bool, device=device)
