@@ -79,7 +79,7 @@ SCHEMAS = {
     "density_peak_merge": ("(Tensor x, Tensor lengths, int clusters, int? neighbors=None) -> (Tensor, Tensor, Tensor)"),
 }
 #: Ops with a CUDA C++ kernel (``csrc/cuda/<op>.cu``).
-CUDA_OPS = ("topk_indices", "greedy_residual_select", "diversity_select")
+CUDA_OPS = ("topk_indices", "greedy_residual_select", "diversity_select", "coverage_select", "bipartite_dedup")
 
 _lib = torch.library.Library("mrprune", "DEF")
 for _name, _schema in SCHEMAS.items():

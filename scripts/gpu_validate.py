@@ -165,7 +165,7 @@ def environment():
     for op in sorted(mrprune._library.SCHEMAS):
         info(f"auto backend order for {op} on {DEV}", backends.available(op, DEV))
     if DEV == "cuda":
-        for op in ("greedy_residual_select", "diversity_select", "topk_indices"):
+        for op in ("greedy_residual_select", "diversity_select", "topk_indices", "coverage_select", "bipartite_dedup"):
             check(
                 f"CUDA kernel registered for {op}",
                 torch._C._dispatch_has_kernel_for_dispatch_key(f"mrprune::_{op}_cuda", "CUDA"),

@@ -62,6 +62,8 @@ def _load(path: str) -> ctypes.CDLL:
         ptr,
     ]
     lib.emu_greedy_residual_select.restype = ctypes.c_int
+    lib.emu_coverage_select.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i64, i64, ptr]
+    lib.emu_bipartite_dedup.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr]
     lib.emu_selftest.argtypes = [ctypes.c_int, ptr]
     lib.emu_selftest.restype = ctypes.c_int
     return lib
@@ -132,6 +134,38 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
             _pointer(energies),
         )
         return {"indices": indices, "energies": energies, "status": status}
+    if op == "coverage_select":
+        saliency = None if case.get("saliency") is None else _f32(case["saliency"])
+        out = np.full((batch, k), -7, dtype=np.int64)
+        lib.emu_coverage_select(
+            _pointer(x),
+            _pointer(lengths),
+            batch,
+            tokens,
+            dim,
+            k,
+            _pointer(saliency),
+            float(case.get("alpha", 1.0)),
+            smem_optin,
+            workspace,
+            _pointer(out),
+        )
+        return {"indices": out}
+    if op == "bipartite_dedup":
+        out = np.full((batch, k), -7, dtype=np.int64)
+        lib.emu_bipartite_dedup(
+            _pointer(x),
+            _pointer(lengths),
+            batch,
+            tokens,
+            dim,
+            k,
+            int(case.get("per_round", 8)),
+            smem_optin,
+            workspace,
+            _pointer(out),
+        )
+        return {"indices": out}
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from mrprune import backends, ops, reference
-from tests.utils import INPUT_DTYPES, clustered, kernel_backends, padded, to_triton, triton_test
+from tests.utils import CUDA, INPUT_DTYPES, clustered, kernel_backends, padded, run, to_triton, triton_test
 
 OP = "bipartite_dedup"
 KERNELS = kernel_backends(OP)
+# The CUDA C++ kernel (GPU only) is one more kernel: run() copies the inputs to the GPU and the picks back.
+GPU_KERNELS = [*KERNELS, CUDA]
 #: Smallest float64 gap between distinct scores of a round for which float32 kernels must give the same order.
 GAP = 1e-6
 
@@ -27,6 +29,8 @@ def call(impl: str, features, lengths, k, per_round=8) -> torch.Tensor:
         return brute_batch(features, lengths, k, per_round)
     if impl == "reference":
         return reference.bipartite_dedup(features.double(), lengths, k, per_round)
+    if impl == "cuda":
+        return run(OP, "cuda", features, lengths, k, per_round)
     assert impl in backends.available(OP, features.device), f"{impl} does not implement {OP}"
     with backends.use_backend(impl):
         return ops.bipartite_dedup(features, lengths, k, per_round)
@@ -124,7 +128,9 @@ def test_reference_matches_brute_force_random(seed):
 
 
 # three draws where Triton runs interpreted (seconds each), six elsewhere
-EXACT_CASES = [(impl, seed) for impl in ["reference", *KERNELS] for seed in range(3 if impl == "triton" else 6)]
+EXACT_CASES = [(impl, seed) for impl in ["reference", *KERNELS] for seed in range(3 if impl == "triton" else 6)] + [
+    pytest.param("cuda", seed, marks=CUDA.marks, id=f"cuda-{seed}") for seed in range(6)
+]
 
 
 @pytest.mark.parametrize(("impl", "seed"), EXACT_CASES)
@@ -139,7 +145,7 @@ def test_exact_ties_family(impl, seed):
             assert torch.equal(call(impl, features.float(), lengths, k, per_round), want), f"k={k} r={per_round}"
 
 
-@pytest.mark.parametrize("impl", ["brute", "reference", *KERNELS])
+@pytest.mark.parametrize("impl", ["brute", "reference", *GPU_KERNELS])
 def test_hand_example(impl):
     """Tokens [x, x, y, y', z, w] with y' ~ y: round 1 (k = 5, r = 1) splits A = {0, 2, 4}, B = {1, 3, 5}; token 0
     duplicates token 1 (score 1) and is dropped; survivors [4, 2] by descending score (z scores its cosine to w,
@@ -166,7 +172,7 @@ def test_triton_ranks_across_tiles():
 # --- 2. kernels vs reference -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 @pytest.mark.parametrize(("tokens", "dim", "k"), [(40, 16, 10), (64, 32, 16), (33, 8, 5), (301, 24, 32)])
 def test_kernel_matches_reference(backend, tokens, dim, k):
     """Random tokens whose rounds have no near-tied scores: the kernel reproduces the reference exactly."""
@@ -181,7 +187,7 @@ def test_kernel_matches_reference(backend, tokens, dim, k):
     assert torch.equal(call(backend, features, lengths, k), call("reference", features, lengths, k))
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 def test_kernel_input_dtypes(backend, dtype):
     """float32/float16/bfloat16 inputs: the kernel matches the float64 reference on the same rounded inputs."""
@@ -193,7 +199,7 @@ def test_kernel_input_dtypes(backend, dtype):
     assert torch.equal(call(backend, features, lengths, 12), call("reference", features, lengths, 12))
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 def test_kernel_clustered_is_a_valid_selection(backend):
     """Clustered tokens (realistic near-ties): a valid, duplicate-free selection of k tokens per item."""
     g = torch.Generator().manual_seed(9)
@@ -205,7 +211,7 @@ def test_kernel_clustered_is_a_valid_selection(backend):
         assert got[b, min(40, n) :].tolist() == [-1] * (40 - min(40, n))
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 @pytest.mark.parametrize("k", [0, 1, 7, 29])
 def test_kernel_padded_batch(backend, k):
     """A padded batch with garbage padding and an empty item: the reference's result; other garbage, same result."""
@@ -220,7 +226,7 @@ def test_kernel_padded_batch(backend, k):
     assert torch.equal(call(backend, garbage, lengths, k), got)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 def test_int32_lengths_and_strided_features(backend):
     g = torch.Generator().manual_seed(3)
     features, lengths = padded([torch.randn(n, 10, generator=g) for n in (21, 9)])
@@ -233,7 +239,7 @@ def test_int32_lengths_and_strided_features(backend):
 # --- 3. edge cases -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["brute", "reference", *KERNELS])
+@pytest.mark.parametrize("impl", ["brute", "reference", *GPU_KERNELS])
 def test_nothing_to_drop(impl):
     """k >= n_b keeps every token in input order; k = 0 gives an empty [B, 0] result; N = 1 keeps token 0."""
     features = torch.randn(3, 4, 3)
@@ -242,7 +248,7 @@ def test_nothing_to_drop(impl):
     assert call(impl, features, lengths, 0).shape == (3, 0)
 
 
-@pytest.mark.parametrize("impl", ["brute", "reference", *KERNELS])
+@pytest.mark.parametrize("impl", ["brute", "reference", *GPU_KERNELS])
 def test_zero_vectors_and_duplicates(impl):
     """Duplicates score 1 and drop first; a zero vector scores 0 (cosines with it are 0)."""
     e1, e2, zero = [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]
@@ -251,7 +257,7 @@ def test_zero_vectors_and_duplicates(impl):
     assert call(impl, features, torch.tensor([6]), 4, 8).tolist() == [[2, 1, 3, 5]]
 
 
-@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+@pytest.mark.parametrize("impl", ["reference", *GPU_KERNELS])
 def test_identical_tokens(impl):
     """All tokens identical: every score ties at 1; the stable order drops the earliest even positions."""
     features = torch.ones(1, 10, 3)
@@ -260,7 +266,7 @@ def test_identical_tokens(impl):
     assert call(impl, features, torch.tensor([10]), 3).tolist() == [[9, 3, 7]]
 
 
-@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+@pytest.mark.parametrize("impl", ["reference", *GPU_KERNELS])
 def test_batch_equals_per_item(impl):
     g = torch.Generator().manual_seed(5)
     features, lengths = padded([torch.randn(n, 20, generator=g) for n in (70, 0, 31, 1, 70)])

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from mrprune import backends, ops, reference
-from tests.utils import INPUT_DTYPES, clustered, kernel_backends, padded, to_triton, triton_test
+from tests.utils import CUDA, INPUT_DTYPES, clustered, kernel_backends, padded, run, to_triton, triton_test
 
 OP = "coverage_select"
 KERNELS = kernel_backends(OP)
+# The CUDA C++ kernel (GPU only) is one more kernel: run() copies the inputs to the GPU and the picks back.
+GPU_KERNELS = [*KERNELS, CUDA]
 #: Kernels compute in float32; a float64 score gap above this (relative to the score) cannot be reordered by rounding.
 GAP = 1e-4
 
@@ -30,6 +32,8 @@ def call(impl: str, features, lengths, k, saliency=None, alpha=1.0) -> torch.Ten
     if impl == "reference":
         sal = None if saliency is None else saliency.double()
         return reference.coverage_select(features.double(), lengths, k, sal, alpha)
+    if impl == "cuda":
+        return run(OP, "cuda", features, lengths, k, saliency, alpha)
     assert impl in backends.available(OP, features.device), f"{impl} does not implement {OP}"
     with backends.use_backend(impl):
         return ops.coverage_select(features, lengths, k, saliency, alpha)
@@ -114,6 +118,12 @@ def check_against_oracle(backend, features, lengths, k, saliency=None, alpha=1.0
     """Kernel vs float64 reference: exact on the gap-decided prefix (which must cover ``min(k, n_b, min_prefix)``
     picks, else the input itself is near-tied), near-maximisers everywhere, no repeats, -1 padding."""
     got = call(backend, features, lengths, k, saliency, alpha)
+    assert_near_greedy(got, features, lengths, k, saliency, alpha, min_prefix)
+    return got
+
+
+def assert_near_greedy(got, features, lengths, k, saliency=None, alpha=1.0, min_prefix=8) -> None:
+    """``got`` (picks of a float32 kernel) vs the float64 reference: the checks of :func:`check_against_oracle`."""
     want = call("reference", features, lengths, k, saliency, alpha)
     assert got.dtype == torch.int64 and got.shape == (features.shape[0], k)
     for b in range(features.shape[0]):
@@ -138,7 +148,6 @@ def check_against_oracle(backend, features, lengths, k, saliency=None, alpha=1.0
         for t, (scores, j) in enumerate(steps64(x, weights, g[:count])):
             best = float(scores.max())
             assert float(scores[j]) >= best - GAP * max(1.0, best), f"item {b} step {t}: {j} is not a near-maximiser"
-    return got
 
 
 # --- 0. the kernels exist ----------------------------------------------------------------------------------------
@@ -168,11 +177,13 @@ def test_reference_matches_brute_force_random(seed):
                 assert torch.equal(got, brute_batch(features, lengths, k, sal, alpha)), f"k={k} alpha={alpha}"
 
 
-IMPLEMENTATIONS = ["brute", "reference", *KERNELS]
+IMPLEMENTATIONS = ["brute", "reference", *GPU_KERNELS]
 
 
 # three draws where Triton runs interpreted (seconds each), six elsewhere
-EXACT_CASES = [(impl, seed) for impl in ["reference", *KERNELS] for seed in range(3 if impl == "triton" else 6)]
+EXACT_CASES = [(impl, seed) for impl in ["reference", *KERNELS] for seed in range(3 if impl == "triton" else 6)] + [
+    pytest.param("cuda", seed, marks=CUDA.marks, id=f"cuda-{seed}") for seed in range(6)
+]
 
 
 @pytest.mark.parametrize(("impl", "seed"), EXACT_CASES)
@@ -245,9 +256,11 @@ def test_triton_ties_across_tiles():
 
 
 # N = 300 (past the interpreter's 256-token tiles) only where the kernel runs natively (too slow interpreted)
-CLUSTERED_CASES = [(b, n, d) for b in KERNELS for n, d in ((40, 16), (64, 32), (33, 8))] + [
-    (b, 300, 24) for b in kernel_backends(OP, interpreted=False)
-]
+CLUSTERED_CASES = (
+    [(b, n, d) for b in KERNELS for n, d in ((40, 16), (64, 32), (33, 8))]
+    + [(b, 300, 24) for b in kernel_backends(OP, interpreted=False)]
+    + [pytest.param("cuda", n, d, marks=CUDA.marks, id=f"cuda-{n}-{d}") for n, d in ((40, 16), (33, 8), (300, 24))]
+)
 
 
 @pytest.mark.parametrize(("backend", "tokens", "dim"), CLUSTERED_CASES)
@@ -262,7 +275,7 @@ def test_kernel_matches_reference_clustered(backend, tokens, dim):
     check_against_oracle(backend, features, lengths, tokens, None, min_prefix=4)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 def test_kernel_input_dtypes(backend, dtype):
     """float32/float16/bfloat16 features and saliency: the kernel matches the float64 reference on the same rounded
@@ -273,7 +286,7 @@ def test_kernel_input_dtypes(backend, dtype):
     check_against_oracle(backend, features.to(dtype), lengths, 20, saliency, min_prefix=6)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 @pytest.mark.parametrize("k", [0, 1, 7, 29])
 def test_kernel_padded_batch(backend, k):
     """A padded batch with garbage padding and an empty item: matches the reference; other garbage in the padding
@@ -291,7 +304,7 @@ def test_kernel_padded_batch(backend, k):
     assert torch.equal(call(backend, garbage, lengths, k, saliency2), got)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 def test_int32_lengths_and_strided_features(backend):
     g = torch.Generator().manual_seed(3)
     features, lengths = padded([clustered(n, 10, generator=g) for n in (21, 9)])
@@ -321,7 +334,7 @@ def test_zero_vectors_and_duplicates_come_last(impl):
     assert got[:2] in ([1, 2], [2, 1]) and got[2:] == [0, 3, 4], got
 
 
-@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+@pytest.mark.parametrize("impl", ["reference", *GPU_KERNELS])
 def test_budget_at_least_length(impl):
     """k >= n_b: every valid token exactly once, then -1."""
     g = torch.Generator().manual_seed(11)
@@ -331,7 +344,7 @@ def test_budget_at_least_length(impl):
         assert sorted(got[b, :n].tolist()) == list(range(n)) and got[b, n:].tolist() == [-1] * (9 - n)
 
 
-@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+@pytest.mark.parametrize("impl", ["reference", *GPU_KERNELS])
 def test_alpha_zero_ignores_saliency(impl):
     """alpha = 0 makes every weight 1 (0 ** 0 = 1 included): the picks of no saliency at all."""
     g = torch.Generator().manual_seed(12)
@@ -342,7 +355,7 @@ def test_alpha_zero_ignores_saliency(impl):
     assert torch.equal(call(impl, features, lengths, 10, saliency, 0.0), call(impl, features, lengths, 10))
 
 
-@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+@pytest.mark.parametrize("impl", ["reference", *GPU_KERNELS])
 def test_batch_equals_per_item(impl):
     g = torch.Generator().manual_seed(5)
     features, lengths = padded([clustered(n, 20, generator=g) for n in (70, 0, 31, 1, 70)])

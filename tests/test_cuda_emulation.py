@@ -26,6 +26,8 @@ import pytest
 import torch
 
 import mrprune
+from tests import test_bipartite_dedup as dedup
+from tests import test_coverage_select as cover
 from tests import test_diversity_select as div
 from tests import test_greedy_residual_select as greedy
 from tests import test_topk_indices as topk
@@ -177,6 +179,125 @@ def greedy_too_large_case():
     return case, check
 
 
+def coverage_exact_case(lengths: list[int], k: int, with_saliency: bool, seed: int = 0, **plan):
+    """Exactly representable tokens, power-of-two saliency (duplicates, zeros, exact ties): the brute force picks."""
+    g = torch.Generator().manual_seed(500 + seed)
+    features, lens = padded([cover.exact_family(n, g) for n in lengths])
+    features[features == 1e4] = 0.0  # keep the input exact everywhere (padding included)
+    saliency = 2.0 ** torch.randint(-2, 2, features.shape[:2], generator=g).double() if with_saliency else None
+    want = cover.brute_batch(features, lens, k, saliency)
+
+    def check(result: dict) -> None:
+        assert torch.from_numpy(result["indices"]).tolist() == want.tolist()
+
+    case = {
+        "op": "coverage_select",
+        "features": _np(features.float()),
+        "lengths": _np(lens),
+        "k": k,
+        "saliency": _np(None if saliency is None else saliency.float()),
+        **plan,
+    }
+    return case, check
+
+
+def coverage_hand_case(with_saliency: bool):
+    """test_coverage_select.test_hand_example: the diagonal token first, a duplicate's gain 0, the zero vector last."""
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [3.0, 3.0], [0.0, 0.0]]])
+    saliency = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0]]) if with_saliency else None
+    want = [[0, 2, 1, 3, 4]] if with_saliency else [[3, 0, 2, 1, 4]]
+
+    def check(result: dict) -> None:
+        assert result["indices"].tolist() == want
+
+    case = {"op": "coverage_select", "features": _np(features), "lengths": [5], "k": 5, "saliency": _np(saliency)}
+    return case, check
+
+
+def coverage_clustered_case(lengths: list[int], dim: int, k: int, alpha: float, **plan):
+    """Clustered tokens with random saliency vs the float64 reference: exact on the gap-decided prefix,
+    near-maximisers everywhere (test_coverage_select.assert_near_greedy)."""
+    g = torch.Generator().manual_seed(sum(lengths) + dim)
+    features, lens = padded([clustered(n, dim, generator=g) for n in lengths])
+    saliency = torch.rand(features.shape[:2], generator=g) + 0.05
+
+    def check(result: dict) -> None:
+        got = torch.from_numpy(result["indices"])
+        cover.assert_near_greedy(got, features, lens, k, saliency, alpha, min_prefix=4)
+
+    case = {
+        "op": "coverage_select",
+        "features": _np(features),
+        "lengths": _np(lens),
+        "k": k,
+        "saliency": _np(saliency),
+        "alpha": alpha,
+        **plan,
+    }
+    return case, check
+
+
+def dedup_exact_case(lengths: list[int], k: int, per_round: int, seed: int = 0, **plan):
+    """Exactly representable tokens full of ties: the brute force's survivors in its order (the stable ranks)."""
+    g = torch.Generator().manual_seed(600 + seed)
+    features, lens = padded([dedup.exact_family(n, g) for n in lengths])
+    want = dedup.brute_batch(features, lens, k, per_round)
+
+    def check(result: dict) -> None:
+        assert torch.from_numpy(result["indices"]).tolist() == want.tolist()
+
+    case = {
+        "op": "bipartite_dedup",
+        "features": _np(features.float()),
+        "lengths": _np(lens),
+        "k": k,
+        "per_round": per_round,
+        **plan,
+    }
+    return case, check
+
+
+def dedup_gapped_case(lengths: list[int], dim: int, k: int, per_round: int, **plan):
+    """Random tokens whose float64 rounds have no near-tied scores (test_bipartite_dedup.min_round_gap): exactly the
+    float64 reference."""
+    g = torch.Generator().manual_seed(sum(lengths) * dim + k)
+    items = []
+    for n in lengths:
+        for _ in range(50):
+            item = torch.randn(n, dim, generator=g)
+            if n <= k or dedup.min_round_gap(item, k, per_round) >= dedup.GAP:
+                break
+        else:
+            raise AssertionError(f"no gapped input of {n} tokens in 50 draws")
+        items.append(item)
+    features, lens = padded(items)
+    want = oracle("bipartite_dedup", features, lens, k, per_round)
+
+    def check(result: dict) -> None:
+        assert torch.from_numpy(result["indices"]).tolist() == want.tolist()
+
+    case = {
+        "op": "bipartite_dedup",
+        "features": _np(features),
+        "lengths": _np(lens),
+        "k": k,
+        "per_round": per_round,
+        **plan,
+    }
+    return case, check
+
+
+def dedup_fixed_case(features: list, k: int, per_round: int, want: list[int]):
+    """test_bipartite_dedup's hand examples (duplicates and zero vectors; identical tokens)."""
+
+    def check(result: dict) -> None:
+        assert result["indices"].tolist() == [want]
+
+    x = np.asarray([features], dtype=np.float32)
+    case = {"op": "bipartite_dedup", "features": x, "lengths": [x.shape[1]], "k": k, "per_round": per_round}
+    return case, check
+
+
 # Every kernel and launch path, small. Greedy plans: sms (co-resident blocks) and workspace_bytes (chunking) pick
 # the blocks per item; LENGTHS = (37, 0, 13, 50, 1), D = 19 (scalar loads).
 CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
@@ -205,6 +326,25 @@ CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
     "greedy-random-gram": lambda: greedy_case("random", "gate", 50, "gram", sms=6),
     "greedy-random-basis-seeded": lambda: greedy_case("random", "gate_seed", 13, "basis", sms=10),
     "greedy-too-large": greedy_too_large_case,
+    "coverage-exact": lambda: coverage_exact_case([8, 0, 5, 13], 5, False),
+    "coverage-exact-saliency-kN": lambda: coverage_exact_case([8, 0, 5, 13], 13, True, seed=1),
+    "coverage-hand": lambda: coverage_hand_case(False),
+    "coverage-hand-saliency": lambda: coverage_hand_case(True),
+    # D % 4 != 0 (scalar Gram loads), 2 Gram tiles, state in global memory, one item per chunk, alpha = 0.5 (powf)
+    "coverage-global-state-chunked": lambda: coverage_clustered_case(
+        [150, 0, 90], 7, 12, 0.5, smem_optin=1024, workspace_bytes=1
+    ),
+    "coverage-shared-state": lambda: coverage_clustered_case([130, 77], 16, 20, 1.0),
+    "dedup-exact": lambda: dedup_exact_case([12, 0, 5, 23], 4, 3),
+    "dedup-exact-k1": lambda: dedup_exact_case([12, 0, 5, 23], 1, 8, seed=1),
+    "dedup-exact-nothing-to-drop": lambda: dedup_exact_case([12, 0, 5, 23], 23, 8, seed=2),
+    "dedup-duplicates-zeros": lambda: dedup_fixed_case(
+        [[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]], 4, 8, [2, 1, 3, 5]
+    ),
+    "dedup-identical": lambda: dedup_fixed_case([[1.0, 1.0, 1.0]] * 10, 3, 8, [9, 3, 7]),
+    # 2 Gram tiles, D % 4 != 0, state in global memory, one item per chunk
+    "dedup-global-state-chunked": lambda: dedup_gapped_case([170, 0, 61], 9, 20, 8, smem_optin=1024, workspace_bytes=1),
+    "dedup-shared-state": lambda: dedup_gapped_case([64, 33], 24, 10, 3),
 }
 
 
@@ -236,6 +376,8 @@ TSAN_CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
     # D = 20: three k-tiles of the Gram kernel (its double buffering and barriers run)
     "diversity-shared-state": lambda: diversity_clustered_case([40, 23], 20, 6, True),
     "greedy-gram-3-blocks": lambda: greedy_single_item_case(40, 20, 6, "gram", sms=3),
+    "coverage-shared-state": lambda: coverage_clustered_case([40, 23], 20, 6, 1.0),
+    "dedup-exact": lambda: dedup_exact_case([23, 12], 4, 3),
 }
 
 

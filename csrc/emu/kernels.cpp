@@ -21,7 +21,15 @@ alignas(16) thread_local float smem[kSharedCapacity / sizeof(float)];
 namespace mrprune::kernels::diversity {
 alignas(16) thread_local float smem[kSharedCapacity / sizeof(float)];
 }
+namespace mrprune::kernels::coverage {
+alignas(16) thread_local float smem[kSharedCapacity / sizeof(float)];
+}
+namespace mrprune::kernels::dedup {
+alignas(16) thread_local float smem[kSharedCapacity / sizeof(float)];
+}
 
+#include "mrprune/kernels/bipartite_dedup.cuh"
+#include "mrprune/kernels/coverage_select.cuh"
 #include "mrprune/kernels/diversity_select.cuh"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 #include "mrprune/kernels/topk.cuh"
@@ -32,11 +40,17 @@ namespace ks = mrprune::kernels::selection;
 namespace kg = mrprune::kernels::greedy;
 namespace kd = mrprune::kernels::diversity;
 namespace kt = mrprune::kernels::topk;
+namespace kc = mrprune::kernels::coverage;
+namespace kb = mrprune::kernels::dedup;
 
 void* greedy_smem() { return kg::smem; }
 void* diversity_smem() { return kd::smem; }
 const cudaemu::DynamicShared kGreedyShared{&greedy_smem, kSharedCapacity};
 const cudaemu::DynamicShared kDiversityShared{&diversity_smem, kSharedCapacity};
+void* coverage_smem() { return kc::smem; }
+void* dedup_smem() { return kb::smem; }
+const cudaemu::DynamicShared kCoverageShared{&coverage_smem, kSharedCapacity};
+const cudaemu::DynamicShared kDedupShared{&dedup_smem, kSharedCapacity};
 
 template <class F>
 void launch(const char* name, dim3 grid, dim3 block, F&& body) {
@@ -226,6 +240,107 @@ int emu_greedy_residual_select(const float* x, const int64_t* lengths, int64_t b
                     static_cast<size_t>(part.dynamic_bytes), &kGreedyShared, true, sms, body);
   }
   return 0;
+}
+
+// coverage_select_cuda: x [B, N, D] float32, lengths [B] int64, saliency [B, N] float32 or null, out [B, k] int64.
+// smem_optin: the GPU's opt-in shared memory per block (small values put the selection state in global memory);
+// workspace_bytes: the chunking budget (kc::kWorkspaceBytes on a GPU).
+void emu_coverage_select(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
+                         int64_t k, const float* saliency, double alpha, int64_t smem_optin, int64_t workspace_bytes,
+                         int64_t* out) {
+  constexpr int kSelect = kc::kSelectThreads;
+  if (batch == 0 || k == 0) return;
+  std::memset(out, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));
+  const kc::Plan plan = kc::plan(batch, tokens, dim, smem_optin - kc::static_shared_bytes<kSelect>(), workspace_bytes);
+  const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
+  std::vector<float> norm2 = garbage_floats(plan.chunk * tokens);
+  std::vector<float> unit = garbage_floats(plan.chunk * tokens * dim);
+  std::vector<float> sim = garbage_floats(plan.chunk * tokens * tokens);
+  std::vector<float> cur, weight;
+  std::vector<uint8_t> picked;
+  if (!plan.state_in_shared) {
+    cur = garbage_floats(plan.chunk * tokens);
+    weight = garbage_floats(plan.chunk * tokens);
+    picked.assign(static_cast<size_t>(plan.chunk * tokens), 0xff);
+  }
+  float* cur_ptr = plan.state_in_shared ? nullptr : cur.data();
+  float* weight_ptr = plan.state_in_shared ? nullptr : weight.data();
+  uint8_t* picked_ptr = plan.state_in_shared ? nullptr : picked.data();
+  const bool state_in_shared = plan.state_in_shared;
+  const float alpha_f = static_cast<float>(alpha);
+  for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {
+    const int64_t items = std::min(plan.chunk, batch - b0);
+    const int64_t rows = items * tokens;
+    const int64_t* len = lengths + b0;
+    const float* xc = x + b0 * tokens * dim;
+    const dim3 norm_grid(static_cast<unsigned>(ks::row_blocks(rows)));
+    launch("row_norm_kernel<256, false>", norm_grid, ks::kNormThreads,
+           [&] { ks::row_norm_kernel<ks::kNormThreads, false>(xc, len, rows, n_tokens, n_dim, norm2.data(), nullptr); });
+    launch("row_norm_kernel<256, true>", norm_grid, ks::kNormThreads,
+           [&] { ks::row_norm_kernel<ks::kNormThreads, true>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
+    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
+    if (plan.vec4) {
+      launch("gram_kernel<true>", grid, ks::kGramThreads,
+             [&] { ks::gram_kernel<true>(unit.data(), len, n_tokens, n_dim, sim.data()); });
+    } else {
+      launch("gram_kernel<false>", grid, ks::kGramThreads,
+             [&] { ks::gram_kernel<false>(unit.data(), len, n_tokens, n_dim, sim.data()); });
+    }
+    const float* sal = saliency != nullptr ? saliency + b0 * tokens : nullptr;
+    int64_t* o = out + b0 * k;
+    const std::function<void()> select = [&] {
+      kc::coverage_select_kernel<kSelect>(sim.data(), norm2.data(), sal, alpha_f, len, n_tokens, static_cast<int>(k),
+                                          state_in_shared, cur_ptr, weight_ptr, picked_ptr, o);
+    };
+    cudaemu::launch("coverage_select_kernel<1024>", dim3(static_cast<unsigned>(items)), kSelect,
+                    static_cast<size_t>(plan.dynamic_bytes), &kCoverageShared, false, 0, select);
+  }
+}
+
+// bipartite_dedup_cuda: x [B, N, D] float32, lengths [B] int64, out [B, k] int64. smem_optin and workspace_bytes as
+// for emu_coverage_select.
+void emu_bipartite_dedup(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
+                         int64_t k, int64_t per_round, int64_t smem_optin, int64_t workspace_bytes, int64_t* out) {
+  constexpr int kRounds = kb::kRoundThreads;
+  if (batch == 0 || k == 0) return;
+  std::memset(out, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));
+  const kb::Plan plan = kb::plan(batch, tokens, dim, smem_optin - kb::static_shared_bytes<kRounds>(), workspace_bytes);
+  const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
+  const int per_round_int = static_cast<int>(std::min<int64_t>(per_round, tokens));
+  std::vector<float> unit = garbage_floats(plan.chunk * tokens * dim);
+  std::vector<float> sim = garbage_floats(plan.chunk * tokens * tokens);
+  std::vector<int> order;
+  std::vector<float> score;
+  if (!plan.state_in_shared) {
+    order.assign(static_cast<size_t>(plan.chunk * 2 * tokens), -1);
+    score = garbage_floats(plan.chunk * tokens);
+  }
+  int* order_ptr = plan.state_in_shared ? nullptr : order.data();
+  float* score_ptr = plan.state_in_shared ? nullptr : score.data();
+  const bool state_in_shared = plan.state_in_shared;
+  for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {
+    const int64_t items = std::min(plan.chunk, batch - b0);
+    const int64_t rows = items * tokens;
+    const int64_t* len = lengths + b0;
+    const float* xc = x + b0 * tokens * dim;
+    launch("row_norm_kernel<256, true>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
+           [&] { ks::row_norm_kernel<ks::kNormThreads, true>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
+    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
+    if (plan.vec4) {
+      launch("gram_kernel<true>", grid, ks::kGramThreads,
+             [&] { ks::gram_kernel<true>(unit.data(), len, n_tokens, n_dim, sim.data()); });
+    } else {
+      launch("gram_kernel<false>", grid, ks::kGramThreads,
+             [&] { ks::gram_kernel<false>(unit.data(), len, n_tokens, n_dim, sim.data()); });
+    }
+    int64_t* o = out + b0 * k;
+    const std::function<void()> rounds = [&] {
+      kb::dedup_rounds_kernel<kRounds>(sim.data(), len, n_tokens, static_cast<int>(k), per_round_int, state_in_shared,
+                                       order_ptr, score_ptr, o);
+    };
+    cudaemu::launch("dedup_rounds_kernel<1024>", dim3(static_cast<unsigned>(items)), kRounds,
+                    static_cast<size_t>(plan.dynamic_bytes), &kDedupShared, false, 0, rounds);
+  }
 }
 
 }  // extern "C"

@@ -1,0 +1,134 @@
+// bipartite_dedup on CUDA: VisPruner's even/odd similarity de-duplication (device code and the algorithm:
+// csrc/include/mrprune/kernels/bipartite_dedup.cuh). Spec: mrprune.reference.bipartite_dedup.
+//
+// Per chunk of items: normalised rows, one symmetric FP32 cosine Gram S = U U^T (N^2 * 4 bytes per item), then one
+// block per item runs every round. Items are processed in chunks whose workspaces stay below kWorkspaceBytes (at
+// least one item per chunk).
+//
+// Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can
+// compile-check it against the CPU wheel's headers (scripts/check_cuda_compile.sh).
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "mrprune/cuda/checks.h"
+#include "mrprune/kernels/bipartite_dedup.cuh"
+
+namespace mrprune::cuda {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+namespace {
+
+namespace ks = mrprune::kernels::selection;
+namespace kb = mrprune::kernels::dedup;
+
+void check_cuda(cudaError_t error, const char* what) { cuda::check_cuda(error, "bipartite_dedup", what); }
+
+void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
+
+}  // namespace
+
+Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t per_round) {
+  STD_TORCH_CHECK(features.is_cuda(), "mrprune: features must be a CUDA tensor");
+  const int32_t device = features.get_device_index();
+  check_tensor(features, "features", 3, ScalarType::Float, device);
+  check_tensor(lengths, "lengths", 1, ScalarType::Long, device);
+  const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
+  STD_TORCH_CHECK(lengths.size(0) == batch, "mrprune: lengths must have shape [B]");
+  STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
+  STD_TORCH_CHECK(per_round >= 1, "mrprune: per_round must be >= 1");
+  STD_TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 2 && dim <= std::numeric_limits<int>::max(),
+                  "mrprune: bipartite_dedup supports N < 2^30 and D < 2^31");
+
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor out = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);
+  if (batch == 0 || k == 0) return out;  // (N == 0 implies k == 0)
+
+  void* stream_handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_handle));
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  int64_t* out_ptr = out.mutable_data_ptr<int64_t>();
+  check_cuda(cudaMemsetAsync(out_ptr, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t), stream), "memset");
+
+  const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
+  const float* x = features.const_data_ptr<float>();
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  // More than N per round drops the same as N (r is capped by the remaining tokens).
+  const int per_round_int = static_cast<int>(std::min<int64_t>(per_round, tokens));
+
+  // The plan (kernels/bipartite_dedup.cuh): round state in shared memory when it fits, chunks, workspaces.
+  int smem_optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "device query");
+  auto* rounds = &kb::dedup_rounds_kernel<kb::kRoundThreads>;
+  cudaFuncAttributes attributes{};
+  check_cuda(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(rounds)), "cudaFuncGetAttributes");
+  const kb::Plan plan = kb::plan(batch, tokens, dim,
+                                 static_cast<int64_t>(smem_optin) - static_cast<int64_t>(attributes.sharedSizeBytes));
+  const bool state_in_shared = plan.state_in_shared;
+  const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
+  if (state_in_shared) {
+    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(rounds),
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
+               "cudaFuncSetAttribute");
+  }
+
+  Tensor unit = torch::stable::new_empty(features, {chunk, tokens, dim}, ScalarType::Float);
+  Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
+  Tensor order_ws, score_ws;
+  int* order_ptr = nullptr;
+  float* score_ptr = nullptr;
+  if (!state_in_shared) {
+    order_ws = torch::stable::new_empty(features, {chunk, 2, tokens}, ScalarType::Int);
+    score_ws = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
+    order_ptr = order_ws.mutable_data_ptr<int>();
+    score_ptr = score_ws.mutable_data_ptr<float>();
+  }
+  float* unit_ptr = unit.mutable_data_ptr<float>();
+  float* sim_ptr = sim.mutable_data_ptr<float>();
+
+  STD_TORCH_CHECK(tiles <= 65535, "mrprune: N too large for the Gram grid");
+  const bool vec4 = plan.vec4;
+
+  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+    const int64_t items = std::min(chunk, batch - b0);
+    const int64_t rows = items * tokens;
+    const int64_t row_blocks = ks::row_blocks(rows);
+    STD_TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
+    const int64_t* len_chunk = len + b0;
+
+    ks::row_norm_kernel<ks::kNormThreads, true><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
+        x + b0 * tokens * dim, len_chunk, rows, n_tokens, n_dim, nullptr, unit_ptr);
+    check_launch("row_norm_kernel launch");
+
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles), static_cast<unsigned>(items));
+    if (vec4) {
+      ks::gram_kernel<true><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
+    } else {
+      ks::gram_kernel<false><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
+    }
+    check_launch("gram_kernel launch");
+
+    rounds<<<static_cast<unsigned>(items), kb::kRoundThreads, static_cast<size_t>(dynamic_bytes), stream>>>(
+        sim_ptr, len_chunk, n_tokens, static_cast<int>(k), per_round_int, state_in_shared, order_ptr, score_ptr,
+        out_ptr + b0 * k);
+    check_launch("dedup_rounds_kernel launch");
+  }
+  return out;
+}
+
+}  // namespace mrprune::cuda
+
+STABLE_TORCH_LIBRARY_IMPL(mrprune, CUDA, m) {
+  m.impl("_bipartite_dedup_cuda", TORCH_BOX(&mrprune::cuda::bipartite_dedup_cuda));
+}

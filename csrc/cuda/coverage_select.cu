@@ -1,0 +1,150 @@
+// coverage_select on CUDA: SCOPE's saliency-weighted greedy coverage (device code and the algorithm:
+// csrc/include/mrprune/kernels/coverage_select.cuh). Spec: mrprune.reference.coverage_select.
+//
+// Per chunk of items: squared row norms (the spec's exact-1 diagonal), normalised rows, one symmetric FP32 cosine
+// Gram S = U U^T (N^2 * 4 bytes per item: 33 MB at N = 2880), then one block per item runs all k steps, each over
+// the item's whole n x n block of S. Items are processed in chunks whose workspaces stay below kWorkspaceBytes (at
+// least one item per chunk).
+//
+// Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can
+// compile-check it against the CPU wheel's headers (scripts/check_cuda_compile.sh).
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "mrprune/cuda/checks.h"
+#include "mrprune/kernels/coverage_select.cuh"
+
+namespace mrprune::cuda {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+namespace {
+
+namespace ks = mrprune::kernels::selection;
+namespace kc = mrprune::kernels::coverage;
+
+void check_cuda(cudaError_t error, const char* what) { cuda::check_cuda(error, "coverage_select", what); }
+
+void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
+
+}  // namespace
+
+Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::optional<Tensor> saliency,
+                            double alpha) {
+  STD_TORCH_CHECK(features.is_cuda(), "mrprune: features must be a CUDA tensor");
+  const int32_t device = features.get_device_index();
+  check_tensor(features, "features", 3, ScalarType::Float, device);
+  check_tensor(lengths, "lengths", 1, ScalarType::Long, device);
+  const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
+  STD_TORCH_CHECK(lengths.size(0) == batch, "mrprune: lengths must have shape [B]");
+  if (saliency.has_value()) {
+    check_tensor(*saliency, "saliency", 2, ScalarType::Float, device);
+    STD_TORCH_CHECK(saliency->size(0) == batch && saliency->size(1) == tokens,
+                    "mrprune: saliency must have shape [B, N]");
+  }
+  STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
+  STD_TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 2 && dim <= std::numeric_limits<int>::max(),
+                  "mrprune: coverage_select supports N < 2^30 and D < 2^31");
+
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor out = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);
+  if (batch == 0 || k == 0) return out;  // (N == 0 implies k == 0)
+
+  void* stream_handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_handle));
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  int64_t* out_ptr = out.mutable_data_ptr<int64_t>();
+  check_cuda(cudaMemsetAsync(out_ptr, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t), stream), "memset");
+
+  const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
+  const float* x = features.const_data_ptr<float>();
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  const float* saliency_ptr = saliency.has_value() ? saliency->const_data_ptr<float>() : nullptr;
+
+  // The plan (kernels/coverage_select.cuh): selection state in shared memory when it fits, chunks, workspaces.
+  int smem_optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "device query");
+  auto* select = &kc::coverage_select_kernel<kc::kSelectThreads>;
+  cudaFuncAttributes attributes{};
+  check_cuda(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(select)), "cudaFuncGetAttributes");
+  const kc::Plan plan = kc::plan(batch, tokens, dim,
+                                 static_cast<int64_t>(smem_optin) - static_cast<int64_t>(attributes.sharedSizeBytes));
+  const bool state_in_shared = plan.state_in_shared;
+  const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
+  if (state_in_shared) {
+    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(select),
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
+               "cudaFuncSetAttribute");
+  }
+
+  Tensor norm2 = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
+  Tensor unit = torch::stable::new_empty(features, {chunk, tokens, dim}, ScalarType::Float);
+  Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
+  Tensor cur_ws, weight_ws, picked_ws;
+  float* cur_ptr = nullptr;
+  float* weight_ptr = nullptr;
+  uint8_t* picked_ptr = nullptr;
+  if (!state_in_shared) {
+    cur_ws = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
+    weight_ws = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
+    picked_ws = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Byte);
+    cur_ptr = cur_ws.mutable_data_ptr<float>();
+    weight_ptr = weight_ws.mutable_data_ptr<float>();
+    picked_ptr = picked_ws.mutable_data_ptr<uint8_t>();
+  }
+  float* norm2_ptr = norm2.mutable_data_ptr<float>();
+  float* unit_ptr = unit.mutable_data_ptr<float>();
+  float* sim_ptr = sim.mutable_data_ptr<float>();
+
+  STD_TORCH_CHECK(tiles <= 65535, "mrprune: N too large for the Gram grid");
+  const bool vec4 = plan.vec4;
+  const float alpha_f = static_cast<float>(alpha);
+
+  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+    const int64_t items = std::min(chunk, batch - b0);
+    const int64_t rows = items * tokens;
+    const int64_t row_blocks = ks::row_blocks(rows);
+    STD_TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
+    const int64_t* len_chunk = len + b0;
+    const float* x_chunk = x + b0 * tokens * dim;
+
+    ks::row_norm_kernel<ks::kNormThreads, false><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
+        x_chunk, len_chunk, rows, n_tokens, n_dim, norm2_ptr, nullptr);
+    check_launch("row_norm_kernel launch");
+    ks::row_norm_kernel<ks::kNormThreads, true><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
+        x_chunk, len_chunk, rows, n_tokens, n_dim, nullptr, unit_ptr);
+    check_launch("row_norm_kernel launch");
+
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles), static_cast<unsigned>(items));
+    if (vec4) {
+      ks::gram_kernel<true><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
+    } else {
+      ks::gram_kernel<false><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
+    }
+    check_launch("gram_kernel launch");
+
+    select<<<static_cast<unsigned>(items), kc::kSelectThreads, static_cast<size_t>(dynamic_bytes), stream>>>(
+        sim_ptr, norm2_ptr, saliency_ptr != nullptr ? saliency_ptr + b0 * tokens : nullptr, alpha_f, len_chunk,
+        n_tokens, static_cast<int>(k), state_in_shared, cur_ptr, weight_ptr, picked_ptr, out_ptr + b0 * k);
+    check_launch("coverage_select_kernel launch");
+  }
+  return out;
+}
+
+}  // namespace mrprune::cuda
+
+STABLE_TORCH_LIBRARY_IMPL(mrprune, CUDA, m) {
+  m.impl("_coverage_select_cuda", TORCH_BOX(&mrprune::cuda::coverage_select_cuda));
+}
