@@ -22,6 +22,7 @@ from .agilepruner import AgilePruner
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
 from .cdpruner import CDPruner
+from .dart import DART
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .graph import GPrune, MRPruner
@@ -44,6 +45,7 @@ __all__ = [
     "PRESETS",
     "AgilePruner",
     "CDPruner",
+    "DART",
     "DivPrune",
     "FastV",
     "FasterVLM",

@@ -254,9 +254,9 @@ class LLMStage:
             self._decode_mask = create_causal_mask(
                 self.adapter.text_model.config, hidden, self._decode[index], cache_of(kwargs), None, layer_idx=index
             )
-        elif self._decode_mask is None:
+        elif index < min(self._decode):
             return None
-        return args, {**kwargs, "attention_mask": self._decode_mask}
+        return args, {**kwargs, "attention_mask": self._decode_mask}  # None: SDPA's causal path, no padding
 
     # -- scoring --------------------------------------------------------------------------------------------------
 
@@ -303,7 +303,9 @@ class LLMStage:
             final = self.adapter.text_model.norm(hidden)
             extra["normed"] = per_item(final)
         if needs & _PROMPT_NEEDS:
-            extra["prompt"], extra["input_embeddings"] = self._prompt(run, scorer, x, normed, rope, k, hidden, slots)
+            extra["prompt"], originals = self._prompt(run, scorer, x, normed, rope, k, hidden, slots)
+            if Need.PROMPT_ATTENTION in needs:
+                extra["input_embeddings"] = originals
         return extra
 
     def _prompt(
