@@ -16,6 +16,7 @@ from . import _batched, _library, backends, ops, reference  # noqa: F401  (_batc
 from .integrations import FastV, patch, patched
 from .layouts import GridLayout, LlavaNextLayout
 from .methods import (
+    DART,
     PRESETS,
     SCOPE,
     TRIM,
@@ -29,6 +30,7 @@ from .methods import (
     MergedTokens,
     MRPruner,
     Need,
+    PDrop,
     PruMerge,
     Pruner,
     RandomPruner,
@@ -119,6 +121,7 @@ __all__ = [
     "PRESETS",
     "AgilePruner",
     "CDPruner",
+    "DART",
     "DivPrune",
     "FastV",
     "FasterVLM",
@@ -130,6 +133,7 @@ __all__ = [
     "LlavaNextLayout",
     "MRPruner",
     "Need",
+    "PDrop",
     "Pruner",
     "PruMerge",
     "RandomPruner",

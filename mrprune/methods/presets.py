@@ -9,10 +9,12 @@ from .agilepruner import AgilePruner
 from .base import Pruner
 from .baselines import DivPrune, RandomPruner
 from .cdpruner import CDPruner
+from .dart import DART
 from .fastervlm import FasterVLM
 from .graph import GPrune, MRPruner
 from .hired import HiRED
 from .l2norm import L2Norm
+from .pdrop import PDrop
 from .prumerge import PruMerge
 from .resprune import ResPrune
 from .scope import SCOPE
@@ -71,6 +73,11 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     "prumerge": (PruMerge, {"plus": False}),
     **table_settings("prumerge_plus", PruMerge),
     **table_settings("prumerge", PruMerge, plus=False),
+    # PDrop: the official scripts' pyramid (LLaVA-1.5 and LLaVA-NeXT: layers 8 / 16 / 24, 50 / 25 / 12.5 % of the
+    # image's tokens); the official code gives no settings for the tables' token counts
+    "pdrop": (PDrop, {}),
+    # DART: pivots at layer 2; dart_*: the tables' budgets (official=True keeps image_pivots + 8 * (budget // 8))
+    **table_settings("dart", DART),
 }
 
 
