@@ -34,6 +34,7 @@ from .prumerge import PruMerge
 from .resprune import ALPHA_PRESETS, ResPrune
 from .results import MergedTokens, kept_indices
 from .scope import SCOPE
+from .sparsevlm import SparseVLM
 from .stages import Need, Stage
 from .tome import ToMe
 from .trim import TRIM
@@ -61,6 +62,7 @@ __all__ = [
     "RandomPruner",
     "ResPrune",
     "SCOPE",
+    "SparseVLM",
     "TRIM",
     "ToMe",
     "Stage",

@@ -18,6 +18,7 @@ from .pdrop import PDrop
 from .prumerge import PruMerge
 from .resprune import ResPrune
 from .scope import SCOPE
+from .sparsevlm import SparseVLM
 from .tome import ToMe
 from .visionzip import VisionZip
 from .vispruner import VisPruner
@@ -62,6 +63,15 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     **table_settings("cdpruner", CDPruner, qwen={"layer": -1}),
     # AgilePruner: reconstructed from the paper (no code); erank_avg and tau_max are guesses
     **table_settings("agilepruner", AgilePruner, qwen={"layer": -1}),
+    # SparseVLM: the official schedules (tokens left after layers 2 / 6 / 15, named by the LLaVA-1.5 budget they
+    # average to over the layers); LLaVA-NeXT 640 / 320 and Qwen2.5-VL's pruned shares use the schedule of the same
+    # share of an image's tokens (the default mode scales the counts to the image)
+    **{f"sparsevlm_{n}": (SparseVLM, {"budget": n}) for n in (192, 128, 96, 64)},
+    "sparsevlm_next_640": (SparseVLM, {"budget": 128}),
+    "sparsevlm_next_320": (SparseVLM, {"budget": 64}),
+    "sparsevlm_qwen_667": (SparseVLM, {"budget": 192}),
+    "sparsevlm_qwen_778": (SparseVLM, {"budget": 128}),
+    "sparsevlm_qwen_889": (SparseVLM, {"budget": 64}),
     # ToMe: LLaVA-1.5 / LLaVA-NeXT only (Qwen2.5-VL's windowed tower is refused); tome_r16 is LightCompress' config
     **{f"tome_{n}": (ToMe, {"budget": n}) for n in (192, 128, 64)},
     **{f"tome_next_{n}": (ToMe, {"budget": n}) for n in (640, 320)},

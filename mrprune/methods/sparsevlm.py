@@ -1,0 +1,324 @@
+"""SparseVLM: text-rated visual token sparsification inside the language model, with recycling of the pruned tokens
+(Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference", ICML 2025,
+arXiv 2410.04417; official code github.com/Gumpest/SparseVLMs, ``llava/model/language_model/score.py`` and
+``modelling_sparse_llama.py``, ``USE_VERSION=1_0``).
+
+An ``llm``-stage method acting at several decoder layers (paper: 2, 6 and 15):
+
+1. **Raters.** Once per prompt, on the language model's *input embeddings*: with ``V [N0, D]`` the item's visual
+   tokens and ``T [M, D]`` the prompt's text tokens after them, ``m = mean_visual softmax_text(V T^T)`` ``[M]``; the
+   text tokens with ``m > mean(m)`` are the raters.
+2. **Scoring.** At each pruning layer ``l`` every current visual token gets the attention the raters pay it in that
+   layer, averaged over heads and raters.
+3. **Sparsification.** The item keeps its best tokens on the official per-budget schedule (:data:`SCHEDULES`: the
+   visual tokens left after layers 2 / 6 / 15 for the 192 / 128 / 96 / 64-token settings of LLaVA-1.5).
+4. **Recycling.** Of the ``d`` dropped tokens, the ``int(0.3 d) + 1`` best scored are clustered by density peaks
+   (DPC-kNN) into ``int(r / 10) + 1`` clusters (``r`` the recycled count) and each cluster becomes its mean
+   (``mrprune.density_peak_merge``); the merged tokens are visual tokens for the next pruning layers.
+
+The hidden states pruned and merged are the outputs of layer ``l`` (the input of ``l + 1``), so the integration
+calls the method at the entry of decoder layers ``l + 1`` (:attr:`SparseVLM.layers`) with the attention of layer
+``l``. Each call returns :class:`~mrprune.methods.results.MergedTokens` over the item's *current* visual tokens: the
+kept tokens as they are, and one merged token per cluster whose representative (the token whose row and position it
+takes) is the cluster's density-peak centre.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import ops
+from ..batching import pad_batch
+from . import _checks
+from .base import Pruner, round_half_up, take_prefixes, top_tokens
+from .results import MergedTokens
+from .stages import Need, PromptTokens, Stage
+
+__all__ = ["SCHEDULES", "SparseVLM", "rater_scores", "select_raters"]
+
+#: The official ``sparse_token_dict`` (v1): visual tokens kept after layers 2 / 6 / 15 of LLaVA-1.5 (576 tokens),
+#: by the setting's equivalent token budget.
+SCHEDULES: dict[int, tuple[int, int, int]] = {
+    192: (300, 200, 110),
+    128: (303, 110, 36),
+    96: (238, 48, 26),
+    64: (66, 30, 17),
+}
+#: The visual tokens of a LLaVA-1.5 image, the scale the schedules are written for.
+REFERENCE_TOKENS = 576
+
+
+def select_raters(
+    visual: torch.Tensor, visual_lengths: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+) -> torch.Tensor:
+    """SparseVLM's text raters: the text tokens whose mean (over visual tokens) softmax relevance is above average.
+
+    Parameters
+    ----------
+    visual : Tensor ``[B, N, D]``
+        Each item's visual tokens in the language model's input embedding space; item ``b`` owns
+        ``visual[b, :visual_lengths[b]]``.
+    visual_lengths : Tensor ``[B]`` int64
+    text : Tensor ``[B, M, D]``
+        Input embeddings of text tokens (same dtype).
+    text_mask : Tensor ``[B, M]`` bool
+        Each item's text tokens (official: the prompt after the image).
+
+    Returns
+    -------
+    Tensor ``[B, M]`` bool: ``m_t > mean(m)`` with ``m = mean_v softmax_t(V T^T)`` over the item's text tokens,
+    computed in float32 (float64 for float64 input); ``False`` outside ``text_mask``. An item whose ``m`` is
+    constant (one text token, or identical ones) has no rater above the mean: every text token rates instead (the
+    official code averages an empty set and ranks NaN scores).
+    """
+    dtype = torch.float64 if visual.dtype == torch.float64 else torch.float32
+    rows = torch.arange(visual.shape[1], device=visual.device)[None] < visual_lengths[:, None]
+    cols = text_mask
+    logits = visual.to(dtype) @ text.to(dtype).transpose(1, 2)  # [B, N, M]
+    relevance = logits.masked_fill(~cols[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+    m = (relevance * rows[..., None]).sum(1) / visual_lengths.clamp_min(1)[:, None].to(dtype)  # [B, M]
+    mean = (m * cols).sum(1, keepdim=True) / cols.sum(1, keepdim=True).clamp_min(1).to(dtype)
+    raters = (m > mean) & cols
+    none = ~raters.any(1, keepdim=True)
+    return torch.where(none, cols, raters)
+
+
+def rater_scores(attention: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
+    """Each visual token's attention from the raters, averaged over the raters.
+
+    Parameters
+    ----------
+    attention : Tensor ``[B, M, N]``
+        Head-averaged attention probabilities of each text token (row) to each visual token at the scoring layer.
+    raters : Tensor ``[B, M]`` bool
+
+    Returns
+    -------
+    Tensor ``[B, N]`` float32 (float64 for float64 input); 0 for an item without raters.
+    """
+    weights = raters.to(attention.dtype if attention.dtype == torch.float64 else torch.float32)
+    total = (weights[..., None] * attention.to(weights.dtype)).sum(1)
+    return total / weights.sum(1, keepdim=True).clamp_min(1)
+
+
+class SparseVLM(Pruner):
+    """SparseVLM v1: rater-scored sparsification at several decoder layers with density-peak recycling.
+
+    Parameters
+    ----------
+    budget : {192, 128, 96, 64}
+        The official schedule (:data:`SCHEDULES`), named by its LLaVA-1.5 token budget. LLaVA-NeXT's 640 / 320 and
+        Qwen2.5-VL's 77.8 / 88.9 % pruned are the 128 / 64 schedules (the same shares of the image's tokens).
+    scoring_layers : sequence of int, increasing
+        The layers ``l`` whose attention scores and whose output is pruned (official ``pruning_loc``: 2, 6, 15);
+        tokens leave from layer ``l + 1`` (the pruning layers :attr:`layers`). One per schedule entry.
+    schedule : sequence of int, optional
+        Tokens kept after each scoring layer, written for a 576-token image, instead of ``budget``'s schedule
+        (``(576, 576, 576)`` keeps every token).
+    recycle : float in [0, 1]
+        Share of the dropped tokens recycled into merged tokens (``int(recycle * d) + 1`` of ``d``; official 0.3).
+    merge : bool
+        Recycle the dropped tokens (v1); ``False`` only drops them.
+    official : bool
+        ``True`` reproduces the official selection arithmetic: keep ``min(schedule[s], v - 1)`` of the ``v`` current
+        visual tokens (at least one token always leaves, even when the schedule keeps more; the schedule is not
+        scaled to the image's token count). Ties in the official ``torch.topk`` are unspecified; here they go to
+        the lower index.
+
+    Notes
+    -----
+    Default mode (``official=False``): an item of ``n0`` visual tokens keeps ``min(round(schedule[s] * n0 / 576), v)``
+    tokens after stage ``s`` (half up; exactly the schedule on LLaVA-1.5), so nothing leaves when the schedule keeps
+    every token, and LLaVA-NeXT / Qwen2.5-VL images keep the schedule's shares. The official code is batch 1 with one
+    image (``# B == 1``) and its text after that image; here every item of a batch (each image / video of each
+    prompt) is scored and budgeted on its own.
+
+    Deviations in both modes:
+
+    * an item without a text token above the mean relevance uses every text token as a rater (official: NaN);
+    * density ties in the clustering go by position instead of ``rand * 1e-6`` noise
+      (:func:`mrprune.reference.density_peak_merge`). The recycled tokens enter it in score order, so the better
+      scored of two tied tokens counts as denser. Ties are structural: the kNN densities of a mutual nearest pair
+      are equal, and with one cluster (fewer than 10 recycled tokens) every density is 1 and the official centre is
+      the noise's pick (here the best-scored recycled token; the merged token, the mean of all, is the same);
+    * scores and merges in float32 (official: the model's half precision);
+    * placement: the official code appends the merged tokens after the kept visual tokens and renumbers the
+      sequence ``0 .. L'-1``; here each merged token takes its cluster centre's row and original position
+      (:class:`MergedTokens`), kept tokens keep theirs. Each group of layers between two pruning layers keeps the
+      cache entries of the prompt it saw, as the official code.
+
+    ``select`` / ``select_batch`` take, besides the hidden states of the item's current tokens (``features
+    [B, N, D]``, the output of layer ``l``): ``step`` (which pruning layer), ``prompt`` (a
+    :class:`~mrprune.methods.stages.PromptTokens` whose ``attention [B, T, N]`` holds each text token's head-averaged
+    attention to the current tokens in layer ``l``, ``embeddings [B, T, D]`` their input embeddings and ``after`` the
+    text tokens after the item, the raters' candidates), ``input_embeddings [B, N0, D]`` (the item's original tokens'
+    input embeddings) and ``original_lengths [B]`` (``N0`` per item).
+    """
+
+    stage = Stage.LLM
+    merges = True
+    needs = Pruner.needs | {Need.PROMPT_ATTENTION}
+    #: each group of layers between two pruning layers keeps the cache entries of the prompt it saw (official)
+    prune_earlier_cache = False
+
+    def __init__(
+        self,
+        budget: int = 192,
+        scoring_layers: Sequence[int] = (2, 6, 15),
+        schedule: Sequence[int] | None = None,
+        recycle: float = 0.3,
+        merge: bool = True,
+        official: bool = False,
+    ) -> None:
+        owner = "SparseVLM"
+        if isinstance(scoring_layers, int | str) or isinstance(schedule, int | str):
+            raise TypeError("mrprune.SparseVLM: scoring_layers and schedule must be sequences (one count per layer)")
+        if schedule is None:
+            budget = _checks.count(owner, "budget", budget, minimum=1)
+            if budget not in SCHEDULES:
+                raise ValueError(f"mrprune.SparseVLM: budget must be one of {sorted(SCHEDULES)}, got {budget}")
+            schedule = SCHEDULES[budget]
+        self.budget = budget
+        self.schedule = tuple(_checks.count(owner, "schedule", s) for s in schedule)
+        scoring = tuple(_checks.count(owner, "scoring_layers", layer) for layer in scoring_layers)
+        if len(scoring) != len(self.schedule) or not scoring:
+            raise ValueError(
+                f"mrprune.SparseVLM: scoring_layers and schedule must have the same non-zero length, got "
+                f"{len(scoring)} layers and {len(self.schedule)} schedule entries"
+            )
+        if any(b <= a for a, b in zip(scoring, scoring[1:], strict=False)):
+            raise ValueError(f"mrprune.SparseVLM: scoring_layers must increase, got {scoring}")
+        self.recycle = _checks.non_negative(owner, "recycle", recycle)
+        if self.recycle > 1:
+            raise ValueError(f"mrprune.SparseVLM: recycle must lie in [0, 1], got {recycle!r}")
+        self.merge = _checks.flag(owner, "merge", merge)
+        self.official = _checks.flag(owner, "official", official)
+        #: The decoder layers at whose entry the method selects (one after each scoring layer).
+        self.layers = tuple(layer + 1 for layer in scoring)
+        self.layer = self.layers[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseVLM(schedule={self.schedule}, scoring_layers={tuple(k - 1 for k in self.layers)}, "
+            f"recycle={self.recycle}, merge={self.merge}, official={self.official})"
+        )
+
+    def _counts(self, stage: int, lengths: torch.Tensor, originals: torch.Tensor) -> list[int]:
+        """Tokens each item keeps at ``stage`` out of its ``lengths[b]`` current ones."""
+        target = self.schedule[stage]
+        if self.official:
+            return [min(target, v - 1) if v > 0 else 0 for v in lengths.tolist()]
+        return [
+            min(round_half_up(target * n0 / REFERENCE_TOKENS), v)
+            for v, n0 in zip(lengths.tolist(), originals.tolist(), strict=True)
+        ]
+
+    def _select_batch(
+        self,
+        features,
+        layouts,
+        lengths,
+        texts,
+        step: int = 0,
+        original_lengths: torch.Tensor | None = None,
+        prompt: PromptTokens | None = None,
+        input_embeddings: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        batch, tokens = features.shape[:2]
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(self.layers):
+            raise ValueError(f"mrprune.SparseVLM: step must be an int in [0, {len(self.layers)}), got {step!r}")
+        if not isinstance(prompt, PromptTokens) or prompt.attention is None:
+            raise ValueError(
+                "mrprune.SparseVLM: prompt must be the PromptTokens of the items (text embeddings and attention), "
+                f"got {type(prompt).__name__}"
+            )
+        attention, text = prompt.attention, prompt.embeddings
+        if attention.shape != (batch, text.shape[1], tokens) or prompt.after.shape != text.shape[:2]:
+            raise ValueError(
+                f"mrprune.SparseVLM: prompt.attention must be [B, T, N] = {(batch, text.shape[1], tokens)} (text rows "
+                f"to the current tokens), got {tuple(attention.shape)}"
+            )
+        originals = lengths if original_lengths is None else original_lengths
+        if (
+            not isinstance(input_embeddings, torch.Tensor)
+            or input_embeddings.dim() != 3
+            or input_embeddings.shape[0] != batch
+            or originals.shape != lengths.shape
+            or bool((originals > input_embeddings.shape[1]).any())
+            or bool((originals < lengths).any())
+        ):
+            raise ValueError(
+                "mrprune.SparseVLM: input_embeddings must be the items' original tokens' input embeddings [B, N0, D] "
+                "with original_lengths [B] (at least the current lengths)"
+            )
+        # the official text: the prompt after the image (its instruction)
+        after = prompt.after & (torch.arange(text.shape[1], device=text.device)[None] < prompt.lengths[:, None])
+        if bool((~after.any(1)).any()):
+            raise ValueError("mrprune.SparseVLM: every item needs text tokens after it to rate its tokens")
+        if not bool(torch.isfinite(attention).all()):
+            raise ValueError("mrprune.SparseVLM: prompt.attention must be finite")
+        raters = select_raters(input_embeddings, originals, text, after)
+        scores = rater_scores(attention, raters)
+        kept = top_tokens(scores, lengths, self._counts(step, lengths, originals))
+        return self._recycle(features, scores, lengths, kept)
+
+    def _recycle(
+        self, features: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor, kept: list[torch.Tensor]
+    ) -> list[MergedTokens]:
+        """Cluster the best-scored dropped tokens of each item into merged tokens; assemble the results."""
+        device = features.device
+        dropped = []
+        for b, k in enumerate(kept):
+            out = torch.ones(int(lengths[b]), dtype=torch.bool, device=device)
+            out[k] = False
+            dropped.append(out.nonzero()[:, 0])  # ascending, as the official ``where(policy == 0)``
+        sizes = [d.numel() for d in dropped]
+        wanted = [min(int(d * self.recycle) + 1, d) if d > 0 and self.merge else 0 for d in sizes]
+        recycled = [d[:0] for d in dropped]
+        if any(wanted):
+            dropped_scores, dropped_lengths = pad_batch([scores[b, d][:, None] for b, d in enumerate(dropped)])
+            order = take_prefixes(ops.topk_indices(dropped_scores[..., 0], dropped_lengths, max(wanted)), wanted)
+            recycled = [d[o] for d, o in zip(dropped, order, strict=True)]  # in score order, as the official topk
+        clusters = [int(r / 10) + 1 if r > 0 else 0 for r in wanted]
+        merged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(kept)
+        for c in sorted(set(clusters) - {0}):  # items with equal cluster counts share one call
+            group = [b for b, cb in enumerate(clusters) if cb == c]
+            x, sizes_r = pad_batch([features[b, recycled[b]] for b in group])
+            tokens, assignment, centers = ops.density_peak_merge(x, sizes_r, c)
+            for i, b in enumerate(group):
+                merged[b] = (tokens[i], assignment[i, : wanted[b]], centers[i])
+        return [_assemble(features[b, : int(lengths[b])], kept[b], recycled[b], merged[b]) for b in range(len(kept))]
+
+
+def _assemble(
+    tokens: torch.Tensor,
+    kept: torch.Tensor,
+    recycled: torch.Tensor,
+    merged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> MergedTokens:
+    """One item's :class:`MergedTokens`: kept tokens as they are, one merged token per cluster at its centre."""
+    n, device = tokens.shape[0], tokens.device
+    sources = torch.full((n,), -1, dtype=torch.int64, device=device)
+    weights = torch.zeros(n, dtype=torch.float32, device=device)
+    if merged is None:
+        kept = kept.sort().values
+        sources[kept] = torch.arange(kept.numel(), device=device)
+        weights[kept] = 1.0
+        return MergedTokens(tokens[kept], kept, sources, weights)
+    centre_tokens, assignment, centers = merged
+    representatives = torch.cat([kept, recycled[centers]])
+    order = representatives.argsort()
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(order.numel(), device=device)  # output index of each representative
+    k = kept.numel()
+    sources[kept] = slot[:k]
+    sources[recycled] = slot[k + assignment]
+    size = torch.bincount(assignment, minlength=centers.numel()).to(torch.float32)
+    weights[kept] = 1.0
+    weights[recycled] = 1.0 / size[assignment]
+    output = torch.cat([tokens[kept], centre_tokens.to(tokens.dtype)])[order]
+    return MergedTokens(output, representatives[order], sources, weights)

@@ -1,0 +1,461 @@
+"""mrprune.SparseVLM (llm stage, v1): against a port of the official selection (raters on the input embeddings,
+per-budget schedule with ``min(count, v - 1)``, top-30 % recycling into density-peak clusters) stage after stage on
+inputs with score gaps; default-mode budgets, batches = per sample, edge cases and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrprune.batching import pad_batch
+from mrprune.methods import MergedTokens, SparseVLM, preset
+from mrprune.methods.sparsevlm import SCHEDULES, rater_scores, select_raters
+from mrprune.methods.stages import PromptTokens
+
+# --- a port of the official selection (Gumpest/SparseVLMs, USE_VERSION=1_0, batch 1), eager torch -----------------
+
+OFFICIAL_LAYER_STAGE = {2: 0, 6: 1, 15: 2}
+
+
+def official_raters(embeddings, v_start, v_num):
+    """``m = softmax(V T^T, dim=text).mean(visual)``; the raters are ``where(m > m.mean())`` (text-relative)."""
+    visual = embeddings[v_start : v_start + v_num]
+    text = embeddings[v_start + v_num :]
+    m = (visual @ text.T).softmax(1).mean(0)
+    return torch.where(m > m.mean())[0]
+
+
+def official_cluster_and_merge(x, cluster_num):
+    """DPC-kNN as the official ``cluster_and_merge`` (batch 1): kNN density with ``k = cluster_num`` plus 1e-6
+    noise, distance to a denser token, top ``rho * delta`` centres, nearest-centre assignment, ``/ (count + 1e-6)``."""
+    n, c_dim = x.shape
+    dist = (x[:, None] - x[None]).norm(dim=-1) / c_dim**0.5
+    nearest = dist.topk(cluster_num, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(-1)).exp()
+    # the official code adds ``rand * 1e-6`` to the density so no two are equal; the kNN density of a mutual
+    # nearest pair is equal by construction, so the port breaks exact ties by position (as mrprune, documented)
+    # instead of at random, and the test data keeps every other density gap far above 1e-6
+    position = torch.arange(n)
+    mask = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (position[None, :] < position[:, None])
+    )
+    mask = mask.to(x.dtype)
+    parent = (dist * mask + dist.max() * (1 - mask)).min(-1).values
+    centers = (parent * density).topk(cluster_num).indices
+    assign = dist[:, centers].argmin(1)
+    assign[centers] = torch.arange(cluster_num)
+    count = torch.zeros(cluster_num, dtype=x.dtype).index_add_(0, assign, torch.ones(n, dtype=x.dtype)) + 1e-6
+    merged = torch.zeros(cluster_num, c_dim, dtype=x.dtype).index_add_(0, assign, x / count[assign][:, None])
+    return merged, centers, density, parent * density
+
+
+def official_stage(attention, hidden, v_start, v_num, raters, layer_idx, budget):
+    """One official pruning layer on one sequence: ``attention [H, L, L]`` probabilities of layer ``layer_idx``,
+    ``hidden [L, D]`` its output. Returns the new sequence, its visual count, the kept visual indices (ascending)
+    and, in order, the recycled visual indices (score order), the merged tokens and their centres (into those)."""
+    text_start = v_start + v_num
+    relation = attention.mean(0)[raters + text_start, v_start:text_start].mean(0)
+    count = min(SCHEDULES[budget][OFFICIAL_LAYER_STAGE[layer_idx]], v_num - 1)
+    mask = torch.zeros(v_num, dtype=torch.bool)
+    mask[relation.topk(count).indices] = True
+    dropped = torch.where(~mask)[0]
+    n_rec = int(dropped.shape[0] * 0.3) + 1
+    order = relation[dropped].topk(n_rec).indices
+    recycled = dropped[order]
+    cluster_num = int(n_rec / 10) + 1
+    merged, centers, density, score = official_cluster_and_merge(hidden[v_start + recycled], cluster_num)
+    kept = torch.where(mask)[0]
+    sequence = torch.cat([hidden[:v_start], hidden[v_start + kept], merged, hidden[text_start:]])
+    gaps = dict(relation=relation, density=density, score=score)
+    return sequence, kept.numel() + cluster_num, kept, recycled, merged, centers, gaps
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def min_gap(values):
+    ordered = values.double().sort().values
+    return float((ordered[1:] - ordered[:-1]).min()) if values.numel() > 1 else float("inf")
+
+
+def untied_gap(values):
+    """The smallest relative gap between distinct values (exact ties allowed)."""
+    ordered = values.double().unique()
+    return float(((ordered[1:] - ordered[:-1]) / ordered[1:]).min()) if ordered.numel() > 1 else float("inf")
+
+
+def rows_with_gaps(raters, rows, n, generator):
+    """``[rows, n]`` float64 attention shares: the rater rows pay the tokens the shares of one random permutation
+    (spacing ``1 / sum``, perturbed per row by under a tenth of it), every other row those of another permutation, so
+    the raters' mean has guaranteed gaps and differs from any mean that lets a non-rater in."""
+    rater, other = ((torch.randperm(n, generator=generator) + 1).double() for _ in range(2))
+    rater, other = rater / rater.sum(), other / other.sum()
+    noise = (torch.rand(rows, n, generator=generator, dtype=torch.float64) - 0.5) * 0.1 * rater.min()
+    is_rater = torch.zeros(rows, 1, dtype=torch.bool)
+    is_rater[raters] = True
+    return torch.where(is_rater, rater + noise, other)
+
+
+def random_attention(length, heads, v_start, v_num, raters, generator):
+    """Causal attention probabilities ``[H, L, L]`` whose text rows pay the visual tokens half their mass in the
+    shares of :func:`rows_with_gaps` (every head alike)."""
+    logits = torch.randn(heads, length, length, generator=generator) * 3
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    attention = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    text_start = v_start + v_num
+    rest = attention[:, text_start:].clone().double()
+    rest[..., v_start:text_start] = 0
+    rest = 0.5 * rest / rest.sum(-1, keepdim=True)
+    rest[..., v_start:text_start] = 0.5 * rows_with_gaps(raters, length - text_start, v_num, generator)
+    attention[:, text_start:] = rest.float()
+    return attention
+
+
+def clustered_tokens(n, dim, generator):
+    """Hidden states around a few well separated centres (DPC-kNN has clear peaks), a distinct scale each."""
+    centres = torch.randn(6, dim, generator=generator) * 4
+    which = torch.randint(0, 6, (n,), generator=generator)
+    return centres[which] + torch.randn(n, dim, generator=generator) * torch.rand(n, 1, generator=generator)
+
+
+def prompt_tokens(text, attention, after=None):
+    """A :class:`PromptTokens` of ``text [B, T, D]`` embeddings and ``attention [B, T, N]`` (all after the item)."""
+    batch, length = text.shape[:2]
+    positions = torch.arange(length).expand(batch, -1)
+    after = torch.ones(batch, length, dtype=torch.bool) if after is None else after
+    return PromptTokens(torch.full((batch,), length), positions, after, text, text, attention)
+
+
+def method_stage(method, step, hidden, embeddings, v_start, v_num, n0, attention_rows):
+    """Our method on one sequence at one stage (batch of one), fed like the integration feeds it."""
+    text_start = v_start + v_num
+    return method.select(
+        hidden[v_start:text_start],
+        step=step,
+        prompt=prompt_tokens(embeddings[None, -attention_rows.shape[0] :], attention_rows[None]),
+        input_embeddings=embeddings[None, v_start : v_start + n0],
+        original_lengths=torch.tensor([n0]),
+    )
+
+
+#: Visual tokens after layers 2 / 6 / 15 on a 576-token image, worked out by hand from the official formulas:
+#: keep min(s, v - 1), recycle int(0.3 d) + 1 of the d dropped into int(r / 10) + 1 clusters (192: 300 + 9 = 309,
+#: 200 + 4 = 204, 110 + 3 = 113).
+TRAJECTORIES = {192: [309, 204, 113], 128: [312, 117, 39], 96: [249, 55, 27], 64: [82, 32, 18]}
+
+
+# --- the official selection, stage after stage ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [192, 128, 96, 64])
+def test_official_matches_port_over_three_stages(budget):
+    generator = torch.Generator().manual_seed(budget)
+    prefix, n0, m, dim, heads = 5, 576, 12, 16, 4
+    embeddings = clustered_tokens(prefix + n0 + m, dim, generator)
+    hidden = embeddings.clone()
+    method = SparseVLM(budget=budget, official=True)
+    raters = official_raters(embeddings, prefix, n0)
+    ours_raters = select_raters(
+        embeddings[None, prefix : prefix + n0],
+        torch.tensor([n0]),
+        embeddings[None, prefix + n0 :],
+        torch.ones(1, m, dtype=torch.bool),
+    )[0]
+    assert torch.equal(ours_raters.nonzero()[:, 0], raters)
+    assert 0 < raters.numel() < m
+    v_num, counts = n0, []
+    for step, layer_idx in enumerate((2, 6, 15)):
+        hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=generator)  # "the layer's output"
+        attention = random_attention(hidden.shape[0], heads, prefix, v_num, raters, generator)
+        text_start = prefix + v_num
+        sequence, new_v, kept, recycled, merged, centers, gaps = official_stage(
+            attention, hidden, prefix, v_num, raters, layer_idx, budget
+        )
+        assert min_gap(gaps["relation"]) > 1e-8, "the test's scores must have gaps"
+        ordered = gaps["score"].sort(descending=True).values
+        boundary = (
+            float(ordered[centers.numel() - 1] - ordered[centers.numel()]) if ordered.numel() > centers.numel() else 1
+        )
+        assert untied_gap(gaps["density"]) > 1e-5 and boundary > 1e-5, "the test's clusters must have gaps"
+        rows = attention.mean(0)[text_start:, prefix:text_start]
+        result = method_stage(method, step, hidden, embeddings, prefix, v_num, n0, rows)
+        assert isinstance(result, MergedTokens)
+        # kept tokens, plus one merged token per cluster at its centre
+        representatives = torch.cat([kept, recycled[centers]]).sort().values
+        assert torch.equal(result.kept, representatives)
+        assert result.kept.numel() == new_v
+        index = {int(t): i for i, t in enumerate(result.kept)}
+        for t in kept.tolist():
+            assert torch.equal(result.tokens[index[t]], hidden[prefix + t])
+            assert result.weights[t] == 1 and result.sources[t] == index[t]
+        for c, centre in enumerate(recycled[centers].tolist()):
+            torch.testing.assert_close(result.tokens[index[centre]], merged[c], rtol=1e-5, atol=1e-5)
+        # the source map: recycled tokens point at their cluster, the rest of the dropped tokens nowhere
+        dropped_only = torch.ones(v_num, dtype=torch.bool)
+        dropped_only[kept] = False
+        dropped_only[recycled] = False
+        assert bool((result.sources[dropped_only] == -1).all()) and bool((result.weights[dropped_only] == 0).all())
+        assert bool((result.sources[recycled] >= 0).all())
+        sums = torch.zeros(new_v).index_add_(
+            0, result.sources[result.sources >= 0], result.weights[result.sources >= 0]
+        )
+        torch.testing.assert_close(sums, torch.ones(new_v))
+        # the official next sequence: kept visual tokens, merged tokens, text (our order differs, the set does not)
+        hidden, v_num = sequence, new_v
+        counts.append(v_num)
+    assert counts == TRAJECTORIES[budget]
+
+
+# --- default mode -------------------------------------------------------------------------------------------------
+
+
+def stage_inputs(n0, m, dim=16, seed=0, n=None, dtype=torch.float32, after=None):
+    """One item's inputs to a stage: ``n`` current tokens (default ``n0``), attention rows with gaps between the
+    raters (the official rule among the text tokens ``after`` it, default all)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = n0 if n is None else n
+    embeddings = clustered_tokens(n0 + m, dim, generator)
+    features = clustered_tokens(n, dim, generator)
+    after = torch.ones(m, dtype=torch.bool) if after is None else after
+    candidates = after.nonzero()[:, 0]
+    raters = candidates[official_raters(torch.cat([embeddings[:n0], embeddings[n0:][after]]), 0, n0)]
+    return dict(
+        features=features.to(dtype),
+        attention=rows_with_gaps(raters, m, n, generator).float(),
+        text_embeddings=embeddings[n0:].to(dtype),
+        visual_embeddings=embeddings[:n0].to(dtype),
+        raters=raters,
+    )
+
+
+def run(method, step, items, after=None):
+    """``select_batch`` on a padded batch of the ``stage_inputs`` dicts."""
+    features, lengths = pad_batch([i["features"] for i in items])
+    text, text_lengths = pad_batch([i["text_embeddings"] for i in items])
+    visual, visual_lengths = pad_batch([i["visual_embeddings"] for i in items])
+    attention = torch.zeros(len(items), text.shape[1], features.shape[1])
+    for b, i in enumerate(items):
+        attention[b, : i["attention"].shape[0], : i["attention"].shape[1]] = i["attention"]
+    real = torch.arange(text.shape[1])[None] < text_lengths[:, None]
+    positions = torch.where(real, torch.arange(text.shape[1])[None], -1)
+    prompt = PromptTokens(text_lengths, positions, real if after is None else after & real, text, text, attention)
+    return method.select_batch(
+        features,
+        [None] * len(items),
+        lengths,
+        step=step,
+        prompt=prompt,
+        input_embeddings=visual,
+        original_lengths=visual_lengths,
+    )
+
+
+def expected_size(count, n, recycle=0.3):
+    dropped = n - count
+    recycled = min(int(recycle * dropped) + 1, dropped) if dropped else 0
+    return count + (int(recycled / 10) + 1 if recycled else 0)
+
+
+@pytest.mark.parametrize(("n0", "stage"), [(576, 0), (144, 0), (144, 1), (2880 // 4, 2), (37, 1)])
+def test_default_budgets_scale_with_the_image(n0, stage):
+    """``round(schedule[s] * n0 / 576)`` kept by rater score, the best ``int(0.3 d) + 1`` dropped ones recycled."""
+    method = SparseVLM(budget=128)
+    n = n0 if stage == 0 else max(1, n0 // 2)
+    item = stage_inputs(n0, 9, n=n, seed=n0)
+    result = run(method, stage, [item])[0]
+    count = min(int(SCHEDULES[128][stage] * n0 / 576 + 0.5), n)
+    scores = item["attention"][item["raters"]].mean(0)
+    order = scores.argsort(descending=True)
+    kept, dropped = order[:count], order[count:]
+    recycled = dropped[: min(int(0.3 * dropped.numel()) + 1, dropped.numel())] if dropped.numel() else dropped
+    assert result.kept.numel() == expected_size(count, n)
+    assert set(kept.tolist()) <= set(result.kept.tolist())
+    assert (result.sources >= 0).nonzero()[:, 0].tolist() == sorted(kept.tolist() + recycled.tolist())
+    assert bool((result.tokens[result.sources[kept]] == item["features"][kept]).all())
+
+
+def test_default_equals_official_on_llava_budgets():
+    for budget in SCHEDULES:
+        for stage in range(3):
+            n = [576, 320, 130][stage]
+            item_n = stage_inputs(576, 10, n=n, seed=3 + stage)
+            ours = run(SparseVLM(budget=budget), stage, [item_n])[0]
+            official = run(SparseVLM(budget=budget, official=True), stage, [item_n])[0]
+            if SCHEDULES[budget][stage] < n:
+                assert torch.equal(ours.kept, official.kept) and torch.equal(ours.tokens, official.tokens)
+
+
+def test_keep_all_schedule_returns_the_tokens_unchanged():
+    method = SparseVLM(schedule=(576, 576, 576))
+    items = [stage_inputs(40, 5, seed=1), stage_inputs(25, 7, seed=2)]
+    for step in range(3):
+        for item, result in zip(items, run(method, step, items), strict=True):
+            n = item["features"].shape[0]
+            assert torch.equal(result.kept, torch.arange(n))
+            assert torch.equal(result.tokens, item["features"])
+            assert torch.equal(result.sources, torch.arange(n)) and bool((result.weights == 1).all())
+
+
+def test_official_always_drops_one_token():
+    """``min(schedule, v - 1)``: with a schedule above the token count one token still leaves and is recycled
+    into a cluster of its own."""
+    item = stage_inputs(40, 5, seed=4)
+    result = run(SparseVLM(schedule=(576, 576, 576), official=True), 0, [item])[0]
+    assert result.kept.numel() == 40  # 39 kept + 1 cluster of the dropped token, at its own position
+    torch.testing.assert_close(result.tokens, item["features"])
+    plain = run(SparseVLM(schedule=(576, 576, 576), official=True, merge=False), 0, [item])[0]
+    worst = int(item["attention"][item["raters"]].mean(0).argmin())
+    assert plain.kept.tolist() == [t for t in range(40) if t != worst]
+    assert run(SparseVLM(schedule=(576, 576, 576), merge=False), 0, [item])[0].kept.numel() == 40  # default: all
+    one = run(SparseVLM(official=True), 0, [stage_inputs(1, 5, seed=4)])[0]  # v = 1: keeps 0, merges 1
+    assert one.kept.tolist() == [0] and one.sources.tolist() == [0]
+
+
+def test_batch_equals_per_sample():
+    method = SparseVLM(budget=64)
+    items = [stage_inputs(576, 12, seed=5), stage_inputs(144, 3, seed=6), stage_inputs(300, 20, n=90, seed=7)]
+    for step in range(3):
+        batched = run(method, step, items)
+        for item, result in zip(items, batched, strict=True):
+            single = run(method, step, [item])[0]
+            for name in ("tokens", "kept", "sources", "weights"):
+                assert torch.equal(getattr(result, name), getattr(single, name)), name
+
+
+def test_merge_off_and_recycle_share():
+    item = stage_inputs(576, 8, seed=8)
+    dropped_only = run(SparseVLM(budget=192, merge=False), 0, [item])[0]
+    assert dropped_only.kept.numel() == 300 and bool((dropped_only.weights[dropped_only.sources >= 0] == 1).all())
+    more = run(SparseVLM(budget=192, recycle=1.0), 0, [item])[0]  # every dropped token recycled: 276 -> 28 clusters
+    assert more.kept.numel() == 300 + 28 and bool((more.sources >= 0).all())
+    # kept tokens are the same set: the 300 best by rater score
+    scores = item["attention"][item["raters"]].mean(0)
+    best = scores.topk(300).indices.sort().values
+    assert torch.equal(dropped_only.kept, best)
+    assert set(best.tolist()) <= set(more.kept.tolist())
+
+
+def test_half_precision_tokens():
+    item = stage_inputs(144, 6, seed=9, dtype=torch.bfloat16)
+    result = run(SparseVLM(budget=128), 0, [item])[0]
+    assert result.tokens.dtype == torch.bfloat16
+    reference = run(SparseVLM(budget=128), 0, [{**item, "features": item["features"].float()}])[0]
+    assert torch.equal(result.kept, reference.kept)
+
+
+# --- raters and scores against loops ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_raters_and_scores_match_loops(seed):
+    generator = torch.Generator().manual_seed(seed)
+    visual = torch.randn(3, 7, 5, generator=generator, dtype=torch.float64)
+    text = torch.randn(3, 6, 5, generator=generator, dtype=torch.float64)
+    visual_lengths, text_lengths = torch.tensor([7, 4, 2]), torch.tensor([6, 3, 5])
+    text_mask = torch.arange(6)[None] < text_lengths[:, None]
+    raters = select_raters(visual, visual_lengths, text, text_mask)
+    attention = torch.rand(3, 6, 7, generator=generator, dtype=torch.float64)
+    scores = rater_scores(attention, raters)
+    for b in range(3):
+        n, m = int(visual_lengths[b]), int(text_lengths[b])
+        relevance = [0.0] * m
+        for i in range(n):
+            logits = [float(visual[b, i] @ text[b, t]) for t in range(m)]
+            top = max(logits)
+            exps = [torch.tensor(x - top).exp().item() for x in logits]
+            for t in range(m):
+                relevance[t] += exps[t] / sum(exps) / n
+        mean = sum(relevance) / m
+        expected = [relevance[t] > mean for t in range(m)] + [False] * (6 - m)
+        assert raters[b].tolist() == expected
+        chosen = [t for t in range(6) if expected[t]]
+        for j in range(7):
+            assert abs(float(scores[b, j]) - sum(float(attention[b, t, j]) for t in chosen) / len(chosen)) < 1e-12
+
+
+def test_raters_strictly_above_the_mean():
+    """``m = [0.5, 0.25, 0.25, 0]`` exactly (softmaxes of one-hot logits of 200): the mean 0.25 is no rater."""
+    text = torch.eye(4)[[0, 1, 1, 2]][None]
+    visual = 200 * torch.eye(4)[[0, 1]][None]
+    raters = select_raters(visual, torch.tensor([2]), text, torch.ones(1, 4, dtype=torch.bool))
+    assert raters.tolist() == [[True, False, False, False]]
+
+
+def test_constant_relevance_uses_every_text_token():
+    visual, text = torch.randn(1, 4, 3), torch.randn(1, 1, 3)
+    assert select_raters(visual, torch.tensor([4]), text, torch.ones(1, 1, dtype=torch.bool)).tolist() == [[True]]
+    same, mask = torch.ones(1, 3, 3), torch.tensor([[True, True, False]])
+    assert select_raters(visual, torch.tensor([4]), same, mask).tolist() == [[True, True, False]]
+
+
+# --- edges and errors ---------------------------------------------------------------------------------------------
+
+
+def test_empty_batch_and_items_without_text_after_them():
+    method = SparseVLM()
+    assert method.select_batch(torch.zeros(0, 5, 16), [], torch.zeros(0, dtype=torch.int64)) == []
+    later = torch.tensor([False, False, False, True, True, True])
+    items = [stage_inputs(40, 6, seed=s, after=later) for s in (10, 11, 13)]
+    after = torch.stack([later, later, torch.zeros(6, dtype=torch.bool)])  # the third image ends its prompt
+    with pytest.raises(ValueError, match="SparseVLM: every item needs text tokens after it"):
+        run(method, 0, items, after=after)
+    # text tokens before the item are no raters' candidates: the rule runs on those after it
+    after = torch.stack([later] * 3)
+    ours = run(method, 0, items, after=after)
+    count = int(300 * 40 / 576 + 0.5)
+    for b, item in enumerate(items):
+        assert bool(later[item["raters"]].all())
+        best = item["attention"][item["raters"]].mean(0).topk(count).indices
+        assert set(best.tolist()) <= set(ours[b].kept.tolist())
+
+
+def test_bad_input():
+    item = stage_inputs(20, 4, seed=12)
+    method = SparseVLM()
+    features = item["features"][None]
+    prompt = prompt_tokens(item["text_embeddings"][None], item["attention"][None])
+    good = dict(prompt=prompt, input_embeddings=item["visual_embeddings"][None], original_lengths=torch.tensor([20]))
+    with pytest.raises(ValueError, match="SparseVLM: step must be an int in"):
+        method.select_batch(features, [None], step=3, **good)
+    bad = prompt_tokens(item["text_embeddings"][None], item["attention"][None, :, :5])
+    with pytest.raises(ValueError, match="SparseVLM: prompt.attention must be"):
+        method.select_batch(features, [None], **{**good, "prompt": bad})
+    nan = prompt_tokens(item["text_embeddings"][None], item["attention"][None] * float("nan"))
+    with pytest.raises(ValueError, match="SparseVLM: prompt.attention must be finite"):
+        method.select_batch(features, [None], **{**good, "prompt": nan})
+    with pytest.raises(ValueError, match="SparseVLM: prompt must be the PromptTokens"):
+        method.select_batch(features, [None], **{**good, "prompt": None})
+    with pytest.raises(ValueError, match="SparseVLM: input_embeddings must be"):
+        method.select_batch(features, [None], **{**good, "input_embeddings": None})
+    with pytest.raises(ValueError, match="SparseVLM: input_embeddings must be"):
+        method.select_batch(features, [None], **{**good, "original_lengths": torch.tensor([19])})
+    with pytest.raises(ValueError, match="budget must be one of"):
+        SparseVLM(budget=100)
+    with pytest.raises(ValueError, match="same non-zero length"):
+        SparseVLM(scoring_layers=(2, 6))
+    with pytest.raises(ValueError, match="scoring_layers must increase"):
+        SparseVLM(scoring_layers=(2, 2, 15))
+    with pytest.raises(TypeError, match="must be sequences"):
+        SparseVLM(scoring_layers=2)
+    with pytest.raises(ValueError, match="recycle"):
+        SparseVLM(recycle=1.5)
+    with pytest.raises((TypeError, ValueError), match="official"):
+        SparseVLM(official=None)
+    with pytest.raises((TypeError, ValueError), match="budget"):
+        SparseVLM(budget=192.0)
+
+
+def test_declarations():
+    method = SparseVLM()
+    assert method.layers == (3, 7, 16) and method.stage.value == "llm" and method.merges
+    assert SparseVLM(scoring_layers=(1, 2, 3)).layers == (2, 3, 4)
+    assert not method.prune_earlier_cache
+
+
+def test_presets():
+    assert preset("sparsevlm_192").schedule == SCHEDULES[192]
+    assert preset("sparsevlm_next_640").schedule == SCHEDULES[128]
+    assert preset("sparsevlm_next_320").schedule == SCHEDULES[64]
+    assert preset("sparsevlm_qwen_667").schedule == SCHEDULES[192]
+    assert preset("sparsevlm_qwen_889").schedule == SCHEDULES[64]
+    assert preset("sparsevlm_64", official=True).official
