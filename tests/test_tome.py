@@ -236,6 +236,25 @@ def test_default_llava_matches_timm_port_with_proportional_attention(model, inpu
 
 
 @torch.no_grad()
+def test_crops_on_different_schedules_equal_each_alone(model):
+    """Crops merged to different lengths share one padded batch: the padding is masked out of every attention."""
+    from mrprune.integrations.hf.adapters.clip import merge_blocks
+
+    tower = model.model.vision_tower
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+    schedules = [[4, 3, 2, 0], [1, 1, 1, 0]]
+    method = ToMe(r=1)
+    with merge_blocks(tower, method, schedules) as source:
+        both = tower(pixels, output_hidden_states=True).hidden_states[-2]
+        rows = source()
+    for c, schedule in enumerate(schedules):
+        with merge_blocks(tower, method, [schedule]) as source:
+            one = tower(pixels[c : c + 1], output_hidden_states=True).hidden_states[-2]
+            assert torch.equal(source()[0], rows[c])
+        torch.testing.assert_close(one[0], both[c], rtol=0, atol=ATOL)
+
+
+@torch.no_grad()
 def test_merge_nothing_is_bit_identical(model, inputs):
     next_model = tiny_llava_next()
     sizes = torch.tensor([[28, 40], [56, 56]])
