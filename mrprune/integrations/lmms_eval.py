@@ -109,7 +109,7 @@ def manifests() -> list[Any]:
 
 def _method_classes() -> dict[str, type]:
     from .. import DivPrune, FastV, GPrune, MRPruner, RandomPruner, ResPrune
-    from ..methods import SCOPE, TRIM, AgilePruner, CDPruner, FasterVLM, HiRED, L2Norm, VisPruner
+    from ..methods import DART, SCOPE, TRIM, AgilePruner, CDPruner, FasterVLM, HiRED, L2Norm, PDrop, VisPruner
 
     return {
         "mrpruner": MRPruner,
@@ -119,6 +119,8 @@ def _method_classes() -> dict[str, type]:
         "randompruner": RandomPruner,
         "resprune": ResPrune,
         "fastv": FastV,
+        "pdrop": PDrop,
+        "dart": DART,
         "fastervlm": FasterVLM,
         "hired": HiRED,
         "scope": SCOPE,
