@@ -130,6 +130,8 @@ METHODS = {
     "pdrop": lambda keep=None: mrprune.methods.PDrop(layers=(1, 2, 3), ratios=keep or (0.5, 0.25, 0.125)),
     "pdrop_official": lambda keep=None: mrprune.methods.PDrop(layers=(1, 3), ratios=keep or (0.6, 0.3), official=True),
     "staged": lambda keep=None: StagedTopK(layers=(1, 3), ratios=keep or (0.6, 0.3)),
+    # official floor counts empty small items: an emptied item sits out the later pruning layers
+    "pdrop_emptying": lambda keep=None: mrprune.methods.PDrop(layers=(1, 3), ratios=keep or (0.1, 0.05), official=True),
 }
 
 

@@ -22,6 +22,7 @@ A method declares its pruning layers ``K_1 < K_2 < ...`` (``layers``, or ``layer
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -396,18 +397,24 @@ class LLMStage:
             positions[i, : sl.numel()] = sl - first[item.row]
         layouts = run.layouts if run.step == 0 else [None] * len(slots)
         original_lengths = torch.tensor([item.cols.shape[0] for item in run.items], device=device, dtype=torch.long)
-        results = self.method.select_batch(
-            features,
-            layouts,
-            lengths,
-            None,
-            step=run.step,
-            layer=layer,
-            origin=origin,
-            original_lengths=original_lengths,
-            positions=positions,
-            **extra,
+        arguments = dict(
+            step=run.step, layer=layer, origin=origin, original_lengths=original_lengths, positions=positions, **extra
         )
+        active = [i for i, n in enumerate(lengths.tolist()) if n > 0]  # an item an earlier layer emptied stays empty
+        results: list[Result] = [origin.new_zeros(0)] * len(slots)
+        if len(active) == len(slots):
+            results = self.method.select_batch(features, layouts, lengths, None, **arguments)
+        elif active:
+            index = torch.tensor(active, device=device)
+            chosen = self.method.select_batch(
+                features[index],
+                [layouts[i] for i in active],
+                lengths[index],
+                None,
+                **{name: _subset(value, index) for name, value in arguments.items()},
+            )
+            for i, result in zip(active, chosen, strict=True):
+                results[i] = result
 
         keep = real.clone()
         merged = False
@@ -469,6 +476,16 @@ class LLMStage:
                 raise NotImplementedError(
                     f"{type(self.method).__name__}: cache layers of type {type(cached).__name__} are not supported"
                 )
+
+
+def _subset(value: Any, index: torch.Tensor) -> Any:
+    """A per-item keyword argument (a tensor or :class:`PromptTokens` with items first) for the items ``index``."""
+    if isinstance(value, torch.Tensor):
+        return value[index]
+    if isinstance(value, PromptTokens):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return PromptTokens(**{name: None if t is None else t[index] for name, t in fields.items()})
+    return value
 
 
 def _remap(result: MergedTokens, origin: torch.Tensor, total: int) -> MergedTokens:
