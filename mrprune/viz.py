@@ -22,7 +22,10 @@ Where a token's cell lies on the image (checked against transformers 5.23's imag
   per ``temporal_patch_size`` input frames).
 
 Kept tokens are drawn clear; pruned ones dimmed and hatched; an optional per-token score is drawn as a heat map
-under them. Everything here is drawing glue: the pruning itself is the methods' job.
+under them. A merging method's result (:class:`~mrprune.methods.results.MergedTokens`) is drawn as its groups: the
+input tokens of one output token (``sources``) share one colour, the representative whose row the output token takes
+is marked with a white square, tokens merged nowhere are dimmed and hatched, and one-token groups (tokens kept as
+themselves) are drawn clear. Everything here is drawing glue: the pruning itself is the methods' job.
 
 ``mrprune viz`` runs a pruner preset on an image and saves the picture. No vision-tower weights exist offline, so
 unless ``--features`` gives real ones it uses :func:`standin_features`: simple per-patch colour and gradient
@@ -310,6 +313,43 @@ def _cell_map(edges_x: np.ndarray, edges_y: np.ndarray, width: int, height: int)
     return rows, cols
 
 
+@dataclass(frozen=True)
+class _Groups:
+    """A merged result as drawn: each token's group (output token, -1 merged nowhere), whether the group holds
+    several tokens (coloured), and which tokens are representatives of such groups (marked)."""
+
+    ids: np.ndarray  # [N] int
+    merged: np.ndarray  # [N] bool: the token's group has >= 2 tokens
+    representative: np.ndarray  # [N] bool
+
+    @classmethod
+    def of(cls, result: Any, total: int) -> _Groups:
+        sources = result.sources.detach().cpu().numpy().astype(np.int64)
+        if sources.shape != (total,):
+            raise ValueError(f"merged tokens must map {total} input tokens (the layout's), got {sources.shape[0]}")
+        kept = result.kept.detach().cpu().numpy().astype(np.int64)
+        sizes = np.bincount(sources[sources >= 0], minlength=kept.size)
+        merged = (sources >= 0) & (sizes[np.maximum(sources, 0)] > 1)
+        representative = np.zeros(total, dtype=bool)
+        representative[kept[sizes > 1]] = True
+        return cls(sources, merged, representative)
+
+
+def _group_colours(ids: np.ndarray) -> np.ndarray:
+    """Distinct saturated colours per group id (hues on the golden-ratio sequence): ``ids`` shape + ``[3]``."""
+    hue = (ids * 0.6180339887498949 + 0.11) % 1.0
+    sector = np.floor(hue * 6).astype(int) % 6
+    f = hue * 6 - np.floor(hue * 6)
+    value, saturation = 235.0, 0.8
+    p, q, t = value * (1 - saturation), value * (1 - saturation * f), value * (1 - saturation * (1 - f))
+    channels = [
+        np.choose(sector, [value, q, p, p, t, value]),
+        np.choose(sector, [t, value, value, q, p, p]),
+        np.choose(sector, [p, p, t, value, value, q]),
+    ]
+    return np.stack(channels, axis=-1)
+
+
 def _render_view(
     picture: Any,
     view: _View,
@@ -318,6 +358,7 @@ def _render_view(
     panel_height: int,
     dim: float,
     hatch: bool,
+    groups: _Groups | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One panel as an RGB uint8 array, plus the display x and y cell edges of its grid."""
     from PIL import Image
@@ -334,6 +375,10 @@ def _render_view(
     if heat is not None:
         colour = _colours(heat[index])
         pixels = np.where(inside[..., None], 0.45 * pixels + 0.55 * colour, pixels)
+    if groups is not None:  # every multi-token group in its own colour
+        tinted = inside & groups.merged[index]
+        colour = _group_colours(np.maximum(groups.ids[index], 0))
+        pixels = np.where(tinted[..., None], 0.35 * pixels + 0.65 * colour, pixels)
     pruned = inside & ~kept[index]
     pixels = np.where(pruned[..., None], dim * pixels + (1 - dim) * _DIM_COLOUR, pixels)
     cell = min(np.diff(edges_x).min(initial=0), np.diff(edges_y).min(initial=0))
@@ -349,6 +394,14 @@ def _render_view(
     outside = ~inside
     if view.fit == "crop" and outside.any():  # image area the model never sees
         pixels[outside] = 0.3 * pixels[outside] + 0.7 * _OUTSIDE_COLOUR
+    if groups is not None:  # representatives: a white square with a dark rim in the cell's centre
+        cells = view.indices()
+        for row, col in zip(*np.nonzero(groups.representative[cells]), strict=True):
+            x0, x1, y0, y1 = edges_x[col], edges_x[col + 1], edges_y[row], edges_y[row + 1]
+            half = max(1, min(x1 - x0, y1 - y0) // 5)
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            pixels[cy - half - 1 : cy + half + 1, cx - half - 1 : cx + half + 1] = 30.0
+            pixels[cy - half : cy + half, cx - half : cx + half] = 255.0
     return np.clip(pixels, 0, 255).round().astype(np.uint8), edges_x, edges_y
 
 
@@ -393,8 +446,9 @@ def overlay(
     image : PIL image, ``[H, W]`` / ``[H, W, 3]`` array, or a sequence of them (one per video frame)
         The original image (as given to the processor). For a multi-frame :class:`~mrprune.GridLayout` give one image
         per frame, or a single image to repeat.
-    kept : int indices or a boolean mask ``[N]``
-        The kept tokens of ``layout`` (what ``Pruner.select`` returns, or ``handle.last[b].kept[i]``).
+    kept : int indices or a boolean mask ``[N]``, or :class:`~mrprune.methods.results.MergedTokens`
+        The kept tokens of ``layout`` (what ``Pruner.select`` returns, or ``handle.last[b].kept[i]``); a merging
+        method's result (``select``'s, or ``handle.last[b].merged[i]``) is drawn as its groups (module notes).
     layout : LlavaNextLayout or GridLayout
         The item's token layout; LLaVA-NeXT is drawn as base view and high-resolution grid side by side (with the
         newline tokens in a strip), a video as its frames in a row.
@@ -421,9 +475,12 @@ def overlay(
         RGB. ``result.info["mrprune_panels"]`` lists each panel: ``name``, ``box`` ``(x0, y0, x1, y1)`` of the
         panel's picture in the result, the cell edges ``edges_x`` / ``edges_y`` (result pixels) and the layout
         ``indices`` ``[rows, cols]`` of its cells; a LLaVA-NeXT high-resolution panel also has ``strip`` (the newline
-        strip's box) and ``newlines``.
+        strip's box) and ``newlines``. For merged tokens ``result.info["mrprune_groups"]`` is each token's group
+        (``sources``, -1: merged nowhere).
     """
     from PIL import Image, ImageDraw
+
+    from .methods.results import MergedTokens
 
     _check_layout(layout)
     if not (isinstance(panel_height, int) and panel_height >= 16):
@@ -431,7 +488,8 @@ def overlay(
     if not 0 <= dim < 1:
         raise ValueError(f"dim must lie in [0, 1), got {dim}")
     total = layout.num_tokens
-    mask = _kept_mask(kept, total)
+    groups = _Groups.of(kept, total) if isinstance(kept, MergedTokens) else None
+    mask = groups.ids >= 0 if groups is not None else _kept_mask(kept, total)
     values = _score_array(scores, total)
     views, newlines = _views(layout, fit)
     frames = _frames(image, layout.frames if isinstance(layout, GridLayout) else 1)
@@ -444,7 +502,7 @@ def overlay(
 
     panels = []
     for view in views:
-        pixels, edges_x, edges_y = _render_view(frames[view.frame], view, mask, heat, panel_height, dim, hatch)
+        pixels, edges_x, edges_y = _render_view(frames[view.frame], view, mask, heat, panel_height, dim, hatch, groups)
         panel = {"name": view.name, "view": view, "pixels": pixels, "edges_x": edges_x, "edges_y": edges_y}
         if view.name == "high-res" and newlines.size:
             strip_width = max(6, int(round(float(np.diff(edges_x).mean()))))
@@ -455,7 +513,13 @@ def overlay(
         panels[0]["strip_pixels"] = _render_strip(mask, newlines, edges, 8, panel_height)
 
     kept_count = int(mask.sum())
-    if subtitle is None:
+    if subtitle is None and groups is not None:
+        outputs = int(kept.kept.numel())
+        subtitle = (
+            f"{outputs} output tokens from {total} visual tokens ({100.0 * outputs / total:.1f} %): "
+            f"{int(groups.representative.sum())} merged groups, {total - kept_count} tokens merged nowhere"
+        )
+    elif subtitle is None:
         subtitle = f"kept {kept_count} of {total} visual tokens ({100.0 * kept_count / total:.1f} %)"
     lines = [
         (text, size, colour)
@@ -506,8 +570,10 @@ def overlay(
             entry["strip"] = (sx, y0, sx + strip.shape[1], y0 + strip.shape[0])
             entry["newlines"] = newlines.copy()
         info.append(entry)
-    _legend(draw, fonts[12], MARGIN, top + HEADER + panel_height + 8, heat is not None, score_label)
+    _legend(draw, fonts[12], MARGIN, top + HEADER + panel_height + 8, heat is not None, score_label, groups is not None)
     out.info["mrprune_panels"] = info
+    if groups is not None:
+        out.info["mrprune_groups"] = groups.ids.copy()
     return out
 
 
@@ -522,8 +588,9 @@ def _caption(view: _View, mask: np.ndarray, newlines: np.ndarray | None) -> str:
     return text
 
 
-def _legend(draw: Any, font: Any, x: int, y: int, heat: bool, score_label: str) -> None:
-    """Swatches for kept / pruned cells and, with scores, a colour bar."""
+def _legend(draw: Any, font: Any, x: int, y: int, heat: bool, score_label: str, merged: bool = False) -> None:
+    """Swatches for kept / pruned cells (merged results: also a merged group and its representative) and, with
+    scores, a colour bar."""
     size = 14
     draw.rectangle((x, y, x + size, y + size), fill=(235, 235, 235), outline=(120, 120, 120))
     draw.text((x + size + 5, y), "kept", fill=_TEXT, font=font)
@@ -537,6 +604,11 @@ def _legend(draw: Any, font: Any, x: int, y: int, heat: bool, score_label: str) 
         )
     draw.text((x + size + 5, y), "pruned", fill=_TEXT, font=font)
     x += size + 65
+    if merged:
+        draw.rectangle((x, y, x + size, y + size), fill=tuple(int(v) for v in _group_colours(np.array(1))))
+        draw.rectangle((x + 4, y + 4, x + size - 4, y + size - 4), fill=(255, 255, 255), outline=(30, 30, 30))
+        draw.text((x + size + 5, y), "merged group, representative", fill=_TEXT, font=font)
+        x += size + 200
     if heat:
         bar = _colours(np.linspace(0, 1, 100))
         for i, colour in enumerate(bar):
@@ -834,7 +906,7 @@ def _load_features(path: str, total: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     """``mrprune viz``: prune the image's tokens with a preset and save the picture. Returns the exit status."""
-    from .methods import preset
+    from .methods import kept_indices, preset
 
     try:
         picture, name = load_image(args.image)
@@ -886,6 +958,10 @@ def run(args: argparse.Namespace) -> int:
         result = result.quantize(colors=args.colors, method=2, dither=0)
     result.save(args.out, optimize=True)
     logger.info(
-        "mrprune viz: kept %d of %d tokens; wrote %s (%d x %d)", kept.numel(), layout.num_tokens, args.out, *result.size
+        "mrprune viz: kept %d of %d tokens; wrote %s (%d x %d)",
+        kept_indices(kept).numel(),
+        layout.num_tokens,
+        args.out,
+        *result.size,
     )
     return 0

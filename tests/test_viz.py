@@ -336,3 +336,43 @@ def test_every_method_draws(tmp_path, method):
         assert crops.max() >= 2 and bool((attention[crops < 0] == 0).all())
         for crop in crops[crops >= 0].unique().tolist():
             torch.testing.assert_close(attention[crops == crop].sum(), torch.tensor(1.0))
+
+
+def _corner(picture: Image.Image, panel: dict, row: int, col: int) -> np.ndarray:
+    """Mean RGB of a 3 x 3 patch near a cell's top-left corner (away from a representative's mark)."""
+    x0, y0 = panel["edges_x"][col] + 2, panel["edges_y"][row] + 2
+    return np.asarray(picture, dtype=np.float64)[y0 : y0 + 3, x0 : x0 + 3].reshape(-1, 3).mean(0)
+
+
+def _centre(picture: Image.Image, panel: dict, row: int, col: int) -> np.ndarray:
+    x = (panel["edges_x"][col] + panel["edges_x"][col + 1]) // 2
+    y = (panel["edges_y"][row] + panel["edges_y"][row + 1]) // 2
+    return np.asarray(picture, dtype=np.float64)[y, x]
+
+
+def test_merged_groups_coloured_and_representatives_marked():
+    from mrprune.methods.results import MergedTokens
+
+    layout = GridLayout(1, 4, 4)
+    # group 0: tokens 0, 1, 4, 5 (representative 0); group 1: 2, 3 (representative 3); 10 kept alone; rest dropped
+    sources = torch.full((16,), -1)
+    sources[[0, 1, 4, 5]], sources[[2, 3]], sources[10] = 0, 1, 2
+    merged = MergedTokens(torch.zeros(3, 2), torch.tensor([0, 3, 10]), sources, (sources >= 0).float())
+    picture = viz.overlay(_white(240, 240), merged, layout, panel_height=160)
+    panel = _panel(picture, "grid")
+    assert np.array_equal(picture.info["mrprune_groups"], sources.numpy())
+    first = [_corner(picture, panel, t // 4, t % 4) for t in (0, 1, 4, 5)]
+    second = [_corner(picture, panel, t // 4, t % 4) for t in (2, 3)]
+    for group in (first, second):
+        assert all(np.abs(c - group[0]).max() < 1 for c in group)  # one colour per group
+        assert group[0].max() - group[0].min() > 60  # a saturated tint, not white or grey
+    assert np.abs(first[0] - second[0]).max() > 30  # two groups, two colours
+    assert _cell(picture, panel, 2, 2).min() > 250  # a token kept as itself stays clear
+    for t in (6, 7, 8, 9, 11, 12, 13, 14, 15):
+        assert _cell(picture, panel, t // 4, t % 4).max() < 130, t  # merged nowhere: dimmed
+    for t in (0, 3):
+        assert _centre(picture, panel, t // 4, t % 4).min() > 250  # representatives marked white
+    for t in (1, 2, 4, 5):
+        assert _centre(picture, panel, t // 4, t % 4).min() < 250  # the other members are not
+    with pytest.raises(ValueError, match="map 9 input tokens"):
+        viz.overlay(_white(60, 60), merged, GridLayout(1, 3, 3), panel_height=48)
