@@ -33,6 +33,7 @@ from mrprune.integrations.testing import (  # noqa: E402
     tiny_qwen2_5_vl,
 )
 from mrprune.methods.base import Pruner, round_half_up, top_tokens  # noqa: E402
+from mrprune.methods.results import MergedTokens  # noqa: E402
 from mrprune.methods.stages import Need, Stage  # noqa: E402
 
 LAYERS = 4
@@ -215,9 +216,9 @@ def expected_stages(model, inputs, positions, method):
 
 
 @torch.no_grad()
-def oracle_generate(model, inputs, positions, method, kept_by_stage, steps):
+def oracle_generate(model, inputs, positions, method, kept_by_stage, steps, copy_model=True):
     """Greedy tokens and logits of the masked unpatched eager model, the whole sequence recomputed at every step."""
-    eager = eager_copy(model)
+    eager = eager_copy(model) if copy_model else model
     real = inputs["attention_mask"].bool()
     prompt_hidden = layer_hidden(real, method, kept_by_stage)
     final = real & ~kept_by_stage[-1]
@@ -435,3 +436,91 @@ def test_needs_equal_the_eager_model(case, offset):
             keep[b, cols] = False
             keep[b, survivors[i]] = True
         kept_by_stage.append(keep)
+
+
+class PairMerge(Pruner):
+    """Test method: at each pruning layer, every current token pair (2i, 2i + 1) merges into token 2i (their mean)."""
+
+    stage = Stage.LLM
+    merges = True
+    prune_earlier_cache = False
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+
+    def _select_batch(
+        self, features, layouts, lengths, texts, step=0, layer=None, origin=None, original_lengths=None, positions=None
+    ):
+        out = []
+        for b, n in enumerate(lengths.tolist()):
+            sources = torch.arange(n) // 2
+            weights = 1.0 / torch.bincount(sources)[sources].float()
+            tokens = torch.zeros((n + 1) // 2, features.shape[-1]).index_add_(
+                0, sources, features[b, :n].float() * weights[:, None]
+            )
+            out.append(MergedTokens(tokens.to(features.dtype), torch.arange(0, n, 2), sources, weights))
+        return out
+
+
+def merge_hooks(model, method, groups_by_stage, length):
+    """Pre-hooks replacing, at each pruning layer, every representative's prompt row by its group's weighted mean."""
+
+    def hook(step):
+        def merge(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            hidden = hidden.clone()
+            before = hidden[:, :length].clone()
+            for b, representative, members, weights in groups_by_stage[step]:
+                hidden[b, representative] = (before[b, members] * weights[:, None]).sum(0)
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": hidden}
+            return (hidden, *args[1:]), kwargs
+
+        return merge
+
+    layers = model.model.language_model.layers
+    return [layers[k].register_forward_pre_hook(hook(s), with_kwargs=True) for s, k in enumerate(method.layers)]
+
+
+@torch.no_grad()
+def test_merged_tokens_replace_their_representatives(case):
+    """A merging llm-stage method: the merged hidden states take their representatives' rows (later layers and the
+    cache see them), as an eager oracle that writes the same means at each pruning layer and hides the rest."""
+    _, model, inputs, positions, _ = case
+    method = PairMerge(layers=(1, 3))
+    steps = 3
+    with patched(model, method) as handle:
+        generated = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
+    real = inputs["attention_mask"].bool()
+    length = real.shape[1]
+    items = items_of(inputs["input_ids"])
+    survivors = [cols for _, cols in items]
+    kept_by_stage, groups_by_stage = [], []
+    for _ in method.layers:
+        keep, groups = real.clone(), []
+        for i, (b, cols) in enumerate(items):
+            current = survivors[i]
+            for j in range(0, current.numel(), 2):
+                members = current[j : j + 2]
+                groups.append((b, current[j], members, torch.full((members.numel(),), 1.0 / members.numel())))
+            survivors[i] = current[::2]
+            keep[b, cols] = False
+            keep[b, survivors[i]] = True
+        kept_by_stage.append(keep)
+        groups_by_stage.append(groups)
+    records = [(b, k, m) for b, r in enumerate(handle.last) for k, m in zip(r.kept, r.merged, strict=True)]
+    expected = [(row, cols, survivor) for (row, cols), survivor in zip(items, survivors, strict=True)]
+    for (b, kept, merged), (row, cols, survivor) in zip(records, expected, strict=True):
+        assert b == row and torch.equal(cols[kept], survivor)
+        assert torch.equal(merged.kept, kept)
+        assert torch.equal(merged.sizes, torch.bincount(merged.sources[merged.sources >= 0]))
+    eager = eager_copy(model)
+    hooks = merge_hooks(eager, method, groups_by_stage, length)
+    try:
+        tokens, scores = oracle_generate(eager, inputs, positions, method, kept_by_stage, steps, copy_model=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(generated.sequences[:, length:], tokens)
+    for ours, theirs in zip(generated.logits, scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
