@@ -109,6 +109,28 @@ def test_prune_stats_counts_each_prefill_once(tmp_path, caplog):
     assert lines[0]["tokens_after"] == [25, 20] and lines[-1]["summary"] == "generate_until"
 
 
+def test_merging_methods_build_and_are_counted():
+    """VisionZip / PruMerge(+) by method and preset name; records of merged prefills count their output tokens."""
+    from mrprune.methods.results import MergedTokens
+
+    assert isinstance(plugin.build_pruner("visionzip", budget=64), mrprune.VisionZip)
+    assert plugin.build_pruner("visionzip_64", official=True).official
+    zipped = plugin.build_pruner("VisionZip", keep_ratio=0.2, contextual_ratio=0.25)
+    assert zipped.contextual_ratio == 0.25 and zipped.size.keep_ratio == 0.2
+    assert plugin.build_pruner("prumerge_plus_64").size.budget == 64
+    plain = plugin.build_pruner("prumerge", keep_ratio=0.2, plus=False)
+    assert isinstance(plain, mrprune.PruMerge) and not plain.plus
+    ours, theirs = plugin.split_arguments("visionzip_64", {"contextual_ratio": 0.25, "pretrained": "x"})
+    assert ours == {"contextual_ratio": 0.25} and theirs == {"pretrained": "x"}
+    handle = _Handle()
+    stats = plugin.PruneStats(handle)
+    sources = torch.tensor([0, 0, 1, -1])
+    merged = MergedTokens(torch.zeros(2, 3), torch.tensor([0, 2]), sources, torch.tensor([0.5, 0.5, 1.0, 0.0]))
+    handle.last = [PruneRecord([merged.kept], ["image"], 4, 2, 0.001, torch.arange(6), [merged])]
+    stats.observe()
+    assert (stats.tokens_before, stats.tokens_after) == (4, 2)
+
+
 # -- registration ------------------------------------------------------------------------------------------------------
 
 
@@ -287,6 +309,31 @@ def test_wrapper_patches_counts_and_unpatches(tmp_path):
     assert lm.mrprune_stats.tokens_after == record.tokens_after == 26
     lm.remove_pruning()
     assert "forward" not in model.__dict__ and not lm.mrprune_handle.active
+
+
+def test_wrapper_with_a_merging_method(tmp_path):
+    """In-process: the simple LLaVA-NeXT wrapper with VisionZip; the record holds the merged tokens."""
+    _lmms_eval_models()
+    from PIL import Image
+
+    from mrprune.methods.results import MergedTokens
+
+    _save_tiny_llava(tmp_path, next_model=True)
+    lm = plugin.PrunedLlavaHfSimple(
+        pretrained=str(tmp_path), device="cpu", dtype="float32", pruner="visionzip", keep_ratio=0.5
+    )
+    assert isinstance(lm.mrprune_handle.pruner, mrprune.VisionZip)
+    prompt = lm._image_processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture ?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = lm._image_processor(images=[Image.new("RGB", (56, 28), (10, 200, 10))], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        lm.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    record = lm.mrprune_handle.last[0]
+    assert isinstance(record.merged[0], MergedTokens) and torch.equal(record.merged[0].kept, record.kept[0])
+    assert (lm.mrprune_stats.tokens_before, lm.mrprune_stats.tokens_after) == (52, 26)
+    lm.remove_pruning()
 
 
 @pytest.mark.slow

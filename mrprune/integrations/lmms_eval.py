@@ -25,7 +25,8 @@ sample of a batch on its own.
 ``pruner``
     A :data:`mrprune.PRESETS` name (``mr_pruner_90``, ``g_prune``, ``resprune_128``, ``divprune``, ...) or a method
     name (``mr_pruner`` / ``MRPruner``, ``g_prune`` / ``GPrune``, ``div_prune``, ``random``, ``resprune``,
-    ``fastv``). Required.
+    ``fastv``, ...; the merging methods ``visionzip`` and ``prumerge`` too: the counts below are then output tokens,
+    merged ones included). Required.
 pruner keyword arguments
     Any argument of the pruner's constructor (``keep_ratio``, ``official``, ``budget``, ``alpha``, ``iterations``,
     ``seed``, ``layer``, ...), overriding a preset's; ``pruner_<name>=`` forces one to the pruner.
@@ -110,6 +111,7 @@ def manifests() -> list[Any]:
 def _method_classes() -> dict[str, type]:
     from .. import DivPrune, FastV, GPrune, MRPruner, RandomPruner, ResPrune
     from ..methods import DART, SCOPE, TRIM, AgilePruner, CDPruner, FasterVLM, HiRED, L2Norm, PDrop, VisPruner
+    from ..methods import PruMerge, VisionZip
 
     return {
         "mrpruner": MRPruner,
@@ -129,6 +131,8 @@ def _method_classes() -> dict[str, type]:
         "trim": TRIM,
         "l2norm": L2Norm,
         "agilepruner": AgilePruner,
+        "visionzip": VisionZip,
+        "prumerge": PruMerge,
     }
 
 
