@@ -459,3 +459,228 @@ def test_presets():
     assert preset("sparsevlm_qwen_667").schedule == SCHEDULES[192]
     assert preset("sparsevlm_qwen_889").schedule == SCHEDULES[64]
     assert preset("sparsevlm_64", official=True).official
+
+
+# --- tiny models (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; 4 decoder layers) -------------------------------------------
+
+try:
+    import transformers  # noqa: F401
+except ImportError:  # the method tests above run without it
+    CASES = {}
+else:
+    from mrprune.integrations import patched
+    from tests.test_integration_llm_stage import (  # the llm stage's cases and oracle helpers
+        CASES,
+        GREEDY,
+        eager_copy,
+        hide_hooks,
+        items_of,
+        layer_hidden,
+    )
+
+HF_ATOL = 1e-4  # the oracle runs eager attention without a cache, the patched model SDPA with one
+
+
+class Recording(SparseVLM):
+    """SparseVLM that records, per pruning layer, each item's current tokens (original indices) and its result."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def _select_batch(self, features, layouts, lengths, texts, origin=None, **kwargs):
+        results = super()._select_batch(features, layouts, lengths, texts, **kwargs)
+        self.calls.append(
+            [(origin[i, : int(n)].clone(), r) for i, (n, r) in enumerate(zip(lengths, results, strict=True))]
+        )
+        return results
+
+
+def tiny_method(**kwargs):
+    """Scoring layers 0 / 1 / 2 of the 4-layer models (pruning at the entry of 1 / 2 / 3)."""
+    return Recording(scoring_layers=(0, 1, 2), **kwargs)
+
+
+@pytest.fixture(scope="module", params=list(CASES) or [pytest.param(None, marks=pytest.mark.skip("no transformers"))])
+def hf_case(request):
+    return request.param, *CASES[request.param]()
+
+
+def merge_hooks(model, inputs, method, upto=None):
+    """Pre-hooks on the pruning layers of the unpatched eager model (those of the first ``upto`` recorded calls) that
+    replace, per item, every output token's representative row by the mean of its sources' states (the recorded
+    source map); with :func:`hide_hooks` this is the pruned model written out by hand."""
+    items = items_of(inputs["input_ids"])
+    layers = model.model.language_model.layers
+
+    def hook(step):
+        def merge(module, args, kwargs):
+            hidden = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
+            for (b, cols), (origin, result) in zip(items, method.calls[step], strict=True):
+                for out, representative in enumerate(result.kept.tolist()):
+                    sources = origin[(result.sources == out).nonzero()[:, 0]]
+                    hidden[b, cols[origin[representative]]] = hidden[b, cols[sources]].mean(0)
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": hidden}
+            return (hidden, *args[1:]), kwargs
+
+        return merge
+
+    calls = range(len(method.calls) if upto is None else upto)
+    return [layers[method.layers[s]].register_forward_pre_hook(hook(s), with_kwargs=True) for s in calls]
+
+
+def kept_by_stage_of(inputs, method):
+    """Per pruning layer, the prompt columns still present after it (representatives of the output tokens)."""
+    real = inputs["attention_mask"].bool()
+    items = items_of(inputs["input_ids"])
+    stages = []
+    for call in method.calls:
+        keep = real.clone()
+        for (b, cols), (origin, result) in zip(items, call, strict=True):
+            keep[b, cols] = False
+            keep[b, cols[origin[result.kept]]] = True
+        stages.append(keep)
+    return stages
+
+
+@torch.no_grad()
+def oracle_generate(model, inputs, positions, method, steps):
+    """Greedy tokens and logits of the unpatched eager model with the recorded merges written into the states and the
+    dropped prompt columns hidden from each layer on (each group of layers keeps the prompt it saw), the whole
+    sequence recomputed at every step."""
+    eager = eager_copy(model)
+    real = inputs["attention_mask"].bool()
+    hidden = layer_hidden(real, method, kept_by_stage_of(inputs, method))
+    hooks = hide_hooks(eager, hidden, hidden) + merge_hooks(eager, inputs, method)
+    ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], positions
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    types = inputs.get("mm_token_type_ids")
+    tokens, scores = [], []
+    try:
+        for _ in range(steps):
+            call = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra)
+            if types is not None:
+                call["mm_token_type_ids"] = types
+            logits = eager(**call).logits[:, -1]
+            tokens.append(logits.argmax(-1))
+            scores.append(logits)
+            ids = torch.cat([ids, tokens[-1][:, None]], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+            if types is not None:
+                types = torch.cat([types, types.new_zeros(types.shape[0], 1)], 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(tokens, 1), scores
+
+
+@torch.no_grad()
+def eager_selection(model, inputs, positions, method, step):
+    """Each item's kept tokens at pruning layer ``step`` (original indices), chosen here from the eager model: raters
+    by the official rule on its input embeddings among the text after the item, their head-averaged attention
+    probabilities to the item's current tokens in the scoring layer (the merges and drops of earlier layers written
+    in by hand), the default-mode count."""
+    eager = eager_copy(model)
+    real = inputs["attention_mask"].bool()
+    items = items_of(inputs["input_ids"])
+    text_model = eager.model.language_model
+    hooks = hide_hooks(eager, layer_hidden(real, method, kept_by_stage_of(inputs, method), upto=step))
+    hooks += merge_hooks(eager, inputs, method, upto=step)
+    embeds = []
+    hooks.append(
+        text_model.layers[0].register_forward_pre_hook(
+            lambda m, a, k: embeds.append(k["hidden_states"] if "hidden_states" in k else a[0]), with_kwargs=True
+        )
+    )
+    try:
+        out = eager(**inputs, position_ids=positions, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    probs = out.attentions[method.layers[step] - 1].mean(1)  # [B, L, L]
+    visual = torch.zeros_like(real)
+    for b, cols in items:
+        visual[b, cols] = True
+    kept = []
+    for (b, cols), (origin, _) in zip(items, method.calls[step], strict=True):
+        text = (real[b] & ~visual[b]).nonzero()[:, 0]
+        text = text[text > cols.max()]
+        raters = text[official_raters(torch.cat([embeds[0][b, cols], embeds[0][b, text]]), 0, cols.numel())]
+        raters = text if raters.numel() == 0 else raters  # one text token after the item: no rater above the mean
+        scores = probs[b][raters][:, cols[origin]].mean(0)
+        count = min(int(method.schedule[step] * cols.numel() / 576 + 0.5), origin.numel())
+        kept.append(origin[scores.topk(count).indices].sort().values)
+    return kept
+
+
+@torch.no_grad()
+def test_hf_generate_equals_the_hand_written_loop(hf_case):
+    """Three pruning layers with merges: the kept tokens at each are the eager model's rater top-k, and greedy
+    decoding on the cache the stages left equals the full-recompute loop with the merges and drops written in."""
+    _, model, inputs, positions, _ = hf_case
+    method = tiny_method(budget=192)
+    steps = 4
+    with patched(model, method) as handle:
+        generated = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
+    assert len(method.calls) == 3
+    assert any(bool((r.weights < 1).any() & (r.weights > 0).any()) for _, r in method.calls[0])  # something merged
+    for step in range(3):
+        expected = eager_selection(model, inputs, positions, method, step)
+        for (origin, result), theirs in zip(method.calls[step], expected, strict=True):
+            assert set(theirs.tolist()) <= set(origin[result.kept].tolist())  # the kept ones, plus cluster centres
+            assert result.kept.numel() == expected_size(theirs.numel(), origin.numel())
+    records = [m for record in handle.last for m in record.merged]
+    assert all(isinstance(m, MergedTokens) for m in records)
+    tokens, scores = oracle_generate(model, inputs, positions, method, steps)
+    assert torch.equal(generated.sequences[:, inputs["input_ids"].shape[1] :], tokens)
+    for ours, theirs in zip(generated.logits, scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=HF_ATOL)
+
+
+@torch.no_grad()
+def test_hf_keep_all_equals_unpatched(hf_case):
+    _, model, inputs, _, _ = hf_case
+    logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    with patched(model, tiny_method(schedule=(576, 576, 576))) as handle:
+        assert torch.equal(model(**inputs).logits, logits)
+        again = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    assert [r.tokens_after for r in handle.last] == [r.tokens_before for r in handle.last]
+    assert torch.equal(again.sequences, generated.sequences)
+    for a, b in zip(again.logits, generated.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_hf_batch_equals_single_prompts(hf_case):
+    _, model, inputs, _, singles = hf_case
+    steps = 3
+    with patched(model, tiny_method(budget=128)) as handle:
+        both = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
+        records = handle.last
+        for b, visual in enumerate(singles):
+            real = inputs["attention_mask"][b].bool()
+            text = {k: inputs[k][b][real][None] for k in ("input_ids", "mm_token_type_ids") if k in inputs}
+            one = model.generate(**text, **visual, max_new_tokens=steps, **GREEDY)
+            assert torch.equal(one.sequences[0, -steps:], both.sequences[b, -steps:])
+            for ours, theirs in zip(one.logits, both.logits, strict=True):
+                torch.testing.assert_close(ours[0], theirs[b], rtol=0, atol=HF_ATOL)
+            assert all(torch.equal(x, y) for x, y in zip(handle.last[0].kept, records[b].kept, strict=True))
+
+
+@torch.no_grad()
+def test_hf_static_cache_and_remove(hf_case):
+    name, model, inputs, _, _ = hf_case
+    hooks_before = {n: list(m._forward_pre_hooks) for n, m in model.named_modules()}
+    logits = model(**inputs).logits
+    with patched(model, tiny_method(budget=64)):
+        dynamic = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+        static = model.generate(**inputs, max_new_tokens=3, cache_implementation="static", **GREEDY)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for ours, theirs in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert {n: list(m._forward_pre_hooks) for n, m in model.named_modules()} == hooks_before
+    assert "forward" not in model.__dict__
+    assert torch.equal(model(**inputs).logits, logits)
