@@ -288,3 +288,40 @@ def test_presets():
     assert preset("visionzip_64").split(64) == (54, 10)
     assert preset("visionzip_next_640").size.budget == 640
     assert preset("visionzip_qwen_889").layer == -1
+
+
+@torch.no_grad()
+def test_official_on_a_tiny_llava_matches_the_port_of_the_eager_tower():
+    """End to end: the vision stage hands official=True the select layer's [CLS] attention and the tower's own states
+    of the eager model, and the merged tokens take their representatives' rows."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from mrprune.integrations import patched
+    from mrprune.integrations.testing import IMAGE_TOKEN, left_pad, tiny_llava
+
+    model = tiny_llava()
+    image = [IMAGE_TOKEN] * 16
+    input_ids, mask = left_pad([[1, 5, *image, 7, *image, 9], [1, 12, *image, 14]])
+    budget = 8
+    for seed in range(20):  # pixels whose top-(T - C - 1) [CLS] attention has a gap (no near-ties)
+        pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+        eager = copy.deepcopy(model)
+        eager.set_attn_implementation("eager")
+        out = eager.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+        rows = out.attentions[LAYER][:, :, 0, 1:]  # [images, H, P]
+        top = rows.sum(1).sort(dim=1, descending=True).values
+        if bool(((top[:, 5] - top[:, 6]) > 1e-4 * top[:, 0]).all()):
+            break
+    else:
+        pytest.fail("no seed gives gapped attention")
+    features = model.model.get_image_features(pixels, return_dict=True).pooler_output
+    with patched(model, VisionZip(budget=budget, official=True)) as handle:
+        model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
+    merged = [m for record in handle.last for m in record.merged]
+    assert [record.tokens_after for record in handle.last] == [2 * (budget - 1), budget - 1]
+    states = out.hidden_states[LAYER]  # [images, 1 + P, Dv]: the features LLaVA projects, [CLS] first
+    for i, result in enumerate(merged):
+        tokens = features[i].reshape(16, -1)
+        hidden = torch.cat([torch.zeros(1, tokens.shape[1]), tokens])[None]
+        check_against_port(result, torch.arange(16)[None], hidden, states[i : i + 1], rows[i : i + 1], budget, 1)
