@@ -452,6 +452,14 @@ def test_declarations():
     assert not method.prune_earlier_cache
 
 
+def test_lmms_eval_names():
+    from mrprune.integrations import lmms_eval as plugin
+
+    assert plugin.build_pruner("sparsevlm_64").schedule == SCHEDULES[64]
+    method = plugin.build_pruner("SparseVLM", budget=128, official=True)
+    assert isinstance(method, SparseVLM) and method.official and method.schedule == SCHEDULES[128]
+
+
 def test_presets():
     assert preset("sparsevlm_192").schedule == SCHEDULES[192]
     assert preset("sparsevlm_next_640").schedule == SCHEDULES[128]

@@ -111,7 +111,7 @@ def manifests() -> list[Any]:
 def _method_classes() -> dict[str, type]:
     from .. import DivPrune, FastV, GPrune, MRPruner, RandomPruner, ResPrune
     from ..methods import DART, SCOPE, TRIM, AgilePruner, CDPruner, FasterVLM, HiRED, L2Norm, PDrop, VisPruner
-    from ..methods import PruMerge, VisionZip
+    from ..methods import PruMerge, SparseVLM, VisionZip
 
     return {
         "mrpruner": MRPruner,
@@ -133,6 +133,7 @@ def _method_classes() -> dict[str, type]:
         "agilepruner": AgilePruner,
         "visionzip": VisionZip,
         "prumerge": PruMerge,
+        "sparsevlm": SparseVLM,
     }
 
 
