@@ -266,8 +266,11 @@ def test_edge_cases():
     torch.testing.assert_close(result.tokens.double(), expected, rtol=1e-5, atol=1e-5)
     # tiny items and constant attention (no outliers: one token by attention, the lowest index)
     for n in (1, 2, 3):
-        (result,) = PruMerge().select_batch(features[:, :n], [None], attention={LAYER: torch.ones(1, n)})
-        assert result.kept[0] == 0 and bool((result.sources >= 0).all())
+        for plus in (False, True):
+            (result,) = PruMerge(plus=plus).select_batch(features[:, :n], [None], attention={LAYER: torch.ones(1, n)})
+            assert result.kept[0] == 0 and bool((result.sources >= 0).all())
+            if not plus:  # the token 0, and the extra token at the first pruned token
+                assert result.kept.tolist() == [0, 1][:n]
 
 
 def test_argument_errors():
