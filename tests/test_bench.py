@@ -15,9 +15,11 @@ import torch
 
 import mrprune
 from mrprune import backends, cli, reference
-from mrprune.bench import add_arguments, report
+from mrprune.bench import add_arguments, report, vision
 from mrprune.bench import ops as bench_ops
 from mrprune.bench.shapes import SHAPES
+from mrprune.layouts import GridLayout
+from mrprune.methods import SCOPE, VisPruner
 
 ROW_KEYS = {
     "key", "kind", "name", "case", "shape", "batch", "tokens", "dim", "k", "dtype", "device", "impl", "status",
@@ -110,8 +112,10 @@ def test_quick_runs_and_writes_results(tmp_path, capsys):
     for row in rows:
         if row["status"] in ("ok", "reference"):
             assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
-        if row["status"] == "ok":
-            assert row["agreement"] is not None and row["agreement"] >= 1 - bench_ops.INDEX_TOLERANCE
+        if row["status"] == "ok":  # cascading de-duplication rounds (VisPruner) share most picks, the rest nearly all
+            cascade = "cascading rounds" in row["note"]
+            least = bench_ops.CASCADE_AGREEMENT if cascade else 1 - bench_ops.INDEX_TOLERANCE
+            assert row["agreement"] is not None and row["agreement"] >= least
     references = rows_of(results, impl="reference")
     assert references and all(r["status"] == "reference" for r in references)
     officials = rows_of(results, kind="op", name="graph_scores", impl="official")
@@ -185,6 +189,95 @@ def test_compare_float_and_index():
     one_off[0, 0] = next(i for i in range(200) if i not in many[0].tolist())
     assert bench_ops.compare(one_off, many, ("index",)).ok  # 1 of 100 may differ (a near-tie)
     assert not bench_ops.compare(torch.randperm(200)[None, :100], many, ("index",)).ok
+
+
+# --- the vision-stage methods: their synthetic inputs, the official ports, the cascade check -----------------------
+
+
+def test_token_sources():
+    """Every token of the LLaVA-NeXT shape has its own (crop, patch): the base view is crop 0 in raster order, a
+    high-resolution token its tile's crop and its place in the tile, a newline (-1, -1); a grid's crops are frames."""
+    layout = SHAPES["llava_next"].layout
+    crops, patches, count, per_crop = vision.token_sources(layout)
+    assert (count, per_crop) == (5, 576)
+    made = crops >= 0
+    assert int((~made).sum()) == layout.rows and bool((patches[~made] == -1).all())
+    assert torch.equal(crops[layout.newline_indices], torch.full((48,), -1))
+    assert torch.equal(crops[:576], torch.zeros(576, dtype=torch.int64)) and torch.equal(
+        patches[:576], torch.arange(576)
+    )
+    assert (crops[made] * per_crop + patches[made]).unique().numel() == int(made.sum()) == count * per_crop
+    token = layout.highres_indices.view(48, 48)[30, 5]  # tile row 1, column 0 -> crop 3, patch (6, 5)
+    assert (int(crops[token]), int(patches[token])) == (3, 6 * 24 + 5)
+    crops, patches, count, per_crop = vision.token_sources(GridLayout(2, 3, 4))
+    assert crops.tolist() == [0] * 12 + [1] * 12 and patches.tolist() == list(range(12)) * 2 and count == 2
+
+
+def test_vision_inputs_agree_with_the_tokens():
+    """The per-crop attention rows are distributions; each token's attention and features are its (crop, patch)
+    entry of the per-crop arrays; newlines get no attention; a method receives only the keywords it reads."""
+    features, lengths, layouts = SHAPES["llava_next_small"].features(2, 16)
+    inputs = vision.vision_inputs(features, lengths, layouts)
+    crops, patches = inputs.crops, inputs.patches
+    made = crops >= 0
+    rows = torch.arange(2)[:, None].expand_as(crops)
+    for layer in vision.LAYERS:
+        crop_rows = inputs.crop_attention[layer]
+        assert torch.allclose(crop_rows.sum(-1), torch.ones(crop_rows.shape[:2]))
+        token = inputs.attention[layer]
+        assert torch.equal(token[made], crop_rows[rows[made], crops[made], patches[made]])
+        assert bool((token[~made] == 0).all())
+    assert torch.equal(inputs.crop_features[rows[made], crops[made], patches[made]], features[made])
+    assert set(inputs.kwargs(SCOPE(budget=8))) == {
+        "attention", "crops", "patches", "crop_attention", "attention_kind", "crop_features"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_official_ports_equal_official_mode(batch):
+    """The official selections written out (mrprune.bench.vision) keep the tokens mrprune's official=True keeps."""
+    features, lengths, layouts = SHAPES["llava_next_small"].features(batch, 16)
+    inputs = vision.vision_inputs(features, lengths, layouts)
+    for pruner, port in (
+        (SCOPE(budget=30, layer=-2, official=True), lambda: vision.official_scope(inputs, lengths, 30, -2)),
+        (VisPruner(budget=12, layer=-2, official=True), lambda: vision.official_vispruner(inputs, lengths, 12, -2)),
+    ):
+        with backends.use_backend("reference"):
+            kept = pruner.select_batch(features, layouts, lengths, None, **inputs.kwargs(pruner))
+        ported = port()
+        for b in range(batch):
+            assert torch.equal(kept[b], ported[b].sort().values), (pruner, b)
+
+
+def test_cascade_check():
+    """A "cascade" output passes with most picks shared and exactly as many distinct picks as the reference."""
+    ref = [torch.arange(0, 16), torch.arange(100, 108)]
+    assert bench_ops.compare([r.flip(0) for r in ref], ref, ("cascade",)).ok
+    near = [torch.cat([ref[0][:-2], torch.tensor([50, 51])]), torch.cat([ref[1][:-1], torch.tensor([7])])]
+    check = bench_ops.compare(near, ref, ("cascade",))
+    assert check.ok and check.agreement == pytest.approx(7 / 8) and "cascading" in check.note
+    assert not bench_ops.compare([ref[0], torch.arange(200, 208)], ref, ("cascade",)).ok  # nothing shared
+    assert not bench_ops.compare([ref[0], torch.cat([ref[1][:-1], ref[1][:1]])], ref, ("cascade",)).ok  # repeat
+    assert not bench_ops.compare([ref[0], ref[1][:-1]], ref, ("cascade",)).ok  # one pick short
+    assert not bench_ops.compare([ref[0], torch.cat([ref[1][:5], torch.tensor([1, 2, 3])])], ref, ("cascade",)).ok
+
+
+def _no_dedup(features, lengths, k, per_round=8):
+    """A broken de-duplication: the first k tokens, no rounds."""
+    out = torch.arange(k).expand(features.shape[0], k).clone()
+    return out.masked_fill(out >= lengths[:, None], -1)
+
+
+def test_broken_dedup_fails_vispruner(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        backends._registry, "bipartite_dedup", {**backends._registry["bipartite_dedup"], "cpp": _no_dedup}
+    )
+    code, results = bench(tmp_path, "--quick", "--device", "cpu", "--ops", "none", "--methods", "vispruner")
+    assert code == 1
+    assert {r["status"] for r in rows_of(results, kind="method", impl="reference")} == {"reference"}
+    assert {r["status"] for r in rows_of(results, kind="method", impl="official")} == {"ok"}
+    bad = rows_of(results, kind="method", impl="cpp")
+    assert bad and all(r["status"] == "FAIL" and r["agreement"] < bench_ops.CASCADE_AGREEMENT for r in bad)
 
 
 # --- the Triton interpreter ---------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ class Shape:
     description : str
     budget : int or None
         Tokens ResPrune keeps per item (the greedy selection's ``k``); None: 22.2 % of the tokens (77.8 % pruned).
+    selector_budget : int or None
+        Tokens the vision-stage selectors (FasterVLM, HiRED, SCOPE, VisPruner, CDPruner, L2-norm, AgilePruner) keep
+        per item; None: ``budget``, else 22.2 % of the tokens.
     """
 
     name: str
@@ -78,6 +81,7 @@ class Shape:
     batches_cpu: tuple[int, ...]
     description: str
     budget: int | None = None
+    selector_budget: int | None = None
 
     @property
     def layout(self) -> LlavaNextLayout | GridLayout:
@@ -143,6 +147,7 @@ SHAPES: dict[str, Shape] = {
             (1,),
             (1,),
             "LLaVA-NeXT layout with a 12 x 12 high-res grid, D = 64 (--quick)",
+            selector_budget=48,  # the selectors' per-step loops stay short in the CI smoke run
         ),
         Shape("tiny", "grid", 32, (1, 8, 8), (1,), (1,), "8 x 8 grid, D = 32 (tests, interpreter runs)"),
     )
