@@ -539,7 +539,7 @@ def overlay(
         panel["x"] = x
         strip = panel.get("strip_pixels")
         panel_width = panel["pixels"].shape[1] + (STRIP_GAP + strip.shape[1] if strip is not None else 0)
-        panel["caption"] = _caption(panel["view"], mask, newlines if strip is not None else None)
+        panel["caption"] = _caption(panel["view"], mask, newlines if strip is not None else None, groups is not None)
         panel_width = max(panel_width, text_width(panel["caption"], 12))
         x += panel_width + MARGIN
     width = max(x, max((text_width(t, s) for t, s, _ in lines), default=0) + 2 * MARGIN, 320)
@@ -577,10 +577,11 @@ def overlay(
     return out
 
 
-def _caption(view: _View, mask: np.ndarray, newlines: np.ndarray | None) -> str:
+def _caption(view: _View, mask: np.ndarray, newlines: np.ndarray | None, merged: bool = False) -> str:
     index = view.indices()
     kept = int(mask[index].sum())
-    text = f"{view.name}: {view.rows} x {view.cols}, kept {kept} / {index.size}"
+    verb = "in an output token" if merged else "kept"
+    text = f"{view.name}: {view.rows} x {view.cols}, {verb} {kept} / {index.size}"
     if newlines is not None and newlines.size:
         text += f"; newlines kept {int(mask[newlines].sum())} / {newlines.size}"
     if view.fit != "stretch":
