@@ -705,7 +705,8 @@ def standin_signals(
     """Stand-in inputs for what a method reads besides its tokens, so that every method can be drawn without a
     vision tower: ``Need.VISION_ATTENTION`` gets each token's norm normalised over its crop as a *stand-in* for the
     encoder attention (crops from the layout: LLaVA-NeXT tiles from ``image_size`` and the default pinpoints, Qwen
-    frames). Shapes are ``select``'s (a batch of one). Empty for methods that read nothing else."""
+    frames); ``Need.CLIP_EMBEDDINGS`` the tokens as CLIP image embeddings and their mean as the question's. Shapes
+    are ``select``'s (a batch of one). Empty for methods that read nothing else."""
     from .methods.stages import Need
 
     if Need.VISION_ATTENTION not in getattr(pruner, "needs", ()):
@@ -727,11 +728,34 @@ def standin_signals(
         members = crops == crop
         if crop >= 0:
             attention[members] = norms[members] / norms[members].sum().clamp_min(1e-12)
-    return {
+    signals = {
         "attention": {layer: attention[None] for layer in pruner.attention_layers},
         "crops": crops[None],
         "attention_kind": "cls",
     }
+    if Need.CLIP_EMBEDDINGS in pruner.needs:  # CDPruner, TRIM: the tokens stand in for their CLIP embeddings and
+        # their mean for the question's
+        signals["clip_image"] = features.float()[None]
+        signals["clip_text"] = [features.float().mean(0, keepdim=True)]
+    return signals
+
+
+class StandinClip:
+    """What ``mrprune viz`` gives TRIM for its CLIP model (TRIM has no preset: it needs the user's); the picture's
+    CLIP embeddings are :func:`standin_signals`'."""
+
+    def __repr__(self) -> str:
+        return "stand-in CLIP"
+
+
+def _standin_trim() -> Any:
+    from .methods import TRIM
+
+    return TRIM(clip=StandinClip())
+
+
+#: Methods ``mrprune viz`` draws that have no preset, built with stand-ins.
+STANDIN_METHODS = {"trim": _standin_trim}
 
 
 def method_scores(
@@ -814,7 +838,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="astronaut",
         help=f"an image file, or one of scikit-image's sample images {', '.join(SAMPLE_IMAGES)}",
     )
-    parser.add_argument("--method", default="mr_pruner_90", choices=sorted(PRESETS), help="a mrprune.preset name")
+    parser.add_argument(
+        "--method",
+        default="mr_pruner_90",
+        choices=sorted([*PRESETS, *STANDIN_METHODS]),
+        help="a mrprune.preset name, or trim (TRIM with stand-in CLIP embeddings)",
+    )
     parser.add_argument(
         "--layout",
         default="llava_next",
@@ -936,7 +965,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             features = standin_features(image, layout, dim=args.dim, fit=fit, seed=args.seed)
             note = STANDIN_NOTE
-        pruner = preset(args.method)
+        pruner = STANDIN_METHODS[args.method]() if args.method in STANDIN_METHODS else preset(args.method)
         size = (height, width) if args.layout == "llava_next" else None
         kept = pruner.select(features, layout, **standin_signals(pruner, features, layout, size))
         scores, label = method_scores(pruner, features, layout, kept, size) if args.scores else (None, "score")

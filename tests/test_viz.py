@@ -338,6 +338,23 @@ def test_every_method_draws(tmp_path, method):
             torch.testing.assert_close(attention[crops == crop].sum(), torch.tensor(1.0))
 
 
+def test_trim_and_cdpruner_draw_with_standin_clip(tmp_path):
+    """TRIM (no preset: it needs the user's CLIP model) draws with stand-in CLIP embeddings, on LLaVA-NeXT and a Qwen
+    video; TRIM and CDPruner get the stand-in image and question embeddings, the other vision-stage methods none."""
+    image, out = _png(tmp_path), str(tmp_path / "out.png")
+    for layout in (["--layout", "llava_next"], ["--layout", "qwen", "--frames", "2"]):
+        argv = ["viz", "--image", image, "--method", "trim", *layout, "--out", out, "--scores", "--panel-height", "48"]
+        assert main(argv) == 0, layout
+    layout = LlavaNextLayout.from_image_size((300, 500))
+    features = viz.standin_features(np.full((300, 500, 3), 128, dtype=np.uint8), layout, dim=32)
+    for pruner in (viz.STANDIN_METHODS["trim"](), mrprune.preset("cdpruner_128")):
+        extra = viz.standin_signals(pruner, features, layout, (300, 500))
+        assert extra["clip_image"].shape == (1, layout.num_tokens, 32) and extra["clip_text"][0].shape == (1, 32)
+        kept = pruner.select(features, layout, **extra)
+        assert 0 < kept.numel() < layout.num_tokens
+    assert "clip_image" not in viz.standin_signals(mrprune.preset("scope_128"), features, layout, (300, 500))
+
+
 def _corner(picture: Image.Image, panel: dict, row: int, col: int) -> np.ndarray:
     """Mean RGB of a 3 x 3 patch near a cell's top-left corner (away from a representative's mark)."""
     x0, y0 = panel["edges_x"][col] + 2, panel["edges_y"][row] + 2
