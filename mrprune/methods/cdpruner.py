@@ -76,12 +76,14 @@ class CDPruner(Pruner):
     layer : int
         The select layer (official: -2); its attention is not read, only named for the vision stage.
     official : bool
-        ``True`` reproduces the official selection: every crop keeps ``T`` tokens among all its patches (on
-        LLaVA-NeXT the official code neither unpads nor adds newlines: picks in the padding are lost here, no newline
-        is kept), with the relevance min-max normalised over *all crops of all images of the call at once* (the
-        official batch coupling). The similarity is on the projector outputs of every patch, which exist here only
-        for the tokens the model keeps after unpadding: ``official=True`` needs one-crop images (LLaVA-1.5) or
-        LLaVA-NeXT images without unpadding.
+        ``True`` reproduces the official selection (``encode_images``): a crop keeps ``T`` tokens among all its
+        patches, with the relevance min-max normalised over *all crops of all images of the call at once* (the
+        official batch coupling). Only one-crop images without newlines (LLaVA-1.5) are supported, a limit of
+        mrprune, not of the official code: on LLaVA-NeXT the official code runs the DPP on the projector outputs of
+        *every* patch of every crop (the patches the unpadding removes included) and then unpads the crops' masks
+        (picks in the padding are lost) and keeps every newline; here the vision stage receives projector outputs
+        only for the tokens the model keeps after unpadding (``crop_features`` are the tower's states before the
+        projector, and a method runs no model code), so the official kernel cannot be formed on multi-crop images.
 
     Notes
     -----

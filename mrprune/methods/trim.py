@@ -46,7 +46,11 @@ class TRIM(Pruner):
     official : bool
         ``True`` reproduces the official selection on one-crop images (LLaVA-1.5): the IQR share is computed over
         *all images of the call at once* (the official flattening), the count is ``int(P * share)``, and the text is
-        the question's first 77 tokens.
+        the question's first 77 tokens. Multi-crop images are refused because the official code has no token subset
+        to reproduce there: ``token_reduction`` moves each crop's kept patches to the front of the crop and fills the
+        rest with zeros, the LLaVA-NeXT merge (``prepare_inputs_labels_for_multimodal``) then lays those rows out as
+        the crop's spatial grid, unpads it, appends newlines and cuts each *image* to ``actual_dims[image]``, one
+        crop's count (and the question embedding broadcasts over the crops only when there is one question).
 
     Notes
     -----
@@ -105,6 +109,7 @@ class TRIM(Pruner):
         order = ops.topk_indices(probs.masked_fill(~made, -1.0), lengths, max(counts, default=0))
         kept = take_prefixes(order, [min(c, int(v)) for c, v in zip(counts, valid.tolist(), strict=True)])
         newlines = [
-            ((~made[b]) & (torch.arange(features.shape[1]) < lengths[b])).nonzero()[:, 0] for b in range(len(kept))
+            ((~made[b]) & (torch.arange(features.shape[1], device=made.device) < lengths[b])).nonzero()[:, 0]
+            for b in range(len(kept))
         ]
         return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
