@@ -21,6 +21,7 @@ def pad_batch(items: list[torch.Tensor], *, pad_value: float = 0.0) -> tuple[tor
     -------
     batch : torch.Tensor
         ``[B, max N_i, D]`` with the dtype and device of the items; row ``n >= N_i`` of item ``i`` is ``pad_value``.
+        For a single item this is a view of it (no copy): write to it only if the item may change too.
     lengths : torch.Tensor
         int64 ``[B]`` tensor of the ``N_i``, on the same device.
 
@@ -44,12 +45,15 @@ def pad_batch(items: list[torch.Tensor], *, pad_value: float = 0.0) -> tuple[tor
             if got != want:
                 raise ValueError(f"pad_batch items must share {what}: item 0 has {want}, item {i} has {got}")
     lengths = torch.tensor([item.shape[0] for item in items], dtype=torch.int64, device=first.device)
-    batch = torch.full(
-        (len(items), max(item.shape[0] for item in items), first.shape[1]),
-        pad_value,
-        dtype=first.dtype,
-        device=first.device,
-    )
+    # Nothing to pad: no copy for one item (a view), one stacking copy for equal lengths; else only the padding rows
+    # are filled (a full-size fill first would write every row twice).
+    if len(items) == 1:
+        return first.unsqueeze(0), lengths
+    tokens = max(item.shape[0] for item in items)
+    if all(item.shape[0] == tokens for item in items):
+        return torch.stack(items), lengths
+    batch = first.new_empty((len(items), tokens, first.shape[1]))
     for i, item in enumerate(items):
         batch[i, : item.shape[0]] = item
+        batch[i, item.shape[0] :] = pad_value
     return batch, lengths

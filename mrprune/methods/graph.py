@@ -43,8 +43,10 @@ class _Resolutions:
     @classmethod
     def split(cls, features: torch.Tensor, layouts: Sequence[Layout]) -> _Resolutions:
         device = features.device
-        low_index, high_index, always = [], [], []
-        for layout in layouts:
+        low_index, high_index, always, low, high = [], [], [], [], []
+        for b, layout in enumerate(layouts):
+            # The low set is a leading run of tokens (the base view, or all of them): a view, not a gather; with one
+            # item pad_batch adds no copy either, so only the high-resolution tokens are copied (once).
             if isinstance(layout, LlavaNextLayout):
                 low_index.append(layout.base_indices.to(device))
                 high_index.append(layout.highres_indices.to(device))
@@ -53,8 +55,10 @@ class _Resolutions:
                 low_index.append(torch.arange(layout.num_tokens, device=device))
                 high_index.append(torch.zeros(0, dtype=torch.int64, device=device))
                 always.append(torch.zeros(0, dtype=torch.int64, device=device))
-        low, low_lengths = pad_batch([features[b, i] for b, i in enumerate(low_index)])
-        high, high_lengths = pad_batch([features[b, i] for b, i in enumerate(high_index)])
+            low.append(features[b, : low_index[b].numel()])
+            high.append(features[b].index_select(0, high_index[b]))
+        low, low_lengths = pad_batch(low)
+        high, high_lengths = pad_batch(high)
         return cls(low, low_lengths, low_index, high, high_lengths, high_index, always)
 
     def assemble(self, keep_low: Sequence[torch.Tensor], keep_high: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,0 +1,59 @@
+"""pad_batch (mrprune/batching.py) and the host-side finite scan (mrprune/_validation.finite): the cheap paths added
+for issue 15 (no copy when nothing needs padding; one min/max pass instead of an infinity norm) keep their
+contracts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrprune import _validation
+from mrprune.batching import pad_batch
+
+
+def test_single_item_is_a_view():
+    x = torch.randn(7, 5)
+    batch, lengths = pad_batch([x])
+    assert batch.shape == (1, 7, 5) and lengths.tolist() == [7]
+    assert batch.data_ptr() == x.data_ptr()  # no copy
+    assert torch.equal(batch[0], x)
+
+
+def test_equal_lengths_stack():
+    items = [torch.randn(4, 3), torch.randn(4, 3)]
+    batch, lengths = pad_batch(items, pad_value=float("nan"))
+    assert lengths.tolist() == [4, 4]
+    assert torch.equal(batch, torch.stack(items))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_rows_padded_with_the_value(dtype):
+    items = [torch.randn(2, 3).to(dtype), torch.randn(5, 3).to(dtype), torch.zeros(0, 3, dtype=dtype)]
+    batch, lengths = pad_batch(items, pad_value=-7.0)
+    assert batch.dtype == dtype and batch.shape == (3, 5, 3) and lengths.tolist() == [2, 5, 0]
+    for i, item in enumerate(items):
+        assert torch.equal(batch[i, : item.shape[0]], item)
+        assert bool((batch[i, item.shape[0] :] == -7.0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 4097, -1])
+def test_finite_finds_one_bad_value_anywhere(dtype, bad, where):
+    """One NaN/Inf anywhere (first, middle, last element; next to large values of either sign) is reported."""
+    x = torch.randn(1, 40, 4096).to(dtype)
+    x[0, 3, 0], x[0, 5, 1] = -100.0, 100.0  # the finite extremes both sides of the bad value
+    x.view(-1)[where] = bad
+    with pytest.raises(ValueError, match=r"mrprune\.op: features contains NaN or Inf"):
+        _validation.finite("op", "features", x, vectors=True)
+
+
+def test_finite_bound_on_either_sign():
+    x = torch.zeros(1, 2, 4)
+    bound = _validation.max_abs_for_norms(torch.float32, 4)
+    _validation.finite("op", "features", x + bound / 2, vectors=True)
+    for value in (2 * bound, -2 * bound):
+        y = x.clone()
+        y[0, 1, 2] = value
+        with pytest.raises(ValueError, match="squared norms could overflow"):
+            _validation.finite("op", "features", y, vectors=True)
