@@ -34,8 +34,9 @@ class MergedTokens:
         For every input token, the output token (an index into ``tokens``) it was merged into; -1 for a token that
         was dropped without being merged anywhere.
     weights : Tensor ``[N]`` float32
-        Each input token's weight in its output token (the weights of one output token's sources sum to 1; 0 where
-        ``sources`` is -1). For a plain average of ``s`` tokens every weight is ``1 / s``.
+        Each input token's weight in its output token, 0 where ``sources`` is -1. For a (size-weighted) mean the
+        weights of one output token's sources sum to 1 (a plain average of ``s`` tokens: ``1 / s`` each); methods
+        that add weighted neighbours to a kept token (PruMerge) say what their weights are.
     """
 
     tokens: torch.Tensor
