@@ -300,11 +300,11 @@ class LLMStage:
         if Need.KEY_NORMS in needs:
             norms = k.float().abs().sum(-1).sum(1)  # [B, L]: L1 over every key head
             extra["key_norms"] = per_item(norms)
-        if Need.NORMED_STATES in needs:
-            final = self.adapter.text_model.norm(hidden)
+        final = self.adapter.text_model.norm(hidden) if Need.NORMED_STATES in needs else None
+        if final is not None:
             extra["normed"] = per_item(final)
         if needs & _PROMPT_NEEDS:
-            extra["prompt"], originals = self._prompt(run, scorer, x, normed, rope, k, hidden, slots)
+            extra["prompt"], originals = self._prompt(run, scorer, x, normed, rope, k, final, slots)
             if Need.PROMPT_ATTENTION in needs:
                 extra["input_embeddings"] = originals
         return extra
@@ -317,7 +317,7 @@ class LLMStage:
         normed: torch.Tensor,
         rope: tuple,
         k: torch.Tensor | None,
-        hidden: torch.Tensor,
+        final: torch.Tensor | None,
         slots: list[torch.Tensor],
     ) -> tuple[PromptTokens, torch.Tensor]:
         """The prompt's text tokens (:class:`PromptTokens`, one entry per item) and the items' original tokens' input
@@ -344,7 +344,7 @@ class LLMStage:
             scale = float(scorer.self_attn.scaling)
             attention_rows = ops.attention_rows(q, k, real, text_slots, scale=scale).float()  # [B_rows, T, L]
         norms_rows = k.float().abs().sum(-1).sum(1).gather(1, at[..., 0]) if Need.KEY_NORMS in self.needs else None
-        normed_rows = gather(self.adapter.text_model.norm(hidden)) if Need.NORMED_STATES in self.needs else None
+        normed_rows = None if final is None else gather(final)
 
         n_items = len(run.items)
         rows = torch.tensor([item.row for item in run.items], device=real.device, dtype=torch.long)
