@@ -9,7 +9,7 @@ import torch
 
 from mrprune.batching import pad_batch
 from mrprune.methods import MergedTokens, SparseVLM, preset
-from mrprune.methods.sparsevlm import SCHEDULES, rater_scores, select_raters
+from mrprune.methods.sparsevlm import RANK_SETTINGS, SCHEDULES, rater_scores, select_raters
 from mrprune.methods.stages import PromptTokens
 
 # --- a port of the official selection (Gumpest/SparseVLMs, USE_VERSION=1_0, batch 1), eager torch -----------------
@@ -49,13 +49,22 @@ def official_cluster_and_merge(x, cluster_num):
     return merged, centers, density, parent * density
 
 
-def official_stage(attention, hidden, v_start, v_num, raters, layer_idx, budget):
+def official_stage(attention, hidden, v_start, v_num, raters, layer_idx, budget, rank=None):
     """One official pruning layer on one sequence: ``attention [H, L, L]`` probabilities of layer ``layer_idx``,
-    ``hidden [L, D]`` its output. Returns the new sequence, its visual count, the kept visual indices (ascending)
-    and, in order, the recycled visual indices (score order), the merged tokens and their centres (into those)."""
+    ``hidden [L, D]`` its output; ``rank = (scale, bias)``: the first release's ``attn_postprocess_rank`` count.
+    Returns the new sequence, its visual count, the kept visual indices (ascending) and, in order, the recycled
+    visual indices (score order), the merged tokens and their centres (into those); ``None`` for the last four
+    when the layer keeps everything."""
     text_start = v_start + v_num
-    relation = attention.mean(0)[raters + text_start, v_start:text_start].mean(0)
-    count = min(SCHEDULES[budget][OFFICIAL_LAYER_STAGE[layer_idx]], v_num - 1)
+    rows = attention.mean(0)[raters + text_start, v_start:text_start]
+    relation = rows.mean(0)
+    if rank is None:
+        count = min(SCHEDULES[budget][OFFICIAL_LAYER_STAGE[layer_idx]], v_num - 1)
+    else:
+        r = int(torch.linalg.matrix_rank(rows.float()))
+        if v_num - r == 0:  # s_flag False: nothing leaves, nothing merges
+            return hidden, v_num, None, None, None, None, dict(relation=relation, rank=r)
+        count = min(int(r * rank[0] + rank[1]), v_num - 1)
     mask = torch.zeros(v_num, dtype=torch.bool)
     mask[relation.topk(count).indices] = True
     dropped = torch.where(~mask)[0]
@@ -138,6 +147,16 @@ def method_stage(method, step, hidden, embeddings, v_start, v_num, n0, attention
     )
 
 
+def low_rank_rows(raters, rows, n, extra, generator):
+    """Attention shares whose rater rows span exactly ``1 + extra`` dimensions: random positive mixtures of
+    ``1 + extra`` random share vectors (the other rows as :func:`rows_with_gaps`)."""
+    shares = rows_with_gaps(raters, rows, n, generator)
+    basis = torch.rand(1 + extra, n, generator=generator, dtype=torch.float64)
+    mix = torch.rand(raters.numel(), 1 + extra, generator=generator, dtype=torch.float64) + 0.1
+    shares[raters] = (mix @ basis) / (mix @ basis).sum(-1, keepdim=True)
+    return shares
+
+
 #: Visual tokens after layers 2 / 6 / 15 on a 576-token image, worked out by hand from the official formulas:
 #: keep min(s, v - 1), recycle int(0.3 d) + 1 of the d dropped into int(r / 10) + 1 clusters (192: 300 + 9 = 309,
 #: 200 + 4 = 204, 110 + 3 = 113).
@@ -204,6 +223,73 @@ def test_official_matches_port_over_three_stages(budget):
         hidden, v_num = sequence, new_v
         counts.append(v_num)
     assert counts == TRAJECTORIES[budget]
+
+
+@pytest.mark.parametrize(("budget", "extra", "seed"), [(192, 2, 1), (128, 1, 0), (64, 3, 0)])
+def test_official_rank_counts_match_port(budget, extra, seed):
+    """The first release's ``min(int(rank * scale + bias), v - 1)`` at layers 2 / 6 / 15 / 19, chained (seeds whose
+    data has the gaps the test asserts)."""
+    generator = torch.Generator().manual_seed(budget + extra + seed)
+    prefix, n0, m, dim, heads = 3, 576, 14, 16, 2
+    embeddings = clustered_tokens(prefix + n0 + m, dim, generator)
+    hidden = embeddings.clone()
+    method = SparseVLM(budget=budget, rank=True, official=True)
+    assert method.layers == (3, 7, 16, 20)
+    raters = official_raters(embeddings, prefix, n0)
+    assert raters.numel() > extra + 1
+    v_num = n0
+    for step, layer_idx in enumerate((2, 6, 15, 19)):
+        length = hidden.shape[0]
+        attention = random_attention(length, heads, prefix, v_num, raters, generator)
+        rows = low_rank_rows(raters, m, v_num, extra, generator)
+        attention[:, prefix + v_num :, prefix : prefix + v_num] = 0.5 * rows.float()
+        sequence, new_v, kept, recycled, merged, centers, gaps = official_stage(
+            attention, hidden, prefix, v_num, raters, layer_idx, budget, rank=RANK_SETTINGS[budget]
+        )
+        result = method_stage(
+            method,
+            step,
+            hidden,
+            embeddings,
+            prefix,
+            v_num,
+            n0,
+            attention.mean(0)[prefix + v_num :, prefix : prefix + v_num],
+        )
+        if kept is None:
+            assert torch.equal(result.kept, torch.arange(v_num)) and gaps["rank"] == v_num
+        else:
+            ordered = gaps["relation"].sort(descending=True).values
+            assert float(ordered[kept.numel() - 1] - ordered[kept.numel()]) > 1e-8, "the test needs a gap at the cut"
+            if centers.numel() == 1:  # every density 1: the official topk may pick any top score, ours the first
+                assert gaps["score"][centers[0]] == gaps["score"].max()
+                centers = torch.zeros(1, dtype=torch.int64)
+            else:
+                score = gaps["score"].sort(descending=True).values
+                boundary = float(score[centers.numel() - 1] - score[centers.numel()])
+                assert untied_gap(gaps["density"]) > 1e-5 and boundary > 1e-5, "the test's clusters must have gaps"
+            assert int(torch.linalg.matrix_rank(rows[raters].float())) == 1 + extra
+            representatives = torch.cat([kept, recycled[centers]]).sort().values
+            assert torch.equal(result.kept, representatives)
+            index = {int(t): i for i, t in enumerate(result.kept)}
+            for c, centre in enumerate(recycled[centers].tolist()):
+                torch.testing.assert_close(result.tokens[index[centre]], merged[c], rtol=1e-5, atol=1e-5)
+        hidden, v_num = sequence, new_v
+
+
+def test_rank_counts_keep_everything_at_full_rank():
+    """``r = v``: nothing leaves and nothing merges (official and default); otherwise default keeps min(count, v)."""
+    generator = torch.Generator().manual_seed(0)
+    item = stage_inputs(3, 6, seed=1)
+    item["attention"] = torch.rand(6, 3, generator=generator)  # every rater row random: rank 3 = v
+    for official in (False, True):
+        result = run(SparseVLM(rank=True, scale=0.5, bias=0.0, official=official), 0, [item])[0]
+        assert result.kept.tolist() == [0, 1, 2] and torch.equal(result.tokens, item["features"])
+    item = stage_inputs(40, 6, seed=2)  # every rater row alike, rank 1 < v: keeps int(1 * 50) -> min(50, 40)
+    item["attention"][item["raters"]] = item["attention"][item["raters"][0]].clone()
+    assert run(SparseVLM(rank=True, scale=50.0, bias=0.0, merge=False), 0, [item])[0].kept.numel() == 40
+    assert run(SparseVLM(rank=True, scale=50.0, bias=0.0, merge=False, official=True), 0, [item])[0].kept.numel() == 39
+    assert run(SparseVLM(rank=True, scale=2.5, bias=3.0, merge=False), 0, [item])[0].kept.numel() == 5
 
 
 # --- default mode -------------------------------------------------------------------------------------------------
@@ -443,6 +529,15 @@ def test_bad_input():
         SparseVLM(official=None)
     with pytest.raises((TypeError, ValueError), match="budget"):
         SparseVLM(budget=192.0)
+    with pytest.raises(ValueError, match="rank counts replace the schedule"):
+        SparseVLM(rank=True, schedule=(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="rank counts have settings for budgets"):
+        SparseVLM(budget=96, rank=True)
+    with pytest.raises(ValueError, match="scale and bias belong to rank=True"):
+        SparseVLM(scale=2.0)
+    with pytest.raises(ValueError, match="scale"):
+        SparseVLM(rank=True, scale=-1.0, bias=0.0)
+    assert SparseVLM(budget=96, rank=True, scale=1.0, bias=2.0).layers == (3, 7, 16, 20)
 
 
 def test_declarations():
@@ -467,6 +562,8 @@ def test_presets():
     assert preset("sparsevlm_qwen_667").schedule == SCHEDULES[192]
     assert preset("sparsevlm_qwen_889").schedule == SCHEDULES[64]
     assert preset("sparsevlm_64", official=True).official
+    ranked = preset("sparsevlm_rank_128")
+    assert ranked.rank and (ranked.scale, ranked.bias) == RANK_SETTINGS[128] and ranked.layers == (3, 7, 16, 20)
 
 
 # --- tiny models (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; 4 decoder layers) -------------------------------------------

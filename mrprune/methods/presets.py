@@ -72,6 +72,8 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     "sparsevlm_qwen_667": (SparseVLM, {"budget": 192}),
     "sparsevlm_qwen_778": (SparseVLM, {"budget": 128}),
     "sparsevlm_qwen_889": (SparseVLM, {"budget": 64}),
+    # SparseVLM's first release: rank-based counts at layers 2 / 6 / 15 / 19 with its scripts' scale and bias
+    **{f"sparsevlm_rank_{n}": (SparseVLM, {"budget": n, "rank": True}) for n in (192, 128, 64)},
     # ToMe: LLaVA-1.5 / LLaVA-NeXT only (Qwen2.5-VL's windowed tower is refused); tome_r16 is LightCompress' config
     **{f"tome_{n}": (ToMe, {"budget": n}) for n in (192, 128, 64)},
     **{f"tome_next_{n}": (ToMe, {"budget": n}) for n in (640, 320)},

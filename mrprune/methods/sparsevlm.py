@@ -11,7 +11,8 @@ An ``llm``-stage method acting at several decoder layers (paper: 2, 6 and 15):
 2. **Scoring.** At each pruning layer ``l`` every current visual token gets the attention the raters pay it in that
    layer, averaged over heads and raters.
 3. **Sparsification.** The item keeps its best tokens on the official per-budget schedule (:data:`SCHEDULES`: the
-   visual tokens left after layers 2 / 6 / 15 for the 192 / 128 / 96 / 64-token settings of LLaVA-1.5).
+   visual tokens left after layers 2 / 6 / 15 for the 192 / 128 / 96 / 64-token settings of LLaVA-1.5), or, with
+   ``rank=True``, on the first release's rank-based count (:data:`RANK_SETTINGS`, layers 2 / 6 / 15 / 19).
 4. **Recycling.** Of the ``d`` dropped tokens, the ``int(0.3 d) + 1`` best scored are clustered by density peaks
    (DPC-kNN) into ``int(r / 10) + 1`` clusters (``r`` the recycled count) and each cluster becomes its mean
    (``mrprune.density_peak_merge``); the merged tokens are visual tokens for the next pruning layers.
@@ -37,7 +38,7 @@ from .base import Pruner, round_half_up, take_prefixes, top_tokens
 from .results import MergedTokens
 from .stages import Need, PromptTokens, Stage
 
-__all__ = ["SCHEDULES", "SparseVLM", "rater_scores", "select_raters"]
+__all__ = ["RANK_SETTINGS", "SCHEDULES", "SparseVLM", "rater_scores", "select_raters"]
 
 #: The official ``sparse_token_dict`` (v1): visual tokens kept after layers 2 / 6 / 15 of LLaVA-1.5 (576 tokens),
 #: by the setting's equivalent token budget.
@@ -49,6 +50,11 @@ SCHEDULES: dict[int, tuple[int, int, int]] = {
 }
 #: The visual tokens of a LLaVA-1.5 image, the scale the schedules are written for.
 REFERENCE_TOKENS = 576
+#: The first release's rank-based count (github.com/Gumpest/SparseVLMs @ 91fb6d9, ``attn_postprocess_rank``): keep
+#: ``int(rank * scale + bias)`` tokens, ``(scale, bias)`` from its evaluation scripts by token budget (MME 192,
+#: POPE 128, TextVQA 64), at the scoring layers :data:`RANK_LAYERS`.
+RANK_SETTINGS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+RANK_LAYERS = (2, 6, 15, 19)
 
 
 def select_raters(
@@ -112,9 +118,10 @@ class SparseVLM(Pruner):
     budget : {192, 128, 96, 64}
         The official schedule (:data:`SCHEDULES`), named by its LLaVA-1.5 token budget. LLaVA-NeXT's 640 / 320 and
         Qwen2.5-VL's 77.8 / 88.9 % pruned are the 128 / 64 schedules (the same shares of the image's tokens).
-    scoring_layers : sequence of int, increasing
-        The layers ``l`` whose attention scores and whose output is pruned (official ``pruning_loc``: 2, 6, 15);
-        tokens leave from layer ``l + 1`` (the pruning layers :attr:`layers`). One per schedule entry.
+    scoring_layers : sequence of int, increasing, optional
+        The layers ``l`` whose attention scores and whose output is pruned (official ``pruning_loc``: 2, 6, 15; with
+        ``rank``: 2, 6, 15, 19); tokens leave from layer ``l + 1`` (the pruning layers :attr:`layers`). One per
+        schedule entry.
     schedule : sequence of int, optional
         Tokens kept after each scoring layer, written for a 576-token image, instead of ``budget``'s schedule
         (``(576, 576, 576)`` keeps every token).
@@ -122,11 +129,18 @@ class SparseVLM(Pruner):
         Share of the dropped tokens recycled into merged tokens (``int(recycle * d) + 1`` of ``d``; official 0.3).
     merge : bool
         Recycle the dropped tokens (v1); ``False`` only drops them.
+    rank : bool
+        The first release's adaptive count instead of a schedule (Gumpest/SparseVLMs @ 91fb6d9, the paper's
+        rank-based sparsification): at each layer, with ``r`` the matrix rank of the raters' attention to the ``v``
+        current tokens (``[raters, v]``, float32, ``torch.linalg.matrix_rank``'s default tolerance), keep
+        ``int(r * scale + bias)`` tokens, or every token when ``r = v``.
+    scale, bias : float >= 0, optional
+        ``rank``'s constants; default :data:`RANK_SETTINGS` for ``budget`` (192: 13.5, 0; 128: 9, 6; 64: 0.8, 0).
     official : bool
         ``True`` reproduces the official selection arithmetic: keep ``min(schedule[s], v - 1)`` of the ``v`` current
         visual tokens (at least one token always leaves, even when the schedule keeps more; the schedule is not
-        scaled to the image's token count). Ties in the official ``torch.topk`` are unspecified; here they go to
-        the lower index.
+        scaled to the image's token count); with ``rank``, ``min(int(r * scale + bias), v - 1)`` unless ``r = v``.
+        Ties in the official ``torch.topk`` are unspecified; here they go to the lower index.
 
     Notes
     -----
@@ -134,7 +148,8 @@ class SparseVLM(Pruner):
     tokens after stage ``s`` (half up; exactly the schedule on LLaVA-1.5), so nothing leaves when the schedule keeps
     every token, and LLaVA-NeXT / Qwen2.5-VL images keep the schedule's shares. The official code is batch 1 with one
     image (``# B == 1``) and its text after that image; here every item of a batch (each image / video of each
-    prompt) is scored and budgeted on its own.
+    prompt) is scored and budgeted on its own. Rank counts are not scaled (a rank does not grow with the image); the
+    default mode keeps ``min(int(r * scale + bias), v)``. The official rank is of the half-precision attention.
 
     Deviations in both modes:
 
@@ -167,15 +182,37 @@ class SparseVLM(Pruner):
     def __init__(
         self,
         budget: int = 192,
-        scoring_layers: Sequence[int] = (2, 6, 15),
+        scoring_layers: Sequence[int] | None = None,
         schedule: Sequence[int] | None = None,
         recycle: float = 0.3,
         merge: bool = True,
+        rank: bool = False,
+        scale: float | None = None,
+        bias: float | None = None,
         official: bool = False,
     ) -> None:
         owner = "SparseVLM"
         if isinstance(scoring_layers, int | str) or isinstance(schedule, int | str):
             raise TypeError("mrprune.SparseVLM: scoring_layers and schedule must be sequences (one count per layer)")
+        self.rank = _checks.flag(owner, "rank", rank)
+        self.scale = self.bias = None
+        if self.rank:
+            if schedule is not None:
+                raise ValueError("mrprune.SparseVLM: rank counts replace the schedule; give one of them")
+            if scale is None or bias is None:
+                budget = _checks.count(owner, "budget", budget, minimum=1)
+                if budget not in RANK_SETTINGS:
+                    raise ValueError(
+                        f"mrprune.SparseVLM: rank counts have settings for budgets {sorted(RANK_SETTINGS)}, got "
+                        f"{budget}; give scale and bias"
+                    )
+            default_scale, default_bias = RANK_SETTINGS.get(budget, (None, None))
+            self.scale = _checks.non_negative(owner, "scale", default_scale if scale is None else scale)
+            self.bias = _checks.non_negative(owner, "bias", default_bias if bias is None else bias)
+            scoring_layers = RANK_LAYERS if scoring_layers is None else scoring_layers
+            schedule = (0,) * len(scoring_layers)  # unused: the counts come from the ranks
+        elif scale is not None or bias is not None:
+            raise ValueError("mrprune.SparseVLM: scale and bias belong to rank=True")
         if schedule is None:
             budget = _checks.count(owner, "budget", budget, minimum=1)
             if budget not in SCHEDULES:
@@ -183,6 +220,7 @@ class SparseVLM(Pruner):
             schedule = SCHEDULES[budget]
         self.budget = budget
         self.schedule = tuple(_checks.count(owner, "schedule", s) for s in schedule)
+        scoring_layers = (2, 6, 15) if scoring_layers is None else scoring_layers
         scoring = tuple(_checks.count(owner, "scoring_layers", layer) for layer in scoring_layers)
         if len(scoring) != len(self.schedule) or not scoring:
             raise ValueError(
@@ -201,10 +239,22 @@ class SparseVLM(Pruner):
         self.layer = self.layers[0]
 
     def __repr__(self) -> str:
+        counts = f"rank * {self.scale} + {self.bias}" if self.rank else f"schedule={self.schedule}"
         return (
-            f"SparseVLM(schedule={self.schedule}, scoring_layers={tuple(k - 1 for k in self.layers)}, "
+            f"SparseVLM({counts}, scoring_layers={tuple(k - 1 for k in self.layers)}, "
             f"recycle={self.recycle}, merge={self.merge}, official={self.official})"
         )
+
+    def _rank_counts(self, attention: torch.Tensor, raters: torch.Tensor, lengths: torch.Tensor) -> list[int]:
+        """The first release's counts: ``int(rank * scale + bias)`` of the raters' attention, all when full rank."""
+        counts = []
+        for b, v in enumerate(lengths.tolist()):
+            rank = int(torch.linalg.matrix_rank(attention[b, raters[b], :v]))
+            if rank == v:
+                counts.append(v)
+            else:
+                counts.append(min(int(rank * self.scale + self.bias), v - 1 if self.official else v))
+        return counts
 
     def _counts(self, stage: int, lengths: torch.Tensor, originals: torch.Tensor) -> list[int]:
         """Tokens each item keeps at ``stage`` out of its ``lengths[b]`` current ones."""
@@ -263,7 +313,11 @@ class SparseVLM(Pruner):
             raise ValueError("mrprune.SparseVLM: prompt.attention must be finite")
         raters = select_raters(input_embeddings, originals, text, after)
         scores = rater_scores(attention, raters)
-        kept = top_tokens(scores, lengths, self._counts(step, lengths, originals))
+        if self.rank:
+            counts = self._rank_counts(attention, raters, lengths)
+        else:
+            counts = self._counts(step, lengths, originals)
+        kept = top_tokens(scores, lengths, counts)
         return self._recycle(features, scores, lengths, kept)
 
     def _recycle(
