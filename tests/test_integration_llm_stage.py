@@ -270,7 +270,7 @@ def test_generate_equals_the_staged_oracle(case, method):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ["pdrop", "staged"])
 @torch.no_grad()
 def test_keep_all_equals_unpatched(case, method):
     _, model, inputs, _, _ = case
