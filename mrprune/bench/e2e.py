@@ -13,7 +13,10 @@ The model is built from a config with random weights (no hub, no download):
   GQA 32/8 heads, 14336 MLP) and CLIP ViT-L/14-336 (24 layers, 1024 wide), 672 x 672 images (2928 visual tokens).
 
 Each configuration — no pruning, then each pruner (``mrprune.patch``) at each pruned share (default 50/70/90 %) —
-is measured on the same inputs: ``prefill_ms`` is one ``model(**inputs)`` forward (vision encoder, pruning and the
+is measured on the same inputs. Besides the benchmark's methods, the default method list (all of them) adds the
+e2e-only :data:`E2E_METHODS`: ToMe (``mrprune.ToMe(keep_ratio=...)``), which merges inside every CLIP block, so its
+cost is in the vision encoder's share of the prefill (``prune_ms`` is only its final grouping step).
+``prefill_ms`` is one ``model(**inputs)`` forward (vision encoder, pruning and the
 language model's prefill); a greedy ``generate(max_new_tokens=new_tokens)`` gives ``ttft_ms`` (from the call to the
 first token's logits) and ``decode_tok_s`` (the batch's tokens per second over the later steps), both read by a
 logits processor that records the time of every step (after a CUDA synchronisation on a GPU); and
@@ -34,9 +37,12 @@ import torch
 
 from .report import E2ERow
 
-__all__ = ["build_model", "model_config", "run_e2e"]
+__all__ = ["E2E_METHODS", "build_model", "model_config", "run_e2e"]
 
 logger = logging.getLogger(__name__)
+
+#: Methods only the end-to-end benchmark runs (they act inside the model: no selection to time on its own).
+E2E_METHODS = ("tome",)
 
 IMAGE_SIZE = (672, 672)
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -215,7 +221,7 @@ def _batch(inputs: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tenso
 
 
 def _pruners(methods: Sequence[str], keep: float) -> list[tuple[str, Any]]:
-    from ..methods import DivPrune, GPrune, MRPruner, RandomPruner, ResPrune
+    from ..methods import DivPrune, GPrune, MRPruner, RandomPruner, ResPrune, ToMe
 
     make = {
         "mr_pruner": lambda: MRPruner(keep_ratio=keep),
@@ -223,6 +229,7 @@ def _pruners(methods: Sequence[str], keep: float) -> list[tuple[str, Any]]:
         "resprune": lambda: ResPrune(keep_ratio=keep, alpha="llava"),
         "divprune": lambda: DivPrune(keep_ratio=keep),
         "random": lambda: RandomPruner(keep_ratio=keep),
+        "tome": lambda: ToMe(keep_ratio=keep),
     }
     return [(name, make[name]()) for name in methods if name in make]
 
@@ -349,6 +356,10 @@ def run_e2e(
     except RuntimeError as error:
         logger.error("%s", error)
         return None
+    from .ops import METHODS
+
+    if set(METHODS) <= set(methods):  # the default "all": the e2e-only methods too
+        methods = [*methods, *(name for name in E2E_METHODS if name not in methods)]
     quick = getattr(args, "quick", False)
     size = args.model_size or ("tiny" if quick else "7b" if device.type == "cuda" else "small")
     batch = (args.batch or (1,))[0]

@@ -41,10 +41,11 @@ class ToMeState:
     Attributes
     ----------
     tokens : Tensor ``[C, T, D]``
-        The current (merged) hidden states, rows past ``lengths[c]`` are padding.
+        The current (merged) hidden states, rows past ``counts[c]`` are padding.
     sizes : Tensor ``[C, T]`` float32
         Original tokens each row stands for (0 on padding).
-    lengths : Tensor ``[C]`` int64
+    counts : list of C ints
+        Each crop's current token count (on the host: it follows from the schedule).
     source : Tensor ``[C, N0]`` int64
         The current row of every original token.
     schedule : list of C lists of int
@@ -55,7 +56,7 @@ class ToMeState:
 
     tokens: torch.Tensor
     sizes: torch.Tensor
-    lengths: torch.Tensor
+    counts: list[int]
     source: torch.Tensor
     schedule: list[list[int]]
     merged: bool = False
@@ -219,7 +220,7 @@ class ToMe(Pruner):
         return ToMeState(
             tokens=hidden,
             sizes=torch.ones(crops, tokens, dtype=torch.float32, device=device),
-            lengths=torch.full((crops,), tokens, dtype=torch.int64, device=device),
+            counts=[tokens] * crops,
             source=torch.arange(tokens, device=device).expand(crops, tokens),
             schedule=schedule,
         )
@@ -228,7 +229,7 @@ class ToMe(Pruner):
         """The additive attention bias ``[C, 1, 1, T]`` of the next block: ``log(size)`` per key with proportional
         attention once something merged, ``-inf`` on padding rows (crops whose schedules differ); ``None`` when it
         would be all zeros (the block then runs exactly as the unpatched tower)."""
-        padded = bool((state.lengths < state.tokens.shape[1]).any())
+        padded = min(state.counts) < state.tokens.shape[1]
         if not padded and not (self.proportional_attention and state.merged):
             return None
         if self.proportional_attention:
@@ -258,32 +259,33 @@ class ToMe(Pruner):
             return
         metric = keys.mean(2)
         crops, width, dim = hidden.shape
-        rows = torch.full((crops, width), -1, dtype=torch.int64, device=hidden.device)
-        parts = []
-        for r in sorted(set(steps)):
-            members = [c for c, step in enumerate(steps) if step == r]
-            index = torch.tensor(members, device=hidden.device)
-            lengths = state.lengths[index]
-            span = int(lengths.max())
-            sizes = None if self.official else state.sizes[index, :span]
-            r_cap = min(r, (span - 1) // 2)
-            merged, merged_sizes, source, out_lengths = ops.bipartite_merge(
-                hidden[index, :span], metric[index, :span], lengths, r_cap, sizes, protect_first=True
+        device = hidden.device
+        # the new lengths follow from the schedule (the op's cap), so no device value is read back
+        counts = [n - min(r, (n - 1) // 2) for n, r in zip(state.counts, steps, strict=True)]
+        new_width = max(counts)
+        if len(set(steps)) == 1 and len(set(state.counts)) == 1:  # one op call on the whole batch, no padding
+            groups = [(list(range(crops)), steps[0])]
+        else:
+            groups = [([c for c, step in enumerate(steps) if step == r], r) for r in sorted(set(steps))]
+        rows = torch.full((crops, width), -1, dtype=torch.int64, device=device)
+        tokens = hidden.new_zeros(crops, new_width, dim)
+        sizes = torch.zeros(crops, new_width, dtype=torch.float32, device=device)
+        for members, r in groups:
+            index = slice(None) if len(members) == crops else torch.tensor(members, device=device)
+            span = max(state.counts[c] for c in members)
+            lengths = torch.tensor([state.counts[c] for c in members], device=device)
+            carried = None if self.official else state.sizes[index, :span]
+            merged, merged_sizes, source, _ = ops.bipartite_merge(
+                hidden[index, :span], metric[index, :span], lengths, min(r, (span - 1) // 2), carried
             )
             rows[index, :span] = source
-            parts.append((index, merged, merged_sizes, out_lengths))
-        new_width = max(int(out.max()) for *_, out in parts)
-        tokens = hidden.new_zeros(crops, new_width, dim)
-        sizes = torch.zeros(crops, new_width, dtype=torch.float32, device=hidden.device)
-        lengths = torch.zeros(crops, dtype=torch.int64, device=hidden.device)
-        for index, merged, merged_sizes, out_lengths in parts:
-            span = min(merged.shape[1], new_width)
-            tokens[index, :span] = merged[:, :span]
-            valid = torch.arange(span, device=hidden.device) < out_lengths[:, None]
-            # official: sizes are not carried (every row weighs 1 in the next merge)
-            sizes[index, :span] = torch.where(valid, 1.0, 0.0) if self.official else merged_sizes[:, :span].float()
-            lengths[index] = out_lengths
-        state.tokens, state.sizes, state.lengths = tokens, sizes, lengths
+            out = min(merged.shape[1], new_width)
+            tokens[index, :out] = merged[:, :out]
+            if self.official:  # sizes are not carried: every row weighs 1 in the next merge
+                kept = torch.tensor([counts[c] for c in members], device=device)
+                merged_sizes = (torch.arange(out, device=device) < kept[:, None]).float()
+            sizes[index, :out] = merged_sizes[:, :out].float()
+        state.tokens, state.sizes, state.counts = tokens, sizes, counts
         state.source = rows.gather(1, state.source)
         state.merged = True
 
