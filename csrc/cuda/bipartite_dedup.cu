@@ -2,7 +2,7 @@
 // csrc/include/mrprune/kernels/bipartite_dedup.cuh). Spec: mrprune.reference.bipartite_dedup.
 //
 // Per chunk of items: normalised rows, one symmetric FP32 cosine Gram S = U U^T (N^2 * 4 bytes per item), then one
-// block per item runs every round. Items are processed in chunks whose workspaces stay below kWorkspaceBytes (at
+// block per item runs every round. Items are processed in chunks whose workspaces stay below selection::kBlockWorkspaceBytes (at
 // least one item per chunk).
 //
 // Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can
@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "mrprune/cuda/checks.h"
+#include "mrprune/cuda/unit_gram.cuh"
 #include "mrprune/kernels/bipartite_dedup.cuh"
 
 namespace mrprune::cuda {
@@ -98,7 +99,6 @@ Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t 
   float* sim_ptr = sim.mutable_data_ptr<float>();
 
   STD_TORCH_CHECK(tiles <= 65535, "mrprune: N too large for the Gram grid");
-  const bool vec4 = plan.vec4;
 
   for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
     const int64_t items = std::min(chunk, batch - b0);
@@ -107,17 +107,9 @@ Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t 
     STD_TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
     const int64_t* len_chunk = len + b0;
 
-    ks::row_norm_kernel<ks::kNormThreads, true><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
-        x + b0 * tokens * dim, len_chunk, rows, n_tokens, n_dim, nullptr, unit_ptr);
-    check_launch("row_norm_kernel launch");
-
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles), static_cast<unsigned>(items));
-    if (vec4) {
-      ks::gram_kernel<true><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
-    } else {
-      ks::gram_kernel<false><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
-    }
-    check_launch("gram_kernel launch");
+    check_cuda(launch_unit_gram(x + b0 * tokens * dim, len_chunk, items, n_tokens, n_dim, plan, unit_ptr, sim_ptr,
+                                stream),
+               "row_norm_kernel / gram_kernel launch");
 
     rounds<<<static_cast<unsigned>(items), kb::kRoundThreads, static_cast<size_t>(dynamic_bytes), stream>>>(
         sim_ptr, len_chunk, n_tokens, static_cast<int>(k), per_round_int, state_in_shared, order_ptr, score_ptr,

@@ -3,7 +3,7 @@
 //
 // Per chunk of items: squared row norms (the spec's exact-1 diagonal), normalised rows, one symmetric FP32 cosine
 // Gram S = U U^T (N^2 * 4 bytes per item: 33 MB at N = 2880), then one block per item runs all k steps, each over
-// the item's whole n x n block of S. Items are processed in chunks whose workspaces stay below kWorkspaceBytes (at
+// the item's whole n x n block of S. Items are processed in chunks whose workspaces stay below selection::kBlockWorkspaceBytes (at
 // least one item per chunk).
 //
 // Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can
@@ -23,6 +23,7 @@
 #include <optional>
 
 #include "mrprune/cuda/checks.h"
+#include "mrprune/cuda/unit_gram.cuh"
 #include "mrprune/kernels/coverage_select.cuh"
 
 namespace mrprune::cuda {
@@ -109,7 +110,6 @@ Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::opt
   float* sim_ptr = sim.mutable_data_ptr<float>();
 
   STD_TORCH_CHECK(tiles <= 65535, "mrprune: N too large for the Gram grid");
-  const bool vec4 = plan.vec4;
   const float alpha_f = static_cast<float>(alpha);
 
   for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
@@ -123,17 +123,8 @@ Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::opt
     ks::row_norm_kernel<ks::kNormThreads, false><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
         x_chunk, len_chunk, rows, n_tokens, n_dim, norm2_ptr, nullptr);
     check_launch("row_norm_kernel launch");
-    ks::row_norm_kernel<ks::kNormThreads, true><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
-        x_chunk, len_chunk, rows, n_tokens, n_dim, nullptr, unit_ptr);
-    check_launch("row_norm_kernel launch");
-
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles), static_cast<unsigned>(items));
-    if (vec4) {
-      ks::gram_kernel<true><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
-    } else {
-      ks::gram_kernel<false><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
-    }
-    check_launch("gram_kernel launch");
+    check_cuda(launch_unit_gram(x_chunk, len_chunk, items, n_tokens, n_dim, plan, unit_ptr, sim_ptr, stream),
+               "row_norm_kernel / gram_kernel launch");
 
     select<<<static_cast<unsigned>(items), kc::kSelectThreads, static_cast<size_t>(dynamic_bytes), stream>>>(
         sim_ptr, norm2_ptr, saliency_ptr != nullptr ? saliency_ptr + b0 * tokens : nullptr, alpha_f, len_chunk,

@@ -244,7 +244,7 @@ int emu_greedy_residual_select(const float* x, const int64_t* lengths, int64_t b
 
 // coverage_select_cuda: x [B, N, D] float32, lengths [B] int64, saliency [B, N] float32 or null, out [B, k] int64.
 // smem_optin: the GPU's opt-in shared memory per block (small values put the selection state in global memory);
-// workspace_bytes: the chunking budget (kc::kWorkspaceBytes on a GPU).
+// workspace_bytes: the chunking budget (ks::kBlockWorkspaceBytes on a GPU).
 void emu_coverage_select(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
                          int64_t k, const float* saliency, double alpha, int64_t smem_optin, int64_t workspace_bytes,
                          int64_t* out) {

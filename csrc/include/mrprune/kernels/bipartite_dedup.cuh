@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "mrprune/kernels/block_selection.cuh"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 
 namespace mrprune::kernels::dedup {
@@ -102,39 +103,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 // state workspaces order [chunk, 2, N] ints and score [chunk, N] floats).
 // ---------------------------------------------------------------------------------------------------------------
 
-constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
-constexpr int64_t kMaxGridZ = 65535;
-
 // Static shared memory of dedup_rounds_kernel (none: the state is all dynamic).
 template <int kThreads>
 constexpr int64_t static_shared_bytes() {
   return 0;
 }
 
-struct Plan {
-  bool state_in_shared;   // order / score in dynamic shared memory (else global workspaces)
-  int64_t state_bytes;    // 2 N ints + N floats
-  int64_t dynamic_bytes;  // of dedup_rounds_kernel
-  int64_t chunk;          // items per chunk
-  int64_t tiles;          // Gram tiles per side
-  bool vec4;              // gram_kernel<true> (the unit workspace is a fresh, aligned allocation)
-};
+using Plan = selection::BlockPlan;
 
-// dynamic_max: the opt-in shared memory per block minus dedup_rounds_kernel's static shared memory.
+// dynamic_max: the opt-in shared memory per block minus dedup_rounds_kernel's static shared memory. State: the
+// order's two halves (ints) and the score (a float) per token.
 inline Plan plan(int64_t batch, int64_t tokens, int64_t dim, int64_t dynamic_max,
-                 int64_t workspace_bytes = kWorkspaceBytes) {
-  Plan p;
-  p.state_bytes = tokens * static_cast<int64_t>(2 * sizeof(int) + sizeof(float));
-  p.state_in_shared = p.state_bytes <= dynamic_max;
-  p.dynamic_bytes = p.state_in_shared ? p.state_bytes : 0;
-  const int64_t per_item = tokens * tokens * 4 + tokens * dim * 4 + (p.state_in_shared ? 0 : p.state_bytes);
-  int64_t chunk = workspace_bytes / (per_item > 1 ? per_item : 1);
-  chunk = chunk < kMaxGridZ ? chunk : kMaxGridZ;
-  chunk = chunk < batch ? chunk : batch;
-  p.chunk = chunk > 1 ? chunk : 1;
-  p.tiles = selection::gram_tiles(tokens);
-  p.vec4 = dim % 4 == 0;
-  return p;
+                 int64_t workspace_bytes = selection::kBlockWorkspaceBytes) {
+  return selection::block_plan(batch, tokens, dim, 2 * sizeof(int) + sizeof(float), 0, dynamic_max, workspace_bytes);
 }
 
 }  // namespace mrprune::kernels::dedup

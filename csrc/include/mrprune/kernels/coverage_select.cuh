@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "mrprune/kernels/block_selection.cuh"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 
 namespace mrprune::kernels::coverage {
@@ -116,40 +117,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 // dynamic_bytes of dynamic shared memory (or the global state workspaces [chunk, N]: two of floats, one of bytes).
 // ---------------------------------------------------------------------------------------------------------------
 
-constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
-constexpr int64_t kMaxGridZ = 65535;
-
 // Static shared memory of coverage_select_kernel<kThreads> (what cudaFuncGetAttributes reports as sharedSizeBytes).
 template <int kThreads>
 constexpr int64_t static_shared_bytes() {
   return static_cast<int64_t>(kThreads / 32 * sizeof(Pick));
 }
 
-struct Plan {
-  bool state_in_shared;   // cur / weight / picked in dynamic shared memory (else global workspaces)
-  int64_t state_bytes;    // 2 N floats + N bytes
-  int64_t dynamic_bytes;  // of coverage_select_kernel
-  int64_t chunk;          // items per chunk
-  int64_t tiles;          // Gram tiles per side
-  bool vec4;              // gram_kernel<true> (the unit workspace is a fresh, aligned allocation)
-};
+using Plan = selection::BlockPlan;
 
-// dynamic_max: the opt-in shared memory per block minus coverage_select_kernel's static shared memory.
+// dynamic_max: the opt-in shared memory per block minus coverage_select_kernel's static shared memory. State: cur and
+// weight (floats) and picked (a byte) per token; the squared norms (4 bytes per token) are one more workspace.
 inline Plan plan(int64_t batch, int64_t tokens, int64_t dim, int64_t dynamic_max,
-                 int64_t workspace_bytes = kWorkspaceBytes) {
-  Plan p;
-  p.state_bytes = tokens * static_cast<int64_t>(2 * sizeof(float) + 1);
-  p.state_in_shared = p.state_bytes <= dynamic_max;
-  p.dynamic_bytes = p.state_in_shared ? p.state_bytes : 0;
-  const int64_t per_item =
-      tokens * tokens * 4 + tokens * dim * 4 + tokens * 4 + (p.state_in_shared ? 0 : p.state_bytes);
-  int64_t chunk = workspace_bytes / (per_item > 1 ? per_item : 1);
-  chunk = chunk < kMaxGridZ ? chunk : kMaxGridZ;
-  chunk = chunk < batch ? chunk : batch;
-  p.chunk = chunk > 1 ? chunk : 1;
-  p.tiles = selection::gram_tiles(tokens);
-  p.vec4 = dim % 4 == 0;
-  return p;
+                 int64_t workspace_bytes = selection::kBlockWorkspaceBytes) {
+  return selection::block_plan(batch, tokens, dim, 2 * sizeof(float) + 1, sizeof(float), dynamic_max,
+                               workspace_bytes);
 }
 
 }  // namespace mrprune::kernels::coverage
