@@ -110,8 +110,21 @@ def manifests() -> list[Any]:
 
 def _method_classes() -> dict[str, type]:
     from .. import DivPrune, FastV, GPrune, MRPruner, RandomPruner, ResPrune
-    from ..methods import DART, SCOPE, TRIM, AgilePruner, CDPruner, FasterVLM, HiRED, L2Norm, PDrop, VisPruner
-    from ..methods import PruMerge, SparseVLM, VisionZip
+    from ..methods import (
+        DART,
+        SCOPE,
+        TRIM,
+        AgilePruner,
+        CDPruner,
+        FasterVLM,
+        HiRED,
+        L2Norm,
+        PDrop,
+        PruMerge,
+        SparseVLM,
+        VisionZip,
+        VisPruner,
+    )
 
     return {
         "mrpruner": MRPruner,
