@@ -448,9 +448,7 @@ class PairMerge(Pruner):
     def __init__(self, layers):
         self.layers = tuple(layers)
 
-    def _select_batch(
-        self, features, layouts, lengths, texts, step=0, layer=None, origin=None, original_lengths=None, positions=None
-    ):
+    def _select_batch(self, features, layouts, lengths, texts, **kwargs):  # reads no need: the llm keywords pass
         out = []
         for b, n in enumerate(lengths.tolist()):
             sources = torch.arange(n) // 2

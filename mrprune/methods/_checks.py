@@ -232,15 +232,18 @@ def _lengths(owner: str, lengths: Any, features: torch.Tensor) -> torch.Tensor:
 
 def keywords(owner: str, method: Any, given: Any) -> None:
     """Reject keyword arguments of ``select`` / ``select_batch`` that ``method`` never reads (a misspelt option
-    would otherwise be ignored silently): those of its declared needs (:data:`~mrprune.methods.stages.NEED_KEYWORDS`)
-    and those its ``_select_batch`` names."""
-    from .stages import NEED_KEYWORDS
+    would otherwise be ignored silently): those of its declared needs (:data:`~mrprune.methods.stages.NEED_KEYWORDS`),
+    those of its stage (``llm``: :data:`~mrprune.methods.stages.LLM_KEYWORDS`) and those its ``_select_batch``
+    names."""
+    from .stages import LLM_KEYWORDS, NEED_KEYWORDS, Stage
 
     positional = {"self", "features", "layouts", "lengths", "texts"}
     parameters = inspect.signature(type(method)._select_batch).parameters.values()
     known = {p.name for p in parameters if p.name not in positional and p.kind is not p.VAR_KEYWORD}
     for need in method.needs:
         known.update(NEED_KEYWORDS.get(need.value, ()))
+    if getattr(method, "stage", None) is Stage.LLM:
+        known.update(LLM_KEYWORDS)
     unknown = sorted(set(given) - known)
     if unknown:
         raise TypeError(

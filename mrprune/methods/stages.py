@@ -167,7 +167,8 @@ class PromptTokens:
     normed: torch.Tensor | None = None
 
 
-#: What the ``llm`` stage passes at every pruning layer besides the needs (see ``llm``-stage declarations above).
+#: What the ``llm`` stage passes at every pruning layer besides the needs (see ``llm``-stage declarations above);
+#: every ``llm``-stage method's ``select_batch`` accepts them.
 LLM_KEYWORDS = ("step", "layer", "origin", "original_lengths", "positions")
 
 #: The keyword arguments through which integrations deliver each need to ``select_batch`` (needs absent here deliver
@@ -179,8 +180,8 @@ NEED_KEYWORDS: dict[str, tuple[str, ...]] = {
     "vision_features": ("crop_features",),
     "clip_embeddings": ("clip_image", "clip_text"),
     "vision_merge": ("groups",),
-    "last_query_attention": ("attention", *LLM_KEYWORDS),
-    "prompt_attention": ("prompt", "input_embeddings", *LLM_KEYWORDS),
-    "key_norms": ("key_norms", "prompt", *LLM_KEYWORDS),
-    "normed_states": ("normed", "prompt", *LLM_KEYWORDS),
+    "last_query_attention": ("attention",),
+    "prompt_attention": ("prompt", "input_embeddings"),
+    "key_norms": ("key_norms", "prompt"),
+    "normed_states": ("normed", "prompt"),
 }
