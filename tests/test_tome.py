@@ -255,6 +255,15 @@ def test_crops_on_different_schedules_equal_each_alone(model):
 
 
 @torch.no_grad()
+def test_budget_is_the_token_count_on_llava(model, inputs):
+    # r = 16 is capped at half of each block's tokens: 16 -> 8 -> 4 -> 2 patches in the 3 blocks
+    for method, kept in ((ToMe(budget=7), 7), (ToMe(keep_ratio=0.5), 8), (ToMe(r=16), 2)):
+        with patched(model, method) as handle:
+            model(**inputs)
+        assert [m.kept.numel() for r in handle.last for m in r.merged] == [kept] * 3
+
+
+@torch.no_grad()
 def test_merge_nothing_is_bit_identical(model, inputs):
     next_model = tiny_llava_next()
     sizes = torch.tensor([[28, 40], [56, 56]])

@@ -7,6 +7,8 @@ A method is a :class:`Pruner` that declares where it acts, its :class:`Stage`, a
 
 * ``vision`` — scored by the vision encoder's attention at the layers the method names (the [CLS] row on CLIP
   towers, per crop on LLaVA-NeXT; the attention each token receives on Qwen2.5-VL);
+  or merging inside the encoder's blocks (``Need.VISION_MERGE``, ToMe: the integration runs each block through the
+  method's merge and hands it each token's merged group);
 * ``projector`` — scored on the tokens in the LLM input space, their layout, optionally text embeddings;
 * ``llm`` — scored inside the language model at each of its pruning layers ``layers`` (hidden states, attention
   rows, key norms and final-norm states recomputed from a decoder layer's own modules), pruned further at each.
