@@ -13,7 +13,8 @@ call whose ``input_ids`` hold visual placeholders and that carries pixels or pre
   tokens to keep, the dropped placeholders leave their rows, the batch is re-padded on the side it was padded on, and
   the language model runs on the merged ``inputs_embeds`` with explicit positions, ``"original"`` (the unpruned
   positions; Qwen2.5-VL's 3-D M-RoPE positions are computed on the unpruned sequence first) or ``"compact"``;
-* ``llm`` (:mod:`.llm`) — the full sequence runs up to the method's layer, which prunes there.
+* ``llm`` (:mod:`.llm`) — the full sequence runs up to the method's first pruning layer; each pruning layer prunes
+  further (layer groups may keep different cache lengths).
 
 Decoding steps against a pruned prefill's cache are translated by :mod:`.decode`. Outputs keep the caller's view
 where they can: ``generate`` returns the original prompt followed by the new tokens; ``forward`` returns logits (and
