@@ -44,6 +44,12 @@ def test_build_pruner_from_presets_and_methods():
     assert plugin.build_pruner("resprune_64").budget == 64
     assert plugin.build_pruner("random", keep_ratio=0.5, seed=3).seed == 3
     assert plugin.build_pruner("fastv", layer=3).layer == 3
+    # every exported method by its class name (ToMe had no entry in a hand-kept table)
+    for name in mrprune.methods.__all__:
+        cls = getattr(mrprune.methods, name)
+        if isinstance(cls, type) and issubclass(cls, mrprune.Pruner) and cls is not mrprune.Pruner:
+            assert plugin._method_classes()[name.lower()] is cls
+    assert isinstance(plugin.build_pruner("tome", budget=8), mrprune.methods.ToMe)
     with pytest.raises(ValueError, match="unknown pruner"):
         plugin.build_pruner("no_such_method")
     with pytest.raises(ValueError, match="keep_ratio"):

@@ -109,45 +109,17 @@ def manifests() -> list[Any]:
 
 
 def _method_classes() -> dict[str, type]:
-    from .. import DivPrune, FastV, GPrune, MRPruner, RandomPruner, ResPrune
-    from ..methods import (
-        DART,
-        SCOPE,
-        TRIM,
-        AgilePruner,
-        CDPruner,
-        FasterVLM,
-        HiRED,
-        L2Norm,
-        PDrop,
-        PruMerge,
-        SparseVLM,
-        VisionZip,
-        VisPruner,
-    )
+    """Every method :mod:`mrprune.methods` exports, by its normalised class name (``mrpruner``, ``tome``, ...), plus
+    ``random`` for :class:`~mrprune.RandomPruner`: a new method is reachable by name without an edit here."""
+    from .. import methods
+    from ..methods.base import Pruner
 
-    return {
-        "mrpruner": MRPruner,
-        "gprune": GPrune,
-        "divprune": DivPrune,
-        "random": RandomPruner,
-        "randompruner": RandomPruner,
-        "resprune": ResPrune,
-        "fastv": FastV,
-        "pdrop": PDrop,
-        "dart": DART,
-        "fastervlm": FasterVLM,
-        "hired": HiRED,
-        "scope": SCOPE,
-        "vispruner": VisPruner,
-        "cdpruner": CDPruner,
-        "trim": TRIM,
-        "l2norm": L2Norm,
-        "agilepruner": AgilePruner,
-        "visionzip": VisionZip,
-        "prumerge": PruMerge,
-        "sparsevlm": SparseVLM,
+    classes = {
+        _normalise(name): cls
+        for name in methods.__all__
+        if isinstance(cls := getattr(methods, name), type) and issubclass(cls, Pruner) and cls is not Pruner
     }
+    return {**classes, "random": methods.RandomPruner}
 
 
 def _normalise(name: str) -> str:
