@@ -69,7 +69,9 @@ def sequence(seed, length, heads=4, dim=8, width=32):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize(("n", "budget", "layout"), [(64, 16, "grid"), (100, 24, "grid"), (80, 40, "next")])
+@pytest.mark.parametrize(
+    ("n", "budget", "layout"), [(64, 16, "grid"), (100, 24, "grid"), (80, 40, "next"), (30, 40, "next")]
+)
 def test_official_equals_the_port(seed, n, budget, layout):
     start, text = 7, 12
     keys, states = sequence(seed, start + n + text)
@@ -204,7 +206,7 @@ def case(request):
 
 
 @torch.no_grad()
-def eager_kept(model, inputs, positions, method):
+def eager_kept(model, inputs, positions, method, next_layout=False):
     """DART on needs computed from the unpatched eager model's hidden states and its layer K-1's own modules."""
     import sys
 
@@ -238,16 +240,13 @@ def eager_kept(model, inputs, positions, method):
             key_norms=norms[b, text][None],
             normed=normed[b, text][None],
         )
-        kept.append(
-            method.select_batch(
-                normed[b, cols][None],
-                [None],
-                key_norms=norms[b, cols][None],
-                normed=normed[b, cols][None],
-                prompt=prompt,
-                positions=(cols - first)[None],
-            )[0]
-        )
+        needs = dict(key_norms=norms[b, cols][None], normed=normed[b, cols][None], prompt=prompt)
+        needs["positions"] = (cols - first)[None]
+        if method.official and next_layout:  # the official NeXT arithmetic reads the layout's type only
+            shape = LlavaNextLayout(rows=1, cols=1, base_side=2)
+            kept.append(method._official(0, shape, torch.tensor([cols.numel()]), **needs))
+        else:
+            kept.append(method.select_batch(normed[b, cols][None], [None], **needs)[0])
     return kept
 
 
@@ -255,14 +254,13 @@ def eager_kept(model, inputs, positions, method):
 @torch.no_grad()
 def test_generate_equals_the_oracle(case, official):
     name, model, inputs, positions, _ = case
-    method = DART(budget=6 if official else 5, layer=2, official=official)
-    if official and name == "llava_next":
-        pytest.skip("official LLaVA-NeXT arithmetic reads the layout: covered by test_official_equals_the_port")
+    # official LLaVA-NeXT: per pivot min(budget, n - 4) // 8, so a budget of 24 keeps 4 + 8 * 2 of a 20+ token image
+    method = DART(budget=(24 if name == "llava_next" else 6) if official else 5, layer=2, official=official)
     steps = 4
     with patched(model, method) as handle:
         generated = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
     ours = [k for record in handle.last for k in record.kept]
-    expected = eager_kept(model, inputs, positions, method)
+    expected = eager_kept(model, inputs, positions, method, next_layout=name == "llava_next")
     for a, b in zip(ours, expected, strict=True):
         assert torch.equal(a, b)
     real = inputs["attention_mask"].bool()
