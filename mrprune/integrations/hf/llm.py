@@ -37,7 +37,7 @@ from ...methods.stages import Need, PromptTokens
 from .._cache import cache_of
 from .rows import Rows, clock, rebuild
 
-__all__ = ["LLMStage", "last_token_attention", "pruning_layers"]
+__all__ = ["LLMStage", "pruning_layers"]
 
 #: needs that hand the method the prompt's text tokens (:class:`PromptTokens`)
 _PROMPT_NEEDS = frozenset({Need.PROMPT_ATTENTION, Need.KEY_NORMS, Need.NORMED_STATES})
@@ -89,30 +89,6 @@ def _queries(
     q = attention.q_proj(picked).view(batch, rows, -1, attention.head_dim).transpose(1, 2)
     cos, sin = (t.expand(batch, -1, -1).gather(1, at[..., None].expand(-1, -1, t.shape[-1])) for t in rotary)
     return _rope(attention)(q, q, cos, sin)[0]
-
-
-def last_token_attention(
-    layer: Any, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor, keys: torch.Tensor
-) -> torch.Tensor:
-    """Head-averaged attention probabilities of one query token per row in ``layer`` (``mrprune.attention_rows``).
-
-    Parameters
-    ----------
-    layer : decoder layer (``input_layernorm``, ``self_attn.q_proj`` / ``k_proj``)
-    hidden : ``[B, L, D]`` the layer's input
-    rotary : ``(cos, sin)``, each ``[B or 1, L, head_dim]``, the layer's rotary embeddings
-    query : ``[B]`` the query column per row
-    keys : ``[B, L]`` bool, the columns the query may attend to (the causal limit is applied on top)
-
-    Returns
-    -------
-    Tensor ``[B, L]`` float32, zero outside ``keys``.
-    """
-    normed = layer.input_layernorm(hidden)
-    q = _queries(layer, normed, rotary, query[:, None])
-    k = _keys(layer, normed, rotary)
-    scale = float(layer.self_attn.scaling)
-    return ops.attention_rows(q, k, keys, query[:, None], scale=scale)[:, 0].float()
 
 
 class _Run:
