@@ -5,12 +5,15 @@ merged prefill equals a hand-written decoding loop over an oracle prompt (the me
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 from mrprune.integrations import patch, patched  # noqa: E402
+from mrprune.integrations.hf.adapters.clip import cls_layers  # noqa: E402
 from mrprune.integrations.testing import (  # noqa: E402
     IMAGE_TOKEN,
     VIDEO_TOKEN,
@@ -18,7 +21,8 @@ from mrprune.integrations.testing import (  # noqa: E402
     kept_mask,
     mask_positions,
 )
-from mrprune.methods import MergedTokens, PruMerge, VisionZip  # noqa: E402
+from mrprune.methods import FasterVLM, MergedTokens, PruMerge, VisionZip  # noqa: E402
+from mrprune.methods.stages import Need  # noqa: E402
 from tests.test_integration_stages import CASES, single_prompt  # noqa: E402
 
 ATOL = 1e-5
@@ -148,6 +152,103 @@ def test_remove_restores_the_model(case, method):
     reference = model(**inputs).logits
     handle = patch(model, METHODS[method][1]())
     assert model(**inputs).logits.shape[1] < reference.shape[1]
+    handle.remove()
+    assert _hooks_and_attributes(model) == before
+    assert torch.equal(model(**inputs).logits, reference)
+
+
+class RecordingKeys(FasterVLM):
+    """FasterVLM that reads the keys of two layers and the [CLS] row without a head split, and keeps what the vision
+    stage handed it."""
+
+    needs = FasterVLM.needs | {Need.VISION_KEYS}
+    attention_heads = "joint"
+    key_layers = (0, -1)
+
+    def _select_batch(self, features, layouts, lengths, texts, crop_keys=None, **kwargs):
+        self.seen = dict(kwargs, crop_keys=crop_keys)
+        return super()._select_batch(features, layouts, lengths, texts, **kwargs)
+
+
+def _eager_projections(model, crops, layer):
+    """An eager copy's ``q_proj`` / ``k_proj`` outputs ``[crops, 1 + P, C]`` at vision ``layer`` on ``crops``."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    attention = cls_layers(eager.model.vision_tower)[layer].self_attn
+    captured = {}
+    hooks = [
+        attention.q_proj.register_forward_hook(lambda module, args, output: captured.update(q=output)),
+        attention.k_proj.register_forward_hook(lambda module, args, output: captured.update(k=output)),
+    ]
+    eager.model.vision_tower(crops)
+    for hook in hooks:
+        hook.remove()
+    return captured["q"], captured["k"], attention.num_heads
+
+
+@torch.no_grad()
+def test_vision_keys_and_joint_attention_match_the_eager_tower(case, monkeypatch):
+    """``Need.VISION_KEYS`` per crop (LLaVA-1.5's one, every LLaVA-NeXT crop, including the tiles' patches
+    unpadding drops) equals the eager tower's ``k_proj`` output split into heads, [CLS] dropped; ``attention_heads =
+    "joint"`` gives one softmax of the full ``q_cls . k / sqrt(C)``; the tower keeps SDPA; Qwen2.5-VL refuses the
+    joint row and hands ``crop_keys=None``."""
+    name, model, inputs, _ = case
+    if name == "qwen2_5_vl":
+        with pytest.raises(ValueError, match="without a head split"):
+            patch(model, RecordingKeys(keep_ratio=0.5, layer=0))
+        method = RecordingKeys(keep_ratio=0.5, layer=0)
+        method.attention_heads = "mean"
+        with patched(model, method):
+            model(**inputs)
+        assert method.seen["crop_keys"] is None
+        return
+    from tests.test_visionzip import forbid_eager_clip_attention
+
+    if name == "llava":
+        crops = [inputs["pixel_values"][i : i + 1] for i in range(3)]
+    else:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = model.config
+        crops = [
+            inputs["pixel_values"][i, : image_size_to_num_patches(tuple(s.tolist()), config.image_grid_pinpoints, 28)]
+            for i, s in enumerate(inputs["image_sizes"])
+        ]
+    oracle = {layer: [_eager_projections(model, c, layer) for c in crops] for layer in (0, -1)}
+    method = RecordingKeys(keep_ratio=0.5, layer=-1)
+    with monkeypatch.context() as context:
+        forbid_eager_clip_attention(context)
+        with patched(model, method):
+            model(**inputs)
+    seen = method.seen
+    assert sorted(seen["crop_keys"]) == [-1, 0]
+    for layer in (0, -1):
+        for b, (q, k, heads) in enumerate(oracle[layer]):
+            keys = seen["crop_keys"][layer][b]
+            assert keys.shape == (q.shape[0], q.shape[1] - 1, heads, q.shape[2] // heads)
+            torch.testing.assert_close(keys, k[:, 1:].view(keys.shape), rtol=1e-5, atol=1e-6)
+            if layer == -1:  # the probed attention layer: the joint row
+                row = ((q[:, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)[:, 0, 1:]
+                torch.testing.assert_close(seen["crop_attention"][-1][b], row, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [lambda: VisionZip(budget=8, contextual_ratio=0.5, official=True), lambda: PruMerge(official=True, neighbors=4)],
+    ids=["visionzip_official", "prumerge_official"],
+)
+@torch.no_grad()
+def test_official_modes_remove_restores_the_model(method):
+    """The key and joint-attention probes leave no hook behind: after each call and after ``remove()``."""
+    model, inputs, _ = CASES["llava"]()
+    inputs = dict(inputs, input_ids=inputs["input_ids"][1:], attention_mask=inputs["attention_mask"][1:])
+    inputs["pixel_values"] = inputs["pixel_values"][2:]
+    reference = model(**inputs).logits  # first call: transformers installs its output-recording hooks
+    before = _hooks_and_attributes(model)
+    handle = patch(model, method())
+    during = _hooks_and_attributes(model)
+    assert model(**inputs).logits.shape[1] < reference.shape[1]
+    assert _hooks_and_attributes(model) == during  # the probes' hooks live for one encoder call
     handle.remove()
     assert _hooks_and_attributes(model) == before
     assert torch.equal(model(**inputs).logits, reference)

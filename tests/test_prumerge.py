@@ -69,8 +69,10 @@ def official_prumerge(features, keys, cls_attn, plus, ratio=None):
 
 
 def random_inputs(batch, n, generator, dim=12):
+    """Features ``[B, N, C]``, the last layer's keys per head ``[B, N, 2, d]`` (the port takes them flattened, the
+    official full keys) and a [CLS] attention row ``[B, N]``."""
     features = torch.randn(batch, n, dim, generator=generator)
-    keys = torch.randn(batch, n, dim + 4, generator=generator)
+    keys = torch.randn(batch, n, 2, dim + 4, generator=generator)
     attention = (1.5 * torch.randn(batch, n, generator=generator)).softmax(-1)
     return features, keys, attention
 
@@ -84,7 +86,7 @@ def official_select(method, features, keys, attention):
         crops=torch.zeros(batch, n, dtype=torch.int64),
         patches=torch.arange(n).expand(batch, n),
         crop_attention={LAYER: [attention[b : b + 1] for b in range(batch)]},
-        crop_features=[keys[b : b + 1] for b in range(batch)],
+        crop_keys={LAYER: [keys[b : b + 1] for b in range(batch)]},
         attention_kind="cls",
     )
 
@@ -104,7 +106,7 @@ def check_against_port(result, idx, updated, extra, attention):
 def test_official_plus_matches_the_port(seed):
     generator = torch.Generator().manual_seed(seed)
     features, keys, attention = random_inputs(1, 576, generator)
-    idx, updated, extra = official_prumerge(features, keys, attention, plus=True)
+    idx, updated, extra = official_prumerge(features, keys.flatten(-2), attention, plus=True)
     (result,) = official_select(PruMerge(official=True), features, keys, attention)
     assert 0 < int(576 * official_ratio(attention)) < idx.shape[1]  # the samples added tokens
     check_against_port(result, idx[0], updated[0], extra[0], attention[0])
@@ -119,7 +121,7 @@ def test_official_plus_samples_stop_before_the_last_patch():
     attention[0, torch.randperm(575, generator=generator)[:35]] += 10.0
     attention = attention / attention.sum()  # a probability row, like the [CLS] softmax
     assert int(576 * official_ratio(attention)) == 35
-    idx, updated, extra = official_prumerge(features, keys, attention, plus=True)
+    idx, updated, extra = official_prumerge(features, keys.flatten(-2), attention, plus=True)
     assert 575 not in idx[0].tolist()
     (result,) = official_select(PruMerge(official=True), features, keys, attention)
     check_against_port(result, idx[0], updated[0], extra[0], attention[0])
@@ -131,7 +133,7 @@ def test_official_plain_matches_the_port_over_a_batch(ratio):
     generator = torch.Generator().manual_seed(7)
     features, keys, attention = random_inputs(3, 200, generator)
     attention[1] = (4.0 * torch.randn(200, generator=generator)).softmax(-1)  # more outliers in one image
-    idx, updated, extra = official_prumerge(features, keys, attention, plus=False, ratio=ratio)
+    idx, updated, extra = official_prumerge(features, keys.flatten(-2), attention, plus=False, ratio=ratio)
     results = official_select(PruMerge(keep_ratio=ratio, plus=False, official=True), features, keys, attention)
     for b, result in enumerate(results):
         check_against_port(result, idx[b], updated[b], extra[b], attention[b])
@@ -160,7 +162,7 @@ def test_official_errors():
             attention={LAYER: attention},
             crops=torch.zeros(1, 60, dtype=torch.int64),
             crop_attention={LAYER: [attention.view(2, 30)]},
-            crop_features=[keys.view(2, 30, -1)],
+            crop_keys={LAYER: [keys.view(2, 30, 2, -1)]},
             attention_kind="cls",
         )
 
@@ -291,3 +293,86 @@ def test_presets():
     assert not preset("prumerge").plus
     assert preset("prumerge_plus_64").size.budget == 64
     assert preset("prumerge_qwen_667").size.keep_ratio == pytest.approx(1 / 3)
+
+
+def _eager_last_layer(eager, pixels):
+    """The eager tower's last layer ``q_proj`` / ``k_proj`` outputs ``[B, 1 + P, C]`` (as the official hooks take
+    them) on ``pixels``."""
+    from mrprune.integrations.hf.adapters.clip import cls_layers
+
+    attention = cls_layers(eager.model.vision_tower)[LAYER].self_attn
+    captured = {}
+    hooks = [
+        attention.q_proj.register_forward_hook(lambda module, args, output: captured.update(q=output)),
+        attention.k_proj.register_forward_hook(lambda module, args, output: captured.update(k=output)),
+    ]
+    eager.model.vision_tower(pixels)
+    for hook in hooks:
+        hook.remove()
+    return captured["q"], captured["k"]
+
+
+def _gapped(cls_attn, keys, neighbors):
+    """Whether the official decisions have margins (> 1e-4 relative) that SDPA-vs-eager rounding cannot flip: no
+    attention near the IQR bound, a gap at the top-k cut, and at every token's ``neighbors``-th nearest key."""
+    values = cls_attn.flatten().double()
+    q1, q3 = torch.quantile(values, 0.25), torch.quantile(values, 0.75)
+    bound = q3 + 1.5 * (q3 - q1)
+    scale = float(values.max())
+    if bool(((values - bound).abs() < 1e-4 * scale).any()) or not bool((values > bound).any()):
+        return False
+    ordered = cls_attn.double().sort(dim=1, descending=True).values
+    count = int(cls_attn.shape[1] * official_ratio(cls_attn))
+    if count and bool(((ordered[:, count - 1] - ordered[:, count]) < 1e-4 * scale).any()):
+        return False
+    unit = F.normalize(keys.double(), dim=-1)
+    similarity = (unit @ unit.transpose(1, 2)).diagonal_scatter(torch.full(keys.shape[:2], -9.0).double(), 0, 1, 2)
+    near = similarity.sort(dim=2, descending=True).values
+    return bool(((near[..., neighbors - 1] - near[..., neighbors]) > 1e-4).all())
+
+
+@pytest.mark.parametrize("plus", [True, False])
+@torch.no_grad()
+def test_official_on_a_tiny_llava_matches_the_port_of_the_eager_tower(plus, monkeypatch):
+    """End to end on a tiny LLaVA-1.5 with 36 patches (enough for the official 32 neighbours): the vision stage hands
+    official=True the last layer's [CLS] row without a head split and its full keys, the model's tower keeps SDPA,
+    and the merged tokens equal the port run on the eager tower's own ``q_proj`` / ``k_proj`` outputs (PruMerge+ on
+    one image, the official adaptive branch's batch; plain PruMerge on two, one IQR share for both)."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from mrprune.integrations import patched
+    from mrprune.integrations.testing import IMAGE_TOKEN, left_pad, tiny_llava
+    from tests.test_visionzip import forbid_eager_clip_attention
+
+    model = tiny_llava(image_size=42)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    patches, images = 36, 1 if plus else 2
+    for seed in range(40):
+        pixels = torch.randn(images, 3, 42, 42, generator=torch.Generator().manual_seed(seed))
+        q, k = _eager_last_layer(eager, pixels)
+        channels = q.shape[-1]
+        cls_attn = ((q[:, :1] @ k.transpose(-2, -1)) * channels**-0.5).softmax(-1)[:, 0, 1:]  # [B, P]
+        keys = k[:, 1:]  # the official Key_wo_cls
+        if _gapped(cls_attn, keys, 32):
+            break
+    else:
+        pytest.fail("no seed gives gapped attention and neighbours")
+    # the joint row ranks unlike the head mean here, so a head-averaged score would fail the comparison
+    split_q = q[:, :1].view(images, 1, 4, -1).transpose(1, 2)  # [B, H, 1, d]
+    split_k = k.view(images, 1 + patches, 4, -1).transpose(1, 2)  # [B, H, 1 + P, d]
+    mean_row = ((split_q @ split_k.transpose(-2, -1)) * (channels // 4) ** -0.5).softmax(-1).mean(1)[:, 0, 1:]
+    assert not torch.equal(mean_row.argsort(dim=1, descending=True), cls_attn.argsort(dim=1, descending=True))
+    features = torch.stack(list(model.model.get_image_features(pixels, return_dict=True).pooler_output))
+    idx, updated, extra = official_prumerge(features, keys, cls_attn, plus=plus)
+    image = [IMAGE_TOKEN] * patches
+    prompts = [[1, 5, *image, 7]] if plus else [[1, 5, *image, 7, *image, 9]]
+    input_ids, mask = left_pad(prompts)
+    forbid_eager_clip_attention(monkeypatch)  # the patched run keeps SDPA: no attention weights materialised
+    with patched(model, PruMerge(plus=plus, official=True)) as handle:
+        model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
+    merged = handle.last[0].merged
+    assert len(merged) == images
+    for b, result in enumerate(merged):
+        check_against_port(result, idx[b], updated[b], extra[b], cls_attn[b])

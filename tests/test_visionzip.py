@@ -12,6 +12,16 @@ from mrprune.methods import MergedTokens, VisionZip, preset
 LAYER = -2
 
 
+def forbid_eager_clip_attention(monkeypatch):
+    """Make the CLIP tower's eager attention (the only path that materialises attention weights) raise."""
+    from transformers.models.clip import modeling_clip
+
+    def eager(*args, **kwargs):
+        raise AssertionError("the CLIP tower ran eager attention")
+
+    monkeypatch.setattr(modeling_clip, "eager_attention_forward", eager)
+
+
 # --- the port (the official steps, eager torch, on one crop with its [CLS] row first) -------------------------------
 
 
@@ -56,18 +66,21 @@ def gapped_rows(heads, patches, generator):
 
 
 def crop_inputs(crops, patches, dim, generator, heads=2):
+    """Per crop the states ``[1 + P, D]``, the select layer's keys per head ``[1 + P, H, d]`` and the per-head
+    [CLS] rows ``[H, P]`` (all with the [CLS] token first)."""
     hidden = torch.randn(crops, 1 + patches, dim, generator=generator)
-    metric = torch.randn(crops, 1 + patches, dim + 3, generator=generator)
+    keys = torch.randn(crops, 1 + patches, heads, dim + 3, generator=generator)
     rows = torch.stack([gapped_rows(heads, patches, generator) for _ in range(crops)])  # [crops, H, P]
-    return hidden, metric, rows
+    return hidden, keys, rows
 
 
-def check_against_port(result, positions, hidden, metric, rows, budget, contextual):
-    """``result`` for an item whose crop ``c`` patch ``p`` is token ``positions[c, p]``."""
+def check_against_port(result, positions, hidden, keys, rows, budget, contextual):
+    """``result`` for an item whose crop ``c`` patch ``p`` is token ``positions[c, p]``; ``keys [crops, 1 + P, H,
+    d]``, head-averaged as the official ``CLIPAttention_forward`` returns them (``raw_key_states.mean(1)``)."""
     kept, outputs = result.kept.tolist(), {}
     for crop in range(hidden.shape[0]):
         dom, targets, tokens, remaining, slot = official_visionzip(
-            hidden[crop], metric[crop], rows[crop], budget - contextual, contextual
+            hidden[crop], keys[crop].mean(-2), rows[crop], budget - contextual, contextual
         )
         for p in dom.tolist():
             outputs[int(positions[crop, p])] = hidden[crop, 1 + p]
@@ -82,8 +95,9 @@ def check_against_port(result, positions, hidden, metric, rows, budget, contextu
     torch.testing.assert_close(result.tokens, expected, rtol=1e-6, atol=1e-6)
 
 
-def select(method, features, crops, patches, rows, metric, lengths):
-    """``select_batch`` with the vision stage's signals built by hand (``rows [B][crops, H, P]``)."""
+def select(method, features, crops, patches, rows, keys, lengths):
+    """``select_batch`` with the vision stage's signals built by hand (``rows [B][crops, H, P]``, ``keys
+    [B][crops, P, H, d]``)."""
     batch, width = features.shape[:2]
     scores = torch.zeros(batch, width)
     for b in range(batch):
@@ -98,7 +112,7 @@ def select(method, features, crops, patches, rows, metric, lengths):
         crops=crops,
         patches=patches,
         crop_attention={LAYER: [r.mean(1) for r in rows]},
-        crop_features=metric,
+        crop_keys={LAYER: keys},
         attention_kind="cls",
     )
 
@@ -107,7 +121,7 @@ def select(method, features, crops, patches, rows, metric, lengths):
 def test_official_one_crop_matches_the_port(patches, budget):
     generator = torch.Generator().manual_seed(patches + budget)
     items = 3
-    hidden, metric, rows = crop_inputs(items, patches, 16, generator)
+    hidden, keys, rows = crop_inputs(items, patches, 16, generator)
     method = VisionZip(budget=budget, official=True)
     dominant, contextual = method.split(budget)
     if budget in (64, 128, 192):
@@ -115,12 +129,12 @@ def test_official_one_crop_matches_the_port(patches, budget):
     features = hidden[:, 1:]
     crops = torch.zeros(items, patches, dtype=torch.int64)
     positions = torch.arange(patches).expand(items, patches)
-    results = select(method, features, crops, positions, [r[None] for r in rows], metric[:, None, 1:], None)
+    results = select(method, features, crops, positions, [r[None] for r in rows], keys[:, None, 1:], None)
     for b, result in enumerate(results):
         assert isinstance(result, MergedTokens)
         assert result.kept.numel() == budget - 1  # the [CLS] state has no row
         check_against_port(
-            result, positions[b : b + 1], hidden[b : b + 1], metric[b : b + 1], rows[b : b + 1], budget, contextual
+            result, positions[b : b + 1], hidden[b : b + 1], keys[b : b + 1], rows[b : b + 1], budget, contextual
         )
 
 
@@ -128,7 +142,7 @@ def test_official_per_crop_on_llava_next_like_items():
     """Three crops, their tokens interleaved with newlines (dropped, as the official code adds none)."""
     generator = torch.Generator().manual_seed(5)
     crops_n, patches, budget = 3, 30, 12
-    hidden, metric, rows = crop_inputs(crops_n, patches, 8, generator)
+    hidden, keys, rows = crop_inputs(crops_n, patches, 8, generator)
     # token layout: crop 0 patches, then crops 1 and 2 interleaved in rows of 5 with a newline after each row
     crop_of, patch_of = [0] * patches, list(range(patches))
     for r in range(patches // 5):
@@ -145,15 +159,15 @@ def test_official_per_crop_on_llava_next_like_items():
     features = torch.zeros(1, n, 8)
     features[0, made] = hidden[crops[0, made], 1 + where[0, made]]
     method = VisionZip(budget=budget, official=True)
-    (result,) = select(method, features, crops, where, [rows], [metric[:, 1:]], None)
+    (result,) = select(method, features, crops, where, [rows], [keys[:, 1:]], None)
     assert result.kept.numel() == crops_n * (budget - 1)
     assert bool((result.sources[~made] == -1).all())  # newlines dropped
-    check_against_port(result, positions, hidden, metric, rows, budget, method.split(budget)[1])
+    check_against_port(result, positions, hidden, keys, rows, budget, method.split(budget)[1])
 
 
 def test_official_errors():
     generator = torch.Generator().manual_seed(0)
-    hidden, metric, rows = crop_inputs(1, 12, 4, generator)
+    hidden, keys, rows = crop_inputs(1, 12, 4, generator)
     crops, where = torch.zeros(1, 12, dtype=torch.int64), torch.arange(12)[None]
     features = hidden[:, 1:]
     with pytest.raises(ValueError, match="every patch of every crop"):  # a patch without a token (unpadding)
@@ -163,7 +177,7 @@ def test_official_errors():
             crops[:, :11],
             where[:, :11],
             [rows],
-            [metric[:, 1:]],
+            [keys[:, 1:]],
             None,
         )
     with pytest.raises(ValueError, match="CLIP towers"):
@@ -177,7 +191,7 @@ def test_official_errors():
             crops,
             where,
             [rows],
-            [metric[:, 1:]],
+            [keys[:, 1:]],
             None,
         )
     with pytest.raises(ValueError, match=r"include_target"):
@@ -201,7 +215,7 @@ def test_default_one_crop_is_the_port_with_one_more_dominant_token():
         assert result.kept.numel() == budget
         positions = torch.arange(50)[None]
         check_against_port(
-            result, positions, hidden[b : b + 1], hidden[b : b + 1], rows[b : b + 1], budget + 1, contextual
+            result, positions, hidden[b : b + 1], hidden[b : b + 1, :, None], rows[b : b + 1], budget + 1, contextual
         )
 
 
@@ -291,23 +305,28 @@ def test_presets():
 
 
 @torch.no_grad()
-def test_official_on_a_tiny_llava_matches_the_port_of_the_eager_tower():
-    """End to end: the vision stage hands official=True the select layer's [CLS] attention and the tower's own states
-    of the eager model, and the merged tokens take their representatives' rows."""
+def test_official_on_a_tiny_llava_matches_the_port_of_the_eager_tower(monkeypatch):
+    """End to end: the vision stage hands official=True the select layer's [CLS] attention and its keys (``k_proj``
+    output, head-averaged by the method) of the eager tower, the model's tower keeps SDPA, and the merged tokens
+    take their representatives' rows."""
     pytest.importorskip("transformers")
     import copy
 
     from mrprune.integrations import patched
+    from mrprune.integrations.hf.adapters.clip import cls_layers
     from mrprune.integrations.testing import IMAGE_TOKEN, left_pad, tiny_llava
 
     model = tiny_llava()
     image = [IMAGE_TOKEN] * 16
     input_ids, mask = left_pad([[1, 5, *image, 7, *image, 9], [1, 12, *image, 14]])
     budget = 8
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    attention = cls_layers(eager.model.vision_tower)[LAYER].self_attn
+    captured = {}
+    hook = attention.k_proj.register_forward_hook(lambda module, args, output: captured.update(keys=output))
     for seed in range(20):  # pixels whose top-(T - C - 1) = top-3 [CLS] attention has a gap (no near-ties)
         pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
-        eager = copy.deepcopy(model)
-        eager.set_attn_implementation("eager")
         out = eager.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
         rows = out.attentions[LAYER][:, :, 0, 1:]  # [images, H, P]
         top = rows.sum(1).sort(dim=1, descending=True).values
@@ -315,13 +334,16 @@ def test_official_on_a_tiny_llava_matches_the_port_of_the_eager_tower():
             break
     else:
         pytest.fail("no seed gives gapped attention")
+    hook.remove()
+    keys = captured["keys"].view(3, 17, attention.num_heads, -1)  # [images, 1 + P, H, d], [CLS] first
     features = model.model.get_image_features(pixels, return_dict=True).pooler_output
+    assert model.model.vision_tower.config._attn_implementation == "sdpa"
+    forbid_eager_clip_attention(monkeypatch)  # the patched run keeps SDPA: no attention weights materialised
     with patched(model, VisionZip(budget=budget, contextual_ratio=0.5, official=True)) as handle:
         model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
     merged = [m for record in handle.last for m in record.merged]
     assert [record.tokens_after for record in handle.last] == [2 * (budget - 1), budget - 1]
-    states = out.hidden_states[LAYER]  # [images, 1 + P, Dv]: the features LLaVA projects, [CLS] first
     for i, result in enumerate(merged):
         tokens = features[i].reshape(16, -1)
         hidden = torch.cat([torch.zeros(1, tokens.shape[1]), tokens])[None]
-        check_against_port(result, torch.arange(16)[None], hidden, states[i : i + 1], rows[i : i + 1], budget, 4)
+        check_against_port(result, torch.arange(16)[None], hidden, keys[i : i + 1], rows[i : i + 1], budget, 4)

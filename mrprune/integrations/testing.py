@@ -52,11 +52,16 @@ def _text_config(layers: int) -> dict[str, Any]:
     )
 
 
-def _clip_config() -> Any:
+def _clip_config(image_size: int = 28) -> Any:
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=7,
     )
 
 
@@ -65,16 +70,18 @@ def _no_eos(model: Any) -> Any:
     return model
 
 
-def tiny_llava(layers: int = 2, seed: int = 0) -> Any:
-    """``LlavaForConditionalGeneration``: images ``[N, 3, 28, 28]``, 16 tokens each (a 4 x 4 grid)."""
+def tiny_llava(layers: int = 2, seed: int = 0, image_size: int = 28) -> Any:
+    """``LlavaForConditionalGeneration``: images ``[N, 3, 28, 28]``, 16 tokens each (a 4 x 4 grid); with
+    ``image_size`` (a multiple of the 7 px patch) ``[N, 3, s, s]`` images of ``(s / 7) ** 2`` tokens (42: 36, enough
+    for PruMerge's 32 neighbours)."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=_clip_config(),
+        vision_config=_clip_config(image_size),
         text_config=LlamaConfig(**_text_config(layers)),
         image_token_index=IMAGE_TOKEN,
-        image_seq_length=16,
+        image_seq_length=(image_size // 7) ** 2,
     )
     return _no_eos(LlavaForConditionalGeneration(config).eval())
 

@@ -45,7 +45,9 @@ class PruMerge(Pruner):
     plus : bool
         PruMerge+ (spatial samples added; the official shipped ``forward``), or plain PruMerge.
     neighbors : int >= 0
-        Nearest tokens each kept token absorbs (official: 32; 0 merges nothing).
+        Nearest tokens each kept token absorbs (official: 32; 0 merges nothing). The official ``topk(32)`` needs
+        ``P >= 33`` patches; here fewer are capped at the ``P - 1`` other tokens (a smaller value with
+        ``official=True`` runs the official steps with that ``k``).
     extra_token : bool
         Add the attention-weighted sum of the pruned tokens as one more token (official: always).
     layer : int
@@ -54,18 +56,23 @@ class PruMerge(Pruner):
         ``True`` reproduces the official selection and merge arithmetic on one-crop [CLS] images (LLaVA-1.5, the
         official code's only model): the IQR share over *all images of the call at once* (the official flattens the
         batch), ``int(P * share)`` top tokens, PruMerge+ samples ``arange(0, 575, int(int(1 / share) / 3))`` (575
-        read as ``P - 1``) that are not kept already, 32 neighbours ranked among all other tokens.
+        read as ``P - 1``) that are not kept already, ``neighbors`` (32) neighbours ranked among all other tokens;
+        the score is the [CLS] row of layer ``layer`` without a head split and the neighbours' metric its full keys
+        (``attention_heads = "joint"``, ``key_layers = (layer,)``: the integration hands both over on CLIP towers).
 
     Notes
     -----
     Differences from the official code, both modes:
 
-    * **Attention heads.** The official score is one softmax of the last layer's full ``q_cls . k / sqrt(1024)``
-      without a head split; the vision stage hands methods the head-averaged [CLS] row, which ranks tokens
-      differently, so adaptive counts and picks differ on real towers (the arithmetic from the score on is exact).
-    * **Similarity metric.** The official code compares the last layer's keys; the vision stage hands methods no
-      keys: ``official=True`` compares the vision tower's own select-layer states (``Need.VISION_FEATURES``, the
-      input of the last layer), the default mode the tokens in the LLM input space.
+    * **Attention heads.** The official score is one softmax of layer ``layer``'s full ``q_cls . k / sqrt(C)``
+      (``C`` = 1024, the tower width; ``q_proj`` / ``k_proj`` outputs of the layer's normed input, bias included,
+      the [CLS] key in the softmax) without a head split: ``official=True`` reads exactly that
+      (``attention_heads = "joint"``). The default mode reads the head-averaged row (``"mean"``), which also exists
+      on Qwen2.5-VL as received attention; it ranks tokens differently from the joint row.
+    * **Similarity metric.** The official code ranks neighbours by the cosine of layer ``layer``'s full keys (all
+      heads concatenated, [CLS] key left out): ``official=True`` compares exactly those (``Need.VISION_KEYS``,
+      ``crop_keys[layer].flatten(-2)``). The default mode compares the tokens in the LLM input space (the same
+      metric on every model, the space the merged tokens live in) and asks for no keys.
     * **Where tokens are merged.** On the projected tokens instead of the vision states (a vision-stage method never
       calls the projector): ``proj(x_c) + sum a_j proj(x_j)`` instead of ``proj(x_c + sum a_j x_j)``.
     * **Positions.** Output tokens sit at their representatives' rows (spatial order; official: attention order,
@@ -89,7 +96,7 @@ class PruMerge(Pruner):
 
     stage = Stage.VISION
     merges = True
-    needs = Pruner.needs | {Need.VISION_ATTENTION, Need.VISION_FEATURES}
+    needs = Pruner.needs | {Need.VISION_ATTENTION, Need.VISION_KEYS}
 
     def __init__(
         self,
@@ -115,6 +122,8 @@ class PruMerge(Pruner):
         if self.official and not self.extra_token:
             raise ValueError("mrprune.PruMerge(official=True) always adds the extra token")
         self.attention_layers = (self.layer,)
+        self.attention_heads = "joint" if self.official else "mean"
+        self.key_layers = (self.layer,) if self.official else ()
 
     def __repr__(self) -> str:
         size = "adaptive" if self.size is None else repr(self.size)
@@ -133,13 +142,13 @@ class PruMerge(Pruner):
         crops=None,
         patches=None,
         crop_attention=None,
-        crop_features=None,
+        crop_keys=None,
         attention_kind="cls",
         **kwargs,
     ):
         scores, crops = token_scores("PruMerge", features, attention, crops, self.layer)
         if self.official:
-            return self._official(features, lengths, crops, crop_attention, crop_features, attention_kind)
+            return self._official(features, lengths, crops, crop_attention, crop_keys, attention_kind)
         if self.size is None:  # adaptive: every crop's count comes from its own attention
             counts = []
             for b, n in enumerate(lengths.tolist()):
@@ -210,11 +219,11 @@ class PruMerge(Pruner):
             kept.append(top)
         return kept, extra
 
-    def _official(self, features, lengths, crops, crop_attention, crop_features, attention_kind):
-        if attention_kind != "cls" or crop_attention is None or crop_features is None:
+    def _official(self, features, lengths, crops, crop_attention, crop_keys, attention_kind):
+        if attention_kind != "cls" or crop_attention is None or not crop_keys:
             raise ValueError(
-                "mrprune.PruMerge(official=True) needs the [CLS] attention and the vision tower's features (CLIP "
-                "towers); use official=False"
+                "mrprune.PruMerge(official=True) needs the [CLS] attention and the vision tower's keys (CLIP towers); "
+                "use official=False"
             )
         rows = [crop_attention[self.layer][b] for b in range(features.shape[0])]
         if any(r.shape[0] != 1 or r.shape[1] != int(n) for r, n in zip(rows, lengths.tolist(), strict=True)):
@@ -235,7 +244,7 @@ class PruMerge(Pruner):
             samples = torch.arange(0, total - 1, stride, device=features.device)
             kept = [torch.cat([k, samples[~torch.isin(samples, k)]]) for k in kept]
         extra = [bool(k.numel() < total) for k in kept]
-        metric = torch.cat([crop_features[b] for b in range(batch)])  # [B, P, Dv]
+        metric = torch.cat([crop_keys[self.layer][b].flatten(-2) for b in range(batch)])  # [B, P, H * d]: full keys
         picks = _merge(features, metric, saliency, sizes, kept, extra, self.neighbors)
         return [
             assemble(int(n), [rep], [out], into, weight)

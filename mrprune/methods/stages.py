@@ -19,6 +19,17 @@ stage           the method's ``features``, and what else it may read            
                 FlashAttention stay on) and the prompt's text tokens (:class:`PromptTokens`)
 ==============  ==========================================================================================  ==========
 
+``vision``-stage declarations
+-----------------------------
+``attention_layers : tuple[int, ...]``
+    The vision encoder layers whose attention :attr:`Need.VISION_ATTENTION` delivers.
+``attention_heads : str`` (default ``"mean"``)
+    How the [CLS] row is taken over the heads: ``"mean"``, the heads' softmax rows averaged; ``"joint"``, one softmax
+    of the full ``q_cls . k / sqrt(embed_dim)`` without a head split (PruMerge's official score). ``"joint"`` needs a
+    [CLS] tower (``attention_kind == "cls"``); the integration refuses it elsewhere. It applies to every probed layer.
+``key_layers : tuple[int, ...]`` (default ``()``)
+    The vision encoder layers whose keys :attr:`Need.VISION_KEYS` delivers (none: ``crop_keys`` is ``{}``).
+
 Every stage returns kept indices per item (sorted ascending) or :class:`~mrprune.methods.results.MergedTokens`.
 Vision- and projector-stage methods select before the language model runs; ``llm``-stage methods select inside it
 and keep the original positions.
@@ -92,6 +103,14 @@ class Need(str, enum.Enum):
         of the vision tower's feature-layer state, with the CLIP model the method carries as ``clip``; 0 for
         newlines), and ``clip_text``: per item the CLIP text embeddings ``[M, E]`` of its instruction's 77-token
         segments (``clip_tokenizer``). ``None`` where the tower or the method does not provide them.
+    VISION_KEYS
+        ``crop_keys``: ``{layer: [Tensor [crops_b, P, H, d]] * B}``, for each layer of the method's ``key_layers``
+        per item the keys of that vision encoder layer for every patch of every crop (the layer's ``k_proj`` output
+        on its normed input, bias included, split into its ``H`` heads of ``d`` channels, [CLS] dropped; the tower's
+        dtype), crops and patches indexed like ``crop_attention`` (a token's keys are
+        ``crop_keys[layer][b][crops[b, i], patches[b, i]]``). ``.mean(-2)`` is VisionZip's head-averaged key,
+        ``.flatten(-2)`` PruMerge's full key. ``None`` where the tower provides none (Qwen2.5-VL: its keys belong to
+        patches before the 2 x 2 merger and under windowed attention, no [CLS]).
     VISION_MERGE
         The method merges tokens inside the vision encoder (ToMe): the integration runs the encoder's blocks through
         the method's ``schedule`` / ``start`` / ``attention_bias`` / ``merge_block`` / ``unmerge`` and passes
@@ -123,6 +142,7 @@ class Need(str, enum.Enum):
     VISION_FEATURES = "vision_features"
     CLIP_EMBEDDINGS = "clip_embeddings"
     VISION_MERGE = "vision_merge"
+    VISION_KEYS = "vision_keys"
     LAST_QUERY_ATTENTION = "last_query_attention"
     PROMPT_ATTENTION = "prompt_attention"
     KEY_NORMS = "key_norms"
@@ -180,6 +200,7 @@ NEED_KEYWORDS: dict[str, tuple[str, ...]] = {
     "vision_features": ("crop_features",),
     "clip_embeddings": ("clip_image", "clip_text"),
     "vision_merge": ("groups",),
+    "vision_keys": ("crop_keys",),
     "last_query_attention": ("attention",),
     "prompt_attention": ("prompt", "input_embeddings"),
     "key_norms": ("key_norms", "prompt"),

@@ -66,9 +66,12 @@ class VisionZip(Pruner):
       "default"``), so there is no row for it: ``official=True`` keeps the official ``T - C - 1`` dominant patches
       and leaves the [CLS] state out (``T - 1`` tokens per crop); the default mode gives the slot to one more
       dominant patch (exactly ``T`` tokens).
-    * **The similarity metric.** The official code compares the head-averaged *keys* of layer -2. The vision stage
-      hands methods no keys: ``official=True`` compares the vision tower's own layer -2 states (the features LLaVA
-      projects, ``Need.VISION_FEATURES``), the default mode the tokens in the LLM input space (every model).
+    * **The similarity metric.** The official code compares the head-averaged *keys* of layer ``layer`` (its
+      ``CLIPAttention`` returns ``k_proj(layer_norm1(x))`` split into heads and averaged over them; the [CLS] key is
+      never compared, [CLS] being dominant). ``official=True`` compares exactly those (``Need.VISION_KEYS``,
+      ``crop_keys[layer].mean(-2)``). The default mode compares the tokens in the LLM input space: the same metric
+      on every model (Qwen2.5-VL's tower has no keys per token: they belong to patches before its 2 x 2 merger),
+      and the space the merged tokens live in; it asks for no keys.
     * **Where tokens are merged.** The official code merges vision states and projects the merged states; here the
       merge runs on the projected tokens (a vision-stage method never calls the projector), so a contextual token is
       ``proj(t) + mean(proj(m))`` instead of ``proj(t + mean(m))``.
@@ -87,7 +90,7 @@ class VisionZip(Pruner):
 
     stage = Stage.VISION
     merges = True
-    needs = Pruner.needs | {Need.VISION_ATTENTION, Need.VISION_FEATURES}
+    needs = Pruner.needs | {Need.VISION_ATTENTION, Need.VISION_KEYS}
 
     def __init__(
         self,
@@ -109,6 +112,7 @@ class VisionZip(Pruner):
         if self.official and self.include_target:
             raise ValueError("mrprune.VisionZip(official=True) merges as target + mean(members); drop include_target")
         self.attention_layers = (self.layer,)
+        self.key_layers = (self.layer,) if self.official else ()
 
     def __repr__(self) -> str:
         return (
@@ -131,13 +135,13 @@ class VisionZip(Pruner):
         crops=None,
         patches=None,
         crop_attention=None,
-        crop_features=None,
+        crop_keys=None,
         attention_kind="cls",
         **kwargs,
     ):
         scores, crops = token_scores("VisionZip", features, attention, crops, self.layer)
         if self.official:
-            return self._official(features, lengths, crops, patches, crop_attention, crop_features, attention_kind)
+            return self._official(features, lengths, crops, patches, crop_attention, crop_keys, attention_kind)
         counts, newlines = size_split(self.size, crops, lengths)
         groups, owners, wanted = crop_groups(crops, lengths, counts)
         parts = []
@@ -164,15 +168,16 @@ class VisionZip(Pruner):
             results.append(assemble(n, reps, outs, where, weights))
         return results
 
-    def _official(self, features, lengths, crops, patches, crop_attention, crop_features, attention_kind):
-        if attention_kind != "cls" or crop_attention is None or crop_features is None or patches is None:
+    def _official(self, features, lengths, crops, patches, crop_attention, crop_keys, attention_kind):
+        if attention_kind != "cls" or crop_attention is None or not crop_keys or patches is None:
             raise ValueError(
-                "mrprune.VisionZip(official=True) needs the [CLS] attention and the vision tower's features of every "
-                "crop (CLIP towers); use official=False"
+                "mrprune.VisionZip(official=True) needs the [CLS] attention and the vision tower's keys of every crop "
+                "(CLIP towers); use official=False"
             )
         results = []
         for b, n in enumerate(lengths.tolist()):
-            saliency, metric = crop_attention[self.layer][b], crop_features[b]  # [crops, P], [crops, P, Dv]
+            # [crops, P] and the head-averaged keys [crops, P, d] (the official metric)
+            saliency, metric = crop_attention[self.layer][b], crop_keys[self.layer][b].float().mean(-2)
             count, total = saliency.shape
             owned, where = crops[b, :n], patches[b, :n]
             made = owned >= 0

@@ -7,6 +7,8 @@ asks for, the attention the encoder paid each token: the [CLS] query row on CLIP
 own q/k, one row, so SDPA / FlashAttention stay on), the attention each token receives on towers without a [CLS]
 token (Qwen2.5-VL; ``mrprune.ops.received_attention``, streamed from the layer's q/k). The signals are aligned with
 the item's tokens in the LLM input space, so vision-stage methods select on the same indices as every other method.
+For ``Need.VISION_KEYS`` the adapter's :meth:`~mrprune.integrations.hf.adapters.base.Adapter.key_probe` records the
+keys of the method's ``key_layers`` per crop (CLIP towers; a forward hook on ``k_proj``, nothing recomputed).
 """
 
 from __future__ import annotations
@@ -69,13 +71,15 @@ class ItemInfo:
     """How an image / video was encoded: the encoder call's ``arguments`` other than pixels (its layout follows from
     them), its ``index`` among that call's items, its encoder ``attention`` when the method asked for any, and the
     vision tower's own features of its crops when the method reads them (``Need.VISION_FEATURES``), and each token's
-    merged group when the method merges inside the encoder (``Need.VISION_MERGE``)."""
+    merged group when the method merges inside the encoder (``Need.VISION_MERGE``), and its crops' keys at the
+    method's ``key_layers`` (``Need.VISION_KEYS``)."""
 
     arguments: dict[str, Any]
     index: int
     attention: ItemAttention | None = None
     crop_features: torch.Tensor | None = None  # [crops, P, D_vision]: the tower's feature-layer states, per crop
     groups: torch.Tensor | None = None  # [n] int64: each token's merged group, -1 for none
+    keys: dict[int, torch.Tensor] | None = None  # {layer: [crops, P, H, d]}: the tower's keys, per crop
 
 
 @dataclass
@@ -165,6 +169,15 @@ class VisionStage:
             )
         if Need.VISION_MERGE in method.needs and adapter.vision_merge_refusal is not None:
             raise NotImplementedError(f"mrprune.patch: {type(method).__name__}: {adapter.vision_merge_refusal}")
+        self.heads = getattr(method, "attention_heads", "mean")
+        if self.heads not in ("mean", "joint"):
+            raise ValueError(f"mrprune.patch: {type(method).__name__}.attention_heads must be 'mean' or 'joint'")
+        if self.heads == "joint" and adapter.attention_kind != "cls":
+            raise ValueError(
+                f"mrprune.patch: {type(method).__name__} reads the [CLS] attention without a head split, which "
+                f"{type(adapter.model).__name__}'s vision tower does not provide (no [CLS] token)"
+            )
+        self.key_layers = sorted(set(getattr(method, "key_layers", ()))) if Need.VISION_KEYS in method.needs else []
 
     def layers(self, arguments: dict[str, Any]) -> list[int]:
         """The encoder layers to probe in a call with ``arguments``."""
@@ -185,8 +198,11 @@ class VisionStage:
             arguments = _flat_arguments(signature, args, kwargs)
             layers = self.layers(arguments)
             merging = Need.VISION_MERGE in self.method.needs
+            # heads only when not the default: adapters without a [CLS] row take no such argument
+            joint = {"heads": "joint"} if self.heads == "joint" else {}
             with (
-                self.adapter.attention_probe(modality, arguments, layers) as probe,
+                self.adapter.attention_probe(modality, arguments, layers, **joint) as probe,
+                self.adapter.key_probe(modality, arguments, self.key_layers) as key_probe,
                 self.adapter.vision_merge(modality, arguments, self.method if merging else None) as merged,
             ):
                 output = original(*args, **kwargs)
@@ -199,10 +215,11 @@ class VisionStage:
                     crop_features = self.adapter.crop_features(modality, arguments, output)
                 crop_features = crop_features or [None] * len(pooled)
                 groups = merged() or [None] * len(pooled)
-                for index, (tensor, item, own, group) in enumerate(
-                    zip(pooled, attention, crop_features, groups, strict=True)
+                keys = (key_probe() if self.key_layers else None) or [None] * len(pooled)
+                for index, (tensor, item, own, group, key) in enumerate(
+                    zip(pooled, attention, crop_features, groups, keys, strict=True)
                 ):
-                    self.registry.add(tensor, ItemInfo(metadata, index, item, own, group))
+                    self.registry.add(tensor, ItemInfo(metadata, index, item, own, group, key))
             return output
 
         return encode
@@ -304,6 +321,18 @@ class VisionStage:
                     "encoded before patch(); pass pixels to the patched model"
                 )
             extra["groups"] = _pad_rows([item.info.groups.to(device) for item in items], -1)
+        if Need.VISION_KEYS in needs:  # where the tower provides them (CLIP), else None
+            if not self.adapter.provides_keys:
+                extra["crop_keys"] = None
+            elif any(item.info.keys is None for item in items) and self.key_layers:
+                raise ValueError(
+                    f"mrprune: {type(self.method).__name__} reads the vision encoder's keys, but some items were "
+                    "encoded before patch(); pass pixels to the patched model"
+                )
+            else:
+                extra["crop_keys"] = {
+                    layer: [item.info.keys[layer].to(device) for item in items] for layer in self.key_layers
+                }
         if Need.VISION_FEATURES in needs:  # where the tower provides them (CLIP), else None
             own = [item.info.crop_features for item in items]
             extra["crop_features"] = None if any(f is None for f in own) else [f.to(device) for f in own]

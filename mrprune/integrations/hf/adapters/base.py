@@ -4,7 +4,8 @@
 stage          what the adapter provides
 =============  ==============================================================================================
 vision         ``layout`` (each item's token layout), ``attention_probe`` (the encoder's attention per token at
-               given layers), ``attention_kind``, ``feature_attention_layer``, ``crop_features``
+               given layers), ``attention_kind``, ``key_probe`` / ``provides_keys`` (the encoder's keys per crop),
+               ``feature_attention_layer``, ``crop_features``
 projector      ``modalities`` / ``token_id`` (placeholders), ``encoder_name``, ``visual_keys``
 llm            ``text_model`` (decoder layers), positions (``default_positions``, ``normalize_positions``,
                ``model_positions``: ``[A, B, L]`` with ``A = 1`` for 1-D RoPE, 3 for M-RoPE), ``check_llm``
@@ -37,6 +38,9 @@ class Adapter:
     position_axes = 1
     #: what ``attention_probe`` records: ``"cls"`` (the [CLS] query row), ``"received"``, or ``None`` (nothing)
     attention_kind: str | None = None
+    #: whether ``key_probe`` records the encoder's keys per crop (CLIP towers); where not, ``Need.VISION_KEYS``
+    #: methods get ``crop_keys=None``
+    provides_keys: bool = False
     #: why methods that merge inside the vision encoder (``Need.VISION_MERGE``) cannot run here; ``None``: they can
     vision_merge_refusal: str | None = "this model's vision tower has no per-block merge support in mrprune"
 
@@ -52,11 +56,22 @@ class Adapter:
         raise NotImplementedError
 
     def attention_probe(
-        self, modality: str, arguments: dict[str, Any], layers: Sequence[int]
+        self, modality: str, arguments: dict[str, Any], layers: Sequence[int], heads: str = "mean"
     ) -> contextlib.AbstractContextManager[Callable[[], list[Any] | None]]:
         """A context manager around one encoder call yielding a callable that returns, afterwards, one
         :class:`~mrprune.integrations.hf.vision.ItemAttention` per item of the call with the encoder's attention at
-        ``layers`` (indices into the encoder's layers), or ``None`` when the tower provides none."""
+        ``layers`` (indices into the encoder's layers), or ``None`` when the tower provides none. ``heads="joint"``
+        (the [CLS] row without a head split) is asked only of ``attention_kind == "cls"`` adapters; the vision stage
+        refuses it elsewhere."""
+        return contextlib.nullcontext(lambda: None)
+
+    def key_probe(
+        self, modality: str, arguments: dict[str, Any], layers: Sequence[int]
+    ) -> contextlib.AbstractContextManager[Callable[[], list[dict[int, torch.Tensor]] | None]]:
+        """A context manager around one encoder call yielding a callable that returns, afterwards, per item of the
+        call ``{layer: Tensor [crops, P, H, d]}``: the keys of every patch of every crop of the item at ``layers``
+        (per head, [CLS] dropped, crops in ``ItemAttention.per_crop`` order), or ``None`` when the tower provides
+        none (``provides_keys`` is ``False``)."""
         return contextlib.nullcontext(lambda: None)
 
     def vision_merge(

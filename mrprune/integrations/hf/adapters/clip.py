@@ -1,8 +1,11 @@
-"""CLIP vision towers (LLaVA-1.5, LLaVA-NeXT): the [CLS] attention row of chosen encoder layers, per crop, and the
-encoder run of methods that merge tokens in every block (ToMe).
+"""CLIP vision towers (LLaVA-1.5, LLaVA-NeXT): the [CLS] attention row and the keys of chosen encoder layers, per crop,
+and the encoder run of methods that merge tokens in every block (ToMe).
 
 The row is recomputed from each layer's own ``q_proj`` / ``k_proj`` on the layer's input (one query, so the tower
-keeps SDPA / FlashAttention), captured by a pre-hook on the layer's ``self_attn`` for one encoder call.
+keeps SDPA / FlashAttention), captured by a pre-hook on the layer's ``self_attn`` for one encoder call: head-averaged
+(one softmax per head), or *joint* (one softmax of the full ``q . k / sqrt(embed_dim)`` without a head split, as
+PruMerge's official ``clip_encoder.py`` scores). The keys are the layer's own ``k_proj`` output (on
+``layer_norm1`` of the layer input, bias included), captured by a forward hook on ``k_proj``: nothing is recomputed.
 
 Merging (:func:`merge_blocks`): for one encoder call every layer's ``forward`` is replaced by the same steps as
 ``CLIPEncoderLayer.forward`` on the method's merged tokens, with the method's merge between the attention residual
@@ -23,7 +26,14 @@ import torch
 
 from ..vision import cls_attention_row
 
-__all__ = ["cls_attention_probe", "cls_layers", "crop_features", "feature_attention_layer", "merge_blocks"]
+__all__ = [
+    "cls_attention_probe",
+    "cls_layers",
+    "crop_features",
+    "feature_attention_layer",
+    "key_probe",
+    "merge_blocks",
+]
 
 
 def cls_layers(vision_tower: Any) -> Any | None:
@@ -52,34 +62,82 @@ def feature_attention_layer(vision_tower: Any, feature_layer: Any) -> int | None
 
 @contextlib.contextmanager
 def cls_attention_probe(
-    vision_tower: Any, layers: Sequence[int]
+    vision_tower: Any, layers: Sequence[int], heads: str = "mean"
 ) -> Iterator[Callable[[], dict[int, torch.Tensor] | None]]:
-    """Around one tower run: yields a callable giving ``{layer: [crops, P]}``, the head-averaged [CLS] attention over
-    the patch tokens at each requested layer (indices into the encoder's layers, negative from the end), or ``None``
-    if the tower has no [CLS] token or did not run."""
-    encoder_layers = cls_layers(vision_tower)
-    if encoder_layers is None or not layers:
+    """Around one tower run: yields a callable giving ``{layer: [crops, P]}``, the [CLS] attention over the patch
+    tokens at each requested layer (indices into the encoder's layers, negative from the end), or ``None`` if the
+    tower has no [CLS] token or did not run.
+
+    ``heads``: ``"mean"`` averages the heads' softmax rows (scale ``head_dim ** -0.5``); ``"joint"`` takes one
+    softmax of the full ``q_cls . k`` over all ``embed_dim`` channels, scaled by ``embed_dim ** -0.5`` (PruMerge's
+    official score; the [CLS] key is in the softmax, its column dropped after)."""
+    if heads not in ("mean", "joint"):
+        raise ValueError(f"mrprune: heads must be 'mean' or 'joint', got {heads!r}")
+    encoder_layers = _checked_layers(vision_tower, layers)
+    if encoder_layers is None:
         yield lambda: None
         return
-    count = len(encoder_layers)
-    for layer in layers:
-        if not -count <= layer < count:
-            raise ValueError(f"mrprune: vision layer {layer} out of range for a tower of {count} layers")
     captured: dict[int, torch.Tensor] = {}
 
     def hook_for(layer: int) -> Callable:
         def capture(module: Any, args: tuple, kwargs: dict) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            if heads == "joint":  # one head of all channels
+                split, scale = 1, (module.num_heads * module.head_dim) ** -0.5
+            else:
+                split, scale = module.num_heads, module.scale
             with torch.no_grad():
-                captured[layer] = cls_attention_row(
-                    module.q_proj, module.k_proj, hidden.detach(), module.num_heads, module.scale
-                )
+                captured[layer] = cls_attention_row(module.q_proj, module.k_proj, hidden.detach(), split, scale)
 
         return capture
 
     hooks = [
         encoder_layers[layer].self_attn.register_forward_pre_hook(hook_for(layer), with_kwargs=True) for layer in layers
     ]
+    try:
+        yield lambda: dict(captured) if len(captured) == len(set(layers)) else None
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _checked_layers(vision_tower: Any, layers: Sequence[int]) -> Any | None:
+    """The tower's encoder layers (``None``: no [CLS] tower, or no layer asked for); raises on an index out of
+    range."""
+    encoder_layers = cls_layers(vision_tower)
+    if encoder_layers is None or not layers:
+        return None
+    count = len(encoder_layers)
+    for layer in layers:
+        if not -count <= layer < count:
+            raise ValueError(f"mrprune: vision layer {layer} out of range for a tower of {count} layers")
+    return encoder_layers
+
+
+@contextlib.contextmanager
+def key_probe(vision_tower: Any, layers: Sequence[int]) -> Iterator[Callable[[], dict[int, torch.Tensor] | None]]:
+    """Around one tower run: yields a callable giving ``{layer: [crops, P, H, d]}``, each requested layer's keys of
+    the patch tokens (the layer's ``k_proj`` output on its ``layer_norm1``-ed input, bias included, split into its
+    ``H`` heads of ``d`` channels, [CLS] dropped; the tower's dtype, detached), or ``None`` if the tower has no
+    [CLS] token or did not run. ``.mean(-2)`` gives VisionZip's head-averaged keys, ``.flatten(-2)`` PruMerge's
+    full keys."""
+    encoder_layers = _checked_layers(vision_tower, layers)
+    if encoder_layers is None:
+        yield lambda: None
+        return
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(layer: int, heads: int) -> Callable:
+        def capture(module: Any, args: tuple, output: torch.Tensor) -> None:
+            crops, tokens, _ = output.shape
+            captured[layer] = output.detach().view(crops, tokens, heads, -1)[:, 1:]
+
+        return capture
+
+    hooks = []
+    for layer in layers:
+        attention = encoder_layers[layer].self_attn
+        hooks.append(attention.k_proj.register_forward_hook(hook_for(layer, attention.num_heads)))
     try:
         yield lambda: dict(captured) if len(captured) == len(set(layers)) else None
     finally:

@@ -42,6 +42,7 @@ class LlavaAdapter(Adapter):
         self.attention_kind = "cls" if clip.cls_layers(self.base.vision_tower) is not None else None
         if self.attention_kind == "cls":
             self.vision_merge_refusal = None
+            self.provides_keys = True
 
     def layout(self, modality: str, arguments: dict[str, Any], index: int) -> GridLayout:
         check_default_strategy(self.model.config, arguments)
@@ -60,9 +61,9 @@ class LlavaAdapter(Adapter):
 
     @contextlib.contextmanager
     def attention_probe(
-        self, modality: str, arguments: dict[str, Any], layers: Sequence[int]
+        self, modality: str, arguments: dict[str, Any], layers: Sequence[int], heads: str = "mean"
     ) -> Iterator[Callable[[], list[ItemAttention] | None]]:
-        with clip.cls_attention_probe(self.base.vision_tower, layers) as probe:
+        with clip.cls_attention_probe(self.base.vision_tower, layers, heads) as probe:
 
             def items() -> list[ItemAttention] | None:
                 rows = probe()  # {layer: [images, P]}: one crop per image
@@ -80,6 +81,21 @@ class LlavaAdapter(Adapter):
                     )
                     for i in range(images)
                 ]
+
+            yield items
+
+    @contextlib.contextmanager
+    def key_probe(
+        self, modality: str, arguments: dict[str, Any], layers: Sequence[int]
+    ) -> Iterator[Callable[[], list[dict[int, torch.Tensor]] | None]]:
+        with clip.key_probe(self.base.vision_tower, layers) as probe:
+
+            def items() -> list[dict[int, torch.Tensor]] | None:
+                keys = probe()  # {layer: [images, P, H, d]}: one crop per image
+                if keys is None:
+                    return None
+                images = next(iter(keys.values())).shape[0]
+                return [{layer: k[i : i + 1] for layer, k in keys.items()} for i in range(images)]
 
             yield items
 

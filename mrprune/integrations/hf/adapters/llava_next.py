@@ -53,6 +53,7 @@ class LlavaNextAdapter(Adapter):
         self.attention_kind = "cls" if clip.cls_layers(self.base.vision_tower) is not None else None
         if self.attention_kind == "cls":
             self.vision_merge_refusal = None
+            self.provides_keys = True
 
     def _image_sizes(self, arguments: dict[str, Any]) -> list[tuple[int, int]]:
         sizes = arguments.get("image_sizes")
@@ -93,9 +94,9 @@ class LlavaNextAdapter(Adapter):
 
     @contextlib.contextmanager
     def attention_probe(
-        self, modality: str, arguments: dict[str, Any], layers: Sequence[int]
+        self, modality: str, arguments: dict[str, Any], layers: Sequence[int], heads: str = "mean"
     ) -> Iterator[Callable[[], list[ItemAttention] | None]]:
-        with clip.cls_attention_probe(self.base.vision_tower, layers) as probe:
+        with clip.cls_attention_probe(self.base.vision_tower, layers, heads) as probe:
 
             def items() -> list[ItemAttention] | None:
                 rows = probe()  # {layer: [all crops, P]}; each image's crops in a run, its base view first
@@ -116,6 +117,22 @@ class LlavaNextAdapter(Adapter):
                     result.append(ItemAttention("cls", scores, sources[:, 0], sources[:, 1], per_crop))
                     first += count
                 return result
+
+            yield items
+
+    @contextlib.contextmanager
+    def key_probe(
+        self, modality: str, arguments: dict[str, Any], layers: Sequence[int]
+    ) -> Iterator[Callable[[], list[dict[int, torch.Tensor]] | None]]:
+        with clip.key_probe(self.base.vision_tower, layers) as probe:
+
+            def items() -> list[dict[int, torch.Tensor]] | None:
+                keys = probe()  # {layer: [all crops, P, H, d]}; each image's crops in a run, its base view first
+                if keys is None:
+                    return None
+                counts = self._crop_counts(arguments)
+                split = {layer: k.split(counts) for layer, k in keys.items()}
+                return [{layer: parts[i] for layer, parts in split.items()} for i in range(len(counts))]
 
             yield items
 
