@@ -30,7 +30,10 @@ themselves) are drawn clear. Everything here is drawing glue: the pruning itself
 ``mrprune viz`` runs a pruner preset on an image and saves the picture. No vision-tower weights exist offline, so
 unless ``--features`` gives real ones it uses :func:`standin_features`: simple per-patch colour and gradient
 statistics of the image lifted to ``D`` dimensions by a fixed random projection. They are *stand-ins, not CLIP
-features*, and the picture says so.
+features*, and the picture says so. What a method reads besides its tokens is a stand-in too
+(:func:`standin_signals`), named in the picture where it is synthetic: ToMe merges over a stand-in tower (its own merge
+schedule over blocks that only merge), and the ``llm``-stage methods (PDrop, DART, SparseVLM) run every pruning layer
+on a synthetic prompt, attention, keys and hidden states.
 """
 
 from __future__ import annotations
@@ -46,7 +49,18 @@ import torch
 
 from .layouts import DEFAULT_GRID_PINPOINTS, GridLayout, LlavaNextLayout
 
-__all__ = ["FITS", "SAMPLE_IMAGES", "add_arguments", "overlay", "run", "standin_features", "token_boxes"]
+__all__ = [
+    "FITS",
+    "SAMPLE_IMAGES",
+    "add_arguments",
+    "overlay",
+    "run",
+    "standin_features",
+    "standin_merge_groups",
+    "standin_select",
+    "standin_signals",
+    "token_boxes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -703,25 +717,29 @@ def standin_signals(
     pruner: Any, features: torch.Tensor, layout: Layout, image_size: tuple[int, int] | None = None
 ) -> dict[str, Any]:
     """Stand-in inputs for what a method reads besides its tokens, so that every method can be drawn without a
-    vision tower: ``Need.VISION_ATTENTION`` gets each token's norm normalised over its crop as a *stand-in* for the
-    encoder attention (crops from the layout: LLaVA-NeXT tiles from ``image_size`` and the default pinpoints, Qwen
-    frames); ``Need.CLIP_EMBEDDINGS`` the tokens as CLIP image embeddings and their mean as the question's. Shapes
-    are ``select``'s (a batch of one). Empty for methods that read nothing else."""
-    from .methods.stages import Need
+    model. Shapes are ``select``'s (a batch of one); empty for methods that read nothing else.
 
-    if Need.VISION_ATTENTION not in getattr(pruner, "needs", ()):
+    * ``Need.VISION_ATTENTION``: each token's norm normalised over its crop, a *stand-in* for the encoder attention
+      (crops from the layout: LLaVA-NeXT tiles from ``image_size`` and the default pinpoints, Qwen frames);
+      ``Need.CLIP_EMBEDDINGS``: the tokens as CLIP image embeddings and their mean as the question's.
+    * ``Need.VISION_MERGE`` (ToMe): ``groups`` from :func:`standin_merge_groups`, the method's own merge schedule
+      run over a *stand-in tower* whose blocks only merge (no attention, no MLP), the tokens being their own keys.
+    * ``llm``-stage methods: the signals of their first pruning layer (step 0) from :data:`SYNTHETIC_LLM_NOTE`'s
+      synthetic prompt, attention, keys and normed states (:func:`standin_select` runs every pruning layer).
+    """
+    from .methods.stages import Need, Stage
+
+    needs = getattr(pruner, "needs", ())
+    if getattr(pruner, "stage", None) is Stage.LLM:
+        tokens = features.float()
+        origin = torch.arange(tokens.shape[0])
+        return _llm_signals(pruner, tokens, _standin_prompt(tokens), tokens, 0, _llm_layers(pruner)[0], origin)
+    if Need.VISION_MERGE in needs:
+        return {"groups": standin_merge_groups(pruner, features, layout, image_size)[None]}
+    if Need.VISION_ATTENTION not in needs:
         return {}
+    crops = _standin_crops(layout, image_size)[:, 0]
     total = layout.num_tokens
-    crops = torch.zeros(total, dtype=torch.int64)
-    if isinstance(layout, LlavaNextLayout):
-        from .integrations.hf.adapters.llava_next import token_sources
-
-        if image_size is None or layout.single_crop:
-            crops[layout.num_base :] = 1
-        else:
-            crops = token_sources(layout, image_size, DEFAULT_GRID_PINPOINTS, 336)[:, 0]
-    elif isinstance(layout, GridLayout):
-        crops = torch.arange(total) // (layout.height * layout.width)
     norms = features.float().norm(dim=1)
     attention = torch.zeros(total)
     for crop in crops.unique().tolist():
@@ -738,6 +756,182 @@ def standin_signals(
         signals["clip_image"] = features.float()[None]
         signals["clip_text"] = [features.float().mean(0, keepdim=True)]
     return signals
+
+
+def _standin_crops(layout: Layout, image_size: tuple[int, int] | None) -> torch.Tensor:
+    """``[N, 2]`` int64 ``(crop, patch)`` per token (``-1`` for newlines): LLaVA-NeXT's crops from ``image_size`` and
+    the default pinpoints (base view and one high-resolution crop without it), a grid's frames."""
+    total = layout.num_tokens
+    if isinstance(layout, LlavaNextLayout):
+        from .integrations.hf.adapters.llava_next import token_sources
+
+        if image_size is not None and not layout.single_crop:
+            return token_sources(layout, image_size, DEFAULT_GRID_PINPOINTS, 336)
+        sources = torch.stack([torch.zeros(total, dtype=torch.int64), torch.arange(total)], 1)
+        sources[layout.num_base :, 0] = 1
+        sources[layout.num_base :, 1] -= layout.num_base
+        sources[layout.newline_indices] = -1
+        return sources
+    per_frame = layout.height * layout.width
+    return torch.stack([torch.arange(total) // per_frame, torch.arange(total) % per_frame], 1)
+
+
+#: Blocks of the stand-in tower: CLIP-L/336's 24 up to LLaVA's feature layer -2.
+STANDIN_TOWER_BLOCKS = 23
+STANDIN_TOWER_NOTE = (
+    "Stand-in tower: the method's merge schedule over 23 blocks that only merge (tokens = their own keys), NOT CLIP's."
+)
+
+
+def standin_merge_groups(
+    pruner: Any, features: torch.Tensor, layout: Layout, image_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Each token's merged group from a *stand-in tower* for a method that merges inside the vision encoder (ToMe).
+
+    Every crop becomes ``[CLS] + P`` patch tokens: the crop's tokens at their patches, [CLS] their mean, and the
+    patches LLaVA-NeXT's unpadding removed one constant padding token (the image mean). The method's own
+    ``schedule`` / ``start`` / ``merge_block`` then run over :data:`STANDIN_TOWER_BLOCKS` blocks that do nothing but
+    merge, each block's keys being its current tokens (one head), as the integration groups a real tower's tokens.
+
+    Returns
+    -------
+    Tensor ``[N]`` int64: the token's group (unique within the image), -1 for newline tokens.
+    """
+    sources = _standin_crops(layout, image_size)
+    present = sources[:, 0] >= 0
+    crops = int(sources[:, 0].max()) + 1
+    patches = int(sources[present, 1].max()) + 1
+    if isinstance(layout, LlavaNextLayout):
+        patches = max(patches, layout.base_side**2)  # a crop's full raster, unpadded patches included
+    x = features.float()
+    filler = x[present].mean(0)
+    hidden = filler.expand(crops, 1 + patches, x.shape[1]).clone()
+    crop, patch = sources[present, 0], sources[present, 1]
+    hidden[crop, 1 + patch] = x[present]
+    for c in range(crops):
+        members = crop == c
+        if bool(members.any()):
+            hidden[c, 0] = x[present][members].mean(0)
+    crop_tokens = torch.bincount(crop, minlength=crops).tolist()
+    schedule = pruner.schedule(patches, STANDIN_TOWER_BLOCKS, [crop_tokens], [int((~present).sum())])
+    state = pruner.start(hidden, schedule)
+    for block in range(STANDIN_TOWER_BLOCKS):
+        pruner.merge_block(state, block, state.tokens, state.tokens[:, :, None, :])
+    rows = state.source  # [C, 1 + P]: each original token's row after the last merge
+    groups = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
+    groups[present] = crop * rows.shape[1] + rows[crop, 1 + patch]
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic signals of llm-stage methods
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: Text tokens of the synthetic prompt, and the sharpness of the synthetic attention (``softmax(s * cosine)``).
+PROMPT_TOKENS = 8
+ATTENTION_SHARPNESS = 8.0
+SYNTHETIC_LLM_NOTE = (
+    "Synthetic LLM signals: 8 prompt tokens (random image tokens + noise) after the image, attention = softmax(8 cos) "
+    "to the current tokens, keys and hidden states = the tokens; NOT a language model's."
+)
+
+
+def _llm_layers(pruner: Any) -> tuple[int, ...]:
+    return tuple(getattr(pruner, "layers", None) or (pruner.layer,))
+
+
+def _standin_prompt(tokens: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``[T, D]`` synthetic prompt tokens: each a random image token's direction plus noise, at the tokens' mean
+    norm (a question about a few image regions)."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(tokens.shape[0], (PROMPT_TOKENS,), generator=generator)
+    directions = torch.nn.functional.normalize(tokens[picks], dim=-1)
+    noise = torch.randn(PROMPT_TOKENS, tokens.shape[1], generator=generator) / math.sqrt(tokens.shape[1])
+    return (directions + 0.5 * noise) * tokens.norm(dim=1).mean()
+
+
+def _rms_normed(x: torch.Tensor) -> torch.Tensor:
+    """A weightless RMS norm, the stand-in for the language model's final norm."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+
+
+def _llm_signals(
+    pruner: Any,
+    tokens: torch.Tensor,
+    prompt: torch.Tensor,
+    originals: torch.Tensor,
+    step: int,
+    layer: int,
+    origin: torch.Tensor,
+) -> dict[str, Any]:
+    """``select``'s keyword arguments of an llm-stage method at one pruning layer, from synthetic signals over the
+    ``tokens [n, D]`` left (``origin [n]``: their original indices) and the synthetic ``prompt [T, D]``."""
+    from .methods.stages import LLM_KEYWORDS, NEED_KEYWORDS, PromptTokens
+
+    n, count = tokens.shape[0], prompt.shape[0]
+    unit = torch.nn.functional.normalize
+    attention = (ATTENTION_SHARPNESS * unit(prompt, dim=-1) @ unit(tokens, dim=-1).T).softmax(-1)  # [T, n]
+    text = PromptTokens(
+        lengths=torch.tensor([count]),
+        positions=(n + torch.arange(count))[None],
+        after=torch.ones(1, count, dtype=torch.bool),
+        embeddings=prompt[None],
+        hidden=prompt[None],
+        attention=attention[None],
+        key_norms=prompt.abs().sum(-1)[None],
+        normed=_rms_normed(prompt)[None],
+    )
+    available = {
+        "attention": attention[-1][None],  # the last prompt token's row
+        "prompt": text,
+        "input_embeddings": originals[None],
+        "key_norms": tokens.abs().sum(-1)[None],
+        "normed": _rms_normed(tokens)[None],
+        "step": step,
+        "layer": layer,
+        "origin": origin[None],
+        "original_lengths": torch.tensor([originals.shape[0]]),
+        "positions": torch.arange(n)[None],
+    }
+    wanted = set(LLM_KEYWORDS).union(*(NEED_KEYWORDS.get(need.value, ()) for need in pruner.needs))
+    return {key: value for key, value in available.items() if key in wanted}
+
+
+def standin_select(
+    pruner: Any, features: torch.Tensor, layout: Layout, image_size: tuple[int, int] | None = None
+) -> Any:
+    """``pruner``'s result on one image with :func:`standin_signals`; an llm-stage method runs every pruning layer
+    on the tokens the previous one left (kept or merged), and its result is mapped back to the image's tokens
+    (kept indices, or :class:`~mrprune.methods.results.MergedTokens` when some layer merged)."""
+    from .methods.results import MergedTokens
+    from .methods.stages import Stage
+
+    if getattr(pruner, "stage", None) is not Stage.LLM:
+        return pruner.select(features, layout, **standin_signals(pruner, features, layout, image_size))
+    originals = features.float()
+    tokens, prompt = originals, _standin_prompt(originals)
+    total = originals.shape[0]
+    source = torch.arange(total)  # each original token's current token, -1 once dropped
+    weight = torch.ones(total)
+    origin = torch.arange(total)  # each current token's representative among the original tokens
+    merged = False
+    for step, layer in enumerate(_llm_layers(pruner)):
+        signals = _llm_signals(pruner, tokens, prompt, originals, step, layer, origin)
+        result = pruner.select(tokens, layout if step == 0 else None, **signals)
+        if isinstance(result, MergedTokens):
+            merged = True
+            to_new, weights, kept, tokens = result.sources, result.weights, result.kept, result.tokens.float()
+        else:
+            to_new = torch.full((tokens.shape[0],), -1, dtype=torch.int64)
+            to_new[result] = torch.arange(result.numel())
+            weights, kept, tokens = torch.ones(tokens.shape[0]), result, tokens[result]
+        alive = source.clamp(min=0)
+        source = torch.where(source >= 0, to_new[alive], -1)
+        weight = torch.where(source >= 0, weight * weights[alive], 0.0)
+        origin = origin[kept]
+    if not merged:
+        return origin
+    return MergedTokens(tokens.to(features.dtype), origin, source, weight.float())
 
 
 class StandinClip:
@@ -768,13 +962,16 @@ def method_scores(
     """Per-token scores to draw for ``pruner`` and a caption for them.
 
     Vision-stage methods: the stand-in encoder attention they ranked by (:func:`standin_signals`, with the image
-    size for LLaVA-NeXT's crops).
+    size for LLaVA-NeXT's crops). ``llm``-stage methods: the synthetic signal of their first pruning layer (DART:
+    key norms; PDrop, FastV: the last prompt token's attention; SparseVLM: the prompt's attention, mean over text
+    tokens).
     MR-Pruner / G-Prune: their graph score per resolution (``mrprune.graph_scores`` with the pruner's settings; for
     MR-Pruner's base view plus ``beta`` times the transfer from the high-resolution tokens it pruned). Other methods
     have no per-token score; their token norms are drawn. Newline tokens get NaN.
     """
     from . import ops
     from .methods import GPrune, MRPruner
+    from .methods.stages import Need, Stage
 
     features = features.float()
     total = layout.num_tokens
@@ -782,11 +979,22 @@ def method_scores(
     groups = {v.group: np.concatenate([w.indices().reshape(-1) for w in views if w.group == v.group]) for v in views}
     scores = torch.full((total,), math.nan)
     signals = standin_signals(pruner, features, layout, image_size)
-    if signals:  # vision-stage methods: the (stand-in) encoder attention they rank by
+    if Need.VISION_ATTENTION in pruner.needs:  # vision-stage methods: the (stand-in) encoder attention they rank by
         attention = next(iter(signals["attention"].values()))[0]
         for index in groups.values():
             scores[index] = attention[index]
         return scores, "stand-in encoder attention (token norm per crop)"
+    if getattr(pruner, "stage", None) is Stage.LLM:  # the synthetic signal of the first pruning layer
+        if "key_norms" in signals:
+            values, label = signals["key_norms"][0], "synthetic key L1 norm (first pruning layer)"
+        elif "attention" in signals:
+            values, label = signals["attention"][0], "synthetic last-prompt-token attention (first pruning layer)"
+        else:
+            values = signals["prompt"].attention[0].mean(0)
+            label = "synthetic prompt attention, mean over text tokens (first pruning layer)"
+        for index in groups.values():
+            scores[index] = values[index]
+        return scores, label
     if not isinstance(pruner, MRPruner | GPrune):
         norms = features.norm(dim=1)
         for index in groups.values():
@@ -937,6 +1145,7 @@ def _load_features(path: str, total: int) -> torch.Tensor:
 def run(args: argparse.Namespace) -> int:
     """``mrprune viz``: prune the image's tokens with a preset and save the picture. Returns the exit status."""
     from .methods import kept_indices, preset
+    from .methods.stages import Need, Stage
 
     try:
         picture, name = load_image(args.image)
@@ -966,8 +1175,18 @@ def run(args: argparse.Namespace) -> int:
             features = standin_features(image, layout, dim=args.dim, fit=fit, seed=args.seed)
             note = STANDIN_NOTE
         pruner = STANDIN_METHODS[args.method]() if args.method in STANDIN_METHODS else preset(args.method)
+        if Need.VISION_MERGE in pruner.needs and args.layout == "qwen":  # as the integration refuses it
+            raise ValueError(f"{args.method} merges inside a CLIP tower; Qwen2.5-VL's windowed tower is not supported")
         size = (height, width) if args.layout == "llava_next" else None
-        kept = pruner.select(features, layout, **standin_signals(pruner, features, layout, size))
+        kept = standin_select(pruner, features, layout, size)
+        synthetic = (
+            SYNTHETIC_LLM_NOTE
+            if pruner.stage is Stage.LLM
+            else STANDIN_TOWER_NOTE
+            if Need.VISION_MERGE in pruner.needs
+            else None
+        )
+        note = " ".join(text for text in (note, synthetic) if text) or None
         scores, label = method_scores(pruner, features, layout, kept, size) if args.scores else (None, "score")
         title = f"{args.method}: {pruner!r} on {name}, {described}"
         result = overlay(

@@ -318,20 +318,30 @@ def _one_preset_per_method():
 
 
 @pytest.mark.parametrize("method", _one_preset_per_method())
-def test_every_method_draws(tmp_path, method):
-    """Every method with a preset draws on LLaVA-NeXT (crops from the image size) and on a Qwen2.5-VL video; the
-    vision-stage ones rank by a stand-in attention and draw it as their scores."""
+def test_every_method_draws(tmp_path, method, caplog):
+    """Every method with a preset draws on LLaVA-NeXT (crops from the image size) and on a Qwen2.5-VL video (ToMe,
+    which merges inside a CLIP tower, is refused there with a clear error, as the integration refuses it); the
+    vision-stage ones rank by a stand-in attention and draw it as their scores; methods that read model signals
+    besides their tokens get stand-ins, and the picture says which are synthetic."""
     image = _png(tmp_path)
     out = str(tmp_path / "out.png")
+    pruner = mrprune.preset(method)
+    merges_in_tower = mrprune.Need.VISION_MERGE in pruner.needs
     for layout in (["--layout", "llava_next"], ["--layout", "qwen", "--frames", "2"]):
         argv = ["viz", "--image", image, "--method", method, *layout, "--out", out, "--scores", "--panel-height", "48"]
-        assert main(argv) == 0, (method, layout)
-    pruner = mrprune.preset(method)
+        if merges_in_tower and layout[1] == "qwen":
+            assert main(argv) == 2 and "Qwen2.5-VL" in caplog.text, (method, layout)
+        else:
+            assert main(argv) == 0, (method, layout)
     layout = LlavaNextLayout.from_image_size((300, 500))
     features = viz.standin_features(np.full((300, 500, 3), 128, dtype=np.uint8), layout, dim=32)
     extra = viz.standin_signals(pruner, features, layout, (300, 500))
-    assert bool(extra) == (mrprune.Need.VISION_ATTENTION in pruner.needs)
-    if extra:  # one stand-in attention distribution per crop; newlines in none
+    model_signals = {mrprune.Need.VISION_ATTENTION, mrprune.Need.VISION_MERGE}
+    assert bool(extra) == (bool(pruner.needs & model_signals) or pruner.stage is mrprune.Stage.LLM)
+    result = viz.standin_select(pruner, features, layout, (300, 500))
+    kept = mrprune.methods.kept_indices(result)
+    assert 0 < kept.numel() < layout.num_tokens, method  # every method prunes or merges something here
+    if mrprune.Need.VISION_ATTENTION in pruner.needs:  # one stand-in attention distribution per crop; newlines in none
         crops, attention = extra["crops"][0], next(iter(extra["attention"].values()))[0]
         assert crops.max() >= 2 and bool((attention[crops < 0] == 0).all())
         for crop in crops[crops >= 0].unique().tolist():
@@ -393,3 +403,37 @@ def test_merged_groups_coloured_and_representatives_marked():
         assert _centre(picture, panel, t // 4, t % 4).min() < 250  # the other members are not
     with pytest.raises(ValueError, match="map 9 input tokens"):
         viz.overlay(_white(60, 60), merged, GridLayout(1, 3, 3), panel_height=48)
+
+
+def test_standin_signals_run_every_stage_and_merge_block():
+    """The stand-ins run what each method does: PDrop's three pruning layers (its final count, nested in the first
+    layer's keep), SparseVLM's merged groups mapped back to the image's tokens (each representative in its own group,
+    each group's weights summing to 1), ToMe's schedule over the stand-in tower (at most its budget, every group
+    inside one crop)."""
+    layout = LlavaNextLayout.from_image_size((300, 500))
+    image = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    features = viz.standin_features(image, layout, dim=32)
+    n = layout.num_tokens
+
+    pdrop = mrprune.preset("pdrop")
+    kept = viz.standin_select(pdrop, features, layout, (300, 500))
+    assert kept.numel() == pdrop.count(2, n, n)
+    first = pdrop.select(features, layout, **viz.standin_signals(pdrop, features, layout, (300, 500)))
+    assert first.numel() == pdrop.count(0, n, n) and bool(torch.isin(kept, first).all())
+
+    merged = viz.standin_select(mrprune.preset("sparsevlm_128"), features, layout, (300, 500))
+    assert isinstance(merged, mrprune.methods.MergedTokens) and merged.sources.shape == (n,)
+    k = merged.kept.numel()
+    torch.testing.assert_close(merged.sources[merged.kept], torch.arange(k))
+    totals = torch.zeros(k).index_add_(0, merged.sources[merged.sources >= 0], merged.weights[merged.sources >= 0])
+    torch.testing.assert_close(totals, torch.ones(k))
+    assert int((merged.sizes > 1).sum()) > 0  # something was recycled
+
+    tome = mrprune.preset("tome_128")
+    groups = viz.standin_merge_groups(tome, features, layout, (300, 500))
+    crops = viz._standin_crops(layout, (300, 500))[:, 0]
+    assert bool(((groups < 0) == (crops < 0)).all())
+    ids = groups[groups >= 0].unique()
+    assert ids.numel() + int((groups < 0).sum()) <= 128
+    for group in ids.tolist():
+        assert crops[groups == group].unique().numel() == 1
