@@ -347,3 +347,55 @@ def test_official_on_a_tiny_llava_matches_the_port_of_the_eager_tower(monkeypatc
         tokens = features[i].reshape(16, -1)
         hidden = torch.cat([torch.zeros(1, tokens.shape[1]), tokens])[None]
         check_against_port(result, torch.arange(16)[None], hidden, keys[i : i + 1], rows[i : i + 1], budget, 4)
+
+
+@torch.no_grad()
+def test_official_on_a_tiny_llava_next_matches_the_port_per_crop(monkeypatch):
+    """End to end on LLaVA-NeXT: a (56, 56) image (the base view and 2 x 2 tiles, unpadding leaves it whole) is
+    merged crop by crop as the port does on each crop with the eager tower's layer -2 [CLS] rows and keys; the
+    newlines are dropped."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from mrprune.integrations import patched
+    from mrprune.integrations.hf.adapters.clip import cls_layers
+    from mrprune.integrations.hf.adapters.llava_next import token_sources
+    from mrprune.integrations.testing import IMAGE_TOKEN, left_pad, tiny_llava_next
+    from mrprune.layouts import LlavaNextLayout
+
+    model = tiny_llava_next()
+    sizes = torch.tensor([[56, 56]])
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    attention = cls_layers(eager.model.vision_tower)[LAYER].self_attn
+    captured = {}
+    hook = attention.k_proj.register_forward_hook(lambda module, args, output: captured.update(keys=output))
+    for seed in range(20):  # every crop's top-3 head-summed [CLS] attention has a gap
+        pixels = torch.randn(1, 5, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+        out = eager.model.vision_tower(pixels[0], output_attentions=True)
+        rows = out.attentions[LAYER][:, :, 0, 1:]  # [crops, H, P]
+        top = rows.sum(1).sort(dim=1, descending=True).values
+        if bool(((top[:, 2] - top[:, 3]) > 1e-4 * top[:, 0]).all()):
+            break
+    else:
+        pytest.fail("no seed gives gapped attention")
+    hook.remove()
+    keys = captured["keys"].view(5, 17, attention.num_heads, -1)
+    (features,) = model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output  # [88, D]
+    layout = LlavaNextLayout.from_image_size((56, 56), model.config.image_grid_pinpoints, crop_size=28, patch_size=7)
+    sources = token_sources(layout, (56, 56), model.config.image_grid_pinpoints, 28)
+    made = sources[:, 0] >= 0
+    positions = torch.full((5, 16), -1, dtype=torch.int64)
+    positions[sources[made, 0], sources[made, 1]] = made.nonzero()[:, 0]
+    assert bool((positions >= 0).all())  # unpadding left the image whole
+    hidden = torch.zeros(5, 17, features.shape[1])
+    hidden[:, 1:] = features[positions]
+    input_ids, mask = left_pad([[1, 5, *[IMAGE_TOKEN] * features.shape[0], 7]])
+    budget = 8
+    forbid_eager_clip_attention(monkeypatch)
+    with patched(model, VisionZip(budget=budget, contextual_ratio=0.5, official=True)) as handle:
+        model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    (result,) = handle.last[0].merged
+    assert result.kept.numel() == 5 * (budget - 1)
+    assert bool((result.sources[~made] == -1).all())  # newlines dropped
+    check_against_port(result, positions, hidden, keys, rows, budget, 4)
