@@ -406,3 +406,19 @@ def test_e2e_on_a_tiny_model(tmp_path):
         assert row["kept_tokens"] == 44 and row["prune_ms"] > 0 and row["prune_source"] == "handle.last"
         assert row["prefill_speedup"] > 0
     assert next(tmp_path.glob("e2e-*.csv"))
+
+
+def test_e2e_only_methods_by_name(tmp_path):
+    """``--methods tome`` names an e2e-only method: refused for the micro-benchmarks, run with ``--e2e``."""
+    assert cli.main(["bench", "--methods", "tome", "--no-save"]) == 2
+    pytest.importorskip("transformers")
+    try:
+        from mrprune.integrations import patch  # noqa: F401
+    except ImportError:
+        pytest.skip("mrprune.patch is not available")
+    # the tiny model's one CLIP block merges at most half of a crop's 16 patches: 25 % pruned is within reach
+    code, results = bench(tmp_path, "--e2e", "--quick", "--device", "cpu", "--methods", "tome", "--prune", "0.25")
+    assert code == 0
+    rows = results["results"]
+    assert [(r["name"], r["status"]) for r in rows] == [("none", "ok"), ("tome", "ok")]
+    assert 0 < rows[1]["kept_tokens"] < rows[1]["tokens"]

@@ -29,6 +29,7 @@ import torch
 
 from . import ops as micro
 from . import report
+from .e2e import E2E_METHODS
 from .shapes import DEFAULT_CPU_SHAPES, DEFAULT_GPU_SHAPES, SHAPES, cpu_refusal
 
 __all__ = ["add_arguments", "main", "run"]
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         return _list()
     try:
         op_names = _names(args.ops, micro.OPS, "op")
-        method_names = _names(args.methods, micro.METHODS, "method")
+        method_names = _names(args.methods, micro.METHODS + (E2E_METHODS if args.e2e else ()), "method")
         impls = _names(args.backends, micro.IMPLEMENTATIONS, "implementation", {"eager": "reference"})
         shape_names = None if args.shapes is None else _names(args.shapes, tuple(SHAPES), "shape")
     except argparse.ArgumentTypeError as error:
