@@ -9,7 +9,8 @@ A ``vision``-stage merging method. Per crop:
    ``Q3 + 1.5 (Q3 - Q1)`` (adaptive, the shipped default), or a fixed budget / ratio;
 2. the kept tokens: the top tokens by that attention; PruMerge+ adds spatially uniform samples;
 3. each kept token ``c`` becomes ``x_c + sum_j a_j x_j`` over its ``neighbors`` (32) nearest other tokens by cosine
-   similarity, ``a`` the [CLS] attention (``mrprune.knn_weighted_merge``; unnormalised, as the official code), and
+   similarity (official: of the last layer's full keys; default mode: of the tokens), ``a`` the [CLS] attention
+   (``mrprune.knn_weighted_merge``; unnormalised, as the official code), and
    one extra token ``sum_j a_j x_j`` over all pruned tokens is added.
 
 On Qwen2.5-VL (no [CLS]) the attention is the attention each token receives; each video frame is a crop.

@@ -8,8 +8,9 @@ A ``vision``-stage merging method. Per crop (LLaVA-1.5's one, each LLaVA-NeXT cr
    LLaVA projects); on Qwen2.5-VL, which has no [CLS], the attention each token receives (streamed from the layer's
    q/k by ``mrprune.received_attention``, never the N x N matrix the official Qwen port materialises);
 2. **contextual** tokens: among the remaining tokens (in position order) ``C`` targets at the uniform stride
-   ``max(1, R // C)``; every other remaining token joins the target of largest cosine similarity, and each target
-   becomes ``target + mean(members)`` (``mrprune.assign_merge``; the official arithmetic).
+   ``max(1, R // C)``; every other remaining token joins the target of largest cosine similarity (official: of
+   layer ``layer``'s head-averaged keys; default mode: of the tokens), and each target becomes
+   ``target + mean(members)`` (``mrprune.assign_merge``; the official arithmetic).
 
 Output tokens take their representatives' rows: a dominant token its own, a contextual token its target's.
 """
@@ -53,7 +54,8 @@ class VisionZip(Pruner):
         ``True`` reproduces the official selection and merge arithmetic on [CLS] towers: per crop over all its ``P``
         patches, the top ``T - C - 1`` patches by attention (the official ``topk(dominant - 1)``), the remaining
         patches in position order, targets ``arange(0, R, max(1, R // C))[:C]``, each other patch to its first most
-        cosine-similar target, ``target + mean(members)``; LLaVA-NeXT newlines are dropped (the official code adds
+        cosine-similar target by layer ``layer``'s head-averaged keys (``Need.VISION_KEYS``), ``target +
+        mean(members)``; LLaVA-NeXT newlines are dropped (the official code adds
         none). Needs every patch of every crop to have a token (LLaVA-1.5; LLaVA-NeXT images unpadding leaves
         whole).
 
