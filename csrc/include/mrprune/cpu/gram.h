@@ -62,6 +62,13 @@ inline void row_norms(const RowMatrix& x, float* norms, float* inv) {
   });
 }
 
+// b's tile operand packed once for all the tiles of a visit (in parallel over panels).
+inline std::unique_ptr<gemm::PackedPanels> pack_panels(const RowMatrix& b) {
+  auto packed = std::make_unique<gemm::PackedPanels>(b);
+  torch::stable::parallel_for(0, packed->panels(), 4, [&](int64_t begin, int64_t end) { packed->pack(begin, end); });
+  return packed;
+}
+
 // Edge length of the Gram tiles of the visits below.
 constexpr int64_t kTileRows = TileDots::kMaxRows;
 constexpr int64_t kTileCols = TileDots::kMaxCols;
@@ -89,13 +96,14 @@ class UpperTiles {
   // `stop` (optional) ends the visit early once set by a callback.
   template <class F>
   void visit(const RowMatrix& x, const F& fn, const std::atomic<bool>* stop = nullptr) const {
+    const auto packed = pack_panels(x);
     torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t end) {
       TileDots dots(x.elem);
       for (int64_t w = begin; w < end; ++w) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
         const auto [i0, j0] = blocks_[w];
         const int64_t m = std::min(kTileRows, n_ - i0), n = std::min(kTileCols, n_ - j0);
-        fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n), TileDots::ld(), begin);
+        fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n, packed.get()), TileDots::ld(), begin);
       }
     });
   }
@@ -114,12 +122,13 @@ class UpperTiles {
 template <class F>
 inline void visit_cross_blocks(const RowMatrix& a, const RowMatrix& b, const F& fn) {
   const int64_t row_tiles = (a.rows + kTileRows - 1) / kTileRows, col_tiles = (b.rows + kTileCols - 1) / kTileCols;
+  const auto packed = pack_panels(b);
   torch::stable::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
     TileDots dots(a.elem);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t i0 = (w / col_tiles) * kTileRows, j0 = (w % col_tiles) * kTileCols;
       const int64_t m = std::min(kTileRows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
-      fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n), TileDots::ld());
+      fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n, packed.get()), TileDots::ld());
     }
   });
 }
@@ -129,13 +138,14 @@ inline void visit_cross_blocks(const RowMatrix& a, const RowMatrix& b, const F& 
 template <class F>
 inline void visit_cross_tiles(const RowMatrix& a, const RowMatrix& b, const F& fn) {
   const int64_t row_tiles = (a.rows + kTileRows - 1) / kTileRows;
+  const auto packed = pack_panels(b);
   torch::stable::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
     TileDots dots(a.elem);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = t * kTileRows, m = std::min(kTileRows, a.rows - i0);
       for (int64_t j0 = 0; j0 < b.rows; j0 += kTileCols) {
         const int64_t n = std::min(kTileCols, b.rows - j0);
-        fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n), TileDots::ld());
+        fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n, packed.get()), TileDots::ld());
       }
     }
   });

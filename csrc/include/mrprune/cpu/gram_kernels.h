@@ -19,7 +19,8 @@
 //
 // Layout (a BLIS-style outer-product kernel): an 8-row by 32-column accumulator block; the 8 "A" values per k are
 // broadcast straight from the rows (or from a float32 copy of the k-chunk for converted types); the "B" rows are
-// packed k-major ([k][32] floats, or [pair][32] bfloat16 pairs) by 16 x 16 register transposes.
+// packed k-major ([k][32] floats, or [pair][32] bfloat16 pairs) by 16 x 16 register transposes (bfloat16
+// pairs: once per call for all tiles, PackedPanels).
 //
 // Torch-free C++17: the AVX-512 code is compiled by target attributes and chosen at run time
 // (dots::isa()); other CPUs use portable loops with the same per-pair order as the float32 path.
@@ -252,6 +253,74 @@ MRPRUNE_AMX inline void amx_end() { _tile_release(); }
 
 #endif  // MRPRUNE_X86_AVX512
 
+// How tiles of element type `elem` and width d are computed on this CPU: bfloat16 pairs go straight into AMX
+// TDPBF16PS or VDPBF16PS (an even d), everything else is float32 (half types converted chunk by chunk).
+struct Mode {
+  bool avx512 = false, pairs = false, amx = false, convert = false;
+  int64_t words = 0;  // 32-bit words per row as the kernels read it: d floats, or d / 2 bfloat16 pairs
+};
+
+inline Mode mode_for(Elem elem, int64_t d) {
+  Mode mode;
+#ifdef MRPRUNE_X86_AVX512
+  mode.avx512 = dots::isa().avx512;
+#endif
+  const bool bf16_pairs = mode.avx512 && elem == Elem::kBFloat16 && d % 2 == 0;
+  mode.amx = bf16_pairs && dots::isa().amx_bf16;
+  mode.pairs = bf16_pairs && dots::isa().avx512_bf16;
+  mode.convert = elem != Elem::kFloat32 && !mode.pairs && !mode.amx;
+  mode.words = (mode.pairs || mode.amx) ? d / 2 : d;
+  return mode;
+}
+
+// The B operand of every tile against the rows of b, packed once, for bfloat16 pairs (AMX and VDPBF16PS; other
+// paths leave it empty and tiles pack their own columns): 32-row panels, each a run of k-chunks laid out as the
+// per-tile packing lays them out ([padded(kc)][32] pairs), so the kernels read the same values in the same order
+// either way. Packed per tile pair, the transposes are repeated for every row tile and take more than half as long
+// as the AMX products at N = 2304 (perf); for float32 they are a small share of the FMA work, and a packed float32
+// copy (4 N D bytes, faulted in fresh per call) measured slower than packing per tile. Extra memory: 2 N D bytes.
+class PackedPanels {
+ public:
+  explicit PackedPanels(const RowMatrix& b) : b_(b), mode_(mode_for(b.elem, b.d)) {
+    if (!(mode_.pairs || mode_.amx) || b.rows == 0 || b.d == 0) return;
+    panels_ = (b.rows + kNR - 1) / kNR;
+    stride_ = ((mode_.words / kKC) * padded(kKC) + padded(mode_.words % kKC)) * kNR;
+    data_.reset(new float[static_cast<size_t>(panels_ * stride_)]);
+  }
+
+  // Number of 32-row panels to pack (0 when nothing is packed ahead).
+  int64_t panels() const { return panels_; }
+
+  // Packs panels [p0, p1) (independent ranges may run on different threads).
+  void pack(int64_t p0, int64_t p1) {
+#ifdef MRPRUNE_X86_AVX512
+    const void* rows[kNR];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t nb = std::min<int64_t>(kNR, b_.rows - p * kNR);
+      for (int64_t c = 0; c < nb; ++c) rows[c] = b_.row(p * kNR + c);
+      for (int64_t k0 = 0; k0 < mode_.words; k0 += kKC) {
+        pack_b_avx512(rows, nb, b_.elem, mode_.convert, k0, std::min(kKC, mode_.words - k0), mode_.words,
+                      data_.get() + p * stride_ + (k0 / kKC) * padded(kKC) * kNR);
+      }
+    }
+#else
+    (void)p0, (void)p1;
+#endif
+  }
+
+  // Whether tiles of columns of `b` can read their B operand from here.
+  bool serves(const RowMatrix& b) const { return data_ != nullptr && b.data == b_.data && b.stride == b_.stride; }
+
+  // k-chunk k0 (a multiple of kKC) of panel p.
+  const float* chunk(int64_t p, int64_t k0) const { return data_.get() + p * stride_ + (k0 / kKC) * padded(kKC) * kNR; }
+
+ private:
+  RowMatrix b_;
+  Mode mode_;
+  int64_t panels_ = 0, stride_ = 0;
+  std::unique_ptr<float[]> data_;
+};
+
 // Computes blocks of raw dot products C[i, j] = a_i . b_j (at most kMaxRows x kMaxCols per call). One object per
 // thread: it owns the packing and conversion buffers and the result block.
 class TileDots {
@@ -263,21 +332,20 @@ class TileDots {
 #ifdef MRPRUNE_X86_AVX512
     avx512_ = dots::isa().avx512;
 #endif
-    // bfloat16 pairs go straight into VDPBF16PS (needs an even d, checked per call); everything else is float32.
-    pairs_ = avx512_ && elem == Elem::kBFloat16 && dots::isa().avx512_bf16;
-    amx_ = avx512_ && elem == Elem::kBFloat16 && dots::isa().amx_bf16;
-    convert_ = elem != Elem::kFloat32;
     packed_.reset(new float[kMaxCols * padded(kKC)]);
     result_.reset(new float[kMaxRows * kMaxCols]);
     if (!avx512_) portable_a_.reset(new float[kMaxRows * kKC]);
-    if (convert_ || amx_) converted_.reset(new float[kMaxRows * kKC]);  // float32 rows, or zero-padded pairs for AMX
+    // float32 copies of converted rows, or zero-padded pair blocks for AMX (which of the two is decided per call)
+    if (elem != Elem::kFloat32) converted_.reset(new float[kMaxRows * kKC]);
   }
 
   // Result row stride of compute().
   static constexpr int64_t ld() { return kMaxCols; }
 
   // C[r, c] = a.row(i0 + r) . b.row(j0 + c) for r < m <= kMaxRows, c < n <= kMaxCols; returns C (row stride ld()).
-  const float* compute(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n) {
+  // `packed` (optional): b packed ahead (then j0 must be a multiple of 32); the results are the same bits.
+  const float* compute(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
+                       const PackedPanels* packed = nullptr) {
     const int64_t d = a.d;
     if (m == 0 || n == 0) return result_.get();
     if (d == 0) {
@@ -286,7 +354,7 @@ class TileDots {
     }
 #ifdef MRPRUNE_X86_AVX512
     if (avx512_) {
-      compute_avx512(a, i0, m, b, j0, n);
+      compute_avx512(a, i0, m, b, j0, n, packed != nullptr && packed->serves(b) && j0 % kNR == 0 ? packed : nullptr);
       return result_.get();
     }
 #endif
@@ -330,27 +398,37 @@ class TileDots {
   }
 
 #ifdef MRPRUNE_X86_AVX512
-  void compute_avx512(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n) {
-    const int64_t d = a.d;
-    const bool amx = (pairs_ || amx_) && d % 2 == 0 ? amx_ : false;
-    const bool pairs = pairs_ && d % 2 == 0;
-    const bool convert = convert_ && !pairs && !amx;
-    const int64_t words = (pairs || amx) ? d / 2 : d;  // 32-bit words per row
+  void compute_avx512(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
+                      const PackedPanels* packed) {
+    const Mode mode = mode_for(elem_, a.d);
+    const bool amx = mode.amx, pairs = mode.pairs, convert = mode.convert;
+    const int64_t words = mode.words;  // 32-bit words per row
     const void* brows[kMaxCols];
     for (int64_t c = 0; c < n; ++c) brows[c] = b.row(j0 + c);
     const int64_t panels = (n + kNR - 1) / kNR;
     if (amx) amx_begin();
     for (int64_t k0 = 0; k0 < words; k0 += kKC) {
       const int64_t kc = std::min(kKC, words - k0), kcp = padded(kc);
-      pack_b_avx512(brows, n, elem_, convert, k0, kc, words, packed_.get());
+      if (packed == nullptr) pack_b_avx512(brows, n, elem_, convert, k0, kc, words, packed_.get());
+      const auto panel = [&](int64_t p) {
+        return packed != nullptr ? packed->chunk(j0 / kNR + p, k0) : packed_.get() + p * kcp * kNR;
+      };
       if (amx) {
-        const int64_t blocks = (m + 31) / 32;
-        copy_pairs(a, i0, m, blocks * 32, k0, kc, kcp);
-        const uint32_t* abuf = reinterpret_cast<const uint32_t*>(converted_.get());
-        for (int64_t r0 = 0; r0 < blocks * 32; r0 += 32) {
+        for (int64_t r0 = 0; r0 < m; r0 += 32) {
+          // Whole 32-row blocks of whole 16-pair steps are tile-loaded from the rows in place; edges go through a
+          // zero-padded copy (AMX loads whole tiles).
+          const uint32_t* ablock;
+          int64_t lda;
+          if (r0 + 32 <= m && kc == kcp && a.stride % 2 == 0) {
+            ablock = static_cast<const uint32_t*>(a.row(i0 + r0)) + k0;
+            lda = a.stride / 2;
+          } else {
+            copy_pairs(a, i0 + r0, std::min<int64_t>(32, m - r0), k0, kc, kcp);
+            ablock = reinterpret_cast<const uint32_t*>(converted_.get());
+            lda = kKC;
+          }
           for (int64_t p = 0; p < panels; ++p) {
-            kernel_amx(abuf + r0 * kKC, kKC, packed_.get() + p * kcp * kNR, kcp, result_.get() + r0 * ld() + p * kNR,
-                       ld(), k0 > 0);
+            kernel_amx(ablock, lda, panel(p), kcp, result_.get() + r0 * ld() + p * kNR, ld(), k0 > 0);
           }
         }
         continue;
@@ -365,7 +443,7 @@ class TileDots {
         }
         for (int64_t p = 0; p < panels; ++p) {
           float* c = result_.get() + r0 * ld() + p * kNR;
-          const float* bp = packed_.get() + p * kcp * kNR;
+          const float* bp = panel(p);
           if (pairs) {
             kernel_bf16_rows(rows)(reinterpret_cast<const uint32_t* const*>(arows), bp, kc, c, ld(), k0 > 0);
           } else {
@@ -377,11 +455,10 @@ class TileDots {
     if (amx) amx_end();
   }
 
-  // The k-chunk of the A rows as bfloat16 pairs, rows [m, rows) and pairs [kc, kcp) zero (AMX loads whole tiles).
-  MRPRUNE_AVX512 void copy_pairs(const RowMatrix& a, int64_t i0, int64_t m, int64_t rows, int64_t k0, int64_t kc,
-                                 int64_t kcp) {
+  // The k-chunk of A rows i0 .. i0 + m as one 32-row block of bfloat16 pairs, rows [m, 32) and pairs [kc, kcp) zero.
+  MRPRUNE_AVX512 void copy_pairs(const RowMatrix& a, int64_t i0, int64_t m, int64_t k0, int64_t kc, int64_t kcp) {
     uint32_t* buf = reinterpret_cast<uint32_t*>(converted_.get());
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < 32; ++r) {
       uint32_t* dst = buf + r * kKC;
       if (r >= m) {
         std::fill(dst, dst + kcp, 0u);
@@ -408,7 +485,7 @@ class TileDots {
 #endif
 
   Elem elem_;
-  bool avx512_ = false, pairs_ = false, amx_ = false, convert_ = false;
+  bool avx512_ = false;
   std::unique_ptr<float[]> packed_, result_, converted_, portable_a_;
 };
 
