@@ -75,7 +75,7 @@ def exact_matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     different similarities and the lower-index tie rule could break between them; each distinct row is multiplied
     once and the products are gathered back.
     """
-    if a.shape[0] == 0 or b.shape[0] == 0:
+    if a.numel() == 0 or b.numel() == 0:  # no rows, or D = 0 (torch.unique refuses empty dimensions)
         return a @ b.T
     unique_a, inverse_a = torch.unique(a, dim=0, return_inverse=True)
     unique_b, inverse_b = (unique_a, inverse_a) if b is a else torch.unique(b, dim=0, return_inverse=True)
