@@ -349,6 +349,22 @@ def test_cpu_timing_takes_repeat_measurements():
     assert slow.measurements == 2 and slow.median_ms >= 19
 
 
+def test_slow_eager_calls_are_timed_once():
+    """An eager (reference / official) call past SLOW_EAGER_S is timed by its checked first call alone, and says
+    so; a kernel row as slow is still timed ``repeat`` times."""
+    settings = bench_ops.Settings(
+        device=torch.device("cpu"), dtype=torch.float32, impls=("reference",), min_time=0.01, repeat=3
+    )
+    calls = []
+    slow = bench_ops.SLOW_EAGER_S + 1
+    for impl, expected in (("reference", 1), ("official", 1), ("cpp", 3)):
+        row = report.Row("method", "x", "case", "tiny", 1, 64, 32, "float32", "cpu", impl)
+        bench_ops._time_into(row, lambda: calls.append(1), slow, settings)
+        assert row.measurements == expected and ("timed once" in row.note) == (expected == 1)
+        if expected == 1:  # the first call's time, no further call
+            assert row.median_ms == pytest.approx(slow * 1e3) and not calls
+
+
 def test_git_commit_and_environment():
     env = report.environment(torch.device("cpu"))
     assert env["device"] == "cpu" and env["cores"] >= 1
@@ -422,3 +438,54 @@ def test_e2e_only_methods_by_name(tmp_path):
     rows = results["results"]
     assert [(r["name"], r["status"]) for r in rows] == [("none", "ok"), ("tome", "ok")]
     assert 0 < rows[1]["kept_tokens"] < rows[1]["tokens"]
+
+
+def _shuffled(metric):
+    """Each token's metric row taken from another token (a fixed permutation): matches by the wrong similarity."""
+    order = torch.randperm(metric.shape[1], generator=torch.Generator().manual_seed(0)).to(metric.device)
+    return metric[:, order]
+
+
+def _anti_bipartite_merge(x, metric, lengths, r, sizes=None, protect_first=True, spatial_order=False):
+    """A broken ToMe merge: pairs matched on shuffled metric rows."""
+    return reference.bipartite_merge(x, _shuffled(metric), lengths, r, sizes, protect_first, spatial_order)
+
+
+def _anti_assign_merge(x, metric, lengths, targets, include_target=False):
+    """A broken VisionZip merge: tokens assigned on shuffled metric rows."""
+    return reference.assign_merge(x, _shuffled(metric), lengths, targets, include_target)
+
+
+@pytest.mark.parametrize(
+    "op, wrong, method",
+    [("bipartite_merge", _anti_bipartite_merge, "tome"), ("assign_merge", _anti_assign_merge, "visionzip")],
+)
+def test_broken_merge_fails_the_merging_method(tmp_path, monkeypatch, op, wrong, method):
+    """Merged results are checked by their representatives, every token's group and weight: a merge of the wrong
+    pairs fails the method's cpp row (the reference row stays the oracle); the right one passes."""
+    code, results = bench(tmp_path / "right", "--quick", "--device", "cpu", "--ops", "none", "--methods", method)
+    assert code == 0 and {r["status"] for r in rows_of(results, kind="method", impl="cpp")} == {"ok"}
+    monkeypatch.setitem(backends._registry, op, {**backends._registry[op], "cpp": wrong})
+    code, results = bench(tmp_path / "wrong", "--quick", "--device", "cpu", "--ops", "none", "--methods", method)
+    assert code == 1
+    assert {r["status"] for r in rows_of(results, kind="method", impl="reference")} == {"reference"}
+    bad = rows_of(results, kind="method", impl="cpp")
+    assert bad and all(r["status"] == "FAIL" and r["median_ms"] is None for r in bad)
+
+
+def test_merged_check():
+    """compare()'s merged kind: equal results pass; one token moved to another group fails; a wrong weight fails."""
+    from mrprune.methods import MergedTokens
+
+    n = 40
+    sources = torch.arange(n) // 2
+    kept = torch.arange(0, n, 2)
+    good = MergedTokens(torch.randn(n // 2, 4), kept, sources, torch.full((n,), 0.5))
+    assert bench_ops.compare([good], [good], ("merged",)).ok
+    moved = sources.clone()
+    moved[1], moved[3] = 1, 0  # two tokens swap groups: 2 of 40 tokens, over the one allowed
+    wrong = MergedTokens(good.tokens, kept, moved, good.weights)
+    assert not bench_ops.compare([wrong], [good], ("merged",)).ok
+    weights = good.weights.clone()
+    weights[:8] = 1.0
+    assert not bench_ops.compare([MergedTokens(good.tokens, kept, sources, weights)], [good], ("merged",)).ok

@@ -38,6 +38,7 @@ from torch.utils import benchmark
 from .. import backends, ops, reference
 from ..layouts import LlavaNextLayout
 from ..methods import (
+    DART,
     SCOPE,
     TRIM,
     AgilePruner,
@@ -48,14 +49,29 @@ from ..methods import (
     HiRED,
     L2Norm,
     MRPruner,
+    PDrop,
+    PruMerge,
     Pruner,
     RandomPruner,
     ResPrune,
+    SparseVLM,
+    ToMe,
+    VisionZip,
     VisPruner,
 )
+from ..methods.results import MergedTokens
 from .report import Row
 from .shapes import Shape, available_memory, eager_bytes, format_bytes
-from .vision import VisionInputs, official_scope, official_vispruner, token_sources, vision_inputs
+from .vision import (
+    VisionInputs,
+    llm_inputs,
+    need_kwargs,
+    official_scope,
+    official_vispruner,
+    token_sources,
+    tome_blocks,
+    vision_inputs,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -105,6 +121,12 @@ METHODS = (
     "trim",
     "l2norm",
     "agilepruner",
+    "visionzip",
+    "prumerge_plus",
+    "tome",
+    "pdrop",
+    "dart",
+    "sparsevlm",
 )
 #: Implementation names, in table order (``eager`` is accepted for ``reference``).
 IMPLEMENTATIONS = ("reference", "official", "cpp", "triton", "cuda", "auto")
@@ -310,6 +332,39 @@ def _index_agreement(actual: Sequence[torch.Tensor], expected: Sequence[torch.Te
     return worst, ok
 
 
+def _merged_check(actual: Any, expected: Any, cascade: bool) -> Check:
+    """Merged results per item: the representatives as ``"kept"`` (or ``"cascade"``), and every input token's group
+    by its representative (``kept[sources[i]]``, -1 merged nowhere): at most ``INDEX_TOLERANCE`` of the input tokens
+    (at least one of 20) in another group (``cascade``: at least ``CASCADE_AGREEMENT`` in the same), and their
+    weights close where the groups agree."""
+    if not (isinstance(actual, list) and all(isinstance(m, MergedTokens) for m in actual)):
+        return Check(False, note=f"expected a list of MergedTokens, got {type(actual).__name__}")
+    if len(actual) != len(expected):
+        return Check(False, note=f"{len(actual)} items, the reference has {len(expected)}")
+    kept = compare([m.kept for m in actual], [m.kept for m in expected], ("cascade",) if cascade else ("kept",))
+    ok, agreement, err = kept.ok, kept.agreement, None
+    for a, r in zip(actual, expected, strict=True):
+        a, r = a.cpu(), r.cpu()
+        if a.sources.shape != r.sources.shape:
+            return Check(False, note=f"sources {tuple(a.sources.shape)} != reference {tuple(r.sources.shape)}")
+        rep_a = torch.where(a.sources >= 0, a.kept[a.sources.clamp(min=0)], -1)
+        rep_r = torch.where(r.sources >= 0, r.kept[r.sources.clamp(min=0)], -1)
+        same = rep_a == rep_r
+        n = same.numel()
+        share = float(same.float().mean()) if n else 1.0
+        agreement = min(agreement if agreement is not None else 1.0, share)
+        if cascade:
+            ok &= share >= CASCADE_AGREEMENT
+        else:
+            ok &= n - int(same.sum()) <= max(math.floor(INDEX_TOLERANCE * n), 1 if n >= 20 else 0)
+        weights = _float_check(a.weights, r.weights, same)
+        ok &= weights.ok
+        if weights.max_abs_err is not None:
+            err = weights.max_abs_err if err is None else max(err, weights.max_abs_err)
+    note = "cascading rounds (merges): groups may differ past a float32 near-tie" if cascade else ""
+    return Check(ok, err, agreement, note)
+
+
 def compare(actual: Any, expected: Any, outputs: Sequence[str]) -> Check:
     """Compare an implementation's output with the reference's.
 
@@ -318,8 +373,12 @@ def compare(actual: Any, expected: Any, outputs: Sequence[str]) -> Check:
     the reference's picks missed), ``"aligned"`` (floats compared where the preceding index output
     agrees position by position), ``"kept"`` (a method's list of kept-index tensors, as ``"index"``), or
     ``"cascade"`` (kept lists of a method whose rounds cascade through float32 near-ties, VisPruner's de-duplication:
-    as many distinct picks as the reference, at least ``CASCADE_AGREEMENT`` of them the reference's).
+    as many distinct picks as the reference, at least ``CASCADE_AGREEMENT`` of them the reference's), ``"merged"`` /
+    ``"merged_cascade"`` (lists of :class:`MergedTokens`: representatives as ``"kept"`` / ``"cascade"``, each input
+    token's group and weight, see :func:`_merged_check`).
     """
+    if outputs in (("merged",), ("merged_cascade",)):
+        return _merged_check(actual, expected, cascade=outputs == ("merged_cascade",))
     if outputs in (("kept",), ("cascade",)):
         if not _is_kept_list(actual):
             return Check(False, note=f"expected a list of index tensors, got {type(actual).__name__}")
@@ -898,6 +957,9 @@ class _MethodSpec:
     uses_text: bool = False
     vision: bool = False  # a vision-stage method: select_batch also gets the synthetic VisionInputs
     outputs: tuple[str, ...] = ("kept",)  # how compare() checks its kept lists
+    llm: bool = False  # an llm-stage method: select_batch also gets the synthetic llm_inputs (step 0)
+    #: instead of ``select_batch``: ``call(features, layouts, lengths, vision)`` (ToMe's blocks)
+    call: Callable | None = None
 
 
 def _method_specs(shape: Shape, selected: Sequence[str]) -> list[tuple[str, _MethodSpec]]:
@@ -1017,16 +1079,70 @@ def _vision_specs(shape: Shape, selected: Sequence[str]) -> list[tuple[str, _Met
             None,
             "",
         )
-    order = ("fastervlm", "hired", "scope", "vispruner", "cdpruner", "trim", "l2norm", "agilepruner")
-    cascades = {"vispruner"}  # de-duplication rounds: compare() checks them as "cascade"
-    return [
-        (
-            name,
-            _MethodSpec(*made[name], vision=name != "l2norm", outputs=("cascade",) if name in cascades else ("kept",)),
-        )
+    made["visionzip"] = (VisionZip(budget=budget, layer=layer), label, ("topk_indices", "assign_merge"), None, "")
+    made["prumerge_plus"] = (
+        PruMerge(budget=budget, layer=layer),
+        label,
+        ("topk_indices", "knn_weighted_merge"),
+        None,
+        "",
+    )
+    order = (
+        "fastervlm",
+        "hired",
+        "scope",
+        "vispruner",
+        "cdpruner",
+        "trim",
+        "l2norm",
+        "agilepruner",
+        "visionzip",
+        "prumerge_plus",
+    )
+    # de-duplication rounds: compare() checks them as "cascade"; merging methods return MergedTokens
+    outputs = {"vispruner": ("cascade",), "visionzip": ("merged",), "prumerge_plus": ("merged",)}
+    specs = [
+        (name, _MethodSpec(*made[name], vision=name != "l2norm", outputs=outputs.get(name, ("kept",))))
         for name in order
         if name in selected
     ]
+    return specs + _merge_and_llm_specs(shape, selected, budget)
+
+
+#: ToMe's benchmark: LightCompress' r = 16 in each of the shape's ``merge_blocks`` (CLIP-L/336: 23).
+TOME_R = 16
+
+
+def _merge_and_llm_specs(shape: Shape, selected: Sequence[str], budget: int) -> list[tuple[str, _MethodSpec]]:
+    """ToMe's per-block merging over every crop of the items (keys: the current tokens, synthetic: no attention or
+    MLP between merges), and the issue-17 llm-stage methods' selection at their first pruning layer on
+    :func:`~mrprune.bench.vision.llm_inputs`."""
+    specs = []
+    if "tome" in selected:
+        tome = ToMe(r=TOME_R)
+
+        def merge_blocks(features, layouts, lengths, texts, vision, pruner=tome):
+            crops = vision.crop_features.flatten(0, 1)  # [B * C, P, D]: every crop of every item
+            heads = 16 if crops.shape[-1] % 16 == 0 else 1
+            return tome_blocks(pruner, crops, shape.merge_blocks, heads)
+
+        label = f"r={TOME_R} x {shape.merge_blocks} blocks per crop, synthetic keys"
+        specs.append(
+            (
+                "tome",
+                _MethodSpec(tome, label, ("bipartite_merge",), None, outputs=("merged_cascade",), call=merge_blocks),
+            )
+        )
+    made = {
+        "pdrop": (PDrop(), "step 1 of 8/16/24: keep 50 %", ("topk_indices",)),
+        "dart": (DART(budget=budget), f"budget={budget}", ("topk_indices",)),
+        "sparsevlm": (SparseVLM(budget=128), "budget=128 step 1", ("topk_indices", "density_peak_merge")),
+    }
+    for name in ("pdrop", "dart", "sparsevlm"):
+        if name in selected:
+            outputs = ("merged",) if name == "sparsevlm" else ("kept",)
+            specs.append((name, _MethodSpec(*made[name], None, llm=True, outputs=outputs)))
+    return specs
 
 
 def method_cases(
@@ -1045,15 +1161,20 @@ def method_cases(
     cases = []
     specs = _method_specs(shape, selected)
     vision: VisionInputs | None = None
-    if any(spec.vision for _, spec in specs):
+    if any(spec.vision or spec.call is not None for _, spec in specs):
         vision = vision_inputs(features, lengths, layouts)
+    llm = llm_inputs(features, lengths) if any(spec.llm for _, spec in specs) else {}
     for name, spec in specs:
         args = (features, layouts, lengths, texts if spec.uses_text else None)
         extra = vision.kwargs(spec.pruner) if spec.vision and vision is not None else {}
+        if spec.llm:
+            extra = need_kwargs(spec.pruner, llm)
 
         def forced(backend: str, spec=spec, args=args, extra=extra) -> Callable[[], Any]:
             def call():
                 with torch.no_grad(), backends.use_backend(backend):
+                    if spec.call is not None:
+                        return spec.call(*args, vision)
                     return spec.pruner.select_batch(*args, **extra)
 
             return call
@@ -1170,8 +1291,16 @@ def _attempt(case: Case, impl: str, settings: Settings) -> tuple[Row, Any, float
     return _row(case, impl, settings, status=status, note=note, peak_mb=peak), out, seconds
 
 
+#: Eager (reference / official) calls at least this slow are timed by their checked first call alone.
+SLOW_EAGER_S = 10.0
+
+
 def _time_into(row: Row, fn: Callable[[], Any], seconds: float, settings: Settings) -> None:
-    timing = time_call(fn, settings.device, seconds, settings.min_time, settings.repeat)
+    repeat = settings.repeat
+    if row.impl in ("reference", "official") and seconds >= SLOW_EAGER_S:
+        repeat = 1  # a minute-long eager loop: one call says enough, and a repeat would double the run
+        row.note = "; ".join(n for n in (row.note, f"slow eager call ({seconds:.0f} s): timed once") if n)
+    timing = time_call(fn, settings.device, seconds, settings.min_time, repeat)
     row.median_ms, row.p20_ms, row.p80_ms, row.measurements = (
         timing.median_ms,
         timing.p20_ms,

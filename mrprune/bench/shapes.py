@@ -71,6 +71,8 @@ class Shape:
     selector_budget : int or None
         Tokens the vision-stage selectors (FasterVLM, HiRED, SCOPE, VisPruner, CDPruner, L2-norm, AgilePruner) keep
         per item; None: ``budget``, else 22.2 % of the tokens.
+    merge_blocks : int
+        Vision-encoder blocks ToMe's benchmark merges in (CLIP-L/336 up to LLaVA's feature layer -2: 23).
     """
 
     name: str
@@ -82,6 +84,7 @@ class Shape:
     description: str
     budget: int | None = None
     selector_budget: int | None = None
+    merge_blocks: int = 23
 
     @property
     def layout(self) -> LlavaNextLayout | GridLayout:
@@ -148,6 +151,7 @@ SHAPES: dict[str, Shape] = {
             (1,),
             "LLaVA-NeXT layout with a 12 x 12 high-res grid, D = 64 (--quick)",
             selector_budget=48,  # the selectors' per-step loops stay short in the CI smoke run
+            merge_blocks=2,  # and so do ToMe's eager merges
         ),
         Shape("tiny", "grid", 32, (1, 8, 8), (1,), (1,), "8 x 8 grid, D = 32 (tests, interpreter runs)"),
     )

@@ -26,9 +26,18 @@ import torch
 
 from ..layouts import GridLayout, LlavaNextLayout
 from ..methods import Pruner
-from ..methods.stages import NEED_KEYWORDS
+from ..methods.stages import LLM_KEYWORDS, NEED_KEYWORDS, PromptTokens, Stage
 
-__all__ = ["VisionInputs", "official_scope", "official_vispruner", "token_sources", "vision_inputs"]
+__all__ = [
+    "VisionInputs",
+    "llm_inputs",
+    "need_kwargs",
+    "official_scope",
+    "official_vispruner",
+    "tome_blocks",
+    "token_sources",
+    "vision_inputs",
+]
 
 #: Vision encoder layers whose [CLS] attention the benchmark provides (HiRED reads two, the others one).
 LAYERS = (0, -2)
@@ -85,6 +94,7 @@ class VisionInputs:
             "attention_kind": "cls",
             "clip_image": self.clip_image,
             "clip_text": self.clip_text,
+            "crop_keys": {},  # the default modes of VisionZip / PruMerge read no keys
         }
         wanted = {key for need in pruner.needs for key in NEED_KEYWORDS.get(need.value, ())}
         return {key: value for key, value in every.items() if key in wanted}
@@ -205,3 +215,78 @@ def official_vispruner(
         picked.scatter_(1, torch.cat([keep, rest], 1), True)
         chosen.append(picked)
     return _kept_tokens(chosen, inputs, lengths)
+
+
+#: Text tokens of the synthetic prompt the llm-stage methods read.
+PROMPT_TOKENS = 32
+
+
+def llm_inputs(features: torch.Tensor, lengths: torch.Tensor, seed: int = 13) -> dict[str, Any]:
+    """Synthetic ``select_batch`` keyword arguments of an ``llm``-stage method at its first pruning layer (step 0),
+    for ``features [B, N, D]`` standing in for the hidden states: a prompt of :data:`PROMPT_TOKENS` text tokens after
+    each item (random tokens of the item plus noise), their head-averaged attention to the item's tokens
+    ``softmax(8 cos)`` ``[B, T, N]`` (0 on padding), its last row as the last-query attention, the tokens' L1 norms
+    as key norms and an RMS norm as the final norm. Every key of every need; pick a method's with :func:`need_kwargs`.
+    """
+    batch, tokens, dim = features.shape
+    device = features.device
+    generator = torch.Generator().manual_seed(seed)
+    x = features.float()
+    picks = (torch.rand(batch, PROMPT_TOKENS, generator=generator) * lengths.cpu()[:, None]).long().to(device)
+    prompt = torch.nn.functional.normalize(x.gather(1, picks[..., None].expand(-1, -1, dim)), dim=-1)
+    prompt = prompt + 0.5 * torch.randn(batch, PROMPT_TOKENS, dim, generator=generator).to(device) / math.sqrt(dim)
+    prompt = prompt * x.norm(dim=-1).mean()
+    real = torch.arange(tokens, device=device)[None] < lengths[:, None]
+    logits = (
+        8.0 * torch.nn.functional.normalize(prompt, dim=-1) @ torch.nn.functional.normalize(x, dim=-1).transpose(1, 2)
+    )
+    attention = logits.masked_fill(~real[:, None], float("-inf")).softmax(-1)  # [B, T, N]
+
+    def rms(v: torch.Tensor) -> torch.Tensor:
+        return (v.float() * torch.rsqrt(v.float().square().mean(-1, keepdim=True) + 1e-6)).to(v.dtype)
+
+    text = PromptTokens(
+        lengths=torch.full((batch,), PROMPT_TOKENS, device=device),
+        positions=(lengths[:, None] + torch.arange(PROMPT_TOKENS, device=device)[None]),
+        after=torch.ones(batch, PROMPT_TOKENS, dtype=torch.bool, device=device),
+        embeddings=prompt.to(features.dtype),
+        hidden=prompt.to(features.dtype),
+        attention=attention,
+        key_norms=prompt.abs().sum(-1),
+        normed=rms(prompt.to(features.dtype)),
+    )
+    index = torch.arange(tokens, device=device).expand(batch, tokens)
+    return {
+        "attention": attention[:, -1],
+        "prompt": text,
+        "input_embeddings": features,
+        "key_norms": (x.abs().sum(-1) * real),
+        "normed": rms(features),
+        "step": 0,
+        "origin": torch.where(real, index, -1),
+        "original_lengths": lengths,
+        "positions": torch.where(real, index, -1),
+    }
+
+
+def need_kwargs(pruner: Pruner, available: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``available`` that ``pruner.select_batch`` takes (its needs' keywords, the llm stage's)."""
+    wanted = {key for need in pruner.needs for key in NEED_KEYWORDS.get(need.value, ())}
+    if getattr(pruner, "stage", None) is Stage.LLM:
+        wanted |= set(LLM_KEYWORDS)
+    return {key: value for key, value in available.items() if key in wanted}
+
+
+def tome_blocks(pruner: Any, crops: torch.Tensor, blocks: int, heads: int) -> list[Any]:
+    """ToMe's merging in ``blocks`` encoder blocks over ``crops [C, P, D]`` (a [CLS] prepended: their mean), every
+    block's keys the current tokens split into ``heads`` heads (synthetic: no attention or MLP runs between merges),
+    then each crop's :class:`~mrprune.methods.results.MergedTokens` over its ``P`` patches from the merged groups."""
+    count, patches, dim = crops.shape
+    hidden = torch.cat([crops.mean(1, keepdim=True), crops], 1)
+    schedule = pruner.schedule(patches, blocks, [[patches]] * count, [0] * count)
+    state = pruner.start(hidden, schedule)
+    for block in range(blocks):
+        tokens = state.tokens
+        pruner.merge_block(state, block, tokens, tokens.view(*tokens.shape[:2], heads, dim // heads))
+    groups = state.source[:, 1:]
+    return pruner.select_batch(crops, [None] * count, groups=groups)
