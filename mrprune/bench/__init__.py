@@ -184,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
         return _list()
     try:
         op_names = _names(args.ops, micro.OPS, "op")
-        method_names = _names(args.methods, micro.METHODS + (E2E_METHODS if args.e2e else ()), "method")
+        # --e2e also takes the e2e-only methods (each name once: ToMe is both a micro-benchmark row and e2e)
+        allowed = tuple(dict.fromkeys(micro.METHODS + (E2E_METHODS if args.e2e else ())))
+        method_names = _names(args.methods, allowed, "method")
         impls = _names(args.backends, micro.IMPLEMENTATIONS, "implementation", {"eager": "reference"})
         shape_names = None if args.shapes is None else _names(args.shapes, tuple(SHAPES), "shape")
     except argparse.ArgumentTypeError as error:
