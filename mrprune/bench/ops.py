@@ -17,7 +17,14 @@ row ``FAIL`` and leaves it untimed. Implementations:
 CPU times come from ``torch.utils.benchmark.Timer`` (``blocked_autorange``; single timed calls once a call takes
 longer than the per-row budget), GPU times from ``triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8])`` (CUDA events
 for calls slower than 50 ms). Triton under ``TRITON_INTERPRET=1`` is refused, or with ``allow_interpreter`` timed and
-labelled ``interp (not a performance number)``.
+labelled ``interp (not a performance number)``. Eager rows (``reference``, ``official``) whose checked call took
+:data:`SLOW_EAGER_S` or more are timed by that call alone (a minute-long eager loop is not worth repeating).
+
+Methods that read more than the tokens get synthetic inputs (:mod:`mrprune.bench.vision`): the vision stage's
+[CLS] attention and crops; the llm stage's prompt, attention rows, key norms and normed states at the first pruning
+layer (PDrop, DART, SparseVLM: their selection cost, not a language model's); ToMe's row times its merges alone, every
+block of the shape's ``merge_blocks`` over every crop with the current tokens as keys (no attention or MLP between
+merges). Merging methods' results are checked by representatives, every token's group and its weight.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""What the vision-stage methods read, made up for the benchmark shapes, and eager ports of two official selections.
+"""What the vision- and llm-stage methods read, made up for the benchmark shapes (:func:`vision_inputs`,
+:func:`llm_inputs`), ToMe's merges over synthetic crops (:func:`tome_blocks`), and eager ports of two official
+selections.
 
 A vision-stage method (FasterVLM, HiRED, SCOPE, VisPruner, CDPruner, TRIM, AgilePruner) reads more than the visual
 tokens: the vision tower's [CLS] attention at one or two layers, each token's crop (and its patch within the crop),
