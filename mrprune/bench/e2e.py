@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..methods.tome import BudgetOutOfReach
 from .report import E2ERow
 
 __all__ = ["E2E_METHODS", "build_model", "model_config", "run_e2e"]
@@ -422,7 +423,8 @@ def run_e2e(
             except Exception as error:  # one failing configuration is reported, the others still run
                 logger.debug("e2e %s failed", name, exc_info=True)
                 oom = isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
-                row.status = "OOM" if oom else "error"
+                # a budget the model cannot reach (ToMe on a tower with too few blocks) is no failure of the run
+                row.status = "OOM" if oom else "n/a" if isinstance(error, BudgetOutOfReach) else "error"
                 row.note = f"{type(error).__name__}: {error}"[:300]
                 rows.append(row)
                 logger.info("  [%d/%d] %s %s: %s %s", i, len(configs), name, case, row.status, row.note)

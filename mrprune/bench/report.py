@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 #: Row statuses. ``ok``: checked against the reference, then timed. ``reference``: the eager reference itself (the
 #: oracle of the checks). ``FAIL``: the output disagrees with the reference (never timed). ``refused``: not run, see
 #: ``note``. ``OOM``: ran out of memory. ``error``: raised (see ``note``).
-STATUSES = ("ok", "reference", "FAIL", "refused", "OOM", "error")
+STATUSES = ("ok", "reference", "FAIL", "refused", "n/a", "OOM", "error")
 
 #: Environment fields repeated on every CSV row.
 ENV_COLUMNS = ("device_name", "torch", "triton", "cuda", "driver", "git_commit", "date")
@@ -283,7 +283,7 @@ def write_table(rows: Sequence[Row | E2ERow], env: dict[str, Any], stream: TextI
         _micro_table(micro, stream)
     if e2e:
         _e2e_table(e2e, stream)
-    notes = sorted({r.note for r in rows if r.note and r.status in ("refused", "OOM", "error", "FAIL")})
+    notes = sorted({r.note for r in rows if r.note and r.status in ("refused", "n/a", "OOM", "error", "FAIL")})
     for note in notes:
         stream.write(f"# note: {note}\n")
     stream.flush()

@@ -74,10 +74,6 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     "sparsevlm_qwen_889": (SparseVLM, {"budget": 64}),
     # SparseVLM's first release: rank-based counts at layers 2 / 6 / 15 / 19 with its scripts' scale and bias
     **{f"sparsevlm_rank_{n}": (SparseVLM, {"budget": n, "rank": True}) for n in (192, 128, 64)},
-    # ToMe: LLaVA-1.5 / LLaVA-NeXT only (Qwen2.5-VL's windowed tower is refused); tome_r16 is LightCompress' config
-    **{f"tome_{n}": (ToMe, {"budget": n}) for n in (192, 128, 64)},
-    **{f"tome_next_{n}": (ToMe, {"budget": n}) for n in (640, 320)},
-    "tome_r16": (ToMe, {"r": 16, "official": True}),
     # VisionZip: dominant + contextual = 54 + 10 / 108 + 20 / 162 + 30 (contextual_ratio 5/32); Qwen: last block
     **table_settings("visionzip", VisionZip, qwen={"layer": -1}),
     # PruMerge(+): the official adaptive IQR share, and the tables' fixed budgets (extra token included)
@@ -90,6 +86,10 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     "pdrop": (PDrop, {}),
     # DART: pivots at layer 2; dart_*: the tables' budgets (official=True keeps image_pivots + 8 * (budget // 8))
     **table_settings("dart", DART),
+    # ToMe: LLaVA-1.5 / LLaVA-NeXT only (Qwen2.5-VL's windowed tower is refused); tome_r16 is LightCompress' config
+    **{f"tome_{n}": (ToMe, {"budget": n}) for n in (192, 128, 64)},
+    **{f"tome_next_{n}": (ToMe, {"budget": n}) for n in (640, 320)},
+    "tome_r16": (ToMe, {"r": 16, "official": True}),
 }
 
 

@@ -31,7 +31,7 @@ from .base import Pruner
 from .results import MergedTokens
 from .stages import Need, Stage
 
-__all__ = ["ToMe", "ToMeState", "merge_schedule"]
+__all__ = ["BudgetOutOfReach", "ToMe", "ToMeState", "merge_schedule"]
 
 
 @dataclass
@@ -62,6 +62,10 @@ class ToMeState:
     merged: bool = False
 
 
+class BudgetOutOfReach(ValueError):
+    """A token budget the tower's blocks cannot merge down to (each block merges at most half of its tokens)."""
+
+
 def merge_schedule(tokens: int, target: int, blocks: int, reach: bool = True) -> list[int]:
     """``r`` per block that takes ``tokens`` patches (plus a [CLS]) to ``target`` in ``blocks`` ToMe blocks.
 
@@ -70,9 +74,9 @@ def merge_schedule(tokens: int, target: int, blocks: int, reach: bool = True) ->
 
     Raises
     ------
-    ValueError
-        When even front-loaded merging cannot reach ``target`` (with ``reach=False`` the front-loaded schedule is
-        returned instead).
+    BudgetOutOfReach
+        A ``ValueError``: when even front-loaded merging cannot reach ``target`` (with ``reach=False`` the
+        front-loaded schedule is returned instead).
     """
     total = tokens - target
     for even in (True, False):
@@ -84,7 +88,7 @@ def merge_schedule(tokens: int, target: int, blocks: int, reach: bool = True) ->
             left, count = left - step, count - step
         if left <= 0 or not (reach or even):
             return schedule
-    raise ValueError(
+    raise BudgetOutOfReach(
         f"mrprune.ToMe: {target} tokens out of {tokens} patches are out of reach in {blocks} block(s) (each merges at "
         f"most half of its tokens: at least {tokens - sum(schedule)} remain); use a larger budget"
     )
