@@ -4,12 +4,13 @@ bounds-checked dynamic shared memory, co-resident blocks for the cooperative gre
 launchers' own plans (grid, block, chunking, workspaces), under three thread orders, against ``mrprune.reference``.
 
 Checks: topk exactly (rank counting is exact); diversity exactly on exactly representable inputs and on the
-gap-decided prefix elsewhere (near-maximisers everywhere); the greedy exactly on gap-screened inputs, by the
-tie-aware trajectory check otherwise; coverage_select and bipartite_dedup exactly on exactly representable inputs
-(ties everywhere) and hand examples, coverage on the gap-decided prefix of clustered inputs (near-maximisers
-everywhere), the de-duplication exactly on inputs whose float64 rounds have no near-tied scores. Small shapes
-only, but every kernel and every launch path: several tiles, chunked launches, the selection state in shared and in global memory, the factor cache partly and fully in shared
-memory, one and several blocks per item (the cross-block exchange), the fill phase, gates and seeds.
+gap-decided prefix elsewhere (near-maximisers everywhere); the greedy exactly on gap-screened inputs, by the tie-aware
+trajectory check otherwise; coverage_select and bipartite_dedup exactly on exactly representable inputs (ties
+everywhere) and hand examples, coverage on the gap-decided prefix of clustered inputs (near-maximisers everywhere),
+the de-duplication exactly on inputs whose float64 rounds have no near-tied scores. Small shapes only, but every
+kernel and every launch path: several tiles, chunked launches, the selection state in shared and in global memory,
+the factor cache partly and fully in shared memory, one and several blocks per item (the cross-block exchange), the
+fill phase, gates and seeds.
 
 The emulated process ends on a detected error; its stderr is the failure message. Without g++ the tests skip.
 """
