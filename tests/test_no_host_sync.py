@@ -85,7 +85,7 @@ def _fake_cuda_python_ops(monkeypatch):
     """CPU-only torch cannot run some Python bindings on fake CUDA tensors (indexing, ``~``, ``copy_``, ``torch.where``
     with Python scalars: they open a CUDA device guard): route them through aten ops, which fake mode handles (tensor
     indices still fail); and make every host read of a fake CUDA tensor raise :class:`HostSync`."""
-    getitem = torch.Tensor.__getitem__
+    getitem = FakeTensor.__getitem__
 
     def basic(i) -> bool:
         return i is None or i is Ellipsis or isinstance(i, slice) or (isinstance(i, int) and not isinstance(i, bool))
@@ -95,7 +95,9 @@ def _fake_cuda_python_ops(monkeypatch):
             return _basic_index(self, index)
         return getitem(self, index)
 
-    monkeypatch.setattr(torch.Tensor, "__getitem__", patched)
+    # on FakeTensor, never on torch.Tensor: defining __getitem__ on torch.Tensor gives it a sequence slot that
+    # survives the undo, after which torch.tensor([0-d tensors]) calls len() on them and fails in later tests
+    monkeypatch.setattr(FakeTensor, "__getitem__", patched)
     monkeypatch.setattr(torch.Tensor, "__invert__", lambda self: torch.bitwise_not(self))
     where = torch.where
 
