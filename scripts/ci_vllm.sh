@@ -19,6 +19,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 "${PIP[@]}" --no-deps -r "$ROOT/requirements/vllm.lock"
+# the build tools of the editable install below, at the CI lock's versions (a fresh venv's setuptools has no
+# bdist_wheel; vllm.lock pins runtime packages only)
+grep -E '^(setuptools|wheel)==' "$ROOT/requirements/ci.lock" | "${PIP[@]}" --no-deps -r /dev/stdin
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp "$ROOT/scripts/vllm_cpu_torchvision_shim.py" "$SITE/"
 echo "import vllm_cpu_torchvision_shim; vllm_cpu_torchvision_shim.install()" > "$SITE/vllm_cpu_torchvision_shim.pth"
