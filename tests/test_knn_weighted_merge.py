@@ -128,6 +128,25 @@ def test_kernel_matches_reference(backend, tokens, dim, k):
     assert checked >= 18  # nearly all rows are decided
 
 
+@pytest.mark.ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpp_many_scattered_kept_tokens(dtype):
+    """40 kept tokens at scattered positions, D = 64: the C++ kernel reads the kept rows in place through an index,
+    whole 32-row blocks included (the bfloat16 AMX path loads such blocks as tiles from contiguous rows only)."""
+    g = torch.Generator().manual_seed(11)
+    tokens, k = 300, 4
+    metric = torch.randn(1, tokens, 64, generator=g).to(dtype)
+    x = torch.randn(1, tokens, 8, generator=g)
+    w = torch.rand(1, tokens, generator=g)
+    kept = torch.randperm(tokens, generator=g)[:40][None]
+    got = call("cpp", x, metric, w, torch.tensor([tokens]), kept, k)
+    want = call("reference", x, metric.float(), w, torch.tensor([tokens]), kept, k)
+    rows = [t for t in range(40) if decided(metric[0].float(), tokens, kept[0, t : t + 1], k)]
+    assert len(rows) >= 30
+    for t in rows:
+        assert torch.equal(got[1][0, t], want[1][0, t]), f"slot {t}"
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 def test_kernel_input_dtypes(backend, dtype):

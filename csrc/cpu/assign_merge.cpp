@@ -25,7 +25,6 @@ std::tuple<Tensor, Tensor, Tensor> assign_merge_cpu(Tensor x, Tensor metric, Ten
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   std::vector<int64_t> used, where, arg;
   std::vector<float> inv, inv_t, best, acc, target;
-  std::vector<char> buffer;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
     const int64_t* t_row = targets.const_data_ptr<int64_t>() + b * slots;
@@ -44,7 +43,7 @@ std::tuple<Tensor, Tensor, Tensor> assign_merge_cpu(Tensor x, Tensor metric, Ten
     row_norms(m, nullptr, inv.data());
     inv_t.resize(count);
     for (int64_t s = 0; s < count; ++s) inv_t[s] = inv[where[s]];
-    const RowMatrix t_rows = gather_rows(m, where.data(), count, buffer);  // in slot order: ties go to the lower slot
+    const RowMatrix t_rows = select_rows(m, where.data(), count);  // in slot order: ties go to the lower slot
     best.resize(n);
     arg.resize(n);
     best_cosine_match(m, inv.data(), t_rows, inv_t.data(), best.data(), arg.data());

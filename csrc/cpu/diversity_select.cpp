@@ -54,9 +54,9 @@ int64_t first_argmax(const std::vector<float>& score, const std::vector<uint8_t>
 // (each pair counts for its row and its column), merged exactly (min is order-free).
 void initial_scores_streaming(const RowMatrix& x, const float* inv, std::vector<float>& score) {
   const int64_t n = x.rows;
-  const UpperTiles tiles(n);
+  const UpperTiles tiles(x);
   std::vector<std::vector<TwoSmallest>> partial(tiles.items());
-  tiles.visit(x, [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld, int64_t slot) {
+  tiles.visit([&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld, int64_t slot) {
     std::vector<TwoSmallest>& mine = partial[slot];
     if (mine.empty()) mine.resize(n);
     for (int64_t r = 0; r < m; ++r) {

@@ -39,13 +39,12 @@ struct RowSoftmax {
 bool scores_from_edges(const RowMatrix& x, const float* inv, const float* weights, float thr, float temp,
                        int64_t iterations, float* out) {
   const int64_t n = x.rows;
-  const UpperTiles tiles(n);
+  const UpperTiles tiles(x);
   const int64_t max_edges = workspace_budget(x) / kBytesPerEdge;
   std::vector<std::vector<Edge>> found(tiles.items());
   std::atomic<int64_t> total{0};
   std::atomic<bool> overflow{false};
   tiles.visit(
-      x,
       [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld, int64_t slot) {
         std::vector<Edge>& mine = found[slot];
         const size_t before = mine.size();

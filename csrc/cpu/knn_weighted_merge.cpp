@@ -27,7 +27,6 @@ std::tuple<Tensor, Tensor> knn_weighted_merge_cpu(Tensor x, Tensor metric, Tenso
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   std::vector<int64_t> used, where;
   std::vector<float> inv, inv_k, cos;
-  std::vector<char> buffer;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
     const int64_t* kept_row = kept.const_data_ptr<int64_t>() + b * slots;
@@ -46,7 +45,7 @@ std::tuple<Tensor, Tensor> knn_weighted_merge_cpu(Tensor x, Tensor metric, Tenso
     row_norms(m, nullptr, inv.data());
     inv_k.resize(count);
     for (int64_t s = 0; s < count; ++s) inv_k[s] = inv[where[s]];
-    const RowMatrix kept_rows = gather_rows(m, where.data(), count, buffer);
+    const RowMatrix kept_rows = select_rows(m, where.data(), count);
     cos.resize(static_cast<size_t>(std::max<int64_t>(count * n, 1)));
     visit_cross_tiles(kept_rows, m, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* raw,
                                         int64_t ld) {

@@ -1,10 +1,9 @@
-// transfer_scores on the CPU: per item, gather the masked keys (in their stored precision), the query x key cosine
+// transfer_scores on the CPU: per item, the masked keys read in place (stored precision), the query x key cosine
 // block from gram.h tiles (float32 accumulation, scaled by float32 inverse norms), then per query row the
 // thresholded-softmax statistics and the weighted mass, without storing the softmax.
 // Spec: mrprune.reference.transfer_scores.
 #include "mrprune/cpu/gram.h"
 
-#include <cstring>
 
 namespace mrprune::cpu {
 
@@ -24,8 +23,6 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
   const float thr = static_cast<float>(threshold), temp = static_cast<float>(temperature);
   Tensor prop = torch::stable::new_zeros(queries, {batch, max_queries}, ScalarType::Float);
   const dots::Elem elem = elem_of(keys.scalar_type());
-  const int64_t row_bytes = dim * dots::elem_size(elem);
-  std::vector<char> gathered(static_cast<size_t>(std::max<int64_t>(max_keys * row_bytes, 1)));
   std::vector<float> key_inv(max_keys), query_inv(max_queries);
   Workspace similarity = workspace(max_queries * max_keys);
   std::vector<int64_t> selected_keys;
@@ -40,12 +37,8 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
     }
     const int64_t selected = static_cast<int64_t>(selected_keys.size());
     if (selected == 0 || m == 0) continue;  // nothing pruned to transfer from: prop stays 0 (not 0/0)
-    // Gather the selected keys (stored precision); their weights default to their norms.
-    const RowMatrix key_items = item_rows(keys, b, max_keys);
-    for (int64_t s = 0; s < selected; ++s) {
-      std::memcpy(gathered.data() + s * row_bytes, key_items.row(selected_keys[s]), static_cast<size_t>(row_bytes));
-    }
-    const RowMatrix key_rows{gathered.data(), elem, selected, dim, dim};
+    // The selected keys read in place (stored precision); their weights default to their norms.
+    const RowMatrix key_rows{item_rows(keys, b, max_keys).data, elem, selected, dim, dim, selected_keys.data()};
     const RowMatrix query_rows = item_rows(queries, b, m);
     row_norms(key_rows, weight.data(), key_inv.data());
     row_norms(query_rows, nullptr, query_inv.data());

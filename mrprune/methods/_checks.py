@@ -187,7 +187,7 @@ def item_seeds(owner: str, seeds: Any, lengths: torch.Tensor) -> torch.Tensor:
 def token_norms(owner: str, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """float32 L2 norm of every token ``[B, N]``; with ``MRPRUNE_CHECK_FINITE`` on, a valid token whose norm is not
     finite (NaN/Inf features, or entries so large the float32 squared norm overflows) raises. Padding is ignored."""
-    norms = features.float().norm(dim=-1)
+    norms = _float32_norms(features)
     if _validation.check_finite_enabled() and norms.numel():
         valid = torch.arange(features.shape[1], device=features.device) < lengths[:, None]
         bad = ~torch.isfinite(norms) & valid
@@ -200,6 +200,16 @@ def token_norms(owner: str, features: torch.Tensor, lengths: torch.Tensor) -> to
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _float32_norms(features: torch.Tensor) -> torch.Tensor:
+    """``features.float().norm(dim=-1)`` ``[B, N]``, bit for bit. Half-precision features on the CPU are upcast 2**18
+    elements at a time: one float32 copy of a whole LLaVA-NeXT image is mostly page faults of a fresh buffer (20 ms
+    against 3.5 ms chunked, 2304 x 4096 bfloat16)."""
+    if features.dtype == torch.float32 or features.device.type != "cpu" or not features.numel():
+        return features.float().norm(dim=-1)
+    step = max(1, 2**18 // features.shape[-1])
+    return torch.cat([chunk.float().norm(dim=-1) for chunk in features.split(step, dim=1)], dim=1)
 
 
 def _describe(value: Any, with_shape: bool = False) -> str:

@@ -69,9 +69,16 @@ inline std::unique_ptr<gemm::PackedPanels> pack_panels(const RowMatrix& b) {
   return packed;
 }
 
-// Edge length of the Gram tiles of the visits below.
+// Edge lengths of the Gram tiles of the visits below. Tiles that transpose their own B operand (float32, converted
+// halves) take 256 rows to spread that packing over twice the products (at N = 2304, D = 4096 float32 the packing
+// was a quarter of the kernel time with 128 rows); with B packed ahead (bfloat16 pairs) 128 rows balance the threads
+// better.
 constexpr int64_t kTileRows = TileDots::kMaxRows;
 constexpr int64_t kTileCols = TileDots::kMaxCols;
+inline int64_t tile_rows(const RowMatrix& x) {
+  const gemm::Mode mode = gemm::mode_for(x.elem, x.d);
+  return mode.pairs || mode.amx ? kTileRows / 2 : kTileRows;
+}
 
 // Calls fn(i0, m, j0, n, raw, ld) for every block of the upper triangle of x x^T (rows i0..i0+m, columns
 // j0..j0+n with j0 >= i0; raw[r * ld + c] = x_{i0+r} . x_{j0+c}, raw dot products), in parallel. Every unordered
@@ -80,10 +87,10 @@ constexpr int64_t kTileCols = TileDots::kMaxCols;
 // (0 <= slot < items()) identifies the calling chunk for per-chunk scratch.
 class UpperTiles {
  public:
-  explicit UpperTiles(int64_t n) : n_(n) {
+  explicit UpperTiles(const RowMatrix& x) : x_(x), n_(x.rows), tile_rows_(tile_rows(x)) {
     // Every upper block, row tiles taken in folded order (w, R-1-w, ...) so that consecutive blocks of a static
     // chunk mix long and short rows of the triangle: the threads get about the same number of multiply-adds.
-    const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
+    const int64_t row_tiles = (n_ + tile_rows_ - 1) / tile_rows_;
     for (int64_t w = 0; w < (row_tiles + 1) / 2; ++w) {
       add_row_tile(w);
       if (row_tiles - 1 - w != w) add_row_tile(row_tiles - 1 - w);
@@ -95,14 +102,16 @@ class UpperTiles {
 
   // `stop` (optional) ends the visit early once set by a callback.
   template <class F>
-  void visit(const RowMatrix& x, const F& fn, const std::atomic<bool>* stop = nullptr) const {
+  void visit(const F& fn, const std::atomic<bool>* stop = nullptr) const {
+    const RowMatrix& x = x_;
     const auto packed = pack_panels(x);
     torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t end) {
       TileDots dots(x.elem);
       for (int64_t w = begin; w < end; ++w) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
         const auto [i0, j0] = blocks_[w];
-        const int64_t m = std::min(kTileRows, n_ - i0), n = std::min(kTileCols, n_ - j0);
+        // Rows below the block's last column hold only pairs j < i: not computed.
+        const int64_t n = std::min(kTileCols, n_ - j0), m = std::min({tile_rows_, n_ - i0, j0 + n - i0});
         fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n, packed.get()), TileDots::ld(), begin);
       }
     });
@@ -110,10 +119,11 @@ class UpperTiles {
 
  private:
   void add_row_tile(int64_t t) {
-    for (int64_t j0 = t * kTileRows; j0 < n_; j0 += kTileCols) blocks_.emplace_back(t * kTileRows, j0);
+    for (int64_t j0 = t * tile_rows_; j0 < n_; j0 += kTileCols) blocks_.emplace_back(t * tile_rows_, j0);
   }
 
-  int64_t n_;
+  RowMatrix x_;
+  int64_t n_, tile_rows_;
   std::vector<std::pair<int64_t, int64_t>> blocks_;
 };
 
@@ -121,13 +131,14 @@ class UpperTiles {
 // thread, any order: for callbacks that write each block's own outputs).
 template <class F>
 inline void visit_cross_blocks(const RowMatrix& a, const RowMatrix& b, const F& fn) {
-  const int64_t row_tiles = (a.rows + kTileRows - 1) / kTileRows, col_tiles = (b.rows + kTileCols - 1) / kTileCols;
+  const int64_t rows = tile_rows(a);
+  const int64_t row_tiles = (a.rows + rows - 1) / rows, col_tiles = (b.rows + kTileCols - 1) / kTileCols;
   const auto packed = pack_panels(b);
   torch::stable::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
     TileDots dots(a.elem);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t i0 = (w / col_tiles) * kTileRows, j0 = (w % col_tiles) * kTileCols;
-      const int64_t m = std::min(kTileRows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
+      const int64_t i0 = (w / col_tiles) * rows, j0 = (w % col_tiles) * kTileCols;
+      const int64_t m = std::min(rows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
       fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n, packed.get()), TileDots::ld());
     }
   });
@@ -137,12 +148,12 @@ inline void visit_cross_blocks(const RowMatrix& a, const RowMatrix& b, const F& 
 // blocks of one row tile are visited by one thread in ascending column order (a fixed order per row).
 template <class F>
 inline void visit_cross_tiles(const RowMatrix& a, const RowMatrix& b, const F& fn) {
-  const int64_t row_tiles = (a.rows + kTileRows - 1) / kTileRows;
+  const int64_t rows = tile_rows(a), row_tiles = (a.rows + rows - 1) / rows;
   const auto packed = pack_panels(b);
   torch::stable::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
     TileDots dots(a.elem);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t i0 = t * kTileRows, m = std::min(kTileRows, a.rows - i0);
+      const int64_t i0 = t * rows, m = std::min(rows, a.rows - i0);
       for (int64_t j0 = 0; j0 < b.rows; j0 += kTileCols) {
         const int64_t n = std::min(kTileCols, b.rows - j0);
         fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n, packed.get()), TileDots::ld());
@@ -153,9 +164,7 @@ inline void visit_cross_tiles(const RowMatrix& a, const RowMatrix& b, const F& f
 
 // The full cosine Gram S[:n, :n] (row stride lds) of x: upper blocks computed once, mirrored (bitwise symmetric).
 inline void cosine_gram(const RowMatrix& x, const float* inv, float* s, int64_t lds) {
-  const int64_t n = x.rows;
-  UpperTiles(n).visit(x, [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld,
-                             int64_t) {
+  UpperTiles(x).visit([&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld, int64_t) {
     for (int64_t r = 0; r < m; ++r) {
       const int64_t i = i0 + r;
       for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) {
@@ -170,8 +179,7 @@ inline void cosine_gram(const RowMatrix& x, const float* inv, float* s, int64_t 
 
 // The raw Gram G = x x^T (no normalisation), bitwise symmetric, into g[:n, :n] (row stride ldg).
 inline void raw_gram(const RowMatrix& x, float* g, int64_t ldg) {
-  UpperTiles(x.rows).visit(x, [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld,
-                                  int64_t) {
+  UpperTiles(x).visit([&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld, int64_t) {
     for (int64_t r = 0; r < m; ++r) {
       const int64_t i = i0 + r;
       for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) {

@@ -43,9 +43,10 @@ struct RowMatrix {
   int64_t rows;
   int64_t d;
   int64_t stride;
+  const int64_t* index = nullptr;  // optional: row i is stored row index[i] (a gather without copying)
 
   const void* row(int64_t i) const {
-    return static_cast<const char*>(data) + i * stride * dots::elem_size(elem);
+    return static_cast<const char*>(data) + (index != nullptr ? index[i] : i) * stride * dots::elem_size(elem);
   }
 };
 
@@ -309,7 +310,9 @@ class PackedPanels {
   }
 
   // Whether tiles of columns of `b` can read their B operand from here.
-  bool serves(const RowMatrix& b) const { return data_ != nullptr && b.data == b_.data && b.stride == b_.stride; }
+  bool serves(const RowMatrix& b) const {
+    return data_ != nullptr && b.data == b_.data && b.stride == b_.stride && b.index == b_.index;
+  }
 
   // k-chunk k0 (a multiple of kKC) of panel p.
   const float* chunk(int64_t p, int64_t k0) const { return data_.get() + p * stride_ + (k0 / kKC) * padded(kKC) * kNR; }
@@ -325,7 +328,7 @@ class PackedPanels {
 // thread: it owns the packing and conversion buffers and the result block.
 class TileDots {
  public:
-  static constexpr int64_t kMaxRows = 128;
+  static constexpr int64_t kMaxRows = 256;
   static constexpr int64_t kMaxCols = 128;
 
   explicit TileDots(Elem elem) : elem_(elem) {
@@ -419,7 +422,7 @@ class TileDots {
           // zero-padded copy (AMX loads whole tiles).
           const uint32_t* ablock;
           int64_t lda;
-          if (r0 + 32 <= m && kc == kcp && a.stride % 2 == 0) {
+          if (r0 + 32 <= m && kc == kcp && a.stride % 2 == 0 && a.index == nullptr) {
             ablock = static_cast<const uint32_t*>(a.row(i0 + r0)) + k0;
             lda = a.stride / 2;
           } else {

@@ -43,12 +43,10 @@ inline char* item_row_ptr(const Tensor& t, int64_t b, int64_t i) {
   return static_cast<char*>(const_cast<void*>(t.const_data_ptr())) + (b * t.size(1) + i) * t.size(2) * size;
 }
 
-// The rows `rows[0..count)` of x gathered into `buffer` (same dtype, contiguous): a RowMatrix the Gram tiles can read.
-inline RowMatrix gather_rows(const RowMatrix& x, const int64_t* rows, int64_t count, std::vector<char>& buffer) {
-  const int64_t bytes = x.d * dots::elem_size(x.elem);
-  buffer.resize(static_cast<size_t>(std::max<int64_t>(count * bytes, 1)));
-  for (int64_t t = 0; t < count; ++t) std::memcpy(buffer.data() + t * bytes, x.row(rows[t]), static_cast<size_t>(bytes));
-  return RowMatrix{buffer.data(), x.elem, count, x.d, x.d};
+// The rows `rows[0..count)` of x (which must not be indexed itself) as a RowMatrix the Gram tiles can read, without
+// copying them; `rows` must outlive it.
+inline RowMatrix select_rows(const RowMatrix& x, const int64_t* rows, int64_t count) {
+  return RowMatrix{x.data, x.elem, count, x.d, x.stride, rows};
 }
 
 // For every row i of a, the first column j of b maximising cos(a_i, b_j) = (a_i . b_j) * (inv_a[i] * inv_b[j]):
