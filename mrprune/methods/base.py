@@ -27,6 +27,12 @@ def round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
+class KeptCountUnknown(ValueError):
+    """The number of tokens a pruner keeps of an image does not follow from the image's layout alone (an adaptive
+    count, merged tokens, pruning inside the language model, an official mode's feature-dependent budget); the
+    message says which."""
+
+
 def check_keep_ratio(keep_ratio: float, owner: str = "Pruner") -> float:
     return _checks.keep_ratio(owner, keep_ratio)
 
@@ -34,6 +40,11 @@ def check_keep_ratio(keep_ratio: float, owner: str = "Pruner") -> float:
 def take_prefixes(indices: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
     """The first ``counts[b]`` entries of each row of ``indices [B, k]`` (a top-k or greedy order is prefix-stable)."""
     return [indices[b, :count] for b, count in enumerate(counts)]
+
+
+def newline_count(layout: Layout) -> int:
+    """LLaVA-NeXT newline tokens of ``layout`` (0 for a :class:`~mrprune.GridLayout`)."""
+    return layout.newline_indices.numel() if isinstance(layout, LlavaNextLayout) else 0
 
 
 class _NeedsText:
@@ -123,6 +134,56 @@ class Pruner:
             return []
         kept = self._select_batch(features, layouts, lengths, texts, **kwargs)
         return [k if isinstance(k, MergedTokens) else k.sort().values for k in kept]
+
+    def kept_count(self, layout: Layout) -> int:
+        """Tokens :meth:`select` keeps of an image with ``layout``, for any features (from the layout alone).
+
+        The default is the budget convention most methods share: the method's budget in all (its ``size``, a
+        :class:`~mrprune.methods._vision.Budget`, or ``round(keep_ratio * T)`` half up, at most ``T``), LLaVA-NeXT
+        newline tokens included and kept first (so at least every newline). Methods whose count differs override it.
+
+        Parameters
+        ----------
+        layout : LlavaNextLayout or GridLayout
+            The image's layout (``T = layout.num_tokens``). Vision-stage methods count as the integrations call
+            them: each token's crop given, newlines in no crop.
+
+        Returns
+        -------
+        int, the length of ``select(features, layout)`` (``T`` at most).
+
+        Raises
+        ------
+        KeptCountUnknown
+            Where the count depends on more than the layout: merging methods, ``llm``-stage methods (they prune
+            inside the language model, at several layers, after the prompt is laid out), ``official=True`` modes,
+            methods without a fixed budget.
+        """
+        name = type(self).__name__
+        if self.merges:
+            raise KeptCountUnknown(
+                f"mrprune.{name} merges tokens: it returns merged tokens (MergedTokens), not a kept subset"
+            )
+        if self.stage is Stage.LLM:
+            raise KeptCountUnknown(
+                f"mrprune.{name} prunes inside the language model (llm stage): every visual token enters the model "
+                "and is dropped at its pruning layers, so no count of kept input tokens applies"
+            )
+        if getattr(self, "official", False):
+            raise KeptCountUnknown(
+                f"mrprune.{name}(official=True) follows the official code's budget arithmetic, which is not known "
+                "from the layout alone; use official=False"
+            )
+        total = layout.num_tokens
+        size = getattr(self, "size", None)
+        ratio = getattr(self, "keep_ratio", None)
+        if callable(size):
+            budget = size(total)
+        elif isinstance(ratio, float):
+            budget = min(round_half_up(ratio * total), total)
+        else:
+            raise KeptCountUnknown(f"mrprune.{name} has no fixed budget: its count depends on the features")
+        return min(max(budget, newline_count(layout)), total)
 
     def _select_batch(
         self,

@@ -6,7 +6,7 @@ import torch
 
 from .. import ops
 from . import _checks
-from .base import Pruner, check_keep_ratio, round_half_up, take_prefixes
+from .base import KeptCountUnknown, Layout, Pruner, check_keep_ratio, round_half_up, take_prefixes
 
 __all__ = ["DivPrune", "RandomPruner"]
 
@@ -42,6 +42,16 @@ class DivPrune(Pruner):
     def __repr__(self) -> str:
         return f"DivPrune(keep_ratio={self.keep_ratio}, official={self.official})"
 
+    def kept_count(self, layout: Layout) -> int:
+        """``round(keep_ratio * T)`` half to even, newlines not kept apart; ``official=True`` may keep a duplicate
+        pick once (fewer tokens), so its count is unknown (:class:`~mrprune.methods.base.KeptCountUnknown`)."""
+        if self.official:
+            raise KeptCountUnknown(
+                "mrprune.DivPrune(official=True) can pick an exact duplicate twice and keep it once, so its count "
+                "depends on the features; use official=False"
+            )
+        return int(round(self.keep_ratio * layout.num_tokens))
+
     def _select_batch(self, features, layouts, lengths, texts, **kwargs):
         counts = [int(round(self.keep_ratio * n)) for n in lengths.tolist()]
         picks = ops.diversity_select(features, lengths, max(counts, default=0), mask_picked=not self.official)
@@ -61,6 +71,10 @@ class RandomPruner(Pruner):
 
     def __repr__(self) -> str:
         return f"RandomPruner(keep_ratio={self.keep_ratio}, seed={self.seed})"
+
+    def kept_count(self, layout: Layout) -> int:
+        """``round(keep_ratio * T)`` half up: a uniform subset, newlines not kept apart."""
+        return min(layout.num_tokens, round_half_up(self.keep_ratio * layout.num_tokens))
 
     def _select_batch(self, features, layouts, lengths, texts, **kwargs):
         kept = []

@@ -8,7 +8,7 @@ newlines included, as any token), through ``mrprune.topk_indices`` (ties to the 
 from __future__ import annotations
 
 from ._vision import Budget
-from .base import Pruner, top_tokens
+from .base import Layout, Pruner, top_tokens
 
 __all__ = ["L2Norm"]
 
@@ -29,6 +29,10 @@ class L2Norm(Pruner):
 
     def __repr__(self) -> str:
         return f"L2Norm({self.size!r})"
+
+    def kept_count(self, layout: Layout) -> int:
+        """The budget of all ``T`` tokens, newlines ranked like any token."""
+        return self.size(layout.num_tokens)
 
     def _select_batch(self, features, layouts, lengths, texts, **kwargs):
         norms = features.float().norm(dim=-1)

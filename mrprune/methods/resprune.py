@@ -19,7 +19,7 @@ import torch
 from .. import ops
 from ..batching import pad_batch
 from . import _checks
-from .base import Pruner, check_keep_ratio, round_half_up, take_prefixes
+from .base import Layout, Pruner, check_keep_ratio, round_half_up, take_prefixes
 from .stages import Need
 
 __all__ = ["ALPHA_PRESETS", "ResPrune"]
@@ -89,6 +89,10 @@ class ResPrune(Pruner):
 
     def _count(self, n: int) -> int:
         return min(n, self.budget if self.budget is not None else round_half_up(self.keep_ratio * n))
+
+    def kept_count(self, layout: Layout) -> int:
+        """The budget of all ``T`` tokens (``budget`` or ``round(keep_ratio * T)``), newlines ranked like any token."""
+        return self._count(layout.num_tokens)
 
     def _gate(self, features: torch.Tensor, lengths: torch.Tensor, texts: Sequence[torch.Tensor | None] | None):
         """``max(rho, 0) ** alpha`` per token, 1 for images without text; None when no image has text."""

@@ -19,7 +19,7 @@ import torch
 from .. import ops
 from . import _checks
 from ._vision import check_layer, token_scores
-from .base import Pruner, take_prefixes
+from .base import KeptCountUnknown, Layout, Pruner, newline_count, round_half_up, take_prefixes
 from .stages import Need, Stage
 
 __all__ = ["TRIM"]
@@ -81,6 +81,20 @@ class TRIM(Pruner):
 
     def __repr__(self) -> str:
         return f"TRIM(keep_ratio={self.keep_ratio}, official={self.official})"
+
+    def kept_count(self, layout: Layout) -> int:
+        """Default mode with ``keep_ratio``: ``round(keep_ratio * S)`` of the ``S`` patch tokens (at least one), plus
+        every newline. The IQR share (``keep_ratio=None``) and ``official=True`` depend on the features
+        (:class:`~mrprune.methods.base.KeptCountUnknown`)."""
+        if self.keep_ratio is None or self.official:
+            raise KeptCountUnknown(
+                "mrprune.TRIM keeps the IQR outlier share of its CLIP similarities (keep_ratio=None) or, with "
+                "official=True, a share of its crops' patches: the count depends on the features; use keep_ratio= "
+                "and official=False"
+            )
+        lines = newline_count(layout)
+        scored = layout.num_tokens - lines
+        return min(max(1, round_half_up(self.keep_ratio * scored)), scored) + lines
 
     def _select_batch(
         self, features, layouts, lengths, texts, attention=None, crops=None, clip_image=None, clip_text=None, **kwargs
