@@ -4,13 +4,23 @@ inputs with score gaps; default-mode budgets, batches = per sample, edge cases a
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from mrprune.batching import pad_batch
 from mrprune.methods import MergedTokens, SparseVLM, preset
-from mrprune.methods.sparsevlm import RANK_SETTINGS, SCHEDULES, rater_scores, select_raters
-from mrprune.methods.stages import PromptTokens
+from mrprune.methods.sparsevlm import (
+    RANK_SETTINGS,
+    SCHEDULES,
+    SCHEDULES_V2,
+    gravity,
+    head_scores,
+    rater_scores,
+    select_raters,
+)
+from mrprune.methods.stages import Need, PromptTokens
 
 # --- a port of the official selection (Gumpest/SparseVLMs, USE_VERSION=1_0, batch 1), eager torch -----------------
 
@@ -77,6 +87,65 @@ def official_stage(attention, hidden, v_start, v_num, raters, layer_idx, budget,
     sequence = torch.cat([hidden[:v_start], hidden[v_start + kept], merged, hidden[text_start:]])
     gaps = dict(relation=relation, density=density, score=score)
     return sequence, kept.numel() + cluster_num, kept, recycled, merged, centers, gaps
+
+
+# --- a port of the official v2.0 selection (Gumpest/SparseVLMs branch v2.0, USE_VERSION=2_0, batch 1) -------------
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+def official_rotary(positions, head_dim, base=10000.0):
+    """LLaMA's rotary embedding (transformers 4.37 ``LlamaRotaryEmbedding`` + ``apply_rotary_pos_emb``) of an
+    all-ones head vector at ``positions [L]``: ``[L, d]``."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = positions[:, None].float() * inv_freq[None]
+    emb = torch.cat([freqs, freqs], -1)
+    ones = torch.ones(positions.shape[0], head_dim)
+    return ones * emb.cos() + rotate_half(ones) * emb.sin()
+
+
+def official_stage_v2(attention, v_start, v_num, raters, positions, head_dim, layer_idx, budget, heads=14):
+    """One v2.0 pruning layer on one sequence: ``attention [H, L, L]`` probabilities divided by ``rope_weights`` (the
+    all-ones q / k rotated at ``positions [L]``, ``q k^T / sqrt(d)``), ``select_attn_head_by_sum`` (per head the sum
+    over rater rows and visual columns, ``topk(14)``), then ``attn_postprocess_topk`` (mean over the kept heads, the
+    rater rows, ``topk(min(count, v - 1))``). Returns the kept visual indices (ascending), the new positions and
+    the scores and head masses (for gap screening)."""
+    rope = official_rotary(positions, head_dim)
+    rope_weights = rope @ rope.T / head_dim**0.5
+    corrected = attention / rope_weights
+    text_start = v_start + v_num
+    rows = raters + text_start
+    mass = corrected[:, rows, v_start:text_start].sum((1, 2))
+    chosen = mass.topk(heads).indices
+    relation = corrected[chosen].mean(0)[rows, v_start:text_start].mean(0)
+    count = min(SCHEDULES_V2[budget][OFFICIAL_LAYER_STAGE[layer_idx]], v_num - 1)
+    mask = torch.zeros(v_num, dtype=torch.bool)
+    mask[relation.topk(count).indices] = True
+    kept = torch.where(mask)[0]
+    keep = torch.ones(positions.shape[0], dtype=torch.bool)
+    keep[v_start:text_start] = mask  # v2.0: no merge, the kept tokens keep their position ids
+    return kept, positions[keep], dict(relation=relation, mass=mass)
+
+
+def head_attention(length, heads, v_start, v_num, raters, generator):
+    """Causal ``[H, L, L]`` probabilities whose text rows pay the visual tokens a share ``0.2 .. 0.8`` of their mass
+    (one per head), in the shares of :func:`rows_with_gaps` with a permutation per head, so the heads' masses and the
+    kept heads' mean both have gaps."""
+    logits = torch.randn(heads, length, length, generator=generator) * 3
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    attention = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    text_start = v_start + v_num
+    share = 0.2 + 0.6 * torch.randperm(heads, generator=generator).double() / heads
+    for h in range(heads):
+        rest = attention[h, text_start:].clone().double()
+        rest[..., v_start:text_start] = 0
+        rest = (1 - share[h]) * rest / rest.sum(-1, keepdim=True)
+        rest[..., v_start:text_start] = share[h] * rows_with_gaps(raters, length - text_start, v_num, generator)
+        attention[h, text_start:] = rest.float()
+    return attention
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -223,6 +292,190 @@ def test_official_matches_port_over_three_stages(budget):
         hidden, v_num = sequence, new_v
         counts.append(v_num)
     assert counts == TRAJECTORIES[budget]
+
+
+def v2_stage(method, step, embeddings, v_start, v_num, n0, attention, positions, head_dim):
+    """Our v2.0 method on one sequence at one stage (batch of one), fed like the integration feeds it."""
+    text_start = v_start + v_num
+    rotary = official_rotary(positions, head_dim)
+    text = embeddings[None, -(attention.shape[1] - text_start) :]
+    prompt = PromptTokens(
+        torch.tensor([text.shape[1]]),
+        torch.arange(text.shape[1])[None],
+        torch.ones(1, text.shape[1], dtype=torch.bool),
+        text,
+        text,
+        head_attention=attention[None, :, text_start:, v_start:text_start],
+        rotary=rotary[None, text_start:],
+    )
+    return method.select(
+        torch.zeros(v_num, embeddings.shape[1]),
+        step=step,
+        prompt=prompt,
+        rotary=rotary[None, v_start:text_start],
+        input_embeddings=embeddings[None, v_start : v_start + n0],
+        original_lengths=torch.tensor([n0]),
+    )
+
+
+@pytest.mark.parametrize("budget", [192, 128, 96, 64])
+def test_v2_official_matches_port_over_three_stages(budget):
+    """v2.0 under ``official=True``: gravity-corrected attention, 14 of 20 heads, the v2.0 schedule, three stages with
+    the kept tokens' original positions (LLaMA's d = 128 rotary)."""
+    generator = torch.Generator().manual_seed(budget + 1)
+    prefix, n0, m, dim, heads, head_dim = 5, 576, 12, 16, 20, 128
+    embeddings = clustered_tokens(prefix + n0 + m, dim, generator)
+    method = SparseVLM(budget=budget, version="2.0", official=True)
+    assert not method.merge and method.heads == 14
+    raters = official_raters(embeddings, prefix, n0)
+    assert 0 < raters.numel() < m
+    positions = torch.arange(prefix + n0 + m)
+    v_num, origin, counts = n0, torch.arange(n0), []
+    for step, layer_idx in enumerate((2, 6, 15)):
+        attention = head_attention(positions.shape[0], heads, prefix, v_num, raters, generator)
+        kept, new_positions, gaps = official_stage_v2(
+            attention, prefix, v_num, raters, positions, head_dim, layer_idx, budget
+        )
+        ordered = gaps["relation"].sort(descending=True).values
+        scale = float(ordered.abs().max())
+        assert float(ordered[kept.numel() - 1] - ordered[kept.numel()]) > 1e-5 * scale, "the cut needs a gap"
+        ordered = gaps["mass"].sort(descending=True).values
+        assert float(ordered[13] - ordered[14]) > 1e-4 * float(ordered[0]), "the 14th / 15th heads need a gap"
+        result = v2_stage(method, step, embeddings, prefix, v_num, n0, attention, positions, head_dim)
+        assert not isinstance(result, MergedTokens)
+        assert torch.equal(result, kept)
+        origin, positions, v_num = origin[kept], new_positions, kept.numel()
+        assert torch.equal(positions[prefix : prefix + v_num], prefix + origin)  # original positions kept
+        counts.append(v_num)
+    assert counts == [min(c, 575) for c in SCHEDULES_V2[budget]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gravity_and_head_scores_match_loops(seed):
+    """The gravity of LLaMA's rotary is ``2 sum_i cos(distance theta_i) / sqrt(d)``; the head scores equal loops over
+    items, heads, raters and tokens (padding, unequal lengths, fewer heads than asked)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, heads, t, n, d = 3, 5, 6, 9, 16
+    positions_t = torch.randint(0, 300, (batch, t), generator=generator)
+    positions_v = torch.randint(0, 300, (batch, n), generator=generator)
+    g = gravity(
+        torch.stack([official_rotary(p, d) for p in positions_t]),
+        torch.stack([official_rotary(p, d) for p in positions_v]),
+    )
+    theta = 1.0 / 10000.0 ** (torch.arange(0, d, 2).double() / d)
+    distance = (positions_t[:, :, None] - positions_v[:, None, :]).double()
+    closed = 2 * torch.cos(distance[..., None] * theta).sum(-1) / d**0.5
+    torch.testing.assert_close(g.double(), closed, rtol=1e-4, atol=1e-4)
+    attention = torch.rand(batch, heads, t, n, generator=generator, dtype=torch.float64)
+    g = closed + 0.5 * closed.sign()  # away from zero: the loops and the vectorised division agree
+    raters = torch.rand(batch, t, generator=generator) < 0.6
+    raters[:, 0] = True
+    lengths = torch.tensor([n, 4, 7])
+    for keep in (2, heads, heads + 3):
+        scores = head_scores(attention, g, raters, lengths, keep)
+        for b in range(batch):
+            v, rows = int(lengths[b]), raters[b].nonzero()[:, 0].tolist()
+            masses = [
+                sum(float(attention[b, h, r, j] / g[b, r, j]) for r in rows for j in range(v)) for h in range(heads)
+            ]
+            chosen = sorted(range(heads), key=lambda h: -masses[h])[: min(keep, heads)]
+            for j in range(n):
+                want = 0.0
+                if j < v:
+                    want = sum(float(attention[b, h, r, j] / g[b, r, j]) for h in chosen for r in rows)
+                    want /= len(chosen) * len(rows)
+                assert abs(float(scores[b, j]) - want) < 1e-9 * max(1.0, abs(want))
+
+
+def v2_batch_inputs(batch_lengths, t=5, heads=4, d=16, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    batch, n = len(batch_lengths), max(batch_lengths)
+    lengths = torch.tensor(batch_lengths)
+    text = torch.randn(batch, t, dim, generator=generator)
+    attention = torch.rand(batch, heads, t, n, generator=generator)
+    valid = torch.arange(n)[None] < lengths[:, None]
+    attention = attention * valid[:, None, None]
+    positions_v = torch.arange(n)[None].expand(batch, -1) + 3
+    positions_t = torch.arange(t)[None].expand(batch, -1) + 3 + n
+    rotary_v = torch.stack([official_rotary(p, d) for p in positions_v]) * valid[..., None]
+    rotary_t = torch.stack([official_rotary(p, d) for p in positions_t])
+    prompt = PromptTokens(
+        torch.full((batch,), t),
+        positions_t,
+        torch.ones(batch, t, dtype=torch.bool),
+        text,
+        text,
+        head_attention=attention,
+        rotary=rotary_t,
+    )
+    embeddings = torch.randn(batch, n, dim, generator=generator)
+    features = torch.randn(batch, n, dim, generator=generator)
+    return (
+        features,
+        lengths,
+        dict(prompt=prompt, rotary=rotary_v, input_embeddings=embeddings, original_lengths=lengths),
+    )
+
+
+def test_v2_batch_equals_per_sample():
+    """Each item of a padded batch is scored and counted on its own (the official code reads ``attention[0]``)."""
+    method = SparseVLM(budget=192, version="2.0", heads=2)
+    features, lengths, kwargs = v2_batch_inputs([12, 7, 10])
+    both = method.select_batch(features, [None] * 3, lengths, None, step=0, **kwargs)
+    for b in range(3):
+        v = int(lengths[b])
+        prompt = _subset_prompt(kwargs["prompt"], b)
+        single = method.select_batch(
+            features[b : b + 1, :v],
+            [None],
+            lengths[b : b + 1],
+            None,
+            step=0,
+            prompt=dataclasses.replace(prompt, head_attention=prompt.head_attention[..., :v]),
+            rotary=kwargs["rotary"][b : b + 1, :v],
+            input_embeddings=kwargs["input_embeddings"][b : b + 1, :v],
+            original_lengths=lengths[b : b + 1],
+        )[0]
+        assert torch.equal(single, both[b])
+        assert both[b].numel() == min(int(300 * v / 576 + 0.5), v)
+
+
+def _subset_prompt(prompt, b):
+    fields = {f.name: getattr(prompt, f.name) for f in dataclasses.fields(prompt)}
+    return PromptTokens(**{k: None if t is None else t[b : b + 1] for k, t in fields.items()})
+
+
+def test_v2_options_and_bad_input():
+    method = SparseVLM(version="2.0")
+    assert Need.ROTARY in method.needs and method.prompt_attention_heads == "per_head" and not method.merges
+    assert method.schedule == SCHEDULES_V2[192] and method.layers == (3, 7, 16)
+    assert Need.ROTARY not in SparseVLM().needs and SparseVLM().merge
+    with pytest.raises(ValueError, match="version"):
+        SparseVLM(version="2")
+    with pytest.raises(ValueError, match="neither recycles"):
+        SparseVLM(version="2.0", merge=True)
+    with pytest.raises(ValueError, match="neither recycles"):
+        SparseVLM(version="2.0", rank=True)
+    with pytest.raises(ValueError, match="heads belongs"):
+        SparseVLM(heads=3)
+    with pytest.raises(ValueError, match="heads"):
+        SparseVLM(version="2.0", heads=0)
+    features, lengths, kwargs = v2_batch_inputs([6, 6])
+    with pytest.raises(ValueError, match="head_attention"):
+        method.select_batch(
+            features,
+            [None] * 2,
+            lengths,
+            None,
+            **{**kwargs, "prompt": dataclasses.replace(kwargs["prompt"], head_attention=None)},
+        )
+    with pytest.raises(ValueError, match="rotary"):
+        method.select_batch(features, [None] * 2, lengths, None, **{**kwargs, "rotary": kwargs["rotary"][:, :3]})
+    with pytest.raises(ValueError, match="rotary"):
+        no_rotary = dataclasses.replace(kwargs["prompt"], rotary=None)
+        method.select_batch(features, [None] * 2, lengths, None, **{**kwargs, "prompt": no_rotary})
+    with pytest.raises(TypeError, match="rotary"):  # v1 does not read it
+        SparseVLM().select_batch(features, [None] * 2, lengths, None, **kwargs)
 
 
 @pytest.mark.parametrize(("budget", "extra", "seed"), [(192, 2, 1), (128, 1, 0), (64, 3, 0)])

@@ -17,6 +17,14 @@ An ``llm``-stage method acting at several decoder layers (paper: 2, 6 and 15):
    (DPC-kNN) into ``int(r / 10) + 1`` clusters (``r`` the recycled count) and each cluster becomes its mean
    (``mrprune.density_peak_merge``); the merged tokens are visual tokens for the next pruning layers.
 
+**v2.0** (``version="2.0"``; the official ``v2.0`` branch with ``USE_VERSION=2_0``, its ``score.py`` and
+``modelling_sparse_llama.py``; "SparseVLM+") changes steps 2 to 4: the attention of every head is divided by the
+RoPE-only *gravity* term ``g(t, v) = (R_t 1) . (R_v 1) / sqrt(d)`` (the attention logit that two all-ones head
+vectors would have at the two tokens' positions, :func:`gravity`), the ``heads`` (14) heads with the most corrected
+attention from the raters to the item's tokens are kept and averaged (:func:`head_scores`), the counts follow the
+v2.0 schedule (:data:`SCHEDULES_V2`), nothing is recycled, and the kept tokens keep their original positions (as every
+``llm``-stage method here does).
+
 The hidden states pruned and merged are the outputs of layer ``l`` (the input of ``l + 1``), so the integration
 calls the method at the entry of decoder layers ``l + 1`` (:attr:`SparseVLM.layers`) with the attention of layer
 ``l``. Each call returns :class:`~mrprune.methods.results.MergedTokens` over the item's *current* visual tokens: the
@@ -38,7 +46,16 @@ from .base import Pruner, round_half_up, take_prefixes, top_tokens
 from .results import MergedTokens
 from .stages import Need, PromptTokens, Stage
 
-__all__ = ["RANK_SETTINGS", "SCHEDULES", "SparseVLM", "rater_scores", "select_raters"]
+__all__ = [
+    "RANK_SETTINGS",
+    "SCHEDULES",
+    "SCHEDULES_V2",
+    "SparseVLM",
+    "gravity",
+    "head_scores",
+    "rater_scores",
+    "select_raters",
+]
 
 #: The official ``sparse_token_dict`` (v1): visual tokens kept after layers 2 / 6 / 15 of LLaVA-1.5 (576 tokens),
 #: by the setting's equivalent token budget.
@@ -48,6 +65,15 @@ SCHEDULES: dict[int, tuple[int, int, int]] = {
     96: (238, 48, 26),
     64: (66, 30, 17),
 }
+#: The v2.0 ``sparse_token_dict`` (``USE_VERSION=2_0``): visual tokens kept after layers 2 / 6 / 15 by budget.
+SCHEDULES_V2: dict[int, tuple[int, int, int]] = {
+    192: (300, 200, 118),
+    128: (238, 108, 60),
+    96: (246, 54, 28),
+    64: (66, 34, 20),
+}
+#: v2.0's priority heads: the official ``select_attn_head_by_sum`` keeps ``topk(14)`` heads (of LLaVA-1.5-7B's 32).
+HEADS_V2 = 14
 #: The visual tokens of a LLaVA-1.5 image, the scale the schedules are written for.
 REFERENCE_TOKENS = 576
 #: The first release's rank-based count (github.com/Gumpest/SparseVLMs @ 91fb6d9, ``attn_postprocess_rank``): keep
@@ -110,6 +136,60 @@ def rater_scores(attention: torch.Tensor, raters: torch.Tensor) -> torch.Tensor:
     return total / weights.sum(1, keepdim=True).clamp_min(1)
 
 
+def gravity(text_rotary: torch.Tensor, item_rotary: torch.Tensor) -> torch.Tensor:
+    """SparseVLM v2.0's RoPE-only "gravity" term between text tokens and an item's tokens.
+
+    Parameters
+    ----------
+    text_rotary : Tensor ``[B, T, d]``
+        The rotary embedding of an all-ones head vector at each text token's position.
+    item_rotary : Tensor ``[B, N, d]``
+        The same at each of the item's tokens' positions.
+
+    Returns
+    -------
+    Tensor ``[B, T, N]`` float32 (float64 for float64 input): ``text_rotary @ item_rotary^T / sqrt(d)``. Under 1-D
+    RoPE with ``rotate_half`` it is ``2 sum_i cos((p_t - p_v) theta_i) / sqrt(d)``, a function of the distance that
+    decays from ``sqrt(d)`` and crosses zero far away (LLaMA's ``d = 128``, base 10^4: first at distance 1707).
+    """
+    dtype = torch.float64 if text_rotary.dtype == torch.float64 else torch.float32
+    return text_rotary.to(dtype) @ item_rotary.to(dtype).transpose(1, 2) / text_rotary.shape[-1] ** 0.5
+
+
+def head_scores(
+    attention: torch.Tensor, gravity: torch.Tensor, raters: torch.Tensor, lengths: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """SparseVLM v2.0's scores: per-head attention divided by the gravity term, the ``heads`` heads with the most
+    corrected rater-to-item attention averaged, then the raters.
+
+    Parameters
+    ----------
+    attention : Tensor ``[B, H, T, N]``
+        Each head's attention probabilities of each text token (row) to each of the item's current tokens.
+    gravity : Tensor ``[B, T, N]``
+        :func:`gravity` of the same pairs.
+    raters : Tensor ``[B, T]`` bool
+    lengths : Tensor ``[B]`` int64
+        Item ``b`` owns columns ``:lengths[b]``.
+    heads : int >= 1
+        Heads kept (at most ``H``); ties go to the lower head index.
+
+    Returns
+    -------
+    Tensor ``[B, N]`` float32 (float64 for float64 input): ``mean_{raters} mean_{kept heads} attention / gravity``;
+    0 past ``lengths`` and for an item without raters.
+    """
+    dtype = torch.float64 if attention.dtype == torch.float64 else torch.float32
+    batch, total, _, n = attention.shape
+    valid = raters[:, :, None] & (torch.arange(n, device=attention.device)[None, None] < lengths[:, None, None])
+    corrected = (attention.to(dtype) / gravity.to(dtype)[:, None]).masked_fill(~valid[:, None], 0.0)  # [B, H, T, N]
+    mass = corrected.sum((2, 3))  # [B, H]: the official ``sum((1, 2))`` over rater rows and the item's columns
+    # ties to the lower head: a stable descending sort
+    chosen = mass.sort(dim=1, descending=True, stable=True).indices[:, : min(heads, total)]
+    picked = corrected.gather(1, chosen[:, :, None, None].expand(-1, -1, *corrected.shape[2:])).mean(1)
+    return rater_scores(picked, raters)
+
+
 class SparseVLM(Pruner):
     """SparseVLM v1: rater-scored sparsification at several decoder layers with density-peak recycling.
 
@@ -141,6 +221,15 @@ class SparseVLM(Pruner):
         visual tokens (at least one token always leaves, even when the schedule keeps more; the schedule is not
         scaled to the image's token count); with ``rank``, ``min(int(r * scale + bias), v - 1)`` unless ``r = v``.
         Ties in the official ``torch.topk`` are unspecified; here they go to the lower index.
+    version : {"1.0", "2.0"}
+        ``"2.0"``: the v2.0 branch's selection (module docstring): gravity-corrected attention of the ``heads`` heads
+        with the most corrected rater-to-item attention, the v2.0 schedule (:data:`SCHEDULES_V2`; ``budget`` and
+        ``schedule`` as for v1), no recycling (``merge`` must stay off, ``rank`` is v1 only); results are kept
+        indices. Needs 1-D RoPE (LLaVA-1.5, LLaVA-NeXT): the official code is LLaMA-only, and under Qwen2.5-VL's
+        M-RoPE the RoPE-only term is not the one-distance term it defines, so the integration refuses it there.
+    heads : int >= 1, optional
+        v2.0's priority heads (official 14, at most the model's query heads: fewer heads keep them all, where the
+        official ``topk(14)`` fails).
 
     Notes
     -----
@@ -165,6 +254,15 @@ class SparseVLM(Pruner):
       (:class:`MergedTokens`), kept tokens keep theirs. Each group of layers between two pruning layers keeps the
       cache entries of the prompt it saw, as the official code.
 
+    v2.0 (``version="2.0"``): the official code divides the half-precision attention of every head of the whole
+    sequence by the half-precision gravity and keeps ``topk(14)`` heads of ``attention[0]`` (batch 1); here the
+    rater rows to the item's columns are divided in float32, per item, and the head ties go to the lower index. The
+    gravity is taken as is in both modes: it is positive up to distance 1706 on LLaVA-1.5 (LLaMA, ``d = 128``,
+    base 10^4; a LLaVA-1.5 prompt is far shorter), but a LLaVA-NeXT prompt of 2880 visual tokens can put a rater
+    beyond it, where the term is near 0 or negative and the corrected attention flips sign (a quirk of the
+    official formula, kept). The official counts are ``min(schedule[s], v - 1)`` on ``attn_postprocess_topk``'s
+    ``mask[0]`` (batch 1); the default mode scales them as v1 and scores each item of a batch on its own.
+
     ``select`` / ``select_batch`` take, besides the hidden states of the item's current tokens (``features
     [B, N, D]``, the output of layer ``l``): ``step`` (which pruning layer), ``prompt`` (a
     :class:`~mrprune.methods.stages.PromptTokens` whose ``attention [B, T, N]`` holds each text token's head-averaged
@@ -185,13 +283,30 @@ class SparseVLM(Pruner):
         scoring_layers: Sequence[int] | None = None,
         schedule: Sequence[int] | None = None,
         recycle: float = 0.3,
-        merge: bool = True,
+        merge: bool | None = None,
         rank: bool = False,
         scale: float | None = None,
         bias: float | None = None,
         official: bool = False,
+        version: str = "1.0",
+        heads: int | None = None,
     ) -> None:
         owner = "SparseVLM"
+        if version not in ("1.0", "2.0"):
+            raise ValueError(f"mrprune.SparseVLM: version must be '1.0' or '2.0', got {version!r}")
+        self.version = version
+        if version == "2.0":
+            if rank or merge:
+                raise ValueError("mrprune.SparseVLM: version 2.0 neither recycles (merge) nor counts by rank")
+            self.heads = _checks.count(owner, "heads", HEADS_V2 if heads is None else heads, minimum=1)
+            # per-head rows and the RoPE-only term; plain kept indices
+            self.needs = type(self).needs | {Need.ROTARY}
+            self.prompt_attention_heads = "per_head"
+            self.merges = False
+        elif heads is not None:
+            raise ValueError("mrprune.SparseVLM: heads belongs to version 2.0")
+        else:
+            self.heads = None
         if isinstance(scoring_layers, int | str) or isinstance(schedule, int | str):
             raise TypeError("mrprune.SparseVLM: scoring_layers and schedule must be sequences (one count per layer)")
         self.rank = _checks.flag(owner, "rank", rank)
@@ -217,7 +332,7 @@ class SparseVLM(Pruner):
             budget = _checks.count(owner, "budget", budget, minimum=1)
             if budget not in SCHEDULES:
                 raise ValueError(f"mrprune.SparseVLM: budget must be one of {sorted(SCHEDULES)}, got {budget}")
-            schedule = SCHEDULES[budget]
+            schedule = (SCHEDULES_V2 if version == "2.0" else SCHEDULES)[budget]
         self.budget = budget
         self.schedule = tuple(_checks.count(owner, "schedule", s) for s in schedule)
         scoring_layers = (2, 6, 15) if scoring_layers is None else scoring_layers
@@ -232,7 +347,7 @@ class SparseVLM(Pruner):
         self.recycle = _checks.non_negative(owner, "recycle", recycle)
         if self.recycle > 1:
             raise ValueError(f"mrprune.SparseVLM: recycle must lie in [0, 1], got {recycle!r}")
-        self.merge = _checks.flag(owner, "merge", merge)
+        self.merge = _checks.flag(owner, "merge", version == "1.0" if merge is None else merge)
         self.official = _checks.flag(owner, "official", official)
         #: The decoder layers at whose entry the method selects (one after each scoring layer).
         self.layers = tuple(layer + 1 for layer in scoring)
@@ -240,9 +355,10 @@ class SparseVLM(Pruner):
 
     def __repr__(self) -> str:
         counts = f"rank * {self.scale} + {self.bias}" if self.rank else f"schedule={self.schedule}"
+        v2 = f", version='2.0', heads={self.heads}" if self.version == "2.0" else ""
         return (
             f"SparseVLM({counts}, scoring_layers={tuple(k - 1 for k in self.layers)}, "
-            f"recycle={self.recycle}, merge={self.merge}, official={self.official})"
+            f"recycle={self.recycle}, merge={self.merge}, official={self.official}{v2})"
         )
 
     def _rank_counts(self, attention: torch.Tensor, raters: torch.Tensor, lengths: torch.Tensor) -> list[int]:
@@ -281,17 +397,37 @@ class SparseVLM(Pruner):
         batch, tokens = features.shape[:2]
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(self.layers):
             raise ValueError(f"mrprune.SparseVLM: step must be an int in [0, {len(self.layers)}), got {step!r}")
-        if not isinstance(prompt, PromptTokens) or prompt.attention is None:
+        v2 = self.version == "2.0"
+        field = "head_attention" if v2 else "attention"
+        if not isinstance(prompt, PromptTokens) or getattr(prompt, field) is None:
             raise ValueError(
-                "mrprune.SparseVLM: prompt must be the PromptTokens of the items (text embeddings and attention), "
+                f"mrprune.SparseVLM: prompt must be the PromptTokens of the items (text embeddings and {field}), "
                 f"got {type(prompt).__name__}"
             )
-        attention, text = prompt.attention, prompt.embeddings
-        if attention.shape != (batch, text.shape[1], tokens) or prompt.after.shape != text.shape[:2]:
+        attention, text = getattr(prompt, field), prompt.embeddings
+        expected = (batch, text.shape[1], tokens)
+        if (v2 and (attention.dim() != 4 or attention.shape[0] != batch or attention.shape[2:] != expected[1:])) or (
+            not v2 and attention.shape != expected
+        ):
+            shape = "[B, H, T, N]" if v2 else "[B, T, N]"
             raise ValueError(
-                f"mrprune.SparseVLM: prompt.attention must be [B, T, N] = {(batch, text.shape[1], tokens)} (text rows "
-                f"to the current tokens), got {tuple(attention.shape)}"
+                f"mrprune.SparseVLM: prompt.{field} must be {shape} with (B, T, N) = {expected} (text rows to the "
+                f"current tokens), got {tuple(attention.shape)}"
             )
+        if prompt.after.shape != text.shape[:2]:
+            raise ValueError("mrprune.SparseVLM: prompt.after must be [B, T] like prompt.embeddings")
+        if v2:
+            rotary, text_rotary = kwargs.get("rotary"), prompt.rotary
+            if (
+                not isinstance(rotary, torch.Tensor)
+                or not isinstance(text_rotary, torch.Tensor)
+                or rotary.shape[:2] != (batch, tokens)
+                or text_rotary.shape != (*text.shape[:2], rotary.shape[-1])
+            ):
+                raise ValueError(
+                    "mrprune.SparseVLM: version 2.0 needs rotary [B, N, d] and prompt.rotary [B, T, d] (the rotary "
+                    "embedding of an all-ones head vector at each token's position)"
+                )
         originals = lengths if original_lengths is None else original_lengths
         if (
             not isinstance(input_embeddings, torch.Tensor)
@@ -310,8 +446,11 @@ class SparseVLM(Pruner):
         if bool((~after.any(1)).any()):
             raise ValueError("mrprune.SparseVLM: every item needs text tokens after it to rate its tokens")
         if not bool(torch.isfinite(attention).all()):
-            raise ValueError("mrprune.SparseVLM: prompt.attention must be finite")
+            raise ValueError(f"mrprune.SparseVLM: prompt.{field} must be finite")
         raters = select_raters(input_embeddings, originals, text, after)
+        if v2:
+            scores = head_scores(attention, gravity(text_rotary, rotary), raters, lengths, self.heads)
+            return top_tokens(scores, lengths, self._counts(step, lengths, originals))
         scores = rater_scores(attention, raters)
         if self.rank:
             counts = self._rank_counts(attention, raters, lengths)

@@ -48,6 +48,10 @@ and keep the original positions.
 ``score_offset : int`` (default -1)
     Layer ``K + score_offset`` provides the attention rows and keys: -1 is the layer before ``K`` run on its input
     (FastV, DART), 0 is layer ``K``'s own projections on the states entering it (PDrop).
+``prompt_attention_heads : str`` (default ``"mean"``)
+    How :attr:`Need.PROMPT_ATTENTION` delivers the text tokens' rows: ``"mean"``, head-averaged in
+    ``prompt.attention [B, T, N]``; ``"per_head"``, every query head's own softmax rows in
+    ``prompt.head_attention [B, H, T, N]`` (``prompt.attention`` is then ``None``; SparseVLM v2.0's head selection).
 ``prune_earlier_cache : bool`` (default False)
     ``False``: the layers before a pruning layer keep the cache entries of the longer prompt they saw (every
     stage's layers keep their own entries, as PDrop's and DART's official code); ``True``: they drop the unkept
@@ -129,6 +133,12 @@ class Need(str, enum.Enum):
         ``key_norms [B, N]`` float32: the L1 norm of each item token's key in the scoring layer (after the rotary
         embedding, all key heads concatenated), and ``prompt.key_norms [B, T]`` for the text tokens (``llm``
         stage; DART's pivots).
+    ROTARY
+        ``rotary [B, N, d]`` float32: the scoring layer's rotary embedding applied to an all-ones head vector at each
+        item token's position (the model's own ``apply_rotary_pos_emb`` on ``1``), and ``prompt.rotary [B, T, d]``
+        for the text tokens: ``rotary_t . rotary_v`` is the RoPE-only part of the attention logit between two
+        positions (SparseVLM v2.0's gravity term). Defined for 1-D RoPE only: the ``llm`` stage refuses it on
+        M-RoPE models (Qwen2.5-VL), where the term depends on three position axes (``llm`` stage).
     NORMED_STATES
         ``normed [B, N, D]``: the hidden states of the item's tokens entering the pruning layer passed through the
         language model's final norm, and ``prompt.normed [B, T, D]`` for the text tokens (``llm`` stage; DART's
@@ -146,6 +156,7 @@ class Need(str, enum.Enum):
     LAST_QUERY_ATTENTION = "last_query_attention"
     PROMPT_ATTENTION = "prompt_attention"
     KEY_NORMS = "key_norms"
+    ROTARY = "rotary"
     NORMED_STATES = "normed_states"
 
 
@@ -175,6 +186,11 @@ class PromptTokens:
         :attr:`Need.KEY_NORMS`: the L1 norms of the text tokens' keys.
     normed : Tensor ``[B, T, D]`` or None
         :attr:`Need.NORMED_STATES`: the text tokens' states entering the pruning layer after the final norm.
+    head_attention : Tensor ``[B, H, T, N]`` float32 or None
+        :attr:`Need.PROMPT_ATTENTION` with ``prompt_attention_heads = "per_head"``: each query head's attention
+        of each text token to each of the item's tokens.
+    rotary : Tensor ``[B, T, d]`` float32 or None
+        :attr:`Need.ROTARY`: the rotary embedding of an all-ones head vector at each text token's position.
     """
 
     lengths: torch.Tensor
@@ -185,6 +201,8 @@ class PromptTokens:
     attention: torch.Tensor | None = None
     key_norms: torch.Tensor | None = None
     normed: torch.Tensor | None = None
+    head_attention: torch.Tensor | None = None
+    rotary: torch.Tensor | None = None
 
 
 #: What the ``llm`` stage passes at every pruning layer besides the needs (see ``llm``-stage declarations above);
@@ -205,4 +223,5 @@ NEED_KEYWORDS: dict[str, tuple[str, ...]] = {
     "prompt_attention": ("prompt", "input_embeddings"),
     "key_norms": ("key_norms", "prompt"),
     "normed_states": ("normed", "prompt"),
+    "rotary": ("rotary", "prompt"),
 }

@@ -40,7 +40,7 @@ from .rows import Rows, clock, rebuild
 __all__ = ["LLMStage", "pruning_layers"]
 
 #: needs that hand the method the prompt's text tokens (:class:`PromptTokens`)
-_PROMPT_NEEDS = frozenset({Need.PROMPT_ATTENTION, Need.KEY_NORMS, Need.NORMED_STATES})
+_PROMPT_NEEDS = frozenset({Need.PROMPT_ATTENTION, Need.KEY_NORMS, Need.NORMED_STATES, Need.ROTARY})
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -76,6 +76,16 @@ def _keys(layer: Any, normed: torch.Tensor, rotary: tuple[torch.Tensor, torch.Te
     k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     cos, sin = (t.expand(batch, -1, -1) for t in rotary)
     return _rope(attention)(k, k, cos, sin)[1]
+
+
+def _rotary(layer: Any, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``[B, L, d]`` float32: the layer's rotary embedding of an all-ones head vector at every slot of ``x [B, L, D]``
+    (what :attr:`Need.ROTARY` asks for)."""
+    attention = layer.self_attn
+    batch, length, _ = x.shape
+    ones = x.new_ones(batch, 1, length, attention.head_dim)
+    cos, sin = (t.expand(batch, -1, -1) for t in rotary)
+    return _rope(attention)(ones, ones, cos, sin)[0][:, 0].float()
 
 
 def _queries(
@@ -170,6 +180,15 @@ class LLMStage:
             if missing or not hasattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb"):
                 raise TypeError(f"{name}: unsupported attention module {type(attention).__name__} (missing {missing})")
         self.needs = frozenset(method.needs)
+        self.per_head = getattr(method, "prompt_attention_heads", "mean")
+        if self.per_head not in ("mean", "per_head"):
+            raise ValueError(f"{name}.prompt_attention_heads must be 'mean' or 'per_head', got {self.per_head!r}")
+        self.per_head = self.per_head == "per_head"
+        if Need.ROTARY in self.needs and adapter.position_axes != 1:
+            raise NotImplementedError(
+                f"{name}: the RoPE-only attention term (Need.ROTARY) is defined for 1-D rotary embeddings; "
+                f"{type(adapter.model).__name__} uses M-RoPE over {adapter.position_axes} position axes"
+            )
         self.run: _Run | None = None
         self._decode: dict[int, torch.Tensor] | None = None  # first layer of a group -> its 2-D decoding mask
         self._decode_mask: Any = None
@@ -279,8 +298,11 @@ class LLMStage:
         final = self.adapter.text_model.norm(hidden) if Need.NORMED_STATES in needs else None
         if final is not None:
             extra["normed"] = per_item(final)
+        rotary = _rotary(scorer, x, rope) if Need.ROTARY in needs else None
+        if rotary is not None:
+            extra["rotary"] = per_item(rotary)
         if needs & _PROMPT_NEEDS:
-            extra["prompt"], originals = self._prompt(run, scorer, x, normed, rope, k, final, slots)
+            extra["prompt"], originals = self._prompt(run, scorer, x, normed, rope, k, final, rotary, slots)
             if Need.PROMPT_ATTENTION in needs:
                 extra["input_embeddings"] = originals
         return extra
@@ -294,6 +316,7 @@ class LLMStage:
         rope: tuple,
         k: torch.Tensor | None,
         final: torch.Tensor | None,
+        rotary: torch.Tensor | None,
         slots: list[torch.Tensor],
     ) -> tuple[PromptTokens, torch.Tensor]:
         """The prompt's text tokens (:class:`PromptTokens`, one entry per item) and the items' original tokens' input
@@ -314,11 +337,23 @@ class LLMStage:
         gather = lambda t: t.gather(1, at.expand(-1, -1, t.shape[-1]))  # noqa: E731
         input_slots = at[..., 0] if run.inner is None else run.inner.index.gather(1, at[..., 0])
         embeddings_rows = run.embeddings.gather(1, input_slots[..., None].expand(-1, -1, run.embeddings.shape[-1]))
-        attention_rows = None
+        attention_rows = head_rows = None
         if Need.PROMPT_ATTENTION in self.needs:
             q = _queries(scorer, normed, rope, text_slots)
             scale = float(scorer.self_attn.scaling)
-            attention_rows = ops.attention_rows(q, k, real, text_slots, scale=scale).float()  # [B_rows, T, L]
+            if self.per_head:  # every query head as its own row of the batch: one op call, one head each
+                heads = q.shape[1]
+                keys = k.repeat_interleave(heads // k.shape[1], dim=1)  # query head h reads key head h // groups
+                head_rows = ops.attention_rows(
+                    q.reshape(batch * heads, 1, *q.shape[2:]),
+                    keys.reshape(batch * heads, 1, *keys.shape[2:]),
+                    real.repeat_interleave(heads, 0),
+                    text_slots.repeat_interleave(heads, 0),
+                    scale=scale,
+                )
+                head_rows = head_rows.float().view(batch, heads, width, length)  # [B_rows, H, T, L]
+            else:
+                attention_rows = ops.attention_rows(q, k, real, text_slots, scale=scale).float()  # [B_rows, T, L]
         norms_rows = k.float().abs().sum(-1).sum(1).gather(1, at[..., 0]) if Need.KEY_NORMS in self.needs else None
         normed_rows = None if final is None else gather(final)
 
@@ -330,11 +365,15 @@ class LLMStage:
         )
         item_text = text_slots[rows]
         n = max((sl.numel() for sl in slots), default=0)
-        attention = None
+        attention = head_attention = None
         if attention_rows is not None:
             attention = attention_rows.new_zeros(n_items, width, n)
             for i, sl in enumerate(slots):
                 attention[i, :, : sl.numel()] = attention_rows[run.items[i].row][:, sl]
+        if head_rows is not None:
+            head_attention = head_rows.new_zeros(n_items, head_rows.shape[1], width, n)
+            for i, sl in enumerate(slots):
+                head_attention[i, :, :, : sl.numel()] = head_rows[run.items[i].row][..., sl]
         prompt = PromptTokens(
             lengths=lengths,
             positions=torch.where(item_text >= 0, item_text - first[rows, None], -1),
@@ -344,6 +383,8 @@ class LLMStage:
             attention=attention,
             key_norms=None if norms_rows is None else norms_rows[rows],
             normed=None if normed_rows is None else normed_rows[rows],
+            head_attention=head_attention,
+            rotary=None if rotary is None else gather(rotary)[rows],
         )
         originals = []
         for item in run.items:
