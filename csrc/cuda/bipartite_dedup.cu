@@ -8,8 +8,6 @@
 // Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can
 // compile-check it against the CPU wheel's headers (scripts/check_cuda_compile.sh).
 #include <cuda_runtime.h>
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
-#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -21,6 +19,7 @@
 #include <limits>
 
 #include "mrprune/cuda/checks.h"
+#include "mrprune/cuda/selection_launch.h"
 #include "mrprune/cuda/unit_gram.cuh"
 #include "mrprune/kernels/bipartite_dedup.cuh"
 
@@ -41,26 +40,15 @@ void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 }  // namespace
 
 Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t per_round) {
-  STD_TORCH_CHECK(features.is_cuda(), "mrprune: features must be a CUDA tensor");
-  const int32_t device = features.get_device_index();
-  check_tensor(features, "features", 3, ScalarType::Float, device);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long, device);
-  const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
-  STD_TORCH_CHECK(lengths.size(0) == batch, "mrprune: lengths must have shape [B]");
-  STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
-  STD_TORCH_CHECK(per_round >= 1, "mrprune: per_round must be >= 1");
-  STD_TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 2 && dim <= std::numeric_limits<int>::max(),
-                  "mrprune: bipartite_dedup supports N < 2^30 and D < 2^31");
+  const SelectionShape shape = check_selection_inputs(features, lengths, k, "bipartite_dedup");
+  const int32_t device = shape.device;
+  const int64_t batch = shape.batch, tokens = shape.tokens, dim = shape.dim;
+  STD_TORCH_CHECK(per_round >= 1, "mrprune: bipartite_dedup: per_round must be >= 1");
 
-  const torch::stable::accelerator::DeviceGuard guard(device);
-  Tensor out = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);
-  if (batch == 0 || k == 0) return out;  // (N == 0 implies k == 0)
-
-  void* stream_handle = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_handle));
-  const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  int64_t* out_ptr = out.mutable_data_ptr<int64_t>();
-  check_cuda(cudaMemsetAsync(out_ptr, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t), stream), "memset");
+  const SelectionOutput out(features, shape, k, "bipartite_dedup");  // holds the device guard until the return
+  if (out.empty()) return out.indices();
+  const cudaStream_t stream = out.stream();
+  int64_t* out_ptr = out.data();
 
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
   const float* x = features.const_data_ptr<float>();
@@ -69,20 +57,11 @@ Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t 
   const int per_round_int = static_cast<int>(std::min<int64_t>(per_round, tokens));
 
   // The plan (kernels/bipartite_dedup.cuh): round state in shared memory when it fits, chunks, workspaces.
-  int smem_optin = 0;
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "device query");
   auto* rounds = &kb::dedup_rounds_kernel<kb::kRoundThreads>;
-  cudaFuncAttributes attributes{};
-  check_cuda(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(rounds)), "cudaFuncGetAttributes");
-  const kb::Plan plan = kb::plan(batch, tokens, dim,
-                                 static_cast<int64_t>(smem_optin) - static_cast<int64_t>(attributes.sharedSizeBytes));
+  const kb::Plan plan = kb::plan(batch, tokens, dim, dynamic_shared_budget(rounds, device, "bipartite_dedup"));
   const bool state_in_shared = plan.state_in_shared;
   const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
-  if (state_in_shared) {
-    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(rounds),
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
-               "cudaFuncSetAttribute");
-  }
+  if (state_in_shared) allow_dynamic_shared(rounds, dynamic_bytes, "bipartite_dedup");
 
   Tensor unit = torch::stable::new_empty(features, {chunk, tokens, dim}, ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
@@ -116,7 +95,7 @@ Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t 
         out_ptr + b0 * k);
     check_launch("dedup_rounds_kernel launch");
   }
-  return out;
+  return out.indices();
 }
 
 }  // namespace mrprune::cuda

@@ -9,8 +9,6 @@
 // Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can
 // compile-check it against the CPU wheel's headers (scripts/check_cuda_compile.sh).
 #include <cuda_runtime.h>
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
-#include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -22,6 +20,7 @@
 #include <limits>
 
 #include "mrprune/cuda/checks.h"
+#include "mrprune/cuda/selection_launch.h"
 #include "mrprune/kernels/diversity_select.cuh"
 
 namespace mrprune::cuda {
@@ -41,45 +40,25 @@ void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 }  // namespace
 
 Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool mask_picked) {
-  STD_TORCH_CHECK(features.is_cuda(), "mrprune: features must be a CUDA tensor");
-  const int32_t device = features.get_device_index();
-  check_tensor(features, "features", 3, ScalarType::Float, device);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long, device);
-  const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
-  STD_TORCH_CHECK(lengths.size(0) == batch, "mrprune: lengths must have shape [B]");
-  STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
-  STD_TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 2 && dim <= std::numeric_limits<int>::max(),
-                  "mrprune: diversity_select supports N < 2^30 and D < 2^31");
+  const SelectionShape shape = check_selection_inputs(features, lengths, k, "diversity_select");
+  const int32_t device = shape.device;
+  const int64_t batch = shape.batch, tokens = shape.tokens, dim = shape.dim;
 
-  const torch::stable::accelerator::DeviceGuard guard(device);
-  Tensor out = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);
-  if (batch == 0 || k == 0) return out;  // (N == 0 implies k == 0)
-
-  void* stream_handle = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_handle));
-  const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  int64_t* out_ptr = out.mutable_data_ptr<int64_t>();
-  check_cuda(cudaMemsetAsync(out_ptr, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t), stream), "memset");
+  const SelectionOutput out(features, shape, k, "diversity_select");  // holds the device guard until the return
+  if (out.empty()) return out.indices();
+  const cudaStream_t stream = out.stream();
+  int64_t* out_ptr = out.data();
 
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
   const float* x = features.const_data_ptr<float>();
   const int64_t* len = lengths.const_data_ptr<int64_t>();
 
   // The plan (kernels/diversity_select.cuh): selection state in shared memory when it fits, chunks, workspaces.
-  int smem_optin = 0;
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "device query");
   auto* select = &kd::diversity_select_kernel<kd::kSelectThreads>;
-  cudaFuncAttributes attributes{};
-  check_cuda(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(select)), "cudaFuncGetAttributes");
-  const kd::Plan plan = kd::plan(batch, tokens, dim,
-                                 static_cast<int64_t>(smem_optin) - static_cast<int64_t>(attributes.sharedSizeBytes));
+  const kd::Plan plan = kd::plan(batch, tokens, dim, dynamic_shared_budget(select, device, "diversity_select"));
   const bool state_in_shared = plan.state_in_shared;
   const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
-  if (state_in_shared) {
-    check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(select),
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
-               "cudaFuncSetAttribute");
-  }
+  if (state_in_shared) allow_dynamic_shared(select, dynamic_bytes, "diversity_select");
 
   Tensor unit = torch::stable::new_empty(features, {chunk, tokens, dim}, ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
@@ -129,7 +108,7 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
         picked_ptr, out_ptr + b0 * k);
     check_launch("diversity_select_kernel launch");
   }
-  return out;
+  return out.indices();
 }
 
 }  // namespace mrprune::cuda
