@@ -875,6 +875,8 @@ def merge_hooks(model, inputs, method, upto=None):
         def merge(module, args, kwargs):
             hidden = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
             for (b, cols), (origin, result) in zip(items, method.calls[step], strict=True):
+                if not isinstance(result, MergedTokens):  # v2.0: a plain selection, nothing merged
+                    continue
                 for out, representative in enumerate(result.kept.tolist()):
                     sources = origin[(result.sources == out).nonzero()[:, 0]]
                     hidden[b, cols[origin[representative]]] = hidden[b, cols[sources]].mean(0)
@@ -897,7 +899,7 @@ def kept_by_stage_of(inputs, method):
         keep = real.clone()
         for (b, cols), (origin, result) in zip(items, call, strict=True):
             keep[b, cols] = False
-            keep[b, cols[origin[result.kept]]] = True
+            keep[b, cols[origin[result.kept if isinstance(result, MergedTokens) else result]]] = True
         stages.append(keep)
     return stages
 
@@ -1034,6 +1036,152 @@ def test_hf_static_cache_and_remove(hf_case):
     hooks_before = {n: list(m._forward_pre_hooks) for n, m in model.named_modules()}
     logits = model(**inputs).logits
     with patched(model, tiny_method(budget=64)):
+        dynamic = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+        static = model.generate(**inputs, max_new_tokens=3, cache_implementation="static", **GREEDY)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for ours, theirs in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert {n: list(m._forward_pre_hooks) for n, m in model.named_modules()} == hooks_before
+    assert "forward" not in model.__dict__
+    assert torch.equal(model(**inputs).logits, logits)
+
+
+# --- v2.0 on the tiny models (LLaVA-1.5, LLaVA-NeXT; Qwen2.5-VL's M-RoPE refused) ---------------------------------
+
+
+def tiny_v2(**kwargs):
+    """v2.0 at scoring layers 0 / 1 / 2, keeping 2 of the tiny models' 4 query heads (2 key heads: GQA)."""
+    return Recording(scoring_layers=(0, 1, 2), version="2.0", heads=2, **kwargs)
+
+
+def skip_mrope(name):
+    if name == "qwen2_5_vl":
+        pytest.skip("M-RoPE: v2.0 is refused there (test_hf_v2_refuses_mrope)")
+
+
+@torch.no_grad()
+def eager_selection_v2(model, inputs, positions, method, step):
+    """Each item's kept tokens at pruning layer ``step`` from the eager model (the drops of earlier layers written in
+    by hand): raters as :func:`eager_selection`, every head's attention probabilities divided by the closed-form
+    gravity ``2 s^2 sum_i cos((p_t - p_v) theta_i) / sqrt(d)`` of the model's rotary (``inv_freq``, ``s`` its
+    attention scaling) at the original positions, the ``method.heads`` heads of most corrected rater-to-item
+    attention averaged, the default-mode count. Also returns the gap at each item's cut (for screening)."""
+    eager = eager_copy(model)
+    real = inputs["attention_mask"].bool()
+    items = items_of(inputs["input_ids"])
+    text_model = eager.model.language_model
+    hooks = hide_hooks(eager, layer_hidden(real, method, kept_by_stage_of(inputs, method), upto=step))
+    embeds = []
+    hooks.append(
+        text_model.layers[0].register_forward_pre_hook(
+            lambda m, a, k: embeds.append(k["hidden_states"] if "hidden_states" in k else a[0]), with_kwargs=True
+        )
+    )
+    try:
+        out = eager(**inputs, position_ids=positions, output_attentions=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    probs = out.attentions[method.layers[step] - 1]  # [B, H, L, L]
+    rotary = text_model.rotary_emb
+    theta = rotary.inv_freq.double()
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    visual = torch.zeros_like(real)
+    for b, cols in items:
+        visual[b, cols] = True
+    kept, gaps = [], []
+    for (b, cols), (origin, _) in zip(items, method.calls[step], strict=True):
+        text = (real[b] & ~visual[b]).nonzero()[:, 0]
+        text = text[text > cols.max()]
+        raters = text[official_raters(torch.cat([embeds[0][b, cols], embeds[0][b, text]]), 0, cols.numel())]
+        raters = text if raters.numel() == 0 else raters
+        current = cols[origin]
+        distance = (positions[b, raters][:, None] - positions[b, current][None]).double()
+        g = 2 * scaling**2 * torch.cos(distance[..., None] * theta).sum(-1) / (2 * theta.numel()) ** 0.5
+        corrected = probs[b][:, raters][:, :, current].double() / g  # [H, raters, N]
+        chosen = corrected.sum((1, 2)).topk(method.heads).indices
+        scores = corrected[chosen].mean(0).mean(0)
+        count = min(int(method.schedule[step] * cols.numel() / 576 + 0.5), origin.numel())
+        ordered = scores.sort(descending=True).values
+        gaps.append(float(ordered[count - 1] - ordered[count]) if 0 < count < ordered.numel() else 1.0)
+        kept.append(origin[scores.topk(count).indices].sort().values)
+    return kept, gaps
+
+
+@torch.no_grad()
+def test_hf_v2_refuses_mrope(hf_case):
+    name, model, _, _, _ = hf_case
+    if name != "qwen2_5_vl":
+        pytest.skip("1-D RoPE: v2.0 runs (the tests below)")
+    with pytest.raises(NotImplementedError, match="M-RoPE"), patched(model, tiny_v2()):
+        pass
+
+
+@torch.no_grad()
+def test_hf_v2_generate_equals_the_hand_written_loop(hf_case):
+    """v2.0 at three pruning layers: the kept tokens at each are the eager model's gravity-corrected top-head
+    selection, and greedy decoding on the cache the stages left equals the full-recompute loop with the drops
+    written in (original positions kept)."""
+    name, model, inputs, positions, _ = hf_case
+    skip_mrope(name)
+    method = tiny_v2(budget=192)
+    steps = 4
+    with patched(model, method):
+        generated = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
+    assert len(method.calls) == 3
+    for step in range(3):
+        expected, gaps = eager_selection_v2(model, inputs, positions, method, step)
+        for (origin, result), theirs, gap in zip(method.calls[step], expected, gaps, strict=True):
+            assert gap > 1e-6, "the tiny model's scores need a gap at the cut"
+            assert not isinstance(result, MergedTokens)
+            assert torch.equal(origin[result].sort().values, theirs)  # recorded before select_batch sorts
+    tokens, scores = oracle_generate(model, inputs, positions, method, steps)
+    assert torch.equal(generated.sequences[:, inputs["input_ids"].shape[1] :], tokens)
+    for ours, theirs in zip(generated.logits, scores, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=HF_ATOL)
+
+
+@torch.no_grad()
+def test_hf_v2_keep_all_equals_unpatched(hf_case):
+    name, model, inputs, _, _ = hf_case
+    skip_mrope(name)
+    logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    with patched(model, tiny_v2(schedule=(576, 576, 576))) as handle:
+        assert torch.equal(model(**inputs).logits, logits)
+        again = model.generate(**inputs, max_new_tokens=3, **GREEDY)
+    assert [r.tokens_after for r in handle.last] == [r.tokens_before for r in handle.last]
+    assert torch.equal(again.sequences, generated.sequences)
+    for a, b in zip(again.logits, generated.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_hf_v2_batch_equals_single_prompts(hf_case):
+    name, model, inputs, _, singles = hf_case
+    skip_mrope(name)
+    steps = 3
+    with patched(model, tiny_v2(budget=128)) as handle:
+        both = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
+        records = handle.last
+        assert any(r.tokens_after < r.tokens_before for r in records)
+        for b, visual in enumerate(singles):
+            real = inputs["attention_mask"][b].bool()
+            text = {k: inputs[k][b][real][None] for k in ("input_ids", "mm_token_type_ids") if k in inputs}
+            one = model.generate(**text, **visual, max_new_tokens=steps, **GREEDY)
+            assert torch.equal(one.sequences[0, -steps:], both.sequences[b, -steps:])
+            for ours, theirs in zip(one.logits, both.logits, strict=True):
+                torch.testing.assert_close(ours[0], theirs[b], rtol=0, atol=HF_ATOL)
+            assert all(torch.equal(x, y) for x, y in zip(handle.last[0].kept, records[b].kept, strict=True))
+
+
+@torch.no_grad()
+def test_hf_v2_static_cache_and_remove(hf_case):
+    name, model, inputs, _, _ = hf_case
+    skip_mrope(name)
+    hooks_before = {n: list(m._forward_pre_hooks) for n, m in model.named_modules()}
+    logits = model(**inputs).logits
+    with patched(model, tiny_v2(budget=64)):
         dynamic = model.generate(**inputs, max_new_tokens=3, **GREEDY)
         static = model.generate(**inputs, max_new_tokens=3, cache_implementation="static", **GREEDY)
     assert torch.equal(static.sequences, dynamic.sequences)
