@@ -23,7 +23,6 @@ from mrprune.integrations.testing import (  # noqa: E402
     left_pad,
     mask_positions,
     tiny_llava_next,
-    tiny_qwen2_5_vl,
 )
 from mrprune.methods import ToMe, preset  # noqa: E402
 from mrprune.methods.tome import merge_schedule  # noqa: E402
@@ -400,8 +399,6 @@ def test_presets_and_errors(model, inputs):
         ToMe(r=1, official="yes")
     with pytest.raises(ValueError, match="needs groups"):
         ToMe(r=1).select_batch(torch.randn(1, 4, 2), [None])
-    with pytest.raises(NotImplementedError, match="windows"):
-        patch(tiny_qwen2_5_vl(), ToMe(r=1))
     # proportional attention is a float bias: a tower on flex / FlashAttention-2 is refused, not silently unbiased
     tower_config = model.model.vision_tower.config
     saved = tower_config._attn_implementation

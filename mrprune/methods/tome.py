@@ -15,6 +15,15 @@ output, so the tower hands every patch position its merged token's state and LLa
 run unchanged. ``_select_batch`` then reads, per token in the LLM input space, the merged group it belongs to
 (``groups``) and returns :class:`~mrprune.methods.results.MergedTokens`: one output token per group, the projector
 output at the group's first token (the projector works token by token, so that is the projector of the merged state).
+
+Qwen2.5-VL's tower has no [CLS], attends within windows in most blocks, and its patch merger folds each 2 x 2 patch
+group (4 consecutive rows of the window-reordered sequence) into one LLM token. There the ToMe *unit* is such a group
+and the merge set is a *window* (:meth:`ToMe.window_schedule`, :meth:`ToMe.start_windows`): a unit merged across
+windows would belong to no window in the later windowed blocks, and a merge across groups would leave the merger no
+2 x 2 group to fold. A unit's features are its 4 patches' states side by side, so the size-weighted mean merges
+each patch with the same patch of its partner, and its metric is its 4 patches' head-averaged (pre-rotary) keys side
+by side; merged units keep the rotary angles of their group's first unit (:meth:`ToMe.representatives`), the token
+whose position the merged LLM token takes.
 """
 
 from __future__ import annotations
@@ -52,6 +61,11 @@ class ToMeState:
         Pairs each crop merges in each merging block.
     merged : bool
         Whether some block merged something (proportional attention starts in the next block).
+    protect_first : bool
+        Row 0 is a [CLS] that never merges (CLIP); ``False`` on towers without one (Qwen2.5-VL's windows).
+    spatial_order : bool
+        Merged rows stay in the order of their surviving (partner B / unmerged A) rows, instead of ToMe's
+        ``[unmerged A, B]`` (``mrprune.bipartite_merge``'s ``spatial_order``).
     """
 
     tokens: torch.Tensor
@@ -60,17 +74,20 @@ class ToMeState:
     source: torch.Tensor
     schedule: list[list[int]]
     merged: bool = False
+    protect_first: bool = True
+    spatial_order: bool = False
 
 
 class BudgetOutOfReach(ValueError):
     """A token budget the tower's blocks cannot merge down to (each block merges at most half of its tokens)."""
 
 
-def merge_schedule(tokens: int, target: int, blocks: int, reach: bool = True) -> list[int]:
-    """``r`` per block that takes ``tokens`` patches (plus a [CLS]) to ``target`` in ``blocks`` ToMe blocks.
+def merge_schedule(tokens: int, target: int, blocks: int, reach: bool = True, protected: int = 1) -> list[int]:
+    """``r`` per block that takes ``tokens`` patches (plus ``protected`` tokens that never merge: a [CLS]; 0 on
+    towers without one) to ``target`` in ``blocks`` ToMe blocks.
 
     The merges are spread evenly (the first ``(tokens - target) % blocks`` blocks take one more); where a block's
-    50 % cap ``(T - 1) // 2`` binds, every block merges as much as it can (front-loaded) instead.
+    50 % cap ``(T - protected) // 2`` binds, every block merges as much as it can (front-loaded) instead.
 
     Raises
     ------
@@ -80,10 +97,10 @@ def merge_schedule(tokens: int, target: int, blocks: int, reach: bool = True) ->
     """
     total = tokens - target
     for even in (True, False):
-        left, count, schedule = total, tokens + 1, []
+        left, count, schedule = total, tokens + protected, []
         for block in range(blocks):
             want = -(-left // (blocks - block)) if even else left
-            step = min(want, (count - 1) // 2)
+            step = min(want, (count - protected) // 2)
             schedule.append(step)
             left, count = left - step, count - step
         if left <= 0 or not (reach or even):
@@ -136,8 +153,14 @@ class ToMe(Pruner):
     LLaVA-NeXT a crop merges all its patches, those unpadding removes included, to its share of the budget, and a
     group lying partly in that padding counts only its remaining tokens, so a ``budget`` is an upper bound there
     (a crop whose share is all its tokens, or that has no tokens in the image, merges nothing; a crop given no
-    share merges as far as its blocks reach). Qwen2.5-VL is refused (its windowed blocks and 2 x 2 patch merger
-    need merged tokens to stay inside a window and a merge unit).
+    share merges as far as its blocks reach).
+
+    Qwen2.5-VL: units are 2 x 2 patch groups (one LLM token each), merged within their window in every block of the
+    tower (the patch merger reads the last one; ``r`` is per window and block, a ``budget`` / ``keep_ratio`` counts
+    LLM tokens per image or video and is split over its windows, see :meth:`window_schedule`); the full-attention
+    blocks attend over whole frames of merged units, with ``log(size)`` per key under proportional attention; a
+    merged token reaches the LLM at its group's first token (the M-RoPE position of that token under
+    ``"original"``). ``official=True`` is refused there (the official port is LLaVA's).
     """
 
     stage = Stage.VISION
@@ -199,10 +222,7 @@ class ToMe(Pruner):
         extra : per item, its tokens from no crop (LLaVA-NeXT newlines), kept as they are.
         """
         if self.r is not None:
-            if isinstance(self.r, int):
-                per_block = [max(int(self.r + i * self.r_step), 0) for i in range(blocks)]
-            else:
-                per_block = [*self.r[:blocks], *[0] * max(blocks - len(self.r), 0)]
+            per_block = self._per_block(blocks)
             return [list(per_block) for crops in crop_tokens for _ in crops]
         fewest = patches - sum(merge_schedule(patches, 1, blocks, reach=False))
         schedules = []
@@ -214,6 +234,90 @@ class ToMe(Pruner):
                 target = patches if share >= present else share if share else fewest
                 schedules.append(merge_schedule(patches, target, blocks))
         return schedules
+
+    def _per_block(self, blocks: int) -> list[int]:
+        """``r`` of each of ``blocks`` blocks (``r`` given)."""
+        if isinstance(self.r, int):
+            return [max(int(self.r + i * self.r_step), 0) for i in range(blocks)]
+        return [*self.r[:blocks], *[0] * max(blocks - len(self.r), 0)]
+
+    def window_schedule(self, windows: Sequence[Sequence[int]], blocks: int) -> list[list[int]]:
+        """``r`` per block for every window of an encoder call on a tower without [CLS] whose merge unit is a group of
+        patches (Qwen2.5-VL: a window's 2 x 2 patch groups, each one future LLM token).
+
+        Parameters
+        ----------
+        windows : per item, the unit count of each of its windows (the tower's window order).
+        blocks : int
+            The tower's blocks (all of them merge: the patch merger reads the last one).
+
+        Notes
+        -----
+        ``r`` (with ``r_step``, or per block) is per *window*, capped at half of the window's units. ``budget`` /
+        ``keep_ratio`` count the item's LLM tokens (units): the item's share is split over its windows by their sizes
+        (:func:`~mrprune.methods._vision.allocate`), each window's schedule chosen by :func:`merge_schedule` with no
+        protected token. A window given no share (a budget below the window count) merges as far as its blocks
+        reach and keeps at least one unit, so such a budget is exceeded.
+        """
+        if self.r is not None:
+            per_block = self._per_block(blocks)
+            return [list(per_block) for counts in windows for _ in counts]
+        schedules = []
+        for counts in windows:
+            for share, units in zip(allocate(self.size(sum(counts)), counts), counts, strict=True):
+                if share >= units:
+                    target = units
+                elif share:
+                    target = share
+                else:
+                    target = units - sum(merge_schedule(units, 1, blocks, reach=False, protected=0))
+                schedules.append(merge_schedule(units, target, blocks, protected=0))
+        return schedules
+
+    def start_windows(self, units: torch.Tensor, counts: Sequence[int], schedule: list[list[int]]) -> ToMeState:
+        """The state before the first block of a tower without [CLS], one merge set per window.
+
+        Parameters
+        ----------
+        units : Tensor ``[W, T, F]``
+            Each window's units (rows past ``counts[w]`` are padding); a unit's ``F`` features are its patches'
+            states side by side, so the size-weighted mean merges every patch of a unit with the same patch of its
+            partner.
+        counts : W ints, each window's units.
+        schedule : W lists, pairs each window merges per block.
+        """
+        windows, width, _ = units.shape
+        if len(schedule) != windows or len(counts) != windows:
+            raise ValueError(f"mrprune.ToMe: {len(schedule)} schedules and {len(counts)} counts for {windows} windows")
+        position = torch.arange(width, device=units.device)
+        valid = position < torch.tensor(list(counts), device=units.device)[:, None]
+        return ToMeState(
+            tokens=units,
+            sizes=valid.float(),
+            counts=list(counts),
+            source=torch.where(valid, position, -1),
+            schedule=schedule,
+            protect_first=False,
+            spatial_order=True,
+        )
+
+    def representatives(self, state: ToMeState) -> torch.Tensor:
+        """``[C, T]`` int64: the first original token (index into ``N0``) of each current row's group, -1 for padding
+        rows (the token whose rotary angles a merged unit keeps, and whose LLM position it takes)."""
+        crops, width = state.tokens.shape[:2]
+        originals = state.source.shape[1]
+        first = torch.full((crops, width + 1), originals, dtype=torch.int64, device=state.source.device)
+        rows = torch.where(state.source >= 0, state.source, width)  # padding into a spare column
+        order = torch.arange(originals, device=state.source.device).expand(crops, originals)
+        first = first.scatter_reduce(1, rows, order, reduce="amin")[:, :width]
+        return torch.where(first < originals, first, -1)
+
+    def unit_bias(self, state: ToMeState, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[C, T]`` ``log(size)`` of each row (``-inf`` on padding) with proportional attention once something merged,
+        else ``None``: the per-key bias of a tower that lays its windows end to end (no padding to mask)."""
+        if not (self.proportional_attention and state.merged):
+            return None
+        return state.sizes.log().to(dtype)
 
     def start(self, hidden: torch.Tensor, schedule: list[list[int]]) -> ToMeState:
         """The state before the first block: ``hidden [C, N0, D]`` (the tower's input, [CLS] first), sizes 1."""
@@ -242,10 +346,12 @@ class ToMe(Pruner):
             bias = torch.where(state.sizes > 0, 0.0, float("-inf"))
         return bias[:, None, None, :].to(dtype)
 
-    def uses_bias(self, schedule: list[list[int]]) -> bool:
-        """Whether blocks will need :meth:`attention_bias` (proportional attention, or crops of different lengths)."""
+    def uses_bias(self, schedule: list[list[int]], packed: bool = False) -> bool:
+        """Whether blocks will need :meth:`attention_bias` (proportional attention, or crops of different lengths;
+        ``packed``: crops laid end to end, no padding to mask, only proportional attention)."""
         merges = any(any(r) for r in schedule)
-        return merges and (self.proportional_attention or any(r != schedule[0] for r in schedule))
+        ragged = not packed and any(r != schedule[0] for r in schedule)
+        return merges and (self.proportional_attention or ragged)
 
     def merge_block(self, state: ToMeState, block: int, hidden: torch.Tensor, keys: torch.Tensor) -> None:
         """Merge after block ``block``'s attention, in place on ``state``.
@@ -265,7 +371,8 @@ class ToMe(Pruner):
         crops, width, dim = hidden.shape
         device = hidden.device
         # the new lengths follow from the schedule (the op's cap), so no device value is read back
-        counts = [n - min(r, (n - 1) // 2) for n, r in zip(state.counts, steps, strict=True)]
+        protected = int(state.protect_first)
+        counts = [n - min(r, max(n - protected, 0) // 2) for n, r in zip(state.counts, steps, strict=True)]
         new_width = max(counts)
         if len(set(steps)) == 1 and len(set(state.counts)) == 1:  # one op call on the whole batch, no padding
             groups = [(list(range(crops)), steps[0])]
@@ -280,7 +387,13 @@ class ToMe(Pruner):
             lengths = torch.tensor([state.counts[c] for c in members], device=device)
             carried = None if self.official else state.sizes[index, :span]
             merged, merged_sizes, source, _ = ops.bipartite_merge(
-                hidden[index, :span], metric[index, :span], lengths, min(r, (span - 1) // 2), carried
+                hidden[index, :span],
+                metric[index, :span],
+                lengths,
+                min(r, max(span - protected, 0) // 2),
+                carried,
+                state.protect_first,
+                state.spatial_order,
             )
             rows[index, :span] = source
             out = min(merged.shape[1], new_width)
@@ -290,12 +403,14 @@ class ToMe(Pruner):
                 merged_sizes = (torch.arange(out, device=device) < kept[:, None]).float()
             sizes[index, :out] = merged_sizes[:, :out].float()
         state.tokens, state.sizes, state.counts = tokens, sizes, counts
-        state.source = rows.gather(1, state.source)
+        # original padding tokens (windows shorter than the widest) keep -1
+        state.source = torch.where(state.source >= 0, rows.gather(1, state.source.clamp(min=0)), -1)
         state.merged = True
 
     def unmerge(self, state: ToMeState, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden [C, T, D]`` (merged rows) -> ``[C, N0, D]``: every original token gets its row's state."""
-        return hidden.gather(1, state.source[..., None].expand(-1, -1, hidden.shape[-1]))
+        """``hidden [C, T, D]`` (merged rows) -> ``[C, N0, D]``: every original token gets its row's state (original
+        padding tokens get row 0's)."""
+        return hidden.gather(1, state.source.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
 
     # -- in the LLM input space --------------------------------------------------------------------------------
 
