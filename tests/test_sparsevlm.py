@@ -817,6 +817,9 @@ def test_presets():
     assert preset("sparsevlm_64", official=True).official
     ranked = preset("sparsevlm_rank_128")
     assert ranked.rank and (ranked.scale, ranked.bias) == RANK_SETTINGS[128] and ranked.layers == (3, 7, 16, 20)
+    for name, budget in (("sparsevlm_v2_96", 96), ("sparsevlm_v2_next_640", 128)):
+        v2 = preset(name)
+        assert v2.version == "2.0" and v2.schedule == SCHEDULES_V2[budget] and v2.heads == 14 and not v2.merge
 
 
 # --- tiny models (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL; 4 decoder layers) -------------------------------------------

@@ -74,6 +74,11 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     "sparsevlm_qwen_889": (SparseVLM, {"budget": 64}),
     # SparseVLM's first release: rank-based counts at layers 2 / 6 / 15 / 19 with its scripts' scale and bias
     **{f"sparsevlm_rank_{n}": (SparseVLM, {"budget": n, "rank": True}) for n in (192, 128, 64)},
+    # SparseVLM v2.0 (its v2.0 branch, USE_VERSION=2_0): gravity-corrected attention of the top-14 heads, the v2.0
+    # schedules, no recycling; 1-D RoPE only (LLaVA-1.5, LLaVA-NeXT: 640 / 320 are the shares of 128 / 64 of 576)
+    **{f"sparsevlm_v2_{n}": (SparseVLM, {"budget": n, "version": "2.0"}) for n in (192, 128, 96, 64)},
+    "sparsevlm_v2_next_640": (SparseVLM, {"budget": 128, "version": "2.0"}),
+    "sparsevlm_v2_next_320": (SparseVLM, {"budget": 64, "version": "2.0"}),
     # VisionZip: dominant + contextual = 54 + 10 / 108 + 20 / 162 + 30 (contextual_ratio 5/32); Qwen: last block
     **table_settings("visionzip", VisionZip, qwen={"layer": -1}),
     # PruMerge(+): the official adaptive IQR share, and the tables' fixed budgets (extra token included)
