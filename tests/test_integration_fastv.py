@@ -1,6 +1,7 @@
 """mrprune.FastV inside the language model (tiny random LLaVA and Qwen2.5-VL, 3 layers, pruning before layer 2):
 the kept tokens are the eager-attention top-k of the last token at layer 1, outputs equal a per-layer mask oracle,
-decoding continues on the pruned cache, the attention implementation is untouched."""
+decoding continues on the pruned cache, the attention implementation is untouched; ``select`` takes one item's
+``attention [N]`` and both entry points reject scores of another shape."""
 
 from __future__ import annotations
 
@@ -204,3 +205,29 @@ def test_labels_and_removal(case):
     torch.testing.assert_close(loss, oracle, rtol=0, atol=ATOL)
     assert {name: list(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks_before
     assert "forward" not in model.__dict__
+
+
+def test_select_takes_one_item_scores():
+    """``select`` takes ``attention [N]`` (the docstring's promise), keeps the top ``round(ratio * N)`` (gapped
+    scores, so the indices are exact) and equals ``select_batch`` on the batch of one."""
+    scores = torch.tensor([0.10, 0.90, 0.30, 0.80, 0.20, 0.70, 0.05])
+    features = torch.randn(7, 4, generator=torch.Generator().manual_seed(0))
+    pruner = mrprune.FastV(keep_ratio=0.5)
+    kept = pruner.select(features, mrprune.GridLayout(1, 1, 7), attention=scores)
+    assert kept.tolist() == [1, 2, 3, 5]  # round(3.5) = 4 (half up), sorted ascending
+    assert torch.equal(kept, pruner.select_batch(features[None], [None], attention=scores[None])[0])
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [torch.rand(1, 6), torch.rand(5), torch.rand(6, 1), None, [0.5] * 6],
+    ids=["batch-of-one", "too-short", "column", "missing", "list"],
+)
+def test_select_rejects_other_attention(attention):
+    with pytest.raises(ValueError, match=r"FastV\.select: attention must be the \[N\] = \(6,\)"):
+        mrprune.FastV().select(torch.randn(6, 4), attention=attention)
+
+
+def test_select_batch_rejects_one_item_scores():
+    with pytest.raises(ValueError, match=r"FastV\.select_batch: attention must be the \[B, N\] = \(1, 6\)"):
+        mrprune.FastV().select_batch(torch.randn(1, 6, 4), [None], attention=torch.rand(6))

@@ -10,9 +10,11 @@ KV-cache variant). Positions stay the original ones.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .base import Pruner, check_keep_ratio, round_half_up, top_tokens
+from .base import Layout, Pruner, check_keep_ratio, round_half_up, top_tokens
 from .stages import Need, Stage
 
 __all__ = ["FastV"]
@@ -51,11 +53,52 @@ class FastV(Pruner):
     def __repr__(self) -> str:
         return f"FastV(keep_ratio={self.keep_ratio}, layer={self.layer})"
 
+    def select(
+        self,
+        features: torch.Tensor,
+        layout: Layout | None = None,
+        text: torch.Tensor | None = None,
+        *,
+        attention: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Kept token indices of one image or video.
+
+        Parameters
+        ----------
+        features : Tensor ``[N, D]``
+            Its hidden states entering layer ``K`` (not read).
+        layout : LlavaNextLayout or GridLayout or None
+            Where each token sits; ``None`` is a flat sequence of ``N`` tokens.
+        text : Tensor ``[M, D]`` or None
+            Not read.
+        attention : Tensor ``[N]``, floating point
+            The last prompt token's head-averaged attention to each of its tokens at layer ``K - 1``.
+
+        Returns
+        -------
+        Tensor ``[round(keep_ratio * N)]``, int64, sorted ascending.
+
+        Raises
+        ------
+        ValueError
+            If ``attention`` is not an ``[N]`` tensor.
+        """
+        if isinstance(features, torch.Tensor) and features.dim() == 2:  # (other features: Pruner.select names them)
+            _check_attention("FastV.select", attention, features.shape[:1], "[N]")
+            attention = attention[None]
+        return super().select(features, layout, text, attention=attention, **kwargs)
+
     def _select_batch(self, features, layouts, lengths, texts, attention: torch.Tensor | None = None, **kwargs):
-        if attention is None or attention.shape != features.shape[:2]:
-            raise ValueError(
-                f"FastV: attention must be the [B, N] = {tuple(features.shape[:2])} last-query attention scores, got "
-                f"{None if attention is None else tuple(attention.shape)}"
-            )
+        _check_attention("FastV.select_batch", attention, features.shape[:2], "[B, N]")
         counts = [round_half_up(self.keep_ratio * n) for n in lengths.tolist()]
         return top_tokens(attention.float(), lengths, counts)
+
+
+def _check_attention(owner: str, attention: Any, shape: torch.Size, name: str) -> None:
+    """Raise ``ValueError`` naming ``owner`` unless ``attention`` is a tensor of ``shape`` (spelt ``name``)."""
+    if not isinstance(attention, torch.Tensor) or attention.shape != shape:
+        got = tuple(attention.shape) if isinstance(attention, torch.Tensor) else type(attention).__name__
+        raise ValueError(
+            f"mrprune.{owner}: attention must be the {name} = {tuple(shape)} last-query attention scores, got {got}"
+        )
