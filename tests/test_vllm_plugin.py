@@ -19,7 +19,7 @@ import torch
 from mrprune.integrations.vllm.config import METHODS, PruneConfig, kept_count, resolve_config
 from mrprune.integrations.vllm.testing import IMAGE, build_llava, build_qwen, random_image
 from mrprune.layouts import GridLayout, LlavaNextLayout
-from mrprune.methods import FasterVLM
+from mrprune.methods import DivPrune, FasterVLM, PDrop, PruMerge
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (scripts/ci_vllm.sh)")
@@ -54,8 +54,11 @@ def test_kept_count_is_what_the_pruner_keeps(method, ratio):
 def test_kept_count_budget_and_unknown():
     pruner = PruneConfig("l2norm", {"budget": 5}).build()
     assert [kept_count(pruner, layout) for layout in LAYOUTS[:3]] == [5, 5, 5]
-    with pytest.raises(TypeError, match="FasterVLM"):
-        kept_count(FasterVLM(keep_ratio=0.5), GridLayout(1, 4, 4))
+    # the method's own count, whatever its stage: no plugin edit for a new method
+    assert kept_count(FasterVLM(keep_ratio=0.5), GridLayout(1, 4, 4)) == 8
+    for method, reason in [(PDrop(), "language model"), (PruMerge(), "merges"), (DivPrune(official=True), "duplicate")]:
+        with pytest.raises(ValueError, match=f"not offered for vLLM.*{reason}"):
+            kept_count(method, GridLayout(1, 4, 4))
 
 
 def test_switch_parsing(monkeypatch):

@@ -2,8 +2,9 @@
 
 vLLM sizes each image's placeholder tokens when it processes the prompt, before the vision encoder runs, so the
 number of tokens a pruner keeps must follow from the image's layout alone. The default (``official=False``) modes of
-the projector-stage methods guarantee this (``round(keep_ratio * T)`` per image); :func:`kept_count` gives that
-number without features, and the plugin checks every selection against it.
+the projector-stage methods guarantee this (``round(keep_ratio * T)`` per image); each method gives that number
+without features (:meth:`mrprune.Pruner.kept_count`, read through :func:`kept_count`), and the plugin checks every
+selection against it.
 
 The switch is read from the model's Hugging Face config (``hf_overrides={"mrprune": {...}}``, so it is part of the
 model's identity in vLLM's caches) or, when absent, from the environment variable ``MRPRUNE_VLLM``.
@@ -18,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...layouts import GridLayout, LlavaNextLayout
+from ...layouts import GridLayout
 from ...methods import DivPrune, GPrune, L2Norm, MRPruner, Pruner, RandomPruner
-from ...methods.base import Layout, round_half_up
+from ...methods.base import KeptCountUnknown, Layout
 from ...methods.stages import Need, Stage
 
 __all__ = ["ENV_VAR", "METHODS", "PruneConfig", "grid_layout", "kept_count", "resolve_config"]
@@ -71,10 +72,12 @@ class PruneConfig:
             raise ValueError(f"mrprune vLLM plugin: record must be an int >= 0, got {self.record!r}")
 
     def build(self) -> Pruner:
-        """The configured pruner (checked: projector stage, no text, no signal besides the layout)."""
+        """The configured pruner (checked: projector stage, no text, no signal besides the layout, a kept count that
+        follows from the layout)."""
         pruner = METHODS[self.method](**self.kwargs)
         if pruner.stage is not Stage.PROJECTOR or set(pruner.needs) - {Need.LAYOUT}:
             raise ValueError(f"mrprune vLLM plugin: {pruner!r} needs more than the visual tokens and their layout")
+        kept_count(pruner, GridLayout(1, 1, 1))  # refuses, saying why, a pruner whose count needs the features
         return pruner
 
     @classmethod
@@ -109,34 +112,33 @@ def resolve_config(hf_config: Any) -> PruneConfig | None:
     return config
 
 
-def _newlines(layout: Layout) -> int:
-    return layout.newline_indices.numel() if isinstance(layout, LlavaNextLayout) else 0
-
-
 def kept_count(pruner: Pruner, layout: Layout) -> int:
-    """Tokens ``pruner`` keeps of an image with ``layout``, computed from the layout alone.
+    """Tokens ``pruner`` keeps of an image with ``layout``: the method's own :meth:`~mrprune.Pruner.kept_count`.
 
     Parameters
     ----------
-    pruner : MRPruner, GPrune, DivPrune, RandomPruner or L2Norm
-        In its default mode (``official=False``).
+    pruner : Pruner
+        In a mode whose count follows from the layout (the default modes of the projector-stage methods).
     layout : LlavaNextLayout or GridLayout
 
     Returns
     -------
     int, the length of ``pruner.select(features, layout)`` for any features of that layout.
+
+    Raises
+    ------
+    ValueError
+        For methods whose count is not known before the features are (merging, ``llm``-stage, adaptive counts,
+        ``official=True``): the message says why they are not offered for vLLM.
     """
-    n = layout.num_tokens
-    if isinstance(pruner, MRPruner | GPrune):
-        # newlines are always kept; the scored budget tops them up to round(r * T), at most every token
-        return min(max(round_half_up(pruner.keep_ratio * n), _newlines(layout)), n)
-    if isinstance(pruner, DivPrune):
-        return int(round(pruner.keep_ratio * n))  # DivPrune rounds half to even, as its official code
-    if isinstance(pruner, RandomPruner):
-        return min(n, round_half_up(pruner.keep_ratio * n))
-    if isinstance(pruner, L2Norm):
-        return pruner.size(n)
-    raise TypeError(f"mrprune vLLM plugin: no metadata budget for {type(pruner).__name__}")
+    try:
+        return pruner.kept_count(layout)
+    except KeptCountUnknown as error:
+        raise ValueError(
+            f"mrprune vLLM plugin: {pruner!r} is not offered for vLLM: vLLM reserves each image's placeholder tokens "
+            f"when it processes the prompt, before the encoder runs, so the kept count must follow from the image's "
+            f"layout alone, and here it does not ({error})"
+        ) from error
 
 
 def grid_layout(grid_thw: Any, merge_size: int) -> GridLayout:
