@@ -11,6 +11,7 @@ import torch
 
 import mrprune
 from mrprune.methods import PDrop
+from mrprune.methods.pdrop import pyramid_ratios
 
 
 def official_rank_drop(q, k, image_index, image_tokens, keep_length):
@@ -105,3 +106,63 @@ def test_arguments_and_errors():
         )
     with pytest.raises(TypeError, match="unexpected keyword"):
         method.select_batch(torch.zeros(1, 5, 2), [None], attention=torch.rand(1, 5), stage=1)
+
+
+#: The tables' presets and the share of an image's tokens each averages to: LLaVA-1.5's 192 / 128 / 64 of 576 tokens,
+#: LLaVA-NeXT's 640 / 320 of at most 2880.
+TABLE = [
+    ("pdrop_192", 192 / 576),
+    ("pdrop_128", 128 / 576),
+    ("pdrop_64", 64 / 576),
+    ("pdrop_next_640", 640 / 2880),
+    ("pdrop_next_320", 320 / 2880),
+]
+#: Image token counts: LLaVA-1.5 (576), LLaVA-NeXT's cap (2880) and a 672 x 672 any-res image (576 + 48 x 48 + 48
+#: newlines), and the tiny test models' images (tiny_llava: 16, 36; tiny_llava_next: 52, 88).
+TOKENS = [576, 2880, 2928, 16, 36, 52, 88]
+
+
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize(("name", "share"), TABLE)
+def test_table_presets_average_the_budget_over_the_decoder_layers(name, share, official):
+    """PyramidDrop's equivalent tokens, by brute force: the image tokens each of the 32 decoder layers holds, stage
+    by stage through select_batch, averaged; each stage's count rounds by at most 0.5 (official: floors, < 1)."""
+    method = mrprune.preset(name, official=official)
+    generator = torch.Generator().manual_seed(0)
+    for n0 in TOKENS:
+        held, current = [], n0
+        for layer in range(32):
+            if layer in method.layers and current:  # official floors can leave a tiny image no token
+                kept = method.select_batch(
+                    torch.zeros(1, current, 2),
+                    [None],
+                    attention=torch.rand(1, current, generator=generator),
+                    step=method.layers.index(layer),
+                    original_lengths=torch.tensor([n0]),
+                )[0]
+                current = kept.numel()
+            held.append(current)
+        average = sum(held) / 32
+        assert average == method.average_tokens(n0, 32)
+        if official:
+            assert share * n0 - 1 < average <= share * n0 + 1e-9, (name, n0, average)
+        else:
+            assert abs(average - share * n0) <= 0.5, (name, n0, average)
+
+
+def test_pyramid_ratios():
+    # the maintainer's example (Cooperx521/PyramidDrop #29): lambda = 0.19 on layers 2 / 8 / 16 for 64 of 576 tokens
+    lam = pyramid_ratios(64 / 576, (2, 8, 16), 32)[0]
+    assert abs(lam - 0.19) < 0.005
+    ratios = pyramid_ratios(1 / 3, (8, 16, 24), 32)
+    assert all(math.isclose(r, ratios[0] ** (i + 1)) for i, r in enumerate(ratios))  # geometric
+    assert math.isclose((8 + 8 * sum(ratios)) / 32, 1 / 3)
+    assert pyramid_ratios(1.0, (8, 16, 24), 32) == (1.0, 1.0, 1.0)
+    # the paper's layers 8 / 16 / 24 keep every token for 8 of 32 layers: 144 of 576 at least
+    with pytest.raises(ValueError, match="not reachable"):
+        pyramid_ratios(128 / 576, (8, 16, 24), 32)
+    with pytest.raises(ValueError, match="num_layers"):
+        pyramid_ratios(0.5, (8, 16, 24), 24)
+    with pytest.raises(ValueError, match="num_layers"):
+        PDrop().average_tokens(576, 20)
+    assert PDrop().average_tokens(576, 32) == (8 * 576 + 8 * 288 + 8 * 144 + 8 * 72) / 32

@@ -12,6 +12,12 @@ them (``n0`` the image's tokens before the first stage: the ratios are shares of
 leave the sequence for layers ``K ..``. The layers before each stage keep the cache entries of the longer prompt.
 LLaVA-NeXT: the official code treats an image's whole any-resolution token sequence (base view, high-resolution
 tiles and newline tokens) as one span ranked at once; mrprune does the same per image.
+
+The PyramidDrop paper (Table 2) and the comparison tables (ResPrune) report PDrop at *equivalent* token counts
+(192 / 128 / 64 of LLaVA-1.5's 576, 640 / 320 of LLaVA-NeXT's 2880): the image tokens each decoder layer holds,
+averaged over the layers (:meth:`PDrop.average_tokens`). No official script gives the settings for those counts;
+:func:`pyramid_ratios` derives them the way the maintainer describes (Cooperx521/PyramidDrop #10, #29), and the
+``pdrop_*`` presets use it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,61 @@ from . import _checks
 from .base import Pruner, round_half_up, top_tokens
 from .stages import Need, Stage
 
-__all__ = ["PDrop"]
+__all__ = ["PDrop", "pyramid_ratios"]
+
+
+def _stage_spans(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Decoder layers each stage spans: ``layers[i]`` to the next pruning layer (the last: to ``num_layers``)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= max(layers, default=0):
+        raise ValueError(
+            f"mrprune.PDrop: num_layers must be an int above every pruning layer {tuple(layers)}, got {num_layers!r}"
+        )
+    return [end - start for start, end in zip(layers, [*layers[1:], num_layers], strict=True)]
+
+
+def pyramid_ratios(keep: float, layers: Sequence[int] = (2, 8, 16), num_layers: int = 32) -> tuple[float, ...]:
+    """PyramidDrop's ratios ``(lambda, lambda**2, ...)`` whose equivalent token count is a share ``keep`` of the image.
+
+    PyramidDrop compares itself at an *equivalent* number of visual tokens: the average, over all ``num_layers``
+    decoder layers, of the image tokens each layer holds (the maintainer's answers in Cooperx521/PyramidDrop issues
+    #10, #22 and #29: ``sum(tokens_l) / layer_num``). With the paper's geometric pyramid (stage ``i`` keeps
+    ``lambda**(i+1)`` of the original ``n0`` tokens from layer ``layers[i]`` on) that share is
+    ``(layers[0] + sum_i span_i * lambda**(i+1)) / num_layers``, increasing in ``lambda``; this solves it for
+    ``lambda`` by bisection (to float64 precision).
+
+    Parameters
+    ----------
+    keep : float
+        The equivalent share of the image's tokens, ``budget / n0`` (LLaVA-1.5: 192 / 576 = 1/3, 128 / 576, 64 / 576).
+        It must exceed ``layers[0] / num_layers``, the share of the layers before the first pruning layer, and be at
+        most 1.
+    layers : sequence of int, increasing
+        The pruning layers. The default ``(2, 8, 16)`` is the maintainer's suggestion for the small budgets in
+        Cooperx521/PyramidDrop #29 (with ``lambda = 0.19`` for 64 of 576 tokens): the paper's ``(8, 16, 24)`` cannot
+        go below ``8 / 32`` of the tokens (144 of 576) on a 32-layer model.
+    num_layers : int
+        Decoder layers of the language model (32 for the 7B LLaVA-1.5 / LLaVA-NeXT models of the tables).
+
+    Returns
+    -------
+    tuple of float, one ratio per pruning layer (``lambda ** (i + 1)``), for :class:`PDrop`'s ``ratios``.
+    """
+    spans = _stage_spans(tuple(layers), num_layers)
+    floor = layers[0] / num_layers
+    if isinstance(keep, bool) or not isinstance(keep, int | float) or not floor < keep <= 1:
+        raise ValueError(
+            f"mrprune.PDrop: an equivalent share keep={keep!r} is not reachable with pruning layers {tuple(layers)} "
+            f"of {num_layers}: it must be in ({floor:.4g}, 1] (the layers before {layers[0]} hold every token)"
+        )
+
+    def share(lam: float) -> float:
+        return (layers[0] + sum(span * lam ** (i + 1) for i, span in enumerate(spans))) / num_layers
+
+    low, high = 0.0, 1.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if share(mid) < keep else (low, mid)
+    return tuple(high ** (i + 1) for i in range(len(spans)))
 
 
 class PDrop(Pruner):
@@ -96,6 +156,18 @@ class PDrop(Pruner):
         ratio = self.ratios[step]
         kept = int(original * ratio) if self.official else round_half_up(original * ratio)
         return min(kept, current)
+
+    def average_tokens(self, original: int, num_layers: int) -> float:
+        """PyramidDrop's equivalent token count: the image tokens each of the model's ``num_layers`` decoder layers
+        holds, averaged (``original`` before ``layers[0]``, :meth:`count` from each pruning layer on), for an image of
+        ``original`` tokens; what the papers' tables report as the tokens PDrop keeps."""
+        spans = _stage_spans(self.layers, num_layers)
+        held = self.layers[0] * original
+        current = original
+        for step, span in enumerate(spans):
+            current = self.count(step, original, current)
+            held += span * current
+        return held / num_layers
 
     def _select_batch(
         self,

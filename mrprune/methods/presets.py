@@ -14,7 +14,7 @@ from .fastervlm import FasterVLM
 from .graph import GPrune, MRPruner
 from .hired import HiRED
 from .l2norm import L2Norm
-from .pdrop import PDrop
+from .pdrop import PDrop, pyramid_ratios
 from .prumerge import PruMerge
 from .resprune import ResPrune
 from .scope import SCOPE
@@ -87,8 +87,14 @@ PRESETS: dict[str, tuple[Callable[..., Pruner], dict[str, Any]]] = {
     **table_settings("prumerge_plus", PruMerge),
     **table_settings("prumerge", PruMerge, plus=False),
     # PDrop: the official scripts' pyramid (LLaVA-1.5 and LLaVA-NeXT: layers 8 / 16 / 24, 50 / 25 / 12.5 % of the
-    # image's tokens); the official code gives no settings for the tables' token counts
+    # image's tokens); the official code and the papers' repositories give no settings for the tables' token counts,
+    # so pdrop_* are derived (pyramid_ratios): layers 2 / 8 / 16 (the maintainer's suggestion, Cooperx521/PyramidDrop
+    # #29), ratios lambda, lambda^2, lambda^3 whose tokens averaged over the 32 decoder layers (PyramidDrop's
+    # "equivalent tokens") are the budget: lambda = 0.560 / 0.420 / 0.192 for 192 / 128 / 64 of 576; LLaVA-NeXT's
+    # 640 / 320 of at most 2880 tokens are the shares of 128 / 64 of 576
     "pdrop": (PDrop, {}),
+    **{f"pdrop_{n}": (PDrop, {"layers": (2, 8, 16), "ratios": pyramid_ratios(n / 576)}) for n in (192, 128, 64)},
+    **{f"pdrop_next_{n}": (PDrop, {"layers": (2, 8, 16), "ratios": pyramid_ratios(n / 2880)}) for n in (640, 320)},
     # DART: pivots at layer 2; dart_*: the tables' budgets (official=True keeps image_pivots + 8 * (budget // 8))
     **table_settings("dart", DART),
     # ToMe: LLaVA-1.5 / LLaVA-NeXT only (Qwen2.5-VL's windowed tower is refused); tome_r16 is LightCompress' config
