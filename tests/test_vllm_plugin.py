@@ -19,7 +19,7 @@ import torch
 from mrprune.integrations.vllm.config import METHODS, PruneConfig, kept_count, resolve_config
 from mrprune.integrations.vllm.testing import IMAGE, build_llava, build_qwen, random_image
 from mrprune.layouts import GridLayout, LlavaNextLayout
-from mrprune.methods import DivPrune, FasterVLM, PDrop, PruMerge
+from mrprune.methods import DivPrune, FasterVLM, MRPruner, PDrop, PruMerge
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (scripts/ci_vllm.sh)")
@@ -70,6 +70,19 @@ def test_switch_parsing(monkeypatch):
         PruneConfig.parse("fastv:0.5")
     with pytest.raises(ValueError, match="official"):
         PruneConfig.parse({"method": "g_prune", "keep_ratio": 0.5, "official": True})
+    # any exported pruner by class name; the ones vLLM cannot serve are refused saying why
+    assert isinstance(PruneConfig("MRPruner", {"keep_ratio": 0.25}).build(), MRPruner)
+    for method, kwargs, reason in [
+        ("PDrop", {}, "language model"),
+        ("PruMerge", {}, "merges"),
+        ("TRIM", {"clip": object()}, "IQR"),
+        ("FasterVLM", {"budget": 4}, "vision-stage method reading vision_attention"),
+        ("ResPrune", {"budget": 4}, "projector-stage method reading cls_seed, text"),
+    ]:
+        with pytest.raises(ValueError, match=f"not offered for vLLM.*{reason}"):
+            PruneConfig(method, kwargs).build()
+    with pytest.raises(ValueError, match="unknown method"):
+        PruneConfig("Pruner")
 
     class Config:
         pass

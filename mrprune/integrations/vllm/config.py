@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ... import methods
 from ...layouts import GridLayout
 from ...methods import DivPrune, GPrune, L2Norm, MRPruner, Pruner, RandomPruner
 from ...methods.base import KeptCountUnknown, Layout
@@ -48,7 +49,8 @@ class PruneConfig:
     Parameters
     ----------
     method : str
-        A key of :data:`METHODS`.
+        A key of :data:`METHODS`, or the class name of any pruner :mod:`mrprune.methods` exports (``"MRPruner"``):
+        a new method needs no plugin edit, and :meth:`build` refuses, saying why, the ones vLLM cannot serve.
     kwargs : dict
         Constructor arguments of the method (``keep_ratio`` for all of them; ``budget`` for ``l2norm``).
     record : int
@@ -61,8 +63,11 @@ class PruneConfig:
     record: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"mrprune vLLM plugin: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        if _method_class(self.method) is None:
+            raise ValueError(
+                f"mrprune vLLM plugin: unknown method {self.method!r}; choose one of {sorted(METHODS)} or a pruner "
+                "class name of mrprune.methods"
+            )
         if self.kwargs.get("official", False):
             raise ValueError(
                 "mrprune vLLM plugin: official=True budgets are not all known before the encoder runs; use the "
@@ -74,10 +79,15 @@ class PruneConfig:
     def build(self) -> Pruner:
         """The configured pruner (checked: projector stage, no text, no signal besides the layout, a kept count that
         follows from the layout)."""
-        pruner = METHODS[self.method](**self.kwargs)
-        if pruner.stage is not Stage.PROJECTOR or set(pruner.needs) - {Need.LAYOUT}:
-            raise ValueError(f"mrprune vLLM plugin: {pruner!r} needs more than the visual tokens and their layout")
+        pruner = _method_class(self.method)(**self.kwargs)
         kept_count(pruner, GridLayout(1, 1, 1))  # refuses, saying why, a pruner whose count needs the features
+        extra = sorted(need.value for need in set(pruner.needs) - {Need.LAYOUT})
+        if pruner.stage is not Stage.PROJECTOR or extra:
+            raise ValueError(
+                f"mrprune vLLM plugin: {pruner!r} is not offered for vLLM: it is a {pruner.stage.value}-stage method "
+                f"reading {', '.join(extra) or 'signals'} besides its tokens, and the plugin hands a method only each "
+                "image's tokens after the projector and their layout"
+            )
         return pruner
 
     @classmethod
@@ -97,6 +107,14 @@ class PruneConfig:
         options = dict(value)
         method, record = options.pop("method"), options.pop("record", 0)
         return cls(method=method, kwargs=options, record=record)
+
+
+def _method_class(name: str) -> type[Pruner] | None:
+    """The pruner class of a plugin method name (:data:`METHODS`, else an exported class name), or None."""
+    if name in METHODS:
+        return METHODS[name]
+    cls = getattr(methods, name, None) if name in methods.__all__ else None
+    return cls if isinstance(cls, type) and issubclass(cls, Pruner) and cls is not Pruner else None
 
 
 def resolve_config(hf_config: Any) -> PruneConfig | None:
