@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mrprune.methods import PruMerge, preset
+from tests.test_visionzip import check_crops_alone
 
 LAYER = -1
 
@@ -250,6 +251,36 @@ def test_batch_equals_items_one_by_one():
             (one,) = method.select_batch(features[b : b + 1, :n], [None], attention={LAYER: attention[b : b + 1, :n]})
             assert torch.equal(one.kept, both[b].kept) and torch.equal(one.sources, both[b].sources)
             torch.testing.assert_close(one.tokens, both[b].tokens, rtol=0, atol=0)
+
+
+def test_each_crop_of_a_padded_batch_equals_the_crop_alone():
+    """Per-crop merging (``_vision.merge_per_crop``): items of crops of different sizes (one not contiguous, one
+    smaller than the 32 neighbours) and newlines in one padded batch give, crop by crop, what the crop gives alone
+    (adaptive: with its own outlier count; budget: with its share of the item's budget)."""
+    generator = torch.Generator().manual_seed(8)
+    features, _, attention = random_inputs(2, 63, generator)
+    crops = torch.tensor(
+        [[0] * 40 + [-1] * 3 + [1] * 20, [1] * 6 + [0] * 25 + [-1] * 2 + [1] * 4 + [5] * 26]  # row 1: 37 tokens
+    )
+    lengths = [63, 37]
+    # budget 15 less the newlines, split by crop size (largest remainder): 12 over 40 / 20, 13 over 25 / 10
+    budgeted = [{0: 8, 1: 4}, {0: 9, 1: 4}]
+    adaptive = [{0: None, 1: None}] * 2
+    for plus in (True, False):
+        for budget, shares in ((15, budgeted), (None, adaptive)):
+            results = PruMerge(budget=budget, plus=plus).select_batch(
+                features, [None, None], lengths, attention={LAYER: attention}, crops=crops
+            )
+            for b, n in enumerate(lengths):
+                check_crops_alone(
+                    results[b],
+                    features[b, :n],
+                    attention[b, :n],
+                    crops[b, :n],
+                    shares[b],
+                    lambda share: PruMerge(budget=share, plus=plus),  # noqa: B023
+                    layer=LAYER,
+                )
 
 
 def test_edge_cases():

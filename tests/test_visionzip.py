@@ -259,6 +259,56 @@ def test_batch_equals_items_one_by_one():
         assert one.kept.numel() == round(0.3 * n + 1e-9) or one.kept.numel() == int(0.3 * n + 0.5)
 
 
+def check_crops_alone(result, features, scores, owned, shares, alone, layer=LAYER):
+    """``result`` (one item: tokens ``features [n, D]``, ``scores [n]`` at vision layer ``layer``, crops ``owned
+    [n]``) holds, for each crop ``c`` with ``shares[c]`` output tokens (``None``: a count the method sets), exactly
+    ``alone(share)`` run on that crop's tokens by themselves, and its newlines (crop -1) as themselves. (Also
+    PruMerge's check.)"""
+    lines = (owned < 0).nonzero()[:, 0]
+    line_slots = torch.searchsorted(result.kept, lines)
+    assert torch.equal(result.kept[line_slots], lines) and torch.equal(result.tokens[line_slots], features[lines])
+    assert torch.equal(result.sources[lines], line_slots) and bool((result.weights[lines] == 1).all())
+    for crop, share in shares.items():
+        members = (owned == crop).nonzero()[:, 0]
+        (one,) = alone(share).select_batch(features[None, members], [None], attention={layer: scores[None, members]})
+        mine = torch.isin(result.kept, members)
+        assert torch.equal(result.kept[mine], members[one.kept])
+        assert torch.equal(result.tokens[mine], one.tokens)
+        source, alone_source = result.sources[members], one.sources  # -1: dropped
+        expected = torch.where(alone_source >= 0, members[one.kept[alone_source.clamp(min=0)]], -1)
+        assert torch.equal(torch.where(source >= 0, result.kept[source.clamp(min=0)], -1), expected)
+        assert torch.equal(result.weights[members], one.weights)
+    if None not in shares.values():
+        assert result.kept.numel() == lines.numel() + sum(shares.values())
+
+
+def test_each_crop_of_a_padded_batch_equals_the_crop_alone():
+    """Per-crop merging (``_vision.merge_per_crop``): items of crops of different sizes (one not contiguous) and
+    newlines in one padded batch give, crop by crop, what the crop gives alone with its share of the budget."""
+    generator = torch.Generator().manual_seed(7)
+    features = torch.randn(2, 30, 5, generator=generator)
+    scores = torch.rand(2, 30, generator=generator)
+    crops = torch.tensor([[0] * 12 + [-1] * 2 + [1] * 16, [1] * 3 + [0] * 6 + [-1] + [1] * 2 + [0] * 4 + [7] * 14])
+    lengths = [30, 16]
+    # budget 13 less the newlines, split by crop size (largest remainder): 11 over 12 / 16, 12 over 10 / 5; every
+    # share >= 4 has a contextual token
+    shares = [{0: 5, 1: 6}, {0: 8, 1: 4}]
+    for include_target in (False, True):
+        results = VisionZip(budget=13, include_target=include_target).select_batch(
+            features, [None, None], lengths, attention={LAYER: scores}, crops=crops
+        )
+        for b, n in enumerate(lengths):
+            check_crops_alone(
+                results[b],
+                features[b, :n],
+                scores[b, :n],
+                crops[b, :n],
+                shares[b],
+                lambda share: VisionZip(budget=share, include_target=include_target),  # noqa: B023
+            )
+            assert bool((results[b].weights < 1).any())  # contextual tokens merged something
+
+
 def test_edge_cases():
     generator = torch.Generator().manual_seed(6)
     features = torch.randn(1, 9, 4, generator=generator)

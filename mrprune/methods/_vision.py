@@ -9,16 +9,21 @@ import torch
 from .. import ops
 from ..batching import pad_batch
 from . import _checks
+from ._merging import assemble
 from .base import round_half_up, take_prefixes
+from .results import MergedTokens
 
 __all__ = [
     "Budget",
+    "Merge",
     "Pick",
     "Split",
     "allocate",
     "check_layer",
     "crop_groups",
     "gather_kept",
+    "group_batch",
+    "merge_per_crop",
     "select_per_crop",
     "size_split",
     "token_scores",
@@ -29,6 +34,14 @@ __all__ = [
 #: ``pick(tokens [G, P, D], saliency [G, P], sizes [G], wanted)``: ``wanted[g]`` indices into row ``g`` of a padded
 #: batch of (item, crop) groups (:func:`select_per_crop`).
 Pick = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int]], list[torch.Tensor]]
+#: ``merge(tokens [G, P, D], saliency [G, P], sizes [G], wanted)``: per row ``g`` of a padded batch of (item, crop)
+#: groups, its output tokens' representatives ``[k]`` (indices into the row), the output tokens ``[k, D]``, each of
+#: its tokens' representative ``[P_g]`` (an index into the row; -1: dropped) and weight ``[P_g]`` float32
+#: (:func:`merge_per_crop`).
+Merge = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, list[int]],
+    list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+]
 #: ``split(b, scored, owned, present, sizes)``: item ``b``'s crop -> count, or ``None`` for the split by size
 #: (:func:`size_split`).
 Split = Callable[[int, int, torch.Tensor, list[int], list[int]], dict[int, int] | None]
@@ -142,6 +155,17 @@ def top_per_crop(
     return gather_kept(picks, groups, owners, len(counts), scores.device)
 
 
+def group_batch(
+    features: torch.Tensor, scores: torch.Tensor, groups: list[torch.Tensor], owners: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (item, crop) groups of :func:`crop_groups` as one padded batch: their tokens ``[G, P, D]``, scores
+    ``[G, P]`` (0 on padding) and sizes ``[G]`` int64, ``P`` the largest group."""
+    pairs = list(zip(owners, groups, strict=True))
+    tokens, sizes = pad_batch([features[o, g] for o, g in pairs])
+    saliency = pad_batch([scores[o, g][:, None] for o, g in pairs])[0][..., 0]
+    return tokens, saliency, sizes
+
+
 def select_per_crop(
     budget: Budget,
     features: torch.Tensor,
@@ -152,22 +176,74 @@ def select_per_crop(
     split: Split | None = None,
 ) -> list[torch.Tensor]:
     """Default-mode per-crop selection: :func:`size_split`'s budgets (``split`` may set an item's own), every
-    (item, crop) group padded into one batch, ``pick(tokens [G, P, D], saliency [G, P], sizes [G], wanted)`` choosing
-    ``wanted[g]`` indices into row ``g`` (``None``: each crop's best-scored tokens, :func:`top_per_crop`, with no
-    copy of the features), then each item's picks gathered back with its newlines appended (list of B int64 tensors,
-    unsorted)."""
+    (item, crop) group padded into one batch (:func:`group_batch`), ``pick(tokens [G, P, D], saliency [G, P], sizes
+    [G], wanted)`` choosing ``wanted[g]`` indices into row ``g`` (``None``: each crop's best-scored tokens,
+    :func:`top_per_crop`, with no copy of the features), then each item's picks gathered back with its newlines
+    appended (list of B int64 tensors, unsorted)."""
     counts, newlines = size_split(budget, crops, lengths, split)
     if pick is None:
         kept = top_per_crop(scores, crops, lengths, counts)
     else:
         groups, owners, wanted = crop_groups(crops, lengths, counts)
-        picks = []
-        if groups:
-            tokens, sizes = pad_batch([features[o, g] for o, g in zip(owners, groups, strict=True)])
-            saliency = pad_batch([scores[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
-            picks = pick(tokens, saliency, sizes, wanted)
+        picks = pick(*group_batch(features, scores, groups, owners), wanted) if groups else []
         kept = gather_kept(picks, groups, owners, len(counts), features.device)
     return [torch.cat([k, lines]) for k, lines in zip(kept, newlines, strict=True)]
+
+
+def merge_per_crop(
+    budget: Budget | None,
+    features: torch.Tensor,
+    scores: torch.Tensor,
+    crops: torch.Tensor,
+    lengths: torch.Tensor,
+    merge: Merge,
+) -> list[MergedTokens]:
+    """Default-mode per-crop merging, the merging counterpart of :func:`select_per_crop`.
+
+    Parameters
+    ----------
+    budget : Budget or None
+        Output tokens per item, split over its crops by :func:`size_split` (newlines kept first and counted);
+        ``None``: every crop asks for all its tokens (a method that sets its own count per crop).
+    features : Tensor ``[B, N, D]``
+    scores : Tensor ``[B, N]`` float32, the saliency handed to ``merge``
+    crops : Tensor ``[B, N]`` int64, each token's crop (-1: a newline, in no crop)
+    lengths : Tensor ``[B]`` int64
+    merge : Merge
+        Runs on every (item, crop) group at once, padded into one batch (:func:`group_batch`), ``wanted[g]`` the
+        output tokens asked of group ``g`` (at most its size).
+
+    Returns
+    -------
+    list of B :class:`MergedTokens`: each item's groups' outputs plus its newlines as themselves (weight 1).
+    """
+    if budget is None:
+        counts = []
+        for b, n in enumerate(lengths.tolist()):
+            owned = crops[b, :n]
+            counts.append({c: int((owned == c).sum()) for c in sorted(set(owned[owned >= 0].tolist()))})
+    else:
+        counts = size_split(budget, crops, lengths)[0]
+    groups, owners, wanted = crop_groups(crops, lengths, counts)
+    parts = merge(*group_batch(features, scores, groups, owners), wanted) if groups else []
+    results = []
+    for b, n in enumerate(lengths.tolist()):
+        lines = (crops[b, :n] < 0).nonzero()[:, 0]
+        reps, outs = [lines], [features[b, lines]]
+        where = torch.full((n,), -1, dtype=torch.int64, device=features.device)
+        weights = torch.zeros(n, dtype=torch.float32, device=features.device)
+        where[lines], weights[lines] = lines, 1.0
+        for group, owner, (rep, out, into, weight) in zip(groups, owners, parts, strict=True):
+            if owner != b:
+                continue
+            # the group's row indices back to the item's positions
+            reps.append(group[rep])
+            outs.append(out)
+            real = into >= 0
+            where[group[real]] = group[into[real]]
+            weights[group] = weight
+        results.append(assemble(n, reps, outs, where, weights))
+    return results
 
 
 def size_split(

@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..batching import pad_batch
 from . import _checks
 from ._merging import assemble, padded_positions
-from ._vision import Budget, check_layer, crop_groups, size_split, token_scores
+from ._vision import Budget, check_layer, merge_per_crop, token_scores
 from .base import Pruner
 from .stages import Need, Stage
 from .trim import _outlier_share
@@ -150,40 +149,19 @@ class PruMerge(Pruner):
         scores, crops = token_scores("PruMerge", features, attention, crops, self.layer)
         if self.official:
             return self._official(features, lengths, crops, crop_attention, crop_keys, attention_kind)
-        if self.size is None:  # adaptive: every crop's count comes from its own attention
-            counts = []
-            for b, n in enumerate(lengths.tolist()):
-                owned = crops[b, :n]
-                counts.append({c: int((owned == c).sum()) for c in sorted(set(owned[owned >= 0].tolist()))})
+        # adaptive (size None): whole crops go in, each keeps its own attention outliers
+        return merge_per_crop(self.size, features, scores, crops, lengths, self._merge_groups)
+
+    def _merge_groups(
+        self, tokens: torch.Tensor, saliency: torch.Tensor, sizes: torch.Tensor, wanted: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The default mode on each crop group (:data:`~mrprune.methods._vision.Merge`): the kept tokens, adaptive
+        or of the ``wanted`` budgets, merged with their neighbours by the tokens' own similarity."""
+        if self.size is None:
+            kept, extra = self._adaptive(saliency, sizes)
         else:
-            counts = size_split(self.size, crops, lengths)[0]
-        groups, owners, wanted = crop_groups(crops, lengths, counts)
-        picks = []
-        if groups:
-            tokens, sizes = pad_batch([features[o, g] for o, g in zip(owners, groups, strict=True)])
-            saliency = pad_batch([scores[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
-            if self.size is None:
-                kept, extra = self._adaptive(saliency, sizes)
-            else:
-                kept, extra = self._budgeted(saliency, sizes, wanted)
-            picks = _merge(tokens, tokens, saliency, sizes, kept, extra, self.neighbors)
-        results = []
-        for b, n in enumerate(lengths.tolist()):
-            lines = (crops[b, :n] < 0).nonzero()[:, 0]
-            reps, outs = [lines], [features[b, lines]]
-            where = torch.full((n,), -1, dtype=torch.int64, device=features.device)
-            weights = torch.zeros(n, dtype=torch.float32, device=features.device)
-            where[lines], weights[lines] = lines, 1.0
-            for group, owner, (rep, out, into, weight) in zip(groups, owners, picks, strict=True):
-                if owner != b:
-                    continue
-                reps.append(group[rep])
-                outs.append(out)
-                real = into >= 0
-                where[group[real]] = group[into[real]]
-                weights[group] = weight
-            results.append(assemble(n, reps, outs, where, weights))
-        return results
+            kept, extra = self._budgeted(saliency, sizes, wanted)
+        return _merge(tokens, tokens, saliency, sizes, kept, extra, self.neighbors)
 
     def _adaptive(self, saliency: torch.Tensor, sizes: torch.Tensor) -> tuple[list[torch.Tensor], list[bool]]:
         """Per group the kept tokens (attention picks, then PruMerge+ samples) and whether it has an extra token."""

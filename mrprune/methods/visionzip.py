@@ -23,7 +23,7 @@ from .. import ops
 from ..batching import pad_batch
 from . import _checks
 from ._merging import assemble, padded_positions
-from ._vision import Budget, check_layer, crop_groups, size_split, token_scores
+from ._vision import Budget, check_layer, merge_per_crop, token_scores
 from .base import Pruner, round_half_up
 from .stages import Need, Stage
 
@@ -144,31 +144,14 @@ class VisionZip(Pruner):
         scores, crops = token_scores("VisionZip", features, attention, crops, self.layer)
         if self.official:
             return self._official(features, lengths, crops, patches, crop_attention, crop_keys, attention_kind)
-        counts, newlines = size_split(self.size, crops, lengths)
-        groups, owners, wanted = crop_groups(crops, lengths, counts)
-        parts = []
-        if groups:
-            tokens, sizes = pad_batch([features[o, g] for o, g in zip(owners, groups, strict=True)])
-            saliency = pad_batch([scores[o, g][:, None] for o, g in zip(owners, groups, strict=True)])[0][..., 0]
-            plan = [self.split(w) for w in wanted]
-            parts = _zip(tokens, tokens, saliency, sizes, plan, self.include_target)
-        results = []
-        for b, n in enumerate(lengths.tolist()):
-            lines = newlines[b]
-            reps, outs = [lines], [features[b, lines]]
-            where = torch.full((n,), -1, dtype=torch.int64, device=features.device)
-            weights = torch.zeros(n, dtype=torch.float32, device=features.device)
-            where[lines], weights[lines] = lines, 1.0
-            for group, owner, (rep, out, into, weight) in zip(groups, owners, parts, strict=True):
-                if owner != b:
-                    continue
-                reps.append(group[rep])
-                outs.append(out)
-                real = into >= 0
-                where[group[real]] = group[into[real]]
-                weights[group] = weight
-            results.append(assemble(n, reps, outs, where, weights))
-        return results
+        return merge_per_crop(self.size, features, scores, crops, lengths, self._merge_groups)
+
+    def _merge_groups(
+        self, tokens: torch.Tensor, saliency: torch.Tensor, sizes: torch.Tensor, wanted: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The default mode on each crop group (:data:`~mrprune.methods._vision.Merge`): ``split(wanted[g])``
+        dominant and contextual tokens, the similarity on the tokens themselves."""
+        return _zip(tokens, tokens, saliency, sizes, [self.split(w) for w in wanted], self.include_target)
 
     def _official(self, features, lengths, crops, patches, crop_attention, crop_keys, attention_kind):
         if attention_kind != "cls" or crop_attention is None or not crop_keys or patches is None:
