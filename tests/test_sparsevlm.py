@@ -1193,3 +1193,48 @@ def test_hf_v2_static_cache_and_remove(hf_case):
     assert {n: list(m._forward_pre_hooks) for n, m in model.named_modules()} == hooks_before
     assert "forward" not in model.__dict__
     assert torch.equal(model(**inputs).logits, logits)
+
+
+class FieldRecording(SparseVLM):
+    """v2.0 that records the per-head rows and rotary vectors the llm stage hands it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields = []
+
+    def _select_batch(self, features, layouts, lengths, texts, **kwargs):
+        self.fields.append((kwargs["prompt"], kwargs["rotary"], lengths.clone()))
+        return super()._select_batch(features, layouts, lengths, texts, **kwargs)
+
+
+@torch.no_grad()
+def test_hf_v2_fields_equal_the_eager_model(hf_case):
+    """At the first pruning layer: ``prompt.head_attention`` is every head's eager attention probabilities (GQA keys
+    shared), and ``gravity(prompt.rotary, rotary)`` the closed-form RoPE-only logit of the model's rotary at the
+    tokens' positions."""
+    name, model, inputs, positions, _ = hf_case
+    skip_mrope(name)
+    method = FieldRecording(scoring_layers=(1, 2), schedule=(300, 200), version="2.0", heads=2)
+    with patched(model, method):
+        model(**inputs, position_ids=positions)
+    out = eager_copy(model)(**inputs, position_ids=positions, output_attentions=True)
+    probs = out.attentions[1]  # [B, H, L, L]: scoring layer 1
+    rotary = model.model.language_model.rotary_emb
+    theta = rotary.inv_freq.double()
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    prompt, item_rotary, lengths = method.fields[0]
+    g = gravity(prompt.rotary, item_rotary)
+    real = inputs["attention_mask"].bool()
+    items = items_of(inputs["input_ids"])
+    visual = torch.zeros_like(real)
+    for b, cols in items:
+        visual[b, cols] = True
+    for i, (b, cols) in enumerate(items):
+        text = (real[b] & ~visual[b]).nonzero()[:, 0]
+        t, n = text.numel(), cols.numel()
+        assert int(prompt.lengths[i]) == t and int(lengths[i]) == n
+        ours = prompt.head_attention[i, :, :t, :n]
+        torch.testing.assert_close(ours, probs[b][:, text][:, :, cols], rtol=0, atol=1e-6)
+        distance = (positions[b, text][:, None] - positions[b, cols][None]).double()
+        closed = 2 * scaling**2 * torch.cos(distance[..., None] * theta).sum(-1) / (2 * theta.numel()) ** 0.5
+        torch.testing.assert_close(g[i, :t, :n].double(), closed, rtol=1e-5, atol=1e-5)
