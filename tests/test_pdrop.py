@@ -166,3 +166,22 @@ def test_pyramid_ratios():
     with pytest.raises(ValueError, match="num_layers"):
         PDrop().average_tokens(576, 20)
     assert PDrop().average_tokens(576, 32) == (8 * 576 + 8 * 288 + 8 * 144 + 8 * 72) / 32
+
+
+@torch.no_grad()
+def test_table_presets_run_in_a_tiny_llava():
+    """The presets' pruning layers 2 / 8 / 16 in a 17-layer tiny LLaVA (36 tokens per image): each prompt's image
+    ends with the last stage's count of its original tokens."""
+    from mrprune.integrations import patched
+    from mrprune.integrations.testing import IMAGE_TOKEN, left_pad, tiny_llava
+
+    model = tiny_llava(layers=17, image_size=42)
+    image = [IMAGE_TOKEN] * 36
+    input_ids, attention_mask = left_pad([[1, 5, 6, *image, 7, 8, 9], [1, 12, *image, 13, 14]])
+    pixels = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(0))
+    for name, expected in [("pdrop_192", 6), ("pdrop_128", 3), ("pdrop_64", 0)]:
+        method = mrprune.preset(name)
+        assert method.count(2, 36, 36) == expected  # round(36 * lambda**3)
+        with patched(model, method) as handle:
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, max_new_tokens=1)
+        assert [[k.numel() for k in record.kept] for record in handle.last] == [[expected], [expected]]
