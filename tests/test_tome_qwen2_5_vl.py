@@ -34,7 +34,7 @@ WINDOW = 2  # units per window side: window_size 56 / patch 14 / merge 2
 
 
 def deep_qwen(seed: int = 0):
-    """A tiny Qwen2.5-VL whose vision tower has 3 blocks: windowed, full attention, windowed."""
+    """A tiny Qwen2.5-VL whose vision tower has 3 blocks: windowed, full attention, windowed (sharp attention)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -60,6 +60,9 @@ def deep_qwen(seed: int = 0):
     )
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = None
+    with torch.no_grad():  # queries and keys 10x: logits of order 1, so rotary angles and sizes move the softmax
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight[: 2 * block.attn.dim] *= 10
     return model
 
 
