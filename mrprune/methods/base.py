@@ -171,8 +171,9 @@ class Pruner:
             )
         if getattr(self, "official", False):
             raise KeptCountUnknown(
-                f"mrprune.{name}(official=True) follows the official code's budget arithmetic, which is not known "
-                "from the layout alone; use official=False"
+                f"mrprune.{name}(official=True) follows the official code's budget arithmetic (per crop, padding "
+                "patches, tokens kept on top), which kept_count does not model: it gives the default mode's count; "
+                "use official=False"
             )
         total = layout.num_tokens
         size = getattr(self, "size", None)
