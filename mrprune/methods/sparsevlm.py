@@ -22,12 +22,12 @@ An ``llm``-stage method acting at several decoder layers (paper: 2, 6 and 15):
 RoPE-only *gravity* term ``g(t, v) = (R_t 1) . (R_v 1) / sqrt(d)`` (the attention logit that two all-ones head
 vectors would have at the two tokens' positions, :func:`gravity`), the ``heads`` (14) heads with the most corrected
 attention from the raters to the item's tokens are kept and averaged (:func:`head_scores`), the counts follow the
-v2.0 schedule (:data:`SCHEDULES_V2`), nothing is recycled, and the kept tokens keep their original positions (as every
-``llm``-stage method here does).
+v2.0 schedule (:data:`SCHEDULES_V2`, same layers 2 / 6 / 15), nothing is recycled, and the kept tokens keep their
+original positions (as every ``llm``-stage method here does).
 
 The hidden states pruned and merged are the outputs of layer ``l`` (the input of ``l + 1``), so the integration
 calls the method at the entry of decoder layers ``l + 1`` (:attr:`SparseVLM.layers`) with the attention of layer
-``l``. Each call returns :class:`~mrprune.methods.results.MergedTokens` over the item's *current* visual tokens: the
+``l``. Each v1 call returns :class:`~mrprune.methods.results.MergedTokens` over the item's *current* visual tokens: the
 kept tokens as they are, and one merged token per cluster whose representative (the token whose row and position it
 takes) is the cluster's density-peak centre.
 """
@@ -191,7 +191,8 @@ def head_scores(
 
 
 class SparseVLM(Pruner):
-    """SparseVLM v1: rater-scored sparsification at several decoder layers with density-peak recycling.
+    """SparseVLM: rater-scored sparsification at several decoder layers, with density-peak recycling (v1) or
+    gravity-corrected priority heads (``version="2.0"``).
 
     Parameters
     ----------
@@ -207,8 +208,8 @@ class SparseVLM(Pruner):
         (``(576, 576, 576)`` keeps every token).
     recycle : float in [0, 1]
         Share of the dropped tokens recycled into merged tokens (``int(recycle * d) + 1`` of ``d``; official 0.3).
-    merge : bool
-        Recycle the dropped tokens (v1); ``False`` only drops them.
+    merge : bool, optional
+        Recycle the dropped tokens (default for v1); ``False`` only drops them (v2.0 always).
     rank : bool
         The first release's adaptive count instead of a schedule (Gumpest/SparseVLMs @ 91fb6d9, the paper's
         rank-based sparsification): at each layer, with ``r`` the matrix rank of the raters' attention to the ``v``
@@ -268,7 +269,9 @@ class SparseVLM(Pruner):
     :class:`~mrprune.methods.stages.PromptTokens` whose ``attention [B, T, N]`` holds each text token's head-averaged
     attention to the current tokens in layer ``l``, ``embeddings [B, T, D]`` their input embeddings and ``after`` the
     text tokens after the item, the raters' candidates), ``input_embeddings [B, N0, D]`` (the item's original tokens'
-    input embeddings) and ``original_lengths [B]`` (``N0`` per item).
+    input embeddings) and ``original_lengths [B]`` (``N0`` per item). v2.0 reads ``prompt.head_attention
+    [B, H, T, N]`` (``prompt_attention_heads = "per_head"``) instead of ``prompt.attention``, and ``rotary [B, N, d]``
+    with ``prompt.rotary [B, T, d]`` (:attr:`~mrprune.methods.stages.Need.ROTARY`); it returns kept indices.
     """
 
     stage = Stage.LLM
