@@ -714,7 +714,11 @@ def standin_features(image: Any, layout: Layout, dim: int = 256, fit: str | None
 
 
 def standin_signals(
-    pruner: Any, features: torch.Tensor, layout: Layout, image_size: tuple[int, int] | None = None
+    pruner: Any,
+    features: torch.Tensor,
+    layout: Layout,
+    image_size: tuple[int, int] | None = None,
+    window: int | None = None,
 ) -> dict[str, Any]:
     """Stand-in inputs for what a method reads besides its tokens, so that every method can be drawn without a
     model. Shapes are ``select``'s (a batch of one); empty for methods that read nothing else.
@@ -723,7 +727,8 @@ def standin_signals(
       (crops from the layout: LLaVA-NeXT tiles from ``image_size`` and the default pinpoints, Qwen frames);
       ``Need.CLIP_EMBEDDINGS``: the tokens as CLIP image embeddings and their mean as the question's.
     * ``Need.VISION_MERGE`` (ToMe): ``groups`` from :func:`standin_merge_groups`, the method's own merge schedule
-      run over a *stand-in tower* whose blocks only merge (no attention, no MLP), the tokens being their own keys.
+      run over a *stand-in tower* whose blocks only merge (no attention, no MLP), the tokens being their own keys
+      (``window``: Qwen2.5-VL's, tokens merged within windows of ``window x window`` tokens).
     * ``llm``-stage methods: the signals of their first pruning layer (step 0) from :data:`SYNTHETIC_LLM_NOTE`'s
       synthetic prompt, attention, keys and normed states (:func:`standin_select` runs every pruning layer).
     """
@@ -735,7 +740,7 @@ def standin_signals(
         origin = torch.arange(tokens.shape[0])
         return _llm_signals(pruner, tokens, _standin_prompt(tokens), tokens, 0, _llm_layers(pruner)[0], origin)
     if Need.VISION_MERGE in needs:
-        return {"groups": standin_merge_groups(pruner, features, layout, image_size)[None]}
+        return {"groups": standin_merge_groups(pruner, features, layout, image_size, window)[None]}
     if Need.VISION_ATTENTION not in needs:
         return {}
     crops = _standin_crops(layout, image_size)[:, 0]
@@ -778,13 +783,24 @@ def _standin_crops(layout: Layout, image_size: tuple[int, int] | None) -> torch.
 
 #: Blocks of the stand-in tower: CLIP-L/336's 24 up to LLaVA's feature layer -2.
 STANDIN_TOWER_BLOCKS = 23
+#: Blocks of the stand-in Qwen2.5-VL tower (all 32 of its ViT's blocks merge) and its window side in tokens
+#: (``window_size`` 112 px / 14 px patches / 2 x 2 patch merge).
+QWEN_TOWER_BLOCKS, QWEN_WINDOW = 32, 4
 STANDIN_TOWER_NOTE = (
     "Stand-in tower: the method's merge schedule over 23 blocks that only merge (tokens = their own keys), NOT CLIP's."
+)
+QWEN_TOWER_NOTE = (
+    "Stand-in tower: the method's merge schedule over 32 blocks that only merge within 4 x 4-token windows (tokens = "
+    "their own keys), NOT Qwen2.5-VL's."
 )
 
 
 def standin_merge_groups(
-    pruner: Any, features: torch.Tensor, layout: Layout, image_size: tuple[int, int] | None = None
+    pruner: Any,
+    features: torch.Tensor,
+    layout: Layout,
+    image_size: tuple[int, int] | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Each token's merged group from a *stand-in tower* for a method that merges inside the vision encoder (ToMe).
 
@@ -792,11 +808,15 @@ def standin_merge_groups(
     patches LLaVA-NeXT's unpadding removed one constant padding token (the image mean). The method's own
     ``schedule`` / ``start`` / ``merge_block`` then run over :data:`STANDIN_TOWER_BLOCKS` blocks that do nothing but
     merge, each block's keys being its current tokens (one head), as the integration groups a real tower's tokens.
+    With ``window`` (a Qwen2.5-VL grid): every token is a unit merged within its frame's window of ``window x window``
+    tokens (``window_schedule`` / ``start_windows``) over :data:`QWEN_TOWER_BLOCKS` such blocks.
 
     Returns
     -------
     Tensor ``[N]`` int64: the token's group (unique within the image), -1 for newline tokens.
     """
+    if window is not None:
+        return _standin_window_groups(pruner, features, layout, window)
     sources = _standin_crops(layout, image_size)
     present = sources[:, 0] >= 0
     crops = int(sources[:, 0].max()) + 1
@@ -820,6 +840,29 @@ def standin_merge_groups(
     rows = state.source  # [C, 1 + P]: each original token's row after the last merge
     groups = torch.full((layout.num_tokens,), -1, dtype=torch.int64)
     groups[present] = crop * rows.shape[1] + rows[crop, 1 + patch]
+    return groups
+
+
+def _standin_window_groups(pruner: Any, features: torch.Tensor, layout: Layout, window: int) -> torch.Tensor:
+    """:func:`standin_merge_groups` on a Qwen2.5-VL grid: tokens merged within windows, as the tower's windows."""
+    frames, rows, cols = layout.frames, layout.height, layout.width
+    frame, y, x = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
+    across = -(-cols // window)
+    key = ((frame * -(-rows // window) + y // window) * across + x // window).flatten()
+    order = torch.argsort(key * rows * cols + torch.arange(key.numel()))  # windows in order, raster inside each
+    counts = torch.bincount(key).tolist()
+    counts = [c for c in counts if c]
+    width = max(counts)
+    slot = torch.arange(key.numel()) - torch.tensor([0, *counts]).cumsum(0)[:-1].repeat_interleave(torch.tensor(counts))
+    window_of = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    units = features.float().new_zeros(len(counts), width, features.shape[1])
+    units[window_of, slot] = features.float()[order]
+    schedule = pruner.window_schedule([counts], QWEN_TOWER_BLOCKS)
+    state = pruner.start_windows(units, counts, schedule)
+    for block in range(QWEN_TOWER_BLOCKS):
+        pruner.merge_block(state, block, state.tokens, state.tokens[:, :, None, :])
+    groups = torch.empty(key.numel(), dtype=torch.int64)
+    groups[order] = window_of * state.tokens.shape[1] + state.source[window_of, slot]
     return groups
 
 
@@ -898,7 +941,11 @@ def _llm_signals(
 
 
 def standin_select(
-    pruner: Any, features: torch.Tensor, layout: Layout, image_size: tuple[int, int] | None = None
+    pruner: Any,
+    features: torch.Tensor,
+    layout: Layout,
+    image_size: tuple[int, int] | None = None,
+    window: int | None = None,
 ) -> Any:
     """``pruner``'s result on one image with :func:`standin_signals`; an llm-stage method runs every pruning layer
     on the tokens the previous one left (kept or merged), and its result is mapped back to the image's tokens
@@ -907,7 +954,7 @@ def standin_select(
     from .methods.stages import Stage
 
     if getattr(pruner, "stage", None) is not Stage.LLM:
-        return pruner.select(features, layout, **standin_signals(pruner, features, layout, image_size))
+        return pruner.select(features, layout, **standin_signals(pruner, features, layout, image_size, window))
     originals = features.float()
     tokens, prompt = originals, _standin_prompt(originals)
     total = originals.shape[0]
@@ -958,6 +1005,7 @@ def method_scores(
     layout: Layout,
     kept: torch.Tensor,
     image_size: tuple[int, int] | None = None,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, str]:
     """Per-token scores to draw for ``pruner`` and a caption for them.
 
@@ -978,7 +1026,7 @@ def method_scores(
     views, newlines = _views(layout, None)
     groups = {v.group: np.concatenate([w.indices().reshape(-1) for w in views if w.group == v.group]) for v in views}
     scores = torch.full((total,), math.nan)
-    signals = standin_signals(pruner, features, layout, image_size)
+    signals = standin_signals(pruner, features, layout, image_size, window)
     if Need.VISION_ATTENTION in pruner.needs:  # vision-stage methods: the (stand-in) encoder attention they rank by
         attention = next(iter(signals["attention"].values()))[0]
         for index in groups.values():
@@ -1175,19 +1223,18 @@ def run(args: argparse.Namespace) -> int:
             features = standin_features(image, layout, dim=args.dim, fit=fit, seed=args.seed)
             note = STANDIN_NOTE
         pruner = STANDIN_METHODS[args.method]() if args.method in STANDIN_METHODS else preset(args.method)
-        if Need.VISION_MERGE in pruner.needs and args.layout == "qwen":  # as the integration refuses it
-            raise ValueError(f"{args.method} merges inside a CLIP tower; Qwen2.5-VL's windowed tower is not supported")
         size = (height, width) if args.layout == "llava_next" else None
-        kept = standin_select(pruner, features, layout, size)
+        window = QWEN_WINDOW if args.layout == "qwen" else None  # a merging method merges within the tower's windows
+        kept = standin_select(pruner, features, layout, size, window)
         synthetic = (
             SYNTHETIC_LLM_NOTE
             if pruner.stage is Stage.LLM
-            else STANDIN_TOWER_NOTE
+            else (QWEN_TOWER_NOTE if window else STANDIN_TOWER_NOTE)
             if Need.VISION_MERGE in pruner.needs
             else None
         )
         note = " ".join(text for text in (note, synthetic) if text) or None
-        scores, label = method_scores(pruner, features, layout, kept, size) if args.scores else (None, "score")
+        scores, label = method_scores(pruner, features, layout, kept, size, window) if args.scores else (None, "score")
         title = f"{args.method}: {pruner!r} on {name}, {described}"
         result = overlay(
             image,
