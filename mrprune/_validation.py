@@ -10,10 +10,12 @@ dtype).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import operator
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -97,6 +99,40 @@ def max_abs_for_norms(dtype: torch.dtype, dim: int) -> float:
     return math.sqrt(torch.finfo(compute).max / (2 * max(dim, 1)))
 
 
+#: Within :func:`scan_once`: id(tensor) -> (tensor, its version, min, max) of every host tensor scanned so far.
+_scanned: contextvars.ContextVar[dict[int, tuple[torch.Tensor, int, float, float]] | None] = contextvars.ContextVar(
+    "mrprune_scanned", default=None
+)
+
+
+@contextlib.contextmanager
+def scan_once() -> Iterator[None]:
+    """Within the block, :func:`finite` scans each host tensor object once (until it is modified in place): a method
+    hands the same features to several ops, and each scan reads all of them (4 ms per 38 MB of float32)."""
+    token = _scanned.set({})
+    try:
+        yield
+    finally:
+        _scanned.reset(token)
+
+
+def _version(x: torch.Tensor) -> int:
+    """The in-place modification count of ``x`` (-1 for an inference tensor, which has none)."""
+    return -1 if x.is_inference() else x._version
+
+
+def _host_min_max(x: torch.Tensor) -> tuple[float, float]:
+    memo = _scanned.get()
+    if memo is not None and (hit := memo.get(id(x))) is not None and hit[0] is x and hit[1] == _version(x):
+        return hit[2], hit[3]
+    # One vectorised min/max pass (NaN propagates into both), no temporary: an order of magnitude cheaper than an
+    # infinity norm of bfloat16/float16 data, which upcasts element by element.
+    low, high = (float(v) for v in torch.aminmax(x))
+    if memo is not None:
+        memo[id(x)] = (x, _version(x), low, high)  # holds x, so its id is not reused within the block
+    return low, high
+
+
 def finite(op: str, name: str, x: torch.Tensor, vectors: bool = False) -> None:
     """No NaN/Inf in ``x``; with ``vectors``, also no entry so large that a row's squared norm overflows."""
     if not check_finite_enabled() or not x.numel():
@@ -111,9 +147,7 @@ def finite(op: str, name: str, x: torch.Tensor, vectors: bool = False) -> None:
         return
     if not _on_host(x):
         return
-    # One vectorised min/max pass (NaN propagates into both), no temporary: an order of magnitude cheaper than an
-    # infinity norm of bfloat16/float16 data, which upcasts element by element.
-    low, high = (float(v) for v in torch.aminmax(x))
+    low, high = _host_min_max(x)
     largest = max(-low, high)
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"mrprune.{op}: {name} contains NaN or Inf")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
+
 import torch
 
 __all__ = ["pad_batch"]
@@ -57,3 +61,41 @@ def pad_batch(items: list[torch.Tensor], *, pad_value: float = 0.0) -> tuple[tor
         batch[i, : item.shape[0]] = item
         batch[i, item.shape[0] :] = pad_value
     return batch, lengths
+
+
+#: Gathers of at least this many bytes on a Linux CPU ask for transparent huge pages (:func:`gather_rows`).
+HUGE_PAGE_GATHER_BYTES = 8 << 20
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # <linux/mman.h>
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)``: ``x [N, ...]``, ``index [K]`` int64 → ``[K, ...]`` (a new tensor).
+
+    On a Linux CPU a result of :data:`HUGE_PAGE_GATHER_BYTES` or more is put on transparent huge pages where the
+    system allows them (THP mode ``madvise`` or ``always``): glibc maps such a buffer fresh on every call, and faulting
+    it in 4 KiB pages took 15-30 ms for the 38 MB of high-resolution float32 tokens of one LLaVA-NeXT image, about 4x
+    less in 2 MiB pages. Elsewhere (other devices or systems, THP off, tracing) it is a plain ``index_select``.
+    """
+    out = torch.empty((index.numel(), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if out.device.type == "cpu" and out.nbytes >= HUGE_PAGE_GATHER_BYTES and _madvise() is not None:
+        if not isinstance(out, torch._subclasses.fake_tensor.FakeTensor):
+            start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # whole huge pages inside the buffer only
+            end = (out.data_ptr() + out.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+            if end > start:
+                _madvise()(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal (-1) changes nothing
+    return torch.index_select(x, 0, index, out=out)
+
+
+@functools.cache
+def _madvise() -> ctypes._CFuncPtr | None:
+    """libc's ``madvise`` on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise

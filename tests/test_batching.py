@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mrprune import _validation
-from mrprune.batching import pad_batch
+from mrprune.batching import HUGE_PAGE_GATHER_BYTES, gather_rows, pad_batch
 
 
 def test_single_item_is_a_view():
@@ -57,3 +57,51 @@ def test_finite_bound_on_either_sign():
         y[0, 1, 2] = value
         with pytest.raises(ValueError, match="squared norms could overflow"):
             _validation.finite("op", "features", y, vectors=True)
+
+
+def test_scan_once_rescans_a_tensor_modified_in_place():
+    """Within scan_once a tensor object is scanned once, until it changes: a NaN written in place is still found."""
+    x = torch.randn(1, 8, 16)
+    calls = []
+    original = torch.aminmax
+
+    def counting(t):
+        calls.append(t)
+        return original(t)
+
+    with _validation.scan_once():
+        torch.aminmax = counting
+        try:
+            _validation.finite("op", "features", x)
+            _validation.finite("op", "features", x, vectors=True)
+            assert len(calls) == 1  # the second check reuses the first scan
+            x[0, 2, 3] = float("nan")
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                _validation.finite("op", "features", x)
+            y = x[:, :4]  # another tensor object (a view): scanned on its own
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                _validation.finite("op", "features", y)
+        finally:
+            torch.aminmax = original
+    assert _validation._scanned.get() is None
+
+
+def test_scan_once_takes_inference_tensors():
+    with torch.inference_mode():
+        x = torch.randn(1, 4, 8)
+        with _validation.scan_once():
+            _validation.finite("op", "features", x)
+            _validation.finite("op", "features", x)  # inference tensors keep no version count: the memo still works
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                _validation.finite("op", "features", torch.full((1, 2, 2), float("nan")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 2304])
+def test_gather_rows_equals_index_select(dtype, rows):
+    """Small gathers and large ones (on huge pages where the system allows) equal index_select."""
+    x = torch.randn(2 * rows + 5, 1024).to(dtype)
+    index = torch.randperm(x.shape[0])[:rows]
+    got = gather_rows(x, index)
+    assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, x.index_select(0, index))
+    assert (got.nbytes >= HUGE_PAGE_GATHER_BYTES) == (rows == 2304 and dtype == torch.float32)

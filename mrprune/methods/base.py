@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import ops
+from .. import _validation, ops
 from ..layouts import GridLayout, LlavaNextLayout
 from . import _checks
 from .results import MergedTokens, Result
@@ -132,7 +132,8 @@ class Pruner:
         _checks.keywords(owner, self, kwargs)
         if features.shape[0] == 0:
             return []
-        kept = self._select_batch(features, layouts, lengths, texts, **kwargs)
+        with _validation.scan_once():  # the ops below scan the same features for NaN/Inf once, not per call
+            kept = self._select_batch(features, layouts, lengths, texts, **kwargs)
         return [k if isinstance(k, MergedTokens) else k.sort().values for k in kept]
 
     def kept_count(self, layout: Layout) -> int:

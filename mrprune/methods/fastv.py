@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import _checks
 from .base import Layout, Pruner, check_keep_ratio, round_half_up, top_tokens
 from .stages import Need, Stage
 
@@ -84,6 +85,7 @@ class FastV(Pruner):
         ValueError
             If ``attention`` is not an ``[N]`` tensor.
         """
+        _checks.keywords("FastV.select", self, kwargs)  # a misspelt option before a missing attention
         if isinstance(features, torch.Tensor) and features.dim() == 2:  # (other features: Pruner.select names them)
             _check_attention("FastV.select", attention, features.shape[:1], "[N]")
             attention = attention[None]

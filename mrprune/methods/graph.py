@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..batching import pad_batch
+from ..batching import gather_rows, pad_batch
 from ..layouts import LlavaNextLayout
 from . import _checks
 from .base import Layout, Pruner, check_keep_ratio, round_half_up, top_tokens
@@ -56,7 +56,7 @@ class _Resolutions:
                 high_index.append(torch.zeros(0, dtype=torch.int64, device=device))
                 always.append(torch.zeros(0, dtype=torch.int64, device=device))
             low.append(features[b, : low_index[b].numel()])
-            high.append(features[b].index_select(0, high_index[b]))
+            high.append(gather_rows(features[b], high_index[b]))
         low, low_lengths = pad_batch(low)
         high, high_lengths = pad_batch(high)
         return cls(low, low_lengths, low_index, high, high_lengths, high_index, always)
