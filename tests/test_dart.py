@@ -191,13 +191,8 @@ def test_zero_vectors_and_small_items():
 pytest.importorskip("transformers")
 
 from mrprune.integrations import patched  # noqa: E402
-from tests.test_integration_llm_stage import (  # noqa: E402
-    CASES,
-    GREEDY,
-    eager_copy,
-    items_of,
-    oracle_generate,
-)
+from tests.tiny_models import GREEDY, eager_copy, items_of, oracle_generate  # noqa: E402
+from tests.tiny_models import LLM_CASES as CASES  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=list(CASES))

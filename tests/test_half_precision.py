@@ -218,7 +218,7 @@ def test_graph_scores_streaming_matches_edge_lists(monkeypatch, dtype, threshold
 def test_diversity_streaming_matches_materialised(monkeypatch, dtype):
     """Past the workspace budget diversity_select recomputes cosine rows instead of storing the N x N Gram; on
     clustered tokens with clear gaps the picks are the same."""
-    from tests.test_diversity_select import check_against_oracle
+    from tests.diversity_oracle import check_against_oracle
 
     x = clustered(300, 40, clusters=12, generator=torch.Generator().manual_seed(11))[None].to(dtype)
     lengths = torch.tensor([300])

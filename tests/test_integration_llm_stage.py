@@ -11,7 +11,6 @@ eager model's own attention probabilities and hidden states.
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
@@ -21,91 +20,20 @@ pytest.importorskip("transformers")
 
 import mrprune  # noqa: E402
 from mrprune.integrations import patched  # noqa: E402
-from mrprune.integrations.testing import (  # noqa: E402
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-    VISION_END,
-    VISION_START,
-    left_pad,
-    mask_positions,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_qwen2_5_vl,
-)
 from mrprune.methods.base import Pruner, round_half_up, top_tokens  # noqa: E402
 from mrprune.methods.results import MergedTokens  # noqa: E402
 from mrprune.methods.stages import Need, Stage  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    GREEDY,
+    LLM_CASES,
+    eager_copy,
+    hide_hooks,
+    items_of,
+    layer_hidden,
+    oracle_generate,
+)
 
-LAYERS = 4
 ATOL = 1e-4  # the oracle runs eager attention without a cache, the patched model SDPA with one
-GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
-PATCH = 3 * 2 * 14 * 14
-
-
-def llava_case():
-    image = [IMAGE_TOKEN] * 16
-    input_ids, attention_mask = left_pad([[1, 5, 6, *image, 7, 8, *image, 9, 10, 11], [1, 12, *image, 13, 14, 15]])
-    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(2))
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels)
-    singles = [dict(pixel_values=pixels[:2]), dict(pixel_values=pixels[2:])]
-    return tiny_llava(layers=LAYERS), inputs, mask_positions(attention_mask), singles
-
-
-def llava_next_case():
-    model = tiny_llava_next(layers=LAYERS)
-    sizes = torch.tensor([[28, 40], [56, 56], [40, 28]])
-    pixels = torch.randn(3, 5, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        counts = [len(f) for f in model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output]
-    input_ids, attention_mask = left_pad(
-        [
-            [1, 5, *[IMAGE_TOKEN] * counts[0], 7, *[IMAGE_TOKEN] * counts[1], 8, 9],
-            [1, 12, *[IMAGE_TOKEN] * counts[2], 14],
-        ]
-    )
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, image_sizes=sizes)
-    singles = [
-        dict(pixel_values=pixels[:2], image_sizes=sizes[:2]),
-        dict(pixel_values=pixels[2:], image_sizes=sizes[2:]),
-    ]
-    return model, inputs, mask_positions(attention_mask), singles
-
-
-def qwen_case():
-    images, videos = torch.tensor([[1, 4, 4], [1, 4, 8], [1, 8, 4]]), torch.tensor([[2, 4, 4]])
-    vision = lambda token, n: [VISION_START, *[token] * n, VISION_END]  # noqa: E731
-    input_ids, attention_mask = left_pad(
-        [
-            [1, 5, *vision(IMAGE_TOKEN, 4), 7, *vision(IMAGE_TOKEN, 8), 8, 9],
-            [1, 12, *vision(IMAGE_TOKEN, 8), *vision(VIDEO_TOKEN, 8), 13, 14, 15],
-        ]
-    )
-    generator = torch.Generator().manual_seed(1)
-    pixels = torch.randn(int(images.prod(-1).sum()), PATCH, generator=generator)
-    video = torch.randn(int(videos.prod(-1).sum()), PATCH, generator=generator)
-    types = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
-    inputs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        pixel_values=pixels,
-        image_grid_thw=images,
-        pixel_values_videos=video,
-        video_grid_thw=videos,
-        mm_token_type_ids=types,
-    )
-    model = tiny_qwen2_5_vl(layers=LAYERS)
-    positions = model.model.get_rope_index(
-        input_ids, types, image_grid_thw=images, video_grid_thw=videos, attention_mask=attention_mask
-    )[0]
-    split = int(images[:2].prod(-1).sum())
-    singles = [
-        dict(pixel_values=pixels[:split], image_grid_thw=images[:2]),
-        dict(pixel_values=pixels[split:], image_grid_thw=images[2:], pixel_values_videos=video, video_grid_thw=videos),
-    ]
-    return model, inputs, positions, singles
-
-
-CASES = {"llava": llava_case, "llava_next": llava_next_case, "qwen2_5_vl": qwen_case}
 
 
 class StagedTopK(Pruner):
@@ -136,56 +64,9 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=list(LLM_CASES))
 def case(request):
-    return request.param, *CASES[request.param]()
-
-
-def eager_copy(model):
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
-    return eager
-
-
-def items_of(input_ids):
-    """``[(row, columns)]`` of every visual item: per row images in prompt order, then videos."""
-    items = []
-    for b in range(input_ids.shape[0]):
-        for token in (IMAGE_TOKEN, VIDEO_TOKEN):
-            cells = (input_ids[b] == token).nonzero()[:, 0]
-            if cells.numel():
-                items.extend((b, run) for run in torch.tensor_split(cells, (cells.diff() > 1).nonzero()[:, 0] + 1))
-    return items
-
-
-def hide_hooks(model, prompt_hidden, decode_hidden=None):
-    """Pre-hooks hiding, in decoder layer ``l``, the prompt columns ``prompt_hidden[l] [B, L]`` from the prompt's rows
-    and ``decode_hidden[l]`` (default: the same) from every later row (eager float masks)."""
-    decode_hidden = prompt_hidden if decode_hidden is None else decode_hidden
-
-    def hook(index):
-        def hide(module, args, kwargs):
-            mask = kwargs["attention_mask"]
-            length = prompt_hidden[index].shape[1]
-            hidden = torch.zeros(mask.shape[0], 1, mask.shape[2], mask.shape[3], dtype=torch.bool)
-            hidden[:, 0, :length, :length] = prompt_hidden[index][:, None, :]
-            hidden[:, 0, length:, :length] = decode_hidden[index][:, None, :]
-            return args, {**kwargs, "attention_mask": mask.masked_fill(hidden, torch.finfo(mask.dtype).min)}
-
-        return hide
-
-    layers = model.model.language_model.layers
-    return [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-
-
-def layer_hidden(real, method, kept_by_stage, upto=None):
-    """Per decoder layer, the prompt columns hidden there: real tokens dropped at a pruning layer at or before it."""
-    layers = method.layers
-    hidden = []
-    for index in range(LAYERS):
-        stages = [s for s, k in enumerate(layers) if k <= index and (upto is None or s < upto)]
-        hidden.append(real & ~kept_by_stage[stages[-1]] if stages else torch.zeros_like(real))
-    return hidden
+    return request.param, *LLM_CASES[request.param]()
 
 
 @torch.no_grad()
@@ -213,39 +94,6 @@ def expected_stages(model, inputs, positions, method):
             keep[b, survivors[i]] = True
         kept_by_stage.append(keep)
     return kept_by_stage, [(b, cols, s) for (b, cols), s in zip(items, survivors, strict=True)]
-
-
-@torch.no_grad()
-def oracle_generate(model, inputs, positions, method, kept_by_stage, steps, copy_model=True):
-    """Greedy tokens and logits of the masked unpatched eager model, the whole sequence recomputed at every step."""
-    eager = eager_copy(model) if copy_model else model
-    real = inputs["attention_mask"].bool()
-    prompt_hidden = layer_hidden(real, method, kept_by_stage)
-    final = real & ~kept_by_stage[-1]
-    decode_hidden = [final] * LAYERS if method.prune_earlier_cache else prompt_hidden
-    hooks = hide_hooks(eager, prompt_hidden, decode_hidden)
-    ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], positions
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    types = inputs.get("mm_token_type_ids")
-    tokens, scores = [], []
-    try:
-        for _ in range(steps):
-            call = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra)
-            if types is not None:
-                call["mm_token_type_ids"] = types
-            logits = eager(**call).logits[:, -1]
-            token = logits.argmax(-1)
-            tokens.append(token)
-            scores.append(logits)
-            ids = torch.cat([ids, token[:, None]], 1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            pos = torch.cat([pos, pos[..., -1:] + 1], -1)
-            if types is not None:
-                types = torch.cat([types, types.new_zeros(types.shape[0], 1)], 1)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack(tokens, 1), scores
 
 
 @pytest.mark.parametrize("method", list(METHODS))

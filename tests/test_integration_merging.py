@@ -15,18 +15,15 @@ pytest.importorskip("transformers")
 from mrprune.integrations import patch, patched  # noqa: E402
 from mrprune.integrations.hf.adapters.clip import cls_layers  # noqa: E402
 from mrprune.integrations.testing import (  # noqa: E402
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
     greedy_decode,
     kept_mask,
     mask_positions,
 )
 from mrprune.methods import FasterVLM, MergedTokens, PruMerge, VisionZip  # noqa: E402
 from mrprune.methods.stages import Need  # noqa: E402
-from tests.test_integration_stages import CASES, single_prompt  # noqa: E402
+from tests.tiny_models import CASES, GREEDY, forbid_eager_clip_attention, oracle_embeds, single_prompt  # noqa: E402
 
 ATOL = 1e-5
-GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 #: merging methods, built (identity, merging)
 METHODS = {
@@ -82,18 +79,6 @@ def test_batch_equals_single_prompts(case, method):
             assert torch.equal(one.sequences[0, -steps:], both.sequences[b, -steps:])
             for ours, theirs in zip(one.logits, both.logits, strict=True):
                 torch.testing.assert_close(ours[0], theirs[b], rtol=0, atol=ATOL)
-
-
-def oracle_embeds(model, input_ids, records):
-    """The prompt's embeddings with every item's merged tokens at its representatives' rows."""
-    embeds = model.get_input_embeddings()(input_ids).clone()
-    for b, record in enumerate(records):
-        ids = input_ids[b]
-        cells = torch.cat([(ids == IMAGE_TOKEN).nonzero()[:, 0], (ids == VIDEO_TOKEN).nonzero()[:, 0]])
-        sizes = [m.sources.numel() for m in record.merged]
-        for item, merged in zip(cells.split(sizes), record.merged, strict=True):
-            embeds[b, item[merged.kept]] = merged.tokens.to(embeds.dtype)
-    return embeds
 
 
 @pytest.mark.parametrize("mode", ["original", "compact"])
@@ -202,8 +187,6 @@ def test_vision_keys_and_joint_attention_match_the_eager_tower(case, monkeypatch
             model(**inputs)
         assert method.seen["crop_keys"] is None
         return
-    from tests.test_visionzip import forbid_eager_clip_attention
-
     if name == "llava":
         crops = [inputs["pixel_values"][i : i + 1] for i in range(3)]
     else:

@@ -13,84 +13,11 @@ pytest.importorskip("transformers")
 
 import mrprune  # noqa: E402
 from mrprune.integrations import patch, patched  # noqa: E402
-from mrprune.integrations.testing import (  # noqa: E402
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-    VISION_END,
-    VISION_START,
-    left_pad,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_qwen2_5_vl,
-)
+from mrprune.integrations.testing import IMAGE_TOKEN, VIDEO_TOKEN  # noqa: E402
 from mrprune.methods.base import round_half_up  # noqa: E402
+from tests.tiny_models import CASES, GREEDY, llava_case, single_prompt  # noqa: E402
 
 ATOL = 1e-5
-GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
-PATCH = 3 * 2 * 14 * 14
-
-
-def llava_case():
-    image = [IMAGE_TOKEN] * 16
-    input_ids, attention_mask = left_pad([[1, 5, 6, *image, 7, 8, *image, 9, 10, 11], [1, 12, *image, 13, 14, 15]])
-    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(2))
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels)
-    singles = [dict(pixel_values=pixels[:2]), dict(pixel_values=pixels[2:])]
-    return tiny_llava(), inputs, singles
-
-
-def llava_next_case():
-    model = tiny_llava_next()
-    # (28, 40) is unpadded left and right, (40, 28) top and bottom: both offsets of the tiles' token grid matter
-    sizes = torch.tensor([[28, 40], [56, 56], [40, 28]])
-    pixels = torch.randn(3, 5, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        counts = [len(f) for f in model.model.get_image_features(pixels, sizes, return_dict=True).pooler_output]
-    input_ids, attention_mask = left_pad(
-        [
-            [1, 5, *[IMAGE_TOKEN] * counts[0], 7, *[IMAGE_TOKEN] * counts[1], 8, 9],
-            [1, 12, *[IMAGE_TOKEN] * counts[2], 14],
-        ]
-    )
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, image_sizes=sizes)
-    singles = [
-        dict(pixel_values=pixels[:2], image_sizes=sizes[:2]),
-        dict(pixel_values=pixels[2:], image_sizes=sizes[2:]),
-    ]
-    return model, inputs, singles
-
-
-def qwen_case():
-    images, videos = torch.tensor([[1, 4, 4], [1, 4, 8], [1, 8, 4]]), torch.tensor([[2, 4, 4]])
-    vision = lambda token, n: [VISION_START, *[token] * n, VISION_END]  # noqa: E731
-    input_ids, attention_mask = left_pad(
-        [
-            [1, 5, *vision(IMAGE_TOKEN, 4), 7, *vision(IMAGE_TOKEN, 8), 8, 9],
-            [1, 12, *vision(IMAGE_TOKEN, 8), *vision(VIDEO_TOKEN, 8), 13, 14, 15],
-        ]
-    )
-    generator = torch.Generator().manual_seed(1)
-    pixels = torch.randn(int(images.prod(-1).sum()), PATCH, generator=generator)
-    video = torch.randn(int(videos.prod(-1).sum()), PATCH, generator=generator)
-    types = (input_ids == IMAGE_TOKEN).int() + 2 * (input_ids == VIDEO_TOKEN).int()
-    inputs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        pixel_values=pixels,
-        image_grid_thw=images,
-        pixel_values_videos=video,
-        video_grid_thw=videos,
-        mm_token_type_ids=types,
-    )
-    split = int(images[:2].prod(-1).sum())
-    singles = [
-        dict(pixel_values=pixels[:split], image_grid_thw=images[:2]),
-        dict(pixel_values=pixels[split:], image_grid_thw=images[2:], pixel_values_videos=video, video_grid_thw=videos),
-    ]
-    return tiny_qwen2_5_vl(), inputs, singles
-
-
-CASES = {"llava": llava_case, "llava_next": llava_next_case, "qwen2_5_vl": qwen_case}
 
 #: every vision- / projector-stage method of this contract, built from a keep ratio
 METHODS = {
@@ -108,14 +35,6 @@ METHODS = {
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
     return request.param, *CASES[request.param]()
-
-
-def single_prompt(inputs, b, visual):
-    real = inputs["attention_mask"][b].bool()
-    one = dict(input_ids=inputs["input_ids"][b][real][None], **visual)
-    if "mm_token_type_ids" in inputs:
-        one["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][real][None]
-    return one
 
 
 @pytest.mark.parametrize("method", list(METHODS))

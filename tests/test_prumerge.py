@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mrprune.methods import PruMerge, preset
-from tests.test_visionzip import check_crops_alone
+from tests.utils import check_crops_alone
 
 LAYER = -1
 
@@ -374,7 +374,7 @@ def test_official_on_a_tiny_llava_matches_the_port_of_the_eager_tower(plus, monk
 
     from mrprune.integrations import patched
     from mrprune.integrations.testing import IMAGE_TOKEN, left_pad, tiny_llava
-    from tests.test_visionzip import forbid_eager_clip_attention
+    from tests.tiny_models import forbid_eager_clip_attention
 
     model = tiny_llava(image_size=42)
     eager = copy.deepcopy(model)

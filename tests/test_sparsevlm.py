@@ -830,14 +830,8 @@ except ImportError:  # the method tests above run without it
     CASES = {}
 else:
     from mrprune.integrations import patched
-    from tests.test_integration_llm_stage import (  # the llm stage's cases and oracle helpers
-        CASES,
-        GREEDY,
-        eager_copy,
-        hide_hooks,
-        items_of,
-        layer_hidden,
-    )
+    from tests.tiny_models import GREEDY, eager_copy, hide_hooks, items_of, layer_hidden
+    from tests.tiny_models import LLM_CASES as CASES  # the llm stage's cases
 
 HF_ATOL = 1e-4  # the oracle runs eager attention without a cache, the patched model SDPA with one
 

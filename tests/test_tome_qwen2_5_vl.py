@@ -25,11 +25,9 @@ from mrprune.integrations.testing import (  # noqa: E402
     mask_positions,
 )
 from mrprune.methods import MergedTokens, ToMe  # noqa: E402
-from tests.test_integration_merging import oracle_embeds  # noqa: E402
-from tests.test_integration_stages import PATCH, single_prompt  # noqa: E402
+from tests.tiny_models import GREEDY, PATCH, oracle_embeds, single_prompt  # noqa: E402
 
 ATOL = 1e-5
-GREEDY = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 WINDOW = 2  # units per window side: window_size 56 / patch 14 / merge 2
 
 

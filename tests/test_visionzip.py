@@ -8,18 +8,9 @@ import pytest
 import torch
 
 from mrprune.methods import MergedTokens, VisionZip, preset
+from tests.utils import check_crops_alone
 
 LAYER = -2
-
-
-def forbid_eager_clip_attention(monkeypatch):
-    """Make the CLIP tower's eager attention (the only path that materialises attention weights) raise."""
-    from transformers.models.clip import modeling_clip
-
-    def eager(*args, **kwargs):
-        raise AssertionError("the CLIP tower ran eager attention")
-
-    monkeypatch.setattr(modeling_clip, "eager_attention_forward", eager)
 
 
 # --- the port (the official steps, eager torch, on one crop with its [CLS] row first) -------------------------------
@@ -259,29 +250,6 @@ def test_batch_equals_items_one_by_one():
         assert one.kept.numel() == round(0.3 * n + 1e-9) or one.kept.numel() == int(0.3 * n + 0.5)
 
 
-def check_crops_alone(result, features, scores, owned, shares, alone, layer=LAYER):
-    """``result`` (one item: tokens ``features [n, D]``, ``scores [n]`` at vision layer ``layer``, crops ``owned
-    [n]``) holds, for each crop ``c`` with ``shares[c]`` output tokens (``None``: a count the method sets), exactly
-    ``alone(share)`` run on that crop's tokens by themselves, and its newlines (crop -1) as themselves. (Also
-    PruMerge's check.)"""
-    lines = (owned < 0).nonzero()[:, 0]
-    line_slots = torch.searchsorted(result.kept, lines)
-    assert torch.equal(result.kept[line_slots], lines) and torch.equal(result.tokens[line_slots], features[lines])
-    assert torch.equal(result.sources[lines], line_slots) and bool((result.weights[lines] == 1).all())
-    for crop, share in shares.items():
-        members = (owned == crop).nonzero()[:, 0]
-        (one,) = alone(share).select_batch(features[None, members], [None], attention={layer: scores[None, members]})
-        mine = torch.isin(result.kept, members)
-        assert torch.equal(result.kept[mine], members[one.kept])
-        assert torch.equal(result.tokens[mine], one.tokens)
-        source, alone_source = result.sources[members], one.sources  # -1: dropped
-        expected = torch.where(alone_source >= 0, members[one.kept[alone_source.clamp(min=0)]], -1)
-        assert torch.equal(torch.where(source >= 0, result.kept[source.clamp(min=0)], -1), expected)
-        assert torch.equal(result.weights[members], one.weights)
-    if None not in shares.values():
-        assert result.kept.numel() == lines.numel() + sum(shares.values())
-
-
 def test_each_crop_of_a_padded_batch_equals_the_crop_alone():
     """Per-crop merging (``_vision.merge_per_crop``): items of crops of different sizes (one not contiguous) and
     newlines in one padded batch give, crop by crop, what the crop gives alone with its share of the budget."""
@@ -305,6 +273,7 @@ def test_each_crop_of_a_padded_batch_equals_the_crop_alone():
                 crops[b, :n],
                 shares[b],
                 lambda share: VisionZip(budget=share, include_target=include_target),  # noqa: B023
+                layer=LAYER,
             )
             assert bool((results[b].weights < 1).any())  # contextual tokens merged something
 
@@ -365,6 +334,7 @@ def test_official_on_a_tiny_llava_matches_the_port_of_the_eager_tower(monkeypatc
     from mrprune.integrations import patched
     from mrprune.integrations.hf.adapters.clip import cls_layers
     from mrprune.integrations.testing import IMAGE_TOKEN, left_pad, tiny_llava
+    from tests.tiny_models import forbid_eager_clip_attention
 
     model = tiny_llava()
     image = [IMAGE_TOKEN] * 16
@@ -412,6 +382,7 @@ def test_official_on_a_tiny_llava_next_matches_the_port_per_crop(monkeypatch):
     from mrprune.integrations.hf.adapters.llava_next import token_sources
     from mrprune.integrations.testing import IMAGE_TOKEN, left_pad, tiny_llava_next
     from mrprune.layouts import LlavaNextLayout
+    from tests.tiny_models import forbid_eager_clip_attention
 
     model = tiny_llava_next()
     sizes = torch.tensor([[56, 56]])

@@ -115,3 +115,26 @@ def clustered(n: int, dim: int, clusters: int = 4, spread: float = 0.6, generato
     centres = torch.randn(clusters, dim, generator=generator)
     labels = torch.randint(0, clusters, (n,), generator=generator)
     return centres[labels] + spread * torch.randn(n, dim, generator=generator) + 0.3
+
+
+def check_crops_alone(result, features, scores, owned, shares, alone, *, layer: int) -> None:
+    """``result`` (one item of a per-crop merging method: tokens ``features [n, D]``, ``scores [n]`` at vision layer
+    ``layer``, crops ``owned [n]``) holds, for each crop ``c`` with ``shares[c]`` output tokens (``None``: a count the
+    method sets), exactly ``alone(share)`` run on that crop's tokens by themselves, and its newlines (crop -1) as
+    themselves (VisionZip's and PruMerge's check)."""
+    lines = (owned < 0).nonzero()[:, 0]
+    line_slots = torch.searchsorted(result.kept, lines)
+    assert torch.equal(result.kept[line_slots], lines) and torch.equal(result.tokens[line_slots], features[lines])
+    assert torch.equal(result.sources[lines], line_slots) and bool((result.weights[lines] == 1).all())
+    for crop, share in shares.items():
+        members = (owned == crop).nonzero()[:, 0]
+        (one,) = alone(share).select_batch(features[None, members], [None], attention={layer: scores[None, members]})
+        mine = torch.isin(result.kept, members)
+        assert torch.equal(result.kept[mine], members[one.kept])
+        assert torch.equal(result.tokens[mine], one.tokens)
+        source, alone_source = result.sources[members], one.sources  # -1: dropped
+        expected = torch.where(alone_source >= 0, members[one.kept[alone_source.clamp(min=0)]], -1)
+        assert torch.equal(torch.where(source >= 0, result.kept[source.clamp(min=0)], -1), expected)
+        assert torch.equal(result.weights[members], one.weights)
+    if None not in shares.values():
+        assert result.kept.numel() == lines.numel() + sum(shares.values())
