@@ -721,7 +721,8 @@ def standin_signals(
     window: int | None = None,
 ) -> dict[str, Any]:
     """Stand-in inputs for what a method reads besides its tokens, so that every method can be drawn without a
-    model. Shapes are ``select``'s (a batch of one); empty for methods that read nothing else.
+    model. Shapes are ``select``'s (one item's, :meth:`~mrprune.Pruner.select`); empty for methods that read nothing
+    else.
 
     * ``Need.VISION_ATTENTION``: each token's norm normalised over its crop, a *stand-in* for the encoder attention
       (crops from the layout: LLaVA-NeXT tiles from ``image_size`` and the default pinpoints, Qwen frames);
@@ -740,7 +741,7 @@ def standin_signals(
         origin = torch.arange(tokens.shape[0])
         return _llm_signals(pruner, tokens, _standin_prompt(tokens), tokens, 0, _llm_layers(pruner)[0], origin)
     if Need.VISION_MERGE in needs:
-        return {"groups": standin_merge_groups(pruner, features, layout, image_size, window)[None]}
+        return {"groups": standin_merge_groups(pruner, features, layout, image_size, window)}
     if Need.VISION_ATTENTION not in needs:
         return {}
     crops = _standin_crops(layout, image_size)[:, 0]
@@ -752,13 +753,13 @@ def standin_signals(
         if crop >= 0:
             attention[members] = norms[members] / norms[members].sum().clamp_min(1e-12)
     signals = {
-        "attention": {layer: attention[None] for layer in pruner.attention_layers},
-        "crops": crops[None],
+        "attention": {layer: attention for layer in pruner.attention_layers},
+        "crops": crops,
         "attention_kind": "cls",
     }
     if Need.CLIP_EMBEDDINGS in pruner.needs:  # CDPruner, TRIM: the tokens stand in for their CLIP embeddings and
         # their mean for the question's
-        signals["clip_image"] = features.float()[None]
+        signals["clip_image"] = features.float()
         signals["clip_text"] = [features.float().mean(0, keepdim=True)]
     return signals
 
@@ -925,16 +926,16 @@ def _llm_signals(
         normed=_rms_normed(prompt)[None],
     )
     available = {
-        "attention": attention[-1][None],  # the last prompt token's row
+        "attention": attention[-1],  # the last prompt token's row
         "prompt": text,
-        "input_embeddings": originals[None],
-        "key_norms": tokens.abs().sum(-1)[None],
-        "normed": _rms_normed(tokens)[None],
+        "input_embeddings": originals,
+        "key_norms": tokens.abs().sum(-1),
+        "normed": _rms_normed(tokens),
         "step": step,
         "layer": layer,
-        "origin": origin[None],
-        "original_lengths": torch.tensor([originals.shape[0]]),
-        "positions": torch.arange(n)[None],
+        "origin": origin,
+        "original_lengths": originals.shape[0],
+        "positions": torch.arange(n),
     }
     wanted = set(LLM_KEYWORDS).union(*(NEED_KEYWORDS.get(need.value, ()) for need in pruner.needs))
     return {key: value for key, value in available.items() if key in wanted}
@@ -1028,15 +1029,15 @@ def method_scores(
     scores = torch.full((total,), math.nan)
     signals = standin_signals(pruner, features, layout, image_size, window)
     if Need.VISION_ATTENTION in pruner.needs:  # vision-stage methods: the (stand-in) encoder attention they rank by
-        attention = next(iter(signals["attention"].values()))[0]
+        attention = next(iter(signals["attention"].values()))
         for index in groups.values():
             scores[index] = attention[index]
         return scores, "stand-in encoder attention (token norm per crop)"
     if getattr(pruner, "stage", None) is Stage.LLM:  # the synthetic signal of the first pruning layer
         if "key_norms" in signals:
-            values, label = signals["key_norms"][0], "synthetic key L1 norm (first pruning layer)"
+            values, label = signals["key_norms"], "synthetic key L1 norm (first pruning layer)"
         elif "attention" in signals:
-            values, label = signals["attention"][0], "synthetic last-prompt-token attention (first pruning layer)"
+            values, label = signals["attention"], "synthetic last-prompt-token attention (first pruning layer)"
         else:
             values = signals["prompt"].attention[0].mean(0)
             label = "synthetic prompt attention, mean over text tokens (first pruning layer)"

@@ -89,7 +89,7 @@ def test_matches_brute_force_per_item_and_in_a_batch(seed, k):
         expected = brute_agile(features[b, :n], scores[b, :n], min(k, n), erank_avg, tau_max)
         assert batch[b].tolist() == expected, (b, k)
         assert batch[b].numel() == min(k, n)
-        single = method.select(features[b, :n], attention=attention(scores[b : b + 1, :n]))
+        single = method.select(features[b, :n], attention=attention(scores[b, :n]))
         assert torch.equal(single, batch[b])
 
 

@@ -242,9 +242,9 @@ def test_issue_reproducers_name_their_cause():
     with pytest.raises(ValueError, match="temperature"):
         MRPruner(temperature=1e-39)
     with pytest.raises(TypeError, match="seeds"):
-        ResPrune(budget=2).select(X[0], seeds=[1.5])
+        ResPrune(budget=2).select(X[0], seeds=1.5)
     with pytest.raises(ValueError, match="seeds"):
-        ResPrune(budget=2).select(X[0], seeds=[T])
+        ResPrune(budget=2).select(X[0], seeds=T)
 
 
 # --- batch = per image, padding ignored, ties ------------------------------------------------------------------
@@ -337,3 +337,93 @@ def test_layout_constructors_reject_bad_sizes():
 
 def test_methods_are_reachable_from_the_package():
     assert mrprune.MRPruner is MRPruner and mrprune.ResPrune is ResPrune
+
+
+# --- select (one item) against select_batch (a batch of one) --------------------------------------------------------
+
+#: Every exported method whose ``select`` takes a one-item signal keyword (``ITEM_KEYWORDS`` of its needs, or the
+#: ``llm`` stage's): a new method with such a need is covered here.
+ITEM_SIGNAL_METHODS = [
+    cls
+    for cls in ALL_METHODS
+    if cls.stage is mrprune.Stage.LLM or any(need.value in methods_module.stages.ITEM_KEYWORDS for need in cls.needs)
+]
+#: a small LLaVA-NeXT image (22 tokens: base view, tiles and newlines)
+ITEM_LAYOUT = LlavaNextLayout(2, 2, base_side=4)
+ITEM_IMAGE_SIZE = (56, 56)
+#: methods whose default budget would keep all of ``ITEM_LAYOUT``'s tokens
+ITEM_BUILD = {methods_module.DART: lambda: methods_module.DART(budget=8)}
+
+
+def _item_signals(pruner, features):
+    """``select``'s one-item signals (the stand-ins ``mrprune viz`` draws with) and the batch-of-one form that
+    ``select_batch`` takes, written out by hand: a batch dimension in front of every one-item keyword."""
+    from mrprune import viz
+
+    one = viz.standin_signals(pruner, features, ITEM_LAYOUT, ITEM_IMAGE_SIZE)
+    if mrprune.Need.CLS_SEED in pruner.needs:
+        one["seeds"] = 5
+    batch = {}
+    for key, value in one.items():
+        if key == "attention" and isinstance(value, dict):  # vision attention {layer: [N]} -> {layer: [1, N]}
+            batch[key] = {layer: scores.unsqueeze(0) for layer, scores in value.items()}
+        elif isinstance(value, torch.Tensor):  # attention, crops, groups, clip_image, key_norms, normed, ...
+            batch[key] = value.unsqueeze(0)
+        elif key in ("original_lengths", "seeds"):
+            batch[key] = torch.tensor([value])
+        else:  # clip_text, prompt, attention_kind, step, layer: already a batch of one's
+            batch[key] = value
+    return one, batch
+
+
+def _same_result(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    fields = ("kept", "tokens", "sources", "weights")
+    return type(a) is type(b) and all(torch.equal(getattr(a, f), getattr(b, f)) for f in fields)
+
+
+@pytest.mark.parametrize("cls", ITEM_SIGNAL_METHODS, ids=lambda c: c.__name__)
+def test_select_of_one_item_equals_select_batch_of_one(cls):
+    """``select`` takes one item's signals (``attention [N]`` / ``{layer: [N]}``, ``crops [N]``, ...) and gives what
+    ``select_batch`` gives on the batch of one."""
+    pruner = ITEM_BUILD.get(cls, ALL_METHODS[cls])()
+    features = features_from_seed(3, (ITEM_LAYOUT.num_tokens, DIM))
+    one, batch = _item_signals(pruner, features)
+    assert one, cls  # the method reads some signal
+    got = pruner.select(features, ITEM_LAYOUT, **one)
+    want = pruner.select_batch(features[None], [ITEM_LAYOUT], **batch)[0]
+    assert _same_result(got, want), cls
+    assert methods_module.kept_indices(got).numel() < ITEM_LAYOUT.num_tokens, cls  # it prunes: the signals matter
+
+
+@pytest.mark.parametrize("cls", ITEM_SIGNAL_METHODS, ids=lambda c: c.__name__)
+def test_select_rejects_a_signal_of_another_shape_naming_it(cls):
+    """A one-item keyword given in the batch's form (``[1, N]``), for another item's ``N``, or not as a tensor is a
+    ``ValueError`` naming ``select``, the keyword and its one-item shape."""
+    pruner = ALL_METHODS[cls]()
+    features = features_from_seed(3, (ITEM_LAYOUT.num_tokens, DIM))
+    one, batch = _item_signals(pruner, features)
+    forms = {}
+    for need in cls.needs:
+        forms.update(methods_module.stages.ITEM_KEYWORDS.get(need.value, {}))
+    if cls.stage is mrprune.Stage.LLM:
+        forms.update(methods_module.stages.LLM_ITEM_KEYWORDS)
+    checked = 0
+    for key in forms.keys() & one.keys():
+        value = one[key]
+        if isinstance(value, dict):
+            layer = next(iter(value))
+            bad = [{**value, layer: value[layer][None]}, {**value, layer: value[layer][:-1]}, value[layer]]
+        elif isinstance(value, int):
+            bad = [batch[key], float(value)]
+        elif forms[key].startswith("[N,") or forms[key] == "[N]":  # N: the item's token count
+            bad = [batch[key], value[:-1], value.tolist()]
+        else:
+            bad = [batch[key], value.tolist()]
+        for wrong in bad:
+            error = TypeError if isinstance(value, int) and not isinstance(wrong, torch.Tensor) else ValueError
+            with pytest.raises(error, match=rf"mrprune\.{cls.__name__}\.select: {key}"):
+                pruner.select(features, ITEM_LAYOUT, **{**one, key: wrong})
+        checked += 1
+    assert checked, cls

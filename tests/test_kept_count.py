@@ -108,10 +108,10 @@ def _select(pruner, layout, seed):
     crops = _crops(layout)
     signals = {}
     if pruner.stage is methods_module.Stage.VISION:
-        scores = torch.rand(1, n, generator=generator).masked_fill(crops[None] < 0, 0.0)
-        signals = {"attention": {layer: scores for layer in pruner.attention_layers}, "crops": crops[None]}
+        scores = torch.rand(n, generator=generator).masked_fill(crops < 0, 0.0)
+        signals = {"attention": {layer: scores for layer in pruner.attention_layers}, "crops": crops}
         if methods_module.Need.CLIP_EMBEDDINGS in pruner.needs:
-            clip_image = torch.randn(1, n, 6, generator=generator).masked_fill((crops < 0)[None, :, None], 0.0)
+            clip_image = torch.randn(n, 6, generator=generator).masked_fill((crops < 0)[:, None], 0.0)
             signals |= {"clip_image": clip_image, "clip_text": [torch.randn(2, 6, generator=generator)]}
     text = torch.randn(3, dim, generator=generator) if pruner.uses_text else None
     return pruner.select(features, layout, text, **signals)

@@ -330,7 +330,7 @@ def test_explicit_seed_changes_first_pick():
     assert seed not in default.tolist()
     traj = eager_resprune(x, 64, text, seed=seed)
     assert_tie_safe(traj, 64, torch.float64)
-    got = ResPrune(budget=64).select(x, text=text, seeds=[seed])
+    got = ResPrune(budget=64).select(x, text=text, seeds=seed)
     assert seed in got.tolist() and torch.equal(got, traj.kept(64))
     assert not torch.equal(got, default)
 
@@ -349,7 +349,7 @@ def test_select_batch_equals_select(size):
     seeds = [5, 17, 0]
     got = pruner.select_batch(batch, layouts, lengths, texts, seeds=seeds)
     for b, item in enumerate(items):
-        assert torch.equal(got[b], pruner.select(item, layouts[b], texts[b], seeds=[seeds[b]])), b
+        assert torch.equal(got[b], pruner.select(item, layouts[b], texts[b], seeds=seeds[b])), b
         assert seeds[b] in got[b].tolist()
 
 

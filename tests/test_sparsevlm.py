@@ -211,8 +211,8 @@ def method_stage(method, step, hidden, embeddings, v_start, v_num, n0, attention
         hidden[v_start:text_start],
         step=step,
         prompt=prompt_tokens(embeddings[None, -attention_rows.shape[0] :], attention_rows[None]),
-        input_embeddings=embeddings[None, v_start : v_start + n0],
-        original_lengths=torch.tensor([n0]),
+        input_embeddings=embeddings[v_start : v_start + n0],
+        original_lengths=n0,
     )
 
 
@@ -312,9 +312,9 @@ def v2_stage(method, step, embeddings, v_start, v_num, n0, attention, positions,
         torch.zeros(v_num, embeddings.shape[1]),
         step=step,
         prompt=prompt,
-        rotary=rotary[None, v_start:text_start],
-        input_embeddings=embeddings[None, v_start : v_start + n0],
-        original_lengths=torch.tensor([n0]),
+        rotary=rotary[v_start:text_start],
+        input_embeddings=embeddings[v_start : v_start + n0],
+        original_lengths=n0,
     )
 
 

@@ -338,7 +338,7 @@ def test_every_method_draws(tmp_path, method, caplog):
     kept = mrprune.methods.kept_indices(result)
     assert 0 < kept.numel() < layout.num_tokens, method  # every method prunes or merges something here
     if mrprune.Need.VISION_ATTENTION in pruner.needs:  # one stand-in attention distribution per crop; newlines in none
-        crops, attention = extra["crops"][0], next(iter(extra["attention"].values()))[0]
+        crops, attention = extra["crops"], next(iter(extra["attention"].values()))
         assert crops.max() >= 2 and bool((attention[crops < 0] == 0).all())
         for crop in crops[crops >= 0].unique().tolist():
             torch.testing.assert_close(attention[crops == crop].sum(), torch.tensor(1.0))
@@ -355,7 +355,7 @@ def test_trim_and_cdpruner_draw_with_standin_clip(tmp_path):
     features = viz.standin_features(np.full((300, 500, 3), 128, dtype=np.uint8), layout, dim=32)
     for pruner in (viz.STANDIN_METHODS["trim"](), mrprune.preset("cdpruner_128")):
         extra = viz.standin_signals(pruner, features, layout, (300, 500))
-        assert extra["clip_image"].shape == (1, layout.num_tokens, 32) and extra["clip_text"][0].shape == (1, 32)
+        assert extra["clip_image"].shape == (layout.num_tokens, 32) and extra["clip_text"][0].shape == (1, 32)
         kept = pruner.select(features, layout, **extra)
         assert 0 < kept.numel() < layout.num_tokens
     assert "clip_image" not in viz.standin_signals(mrprune.preset("scope_128"), features, layout, (300, 500))

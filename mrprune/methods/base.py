@@ -47,6 +47,62 @@ def newline_count(layout: Layout) -> int:
     return layout.newline_indices.numel() if isinstance(layout, LlavaNextLayout) else 0
 
 
+def _batch_of_one(owner: str, method: Pruner, features: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``select``'s one-item keywords (:data:`~mrprune.methods.stages.ITEM_KEYWORDS`, by ``method``'s needs and
+    stage) in ``select_batch``'s form for a batch of one; other keywords unchanged. Raises ``ValueError`` naming
+    ``owner``, the keyword and its expected shape for a value of another shape."""
+    from .stages import ITEM_KEYWORDS, LLM_ITEM_KEYWORDS
+
+    forms: dict[str, str] = {}
+    for need in method.needs:
+        forms.update(ITEM_KEYWORDS.get(need.value, {}))
+    if method.stage is Stage.LLM:
+        forms.update(LLM_ITEM_KEYWORDS)
+    lifted = dict(kwargs)
+    for key in forms.keys() & kwargs.keys():
+        form, value = forms[key], kwargs[key]
+        if form.startswith("{layer: "):
+            inner = form[len("{layer: ") : -1]
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"mrprune.{owner}: {key} must be a dict {form} of one item's tensors, got "
+                    f"{_checks._describe(value, with_shape=True)}"
+                )
+            lifted[key] = {
+                layer: _one_item(owner, f"{key}[{layer!r}]", v, inner, features) for layer, v in value.items()
+            }
+        else:
+            lifted[key] = _one_item(owner, key, value, form, features)
+    return lifted
+
+
+def _one_item(owner: str, name: str, value: Any, form: str, features: torch.Tensor) -> torch.Tensor:
+    """``value`` (one item's tensor of shape ``form``, e.g. ``"[N, D]"``; ``"[]"``: an int) with a batch dimension."""
+    if form == "[]":
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return torch.tensor([value], device=features.device)
+        error = ValueError if isinstance(value, torch.Tensor) else TypeError  # a batch's [1] is a shape error
+        raise error(
+            f"mrprune.{owner}: {name} must be one item's int (select_batch takes one per item), got "
+            f"{_checks._describe(value, with_shape=True)}"
+        )
+    dims = form[1:-1].split(", ")
+    expected = tuple(str(features.shape[0]) if d == "N" else d for d in dims)
+    spelt = f"({expected[0]},)" if len(expected) == 1 else f"({', '.join(expected)})"
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.dim() != len(dims)
+        or (dims[0] == "N" and value.shape[0] != features.shape[0])
+    ):
+        raise ValueError(
+            f"mrprune.{owner}: {name} must be the {form} = {spelt} tensor of one item (select_batch takes it with a "
+            f"batch dimension in front), got {_checks._describe(value, with_shape=True)}"
+        )
+    return value[None]
+
+
 class _NeedsText:
     """``Pruner.uses_text``: whether the method takes text embeddings (``Need.TEXT``), on the class and on instances."""
 
@@ -89,12 +145,31 @@ class Pruner:
             Where each token sits; ``None`` is a flat sequence of ``N`` tokens (``GridLayout(1, 1, N)``).
         text : Tensor ``[M, D]`` or None
             Text token embeddings, for text-conditioned methods.
+        **kwargs
+            The method's options and the signals its needs deliver, for this one item: the keywords that
+            ``select_batch`` takes with a leading batch dimension without it
+            (:data:`~mrprune.methods.stages.ITEM_KEYWORDS`): ``attention`` ``{layer: [N]}`` (vision attention) or
+            ``[N]`` (the last query's attention, ``llm`` stage), ``crops`` / ``patches`` / ``groups`` /
+            ``key_norms`` / ``origin`` / ``positions`` ``[N]``, ``clip_image [N, E]``, ``normed [N, D]``,
+            ``rotary [N, d]``, ``input_embeddings [N0, D]``, ``seeds`` and ``original_lengths`` an int; the others
+            (``crop_attention``, ``crop_features``, ``crop_keys``, ``clip_text``, ``prompt``, ``attention_kind``,
+            ``step``, ``layer``) as ``select_batch`` takes them for a batch of one.
 
         Returns
         -------
         Tensor ``[K]``, int64, sorted ascending, or :class:`MergedTokens` (methods with ``merges = True``).
+
+        Raises
+        ------
+        ValueError or TypeError
+            Naming ``select`` and the argument: features that are not ``[N, D]``, a keyword the method never reads,
+            a one-item keyword of another shape (a batch's ``[1, N]`` included; ``TypeError`` for a non-int where an
+            int is due); then what ``select_batch`` raises.
         """
-        batch, layouts, lengths, texts = _checks.single_input(f"{type(self).__name__}.select", features, layout, text)
+        owner = f"{type(self).__name__}.select"
+        batch, layouts, lengths, texts = _checks.single_input(owner, features, layout, text)
+        _checks.keywords(owner, self, kwargs)  # a misspelt option before a signal of the wrong shape
+        kwargs = _batch_of_one(owner, self, features, kwargs)
         return self.select_batch(batch, layouts, lengths, texts, **kwargs)[0]
 
     def select_batch(

@@ -75,9 +75,10 @@ class DART(Pruner):
     text pivots come from the item's prompt text after it (official: every token after the image, which is the same
     for the one-image prompts it supports).
 
-    ``select`` / ``select_batch`` read ``key_norms [B, N]``, ``normed [B, N, D]``, ``prompt``
+    ``select_batch`` reads ``key_norms [B, N]``, ``normed [B, N, D]``, ``prompt``
     (:class:`~mrprune.methods.stages.PromptTokens` with ``after``, ``key_norms``, ``normed``) and, for
-    ``official=True``, ``positions [B, N]``; ``features`` are not read.
+    ``official=True``, ``positions [B, N]``; ``select`` one item's ``key_norms [N]``, ``normed [N, D]``,
+    ``positions [N]`` and a batch of one's ``prompt`` (:meth:`Pruner.select`); ``features`` are not read.
     """
 
     stage = Stage.LLM

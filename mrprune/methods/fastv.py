@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from . import _checks
-from .base import Layout, Pruner, check_keep_ratio, round_half_up, top_tokens
+from .base import Pruner, check_keep_ratio, round_half_up, top_tokens
 from .stages import Need, Stage
 
 __all__ = ["FastV"]
@@ -36,8 +35,9 @@ class FastV(Pruner):
     -----
     The official code scores batch row 0 at a hard-coded image span; here every prompt of the batch and every image
     is scored on its own (an image keeps its share, so no image is dropped wholesale). ``select`` / ``select_batch``
-    take the scores as ``attention`` (``[N]`` / ``[B, N]``); ``features`` are the hidden states entering layer ``K``
-    and are not read.
+    take the scores as ``attention``, floating point ``[N]`` / ``[B, N]`` (``select`` lifts one item's to a batch of
+    one, :meth:`Pruner.select`; other shapes raise ``ValueError``); ``features`` are the hidden states entering layer
+    ``K`` and are not read.
     """
 
     stage = Stage.LLM
@@ -53,43 +53,6 @@ class FastV(Pruner):
 
     def __repr__(self) -> str:
         return f"FastV(keep_ratio={self.keep_ratio}, layer={self.layer})"
-
-    def select(
-        self,
-        features: torch.Tensor,
-        layout: Layout | None = None,
-        text: torch.Tensor | None = None,
-        *,
-        attention: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        """Kept token indices of one image or video.
-
-        Parameters
-        ----------
-        features : Tensor ``[N, D]``
-            Its hidden states entering layer ``K`` (not read).
-        layout : LlavaNextLayout or GridLayout or None
-            Where each token sits; ``None`` is a flat sequence of ``N`` tokens.
-        text : Tensor ``[M, D]`` or None
-            Not read.
-        attention : Tensor ``[N]``, floating point
-            The last prompt token's head-averaged attention to each of its tokens at layer ``K - 1``.
-
-        Returns
-        -------
-        Tensor ``[round(keep_ratio * N)]``, int64, sorted ascending.
-
-        Raises
-        ------
-        ValueError
-            If ``attention`` is not an ``[N]`` tensor.
-        """
-        _checks.keywords("FastV.select", self, kwargs)  # a misspelt option before a missing attention
-        if isinstance(features, torch.Tensor) and features.dim() == 2:  # (other features: Pruner.select names them)
-            _check_attention("FastV.select", attention, features.shape[:1], "[N]")
-            attention = attention[None]
-        return super().select(features, layout, text, attention=attention, **kwargs)
 
     def _select_batch(self, features, layouts, lengths, texts, attention: torch.Tensor | None = None, **kwargs):
         _check_attention("FastV.select_batch", attention, features.shape[:2], "[B, N]")

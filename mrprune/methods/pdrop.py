@@ -115,8 +115,9 @@ class PDrop(Pruner):
     float32 (official: softmax in float32, cast back to the model dtype before the head mean).
 
     ``select`` / ``select_batch`` take the scores as ``attention`` (``[N]`` / ``[B, N]``), the stage as ``step``
-    (default 0) and the original token counts as ``original_lengths`` (default: the current ``lengths``);
-    ``features`` (the hidden states entering layer ``K``) are not read.
+    (default 0) and the original token counts as ``original_lengths`` (an int / ``[B]``; default: the current
+    ``lengths``); ``select`` lifts one item's to a batch of one (:meth:`Pruner.select`), other shapes raise
+    ``ValueError``; ``features`` (the hidden states entering layer ``K``) are not read.
     """
 
     stage = Stage.LLM

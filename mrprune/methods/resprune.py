@@ -50,8 +50,9 @@ class ResPrune(Pruner):
     -----
     ``select(features, layout, text)`` takes ``text`` as the ``[M, D]`` LLM input embeddings of the instruction's
     noun tokens (see :mod:`mrprune.text` to extract them); ``None`` or ``M = 0`` means no text (gate 1). ``seeds``
-    (a keyword of ``select`` / ``select_batch``: one index per image, e.g. the argmax of the vision tower's CLS
-    attention; negative entries mean "no seed") fixes the first pick; without one it is the largest-norm token. All
+    (a keyword of ``select``: the image's token index, an int; of ``select_batch``: one per image ``[B]``; e.g. the
+    argmax of the vision tower's CLS attention; negative means "no seed") fixes the first pick; without one it is
+    the largest-norm token. All
     of an image's tokens compete jointly (LLaVA-NeXT newline tokens are identical vectors, so at most one of them
     is ever a pivot).
     """

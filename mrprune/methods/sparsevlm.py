@@ -272,6 +272,8 @@ class SparseVLM(Pruner):
     input embeddings) and ``original_lengths [B]`` (``N0`` per item). v2.0 reads ``prompt.head_attention
     [B, H, T, N]`` (``prompt_attention_heads = "per_head"``) instead of ``prompt.attention``, and ``rotary [B, N, d]``
     with ``prompt.rotary [B, T, d]`` (:attr:`~mrprune.methods.stages.Need.ROTARY`); it returns kept indices.
+    ``select`` takes one item's ``features [N, D]``, ``input_embeddings [N0, D]``, ``original_lengths`` (an int) and
+    ``rotary [N, d]``, and a batch of one's ``prompt`` (:meth:`Pruner.select`).
     """
 
     stage = Stage.LLM

@@ -208,6 +208,8 @@ class PromptTokens:
 #: What the ``llm`` stage passes at every pruning layer besides the needs (see ``llm``-stage declarations above);
 #: every ``llm``-stage method's ``select_batch`` accepts them.
 LLM_KEYWORDS = ("step", "layer", "origin", "original_lengths", "positions")
+#: ``select``'s one-item form of the ``llm`` stage's batched keywords (as :data:`ITEM_KEYWORDS`; ``[]``: an int).
+LLM_ITEM_KEYWORDS: dict[str, str] = {"origin": "[N]", "positions": "[N]", "original_lengths": "[]"}
 
 #: The keyword arguments through which integrations deliver each need to ``select_batch`` (needs absent here deliver
 #: none: the layout and the texts are positional). ``select_batch`` rejects a keyword that neither a declared need
@@ -224,4 +226,21 @@ NEED_KEYWORDS: dict[str, tuple[str, ...]] = {
     "key_norms": ("key_norms", "prompt"),
     "normed_states": ("normed", "prompt"),
     "rotary": ("rotary", "prompt"),
+}
+
+#: ``select``'s one-item form of the keywords that ``select_batch`` takes with a leading batch dimension, per need:
+#: :meth:`~mrprune.Pruner.select` takes a tensor of this shape (``N``: the item's tokens, ``features.shape[0]``;
+#: ``N0``: its original tokens; ``{layer: ...}``: a dict of them; ``[]``: an int) and hands ``select_batch`` the
+#: batch of one. The other keywords (``crop_attention``, ``crop_features``, ``crop_keys``, ``clip_text``, ``prompt``,
+#: ``attention_kind``) are given to ``select`` as ``select_batch`` takes them for a batch of one.
+ITEM_KEYWORDS: dict[str, dict[str, str]] = {
+    "cls_seed": {"seeds": "[]"},
+    "vision_attention": {"attention": "{layer: [N]}", "crops": "[N]", "patches": "[N]"},
+    "clip_embeddings": {"clip_image": "[N, E]"},
+    "vision_merge": {"groups": "[N]"},
+    "last_query_attention": {"attention": "[N]"},
+    "prompt_attention": {"input_embeddings": "[N0, D]"},
+    "key_norms": {"key_norms": "[N]"},
+    "normed_states": {"normed": "[N, D]"},
+    "rotary": {"rotary": "[N, d]"},
 }
