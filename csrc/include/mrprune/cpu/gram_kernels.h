@@ -198,14 +198,17 @@ inline KernelBF16 kernel_bf16_rows(int r) {
 }
 
 
-// AMX (TDPBF16PS) for bfloat16 pairs: a 32 x 32 block from four 16 x 16 float32 accumulator tiles. a: [32 rows][lda
-// words] zero-padded pairs, b: one packed 32-column panel ([kcp][32] pairs), c: result block (row stride ldc floats).
-// The tile configuration (every tile 16 rows x 64 bytes) is loaded by the caller.
+// AMX (TDPBF16PS) for bfloat16 pairs: a 32 x 32 block from four 16 x 16 float32 accumulator tiles over `steps` k
+// steps of 16 pairs. a: A tiles of 16 rows x 16 pairs, the one of rows 0-15 for step s at a + s * a_step (words), rows
+// 16-31 a_half words further, rows a_stride bytes apart; b: one packed 32-column panel ([16 steps][32] pairs), c:
+// result block (row stride ldc floats). C is stored and reloaded exactly between calls, so splitting k into calls
+// does not change the per-element order. The tile configuration (every tile 16 rows x 64 bytes) is loaded by the
+// caller.
 #define MRPRUNE_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
 
-MRPRUNE_AMX inline void kernel_amx(const uint32_t* a, int64_t lda, const float* b, int64_t kcp, float* c, int64_t ldc,
-                                   bool accumulate) {
-  const int64_t cstride = ldc * 4, astride = lda * 4;
+MRPRUNE_AMX inline void kernel_amx(const uint32_t* a, int64_t a_step, int64_t a_half, int64_t a_stride,
+                                   const float* b, int64_t steps, float* c, int64_t ldc, bool accumulate) {
+  const int64_t cstride = ldc * 4;
   if (accumulate) {
     _tile_loadd(0, c, cstride);
     _tile_loadd(1, c + 16, cstride);
@@ -217,12 +220,12 @@ MRPRUNE_AMX inline void kernel_amx(const uint32_t* a, int64_t lda, const float* 
     _tile_zero(2);
     _tile_zero(3);
   }
-  for (int64_t p = 0; p < kcp; p += 16) {
-    _tile_loadd(4, a + p, astride);
-    _tile_loadd(5, a + 16 * lda + p, astride);
-    _tile_loadd(6, b + p * kNR, kNR * 4);
-    _tile_loadd(7, b + p * kNR + 16, kNR * 4);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, a + s * a_step, a_stride);
+    _tile_loadd(6, b + s * 16 * kNR, kNR * 4);
+    _tile_loadd(7, b + s * 16 * kNR + 16, kNR * 4);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(5, a + s * a_step + a_half, a_stride);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
@@ -314,7 +317,8 @@ class PackedPanels {
     return data_ != nullptr && b.data == b_.data && b.stride == b_.stride && b.index == b_.index;
   }
 
-  // k-chunk k0 (a multiple of kKC) of panel p.
+  // k-chunk k0 (a multiple of kKC) of panel p. Full chunks have no padding (kKC is a multiple of 16), so with words a
+  // multiple of 16 chunk(p, 0) is the whole panel as one [words][32] run (the whole-k AMX blocks read it so).
   const float* chunk(int64_t p, int64_t k0) const { return data_.get() + p * stride_ + (k0 / kKC) * padded(kKC) * kNR; }
 
  private:
@@ -410,6 +414,19 @@ class TileDots {
     for (int64_t c = 0; c < n; ++c) brows[c] = b.row(j0 + c);
     const int64_t panels = (n + kNR - 1) / kNR;
     if (amx) amx_begin();
+    if (amx && packed != nullptr && words % 16 == 0 && m % 32 == 0 && a.stride % 2 == 0 && a.index == nullptr) {
+      // The whole k range in one kernel call per 32 x 32 block (C stays in the tiles: no store and reload per
+      // chunk), A tiles loaded from the rows in place; each B panel is used for every row block in turn.
+      const int64_t lda = a.stride / 2;
+      for (int64_t p = 0; p < panels; ++p) {
+        for (int64_t r0 = 0; r0 < m; r0 += 32) {
+          kernel_amx(static_cast<const uint32_t*>(a.row(i0 + r0)), 16, 16 * lda, lda * 4,
+                     packed->chunk(j0 / kNR + p, 0), words / 16, result_.get() + r0 * ld() + p * kNR, ld(), false);
+        }
+      }
+      amx_end();
+      return;
+    }
     for (int64_t k0 = 0; k0 < words; k0 += kKC) {
       const int64_t kc = std::min(kKC, words - k0), kcp = padded(kc);
       if (packed == nullptr) pack_b_avx512(brows, n, elem_, convert, k0, kc, words, packed_.get());
@@ -417,21 +434,22 @@ class TileDots {
         return packed != nullptr ? packed->chunk(j0 / kNR + p, k0) : packed_.get() + p * kcp * kNR;
       };
       if (amx) {
-        for (int64_t r0 = 0; r0 < m; r0 += 32) {
-          // Whole 32-row blocks of whole 16-pair steps are tile-loaded from the rows in place; edges go through a
-          // zero-padded copy (AMX loads whole tiles).
-          const uint32_t* ablock;
-          int64_t lda;
-          if (r0 + 32 <= m && kc == kcp && a.stride % 2 == 0 && a.index == nullptr) {
-            ablock = static_cast<const uint32_t*>(a.row(i0 + r0)) + k0;
-            lda = a.stride / 2;
-          } else {
-            copy_pairs(a, i0 + r0, std::min<int64_t>(32, m - r0), k0, kc, kcp);
-            ablock = reinterpret_cast<const uint32_t*>(converted_.get());
-            lda = kKC;
-          }
-          for (int64_t p = 0; p < panels; ++p) {
-            kernel_amx(ablock, lda, panel(p), kcp, result_.get() + r0 * ld() + p * kNR, ld(), k0 > 0);
+        const int64_t mpad = (m + 31) / 32 * 32, steps = kcp / 16;
+        // Tiles that cannot take the whole k at once (edges, B packed per tile): k-chunk by k-chunk, A tiles in
+        // place where whole 32-row blocks of whole steps allow, else from a zero-padded copy (AMX loads whole tiles).
+        const bool inplace = m % 32 == 0 && kc == kcp && a.stride % 2 == 0 && a.index == nullptr;
+        if (!inplace) pack_a_pairs(a, i0, m, mpad, k0, kc, kcp);
+        const uint32_t* apack = reinterpret_cast<const uint32_t*>(converted_.get());
+        for (int64_t p = 0; p < panels; ++p) {
+          for (int64_t r0 = 0; r0 < m; r0 += 32) {
+            float* c = result_.get() + r0 * ld() + p * kNR;
+            if (inplace) {
+              const int64_t lda = a.stride / 2;
+              kernel_amx(static_cast<const uint32_t*>(a.row(i0 + r0)) + k0, 16, 16 * lda, lda * 4, panel(p), steps, c,
+                         ld(), k0 > 0);
+            } else {
+              kernel_amx(apack + r0 * 16, mpad * 16, 16 * 16, 64, panel(p), steps, c, ld(), k0 > 0);
+            }
           }
         }
         continue;
@@ -458,18 +476,20 @@ class TileDots {
     if (amx) amx_end();
   }
 
-  // The k-chunk of A rows i0 .. i0 + m as one 32-row block of bfloat16 pairs, rows [m, 32) and pairs [kc, kcp) zero.
-  MRPRUNE_AVX512 void copy_pairs(const RowMatrix& a, int64_t i0, int64_t m, int64_t k0, int64_t kc, int64_t kcp) {
-    uint32_t* buf = reinterpret_cast<uint32_t*>(converted_.get());
-    for (int64_t r = 0; r < 32; ++r) {
-      uint32_t* dst = buf + r * kKC;
+  // The k-chunk of A rows i0 .. i0 + m as AMX tiles: buf[(s * mpad + r) * 16 + q] = pair k0 + 16 s + q of row r,
+  // rows [m, mpad) and pairs [kc, kcp) zero.
+  MRPRUNE_AVX512 void pack_a_pairs(const RowMatrix& a, int64_t i0, int64_t m, int64_t mpad, int64_t k0, int64_t kc,
+                                   int64_t kcp) {
+    float* buf = converted_.get();
+    for (int64_t r = 0; r < mpad; ++r) {
       if (r >= m) {
-        std::fill(dst, dst + kcp, 0u);
+        for (int64_t s = 0; s < kcp / 16; ++s) _mm512_storeu_ps(buf + (s * mpad + r) * 16, _mm512_setzero_ps());
         continue;
       }
-      const uint32_t* src = static_cast<const uint32_t*>(a.row(i0 + r)) + k0;
-      std::copy(src, src + kc, dst);
-      std::fill(dst + kc, dst + kcp, 0u);
+      const void* row = static_cast<const uint32_t*>(a.row(i0 + r));
+      for (int64_t s = 0; s < kcp / 16; ++s) {
+        _mm512_storeu_ps(buf + (s * mpad + r) * 16, load_words(row, k0 + s * 16, k0 + kc));
+      }
     }
   }
 
