@@ -117,9 +117,13 @@ class Need(str, enum.Enum):
         patches before the 2 x 2 merger and under windowed attention, no [CLS]).
     VISION_MERGE
         The method merges tokens inside the vision encoder (ToMe): the integration runs the encoder's blocks through
-        the method's ``schedule`` / ``start`` / ``attention_bias`` / ``merge_block`` / ``unmerge`` and passes
-        ``groups [B, N]`` int64, each token's merged group (ids unique within the item), -1 for tokens of no crop
-        (LLaVA-NeXT newlines) and padding.
+        the method's ``schedule`` / ``start`` / ``attention_bias`` / ``merge_block`` / ``unmerge`` (CLIP: one merge
+        set per crop, [CLS] first) or, on towers without [CLS] that attend within windows (Qwen2.5-VL),
+        ``window_schedule`` / ``start_windows`` (one merge set per window, a unit per 2 x 2 patch group, i.e. per
+        LLM token) / ``representatives`` (each unit's group's first unit: its rotary angles and LLM position) /
+        ``unit_bias`` (the per-key ``log(size)``) with ``merge_block`` / ``unmerge``, and passes ``groups [B, N]``
+        int64, each token's merged group (ids unique within the item), -1 for tokens of no crop (LLaVA-NeXT
+        newlines) and padding.
     LAST_QUERY_ATTENTION
         ``attention [B, N]`` float32: the head-averaged attention the last prompt token pays each of the item's
         tokens in the scoring layer (``llm`` stage; decoder layer ``layer - 1`` for FastV).
