@@ -18,11 +18,11 @@ from mrprune.integrations.testing import (  # noqa: E402
     VIDEO_TOKEN,
     VISION_END,
     VISION_START,
-    _text_config,
     greedy_decode,
     kept_mask,
     left_pad,
     mask_positions,
+    tiny_qwen2_5_vl,
 )
 from mrprune.methods import MergedTokens, ToMe  # noqa: E402
 from tests.tiny_models import GREEDY, PATCH, oracle_embeds, single_prompt  # noqa: E402
@@ -33,31 +33,7 @@ WINDOW = 2  # units per window side: window_size 56 / patch 14 / merge 2
 
 def deep_qwen(seed: int = 0):
     """A tiny Qwen2.5-VL whose vision tower has 3 blocks: windowed, full attention, windowed (sharp attention)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(seed)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(**_text_config(2), rope_parameters=rope),
-        vision_config=dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=64,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        ),
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-    )
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = None
+    model = tiny_qwen2_5_vl(layers=2, seed=seed, vision_depth=3)
     with torch.no_grad():  # queries and keys 10x: logits of order 1, so rotary angles and sizes move the softmax
         for block in model.model.visual.blocks:
             block.attn.qkv.weight[: 2 * block.attn.dim] *= 10

@@ -101,9 +101,10 @@ def tiny_llava_next(layers: int = 2, seed: int = 0) -> Any:
     return _no_eos(LlavaNextForConditionalGeneration(config).eval())
 
 
-def tiny_qwen2_5_vl(layers: int = 2, seed: int = 0) -> Any:
+def tiny_qwen2_5_vl(layers: int = 2, seed: int = 0, vision_depth: int = 2) -> Any:
     """``Qwen2_5_VLForConditionalGeneration``: ``pixel_values [sum(t*h*w), 1176]`` with ``image_grid_thw`` rows
-    ``(t, h, w)`` in 14 px patches (``t*h*w/4`` tokens each); videos alike."""
+    ``(t, h, w)`` in 14 px patches (``t*h*w/4`` tokens each); videos alike. The vision tower has ``vision_depth``
+    blocks, block 1 with full attention, the others windowed (4 x 4 patches)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -111,7 +112,7 @@ def tiny_qwen2_5_vl(layers: int = 2, seed: int = 0) -> Any:
     config = Qwen2_5_VLConfig(
         text_config=dict(**_text_config(layers), rope_parameters=rope),
         vision_config=dict(
-            depth=2,
+            depth=vision_depth,
             hidden_size=32,
             intermediate_size=64,
             num_heads=4,
