@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import mrprune
+from tests import diversity_oracle
 from tests import test_bipartite_dedup as dedup
 from tests import test_coverage_select as cover
 from tests import test_diversity_select as div
@@ -115,11 +116,11 @@ def diversity_clustered_case(lengths: list[int], dim: int, k: int, mask_picked: 
             assert picks[count:] == [-1] * (k - count)
             if count == 0:
                 continue
-            d = div.distance64(features[b, :n])
-            prefix = div.clear_prefix(d, ref[:count], mask_picked)
+            d = diversity_oracle.distance64(features[b, :n])
+            prefix = diversity_oracle.clear_prefix(d, ref[:count], mask_picked)
             assert prefix >= min(count, 8), f"item {b}: test input near-tied at step {prefix}"
             assert picks[:prefix] == ref[:prefix], (b, picks, ref)
-            div.assert_greedy_consistent(d, picks[:count], mask_picked)
+            diversity_oracle.assert_greedy_consistent(d, picks[:count], mask_picked)
 
     case = {
         "op": "diversity_select",
