@@ -63,8 +63,10 @@ def pad_batch(items: list[torch.Tensor], *, pad_value: float = 0.0) -> tuple[tor
     return batch, lengths
 
 
-#: Gathers of at least this many bytes on a Linux CPU ask for transparent huge pages (:func:`gather_rows`).
-HUGE_PAGE_GATHER_BYTES = 8 << 20
+#: Gathers of at least this many bytes on a Linux CPU ask for transparent huge pages (:func:`gather_rows`): glibc's
+#: largest mmap threshold, above which every allocation is a fresh mapping. Smaller buffers come back from the heap
+#: already faulted in, and advising them cost more than it saved (bf16 LLaVA-NeXT gather, 19 MB: 6 -> 19 ms).
+HUGE_PAGE_GATHER_BYTES = 32 << 20
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # <linux/mman.h>
 
@@ -74,8 +76,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     On a Linux CPU a result of :data:`HUGE_PAGE_GATHER_BYTES` or more is put on transparent huge pages where the
     system allows them (THP mode ``madvise`` or ``always``): glibc maps such a buffer fresh on every call, and faulting
-    it in 4 KiB pages took 15-30 ms for the 38 MB of high-resolution float32 tokens of one LLaVA-NeXT image, about 4x
-    less in 2 MiB pages. Elsewhere (other devices or systems, THP off, tracing) it is a plain ``index_select``.
+    it in 4 KiB pages took 12-30 ms for the 38 MB of high-resolution float32 tokens of one LLaVA-NeXT image, 6-7 ms in
+    2 MiB pages. Elsewhere (other devices or systems, THP off, tracing) it is a plain ``index_select``.
     """
     out = torch.empty((index.numel(), *x.shape[1:]), dtype=x.dtype, device=x.device)
     if out.device.type == "cpu" and out.nbytes >= HUGE_PAGE_GATHER_BYTES and _madvise() is not None:

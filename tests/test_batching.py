@@ -100,7 +100,7 @@ def test_scan_once_takes_inference_tensors():
 @pytest.mark.parametrize("rows", [3, 2304])
 def test_gather_rows_equals_index_select(dtype, rows):
     """Small gathers and large ones (on huge pages where the system allows) equal index_select."""
-    x = torch.randn(2 * rows + 5, 1024).to(dtype)
+    x = torch.randn(2 * rows + 5, 4096).to(dtype)
     index = torch.randperm(x.shape[0])[:rows]
     got = gather_rows(x, index)
     assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, x.index_select(0, index))
