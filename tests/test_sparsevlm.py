@@ -856,6 +856,24 @@ def tiny_method(**kwargs):
     return Recording(scoring_layers=(0, 1, 2), **kwargs)
 
 
+def tiny_v2(**kwargs):
+    """v2.0 at scoring layers 0 / 1 / 2, keeping 2 of the tiny models' 4 query heads (2 key heads: GQA)."""
+    return Recording(scoring_layers=(0, 1, 2), version="2.0", heads=2, **kwargs)
+
+
+def skip_mrope(name):
+    if name == "qwen2_5_vl":
+        pytest.skip("M-RoPE: v2.0 is refused there (test_hf_v2_refuses_mrope)")
+
+
+def tiny_version(version: str, name: str, **kwargs):
+    """``tiny_method`` (v1) or ``tiny_v2``; v2.0 skips Qwen2.5-VL (M-RoPE, refused)."""
+    if version == "2.0":
+        skip_mrope(name)
+        return tiny_v2(**kwargs)
+    return tiny_method(**kwargs)
+
+
 @pytest.fixture(scope="module", params=list(CASES) or [pytest.param(None, marks=pytest.mark.skip("no transformers"))])
 def hf_case(request):
     return request.param, *CASES[request.param]()
@@ -997,11 +1015,12 @@ def test_hf_generate_equals_the_hand_written_loop(hf_case):
 
 
 @torch.no_grad()
-def test_hf_keep_all_equals_unpatched(hf_case):
-    _, model, inputs, _, _ = hf_case
+@pytest.mark.parametrize("version", ["1", "2.0"])
+def test_hf_keep_all_equals_unpatched(hf_case, version):
+    name, model, inputs, _, _ = hf_case
     logits = model(**inputs).logits
     generated = model.generate(**inputs, max_new_tokens=3, **GREEDY)
-    with patched(model, tiny_method(schedule=(576, 576, 576))) as handle:
+    with patched(model, tiny_version(version, name, schedule=(576, 576, 576))) as handle:
         assert torch.equal(model(**inputs).logits, logits)
         again = model.generate(**inputs, max_new_tokens=3, **GREEDY)
     assert [r.tokens_after for r in handle.last] == [r.tokens_before for r in handle.last]
@@ -1011,12 +1030,14 @@ def test_hf_keep_all_equals_unpatched(hf_case):
 
 
 @torch.no_grad()
-def test_hf_batch_equals_single_prompts(hf_case):
-    _, model, inputs, _, singles = hf_case
+@pytest.mark.parametrize("version", ["1", "2.0"])
+def test_hf_batch_equals_single_prompts(hf_case, version):
+    name, model, inputs, _, singles = hf_case
     steps = 3
-    with patched(model, tiny_method(budget=128)) as handle:
+    with patched(model, tiny_version(version, name, budget=128)) as handle:
         both = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
         records = handle.last
+        assert any(r.tokens_after < r.tokens_before for r in records)
         for b, visual in enumerate(singles):
             real = inputs["attention_mask"][b].bool()
             text = {k: inputs[k][b][real][None] for k in ("input_ids", "mm_token_type_ids") if k in inputs}
@@ -1028,11 +1049,12 @@ def test_hf_batch_equals_single_prompts(hf_case):
 
 
 @torch.no_grad()
-def test_hf_static_cache_and_remove(hf_case):
+@pytest.mark.parametrize("version", ["1", "2.0"])
+def test_hf_static_cache_and_remove(hf_case, version):
     name, model, inputs, _, _ = hf_case
     hooks_before = {n: list(m._forward_pre_hooks) for n, m in model.named_modules()}
     logits = model(**inputs).logits
-    with patched(model, tiny_method(budget=64)):
+    with patched(model, tiny_version(version, name, budget=64)):
         dynamic = model.generate(**inputs, max_new_tokens=3, **GREEDY)
         static = model.generate(**inputs, max_new_tokens=3, cache_implementation="static", **GREEDY)
     assert torch.equal(static.sequences, dynamic.sequences)
@@ -1044,16 +1066,6 @@ def test_hf_static_cache_and_remove(hf_case):
 
 
 # --- v2.0 on the tiny models (LLaVA-1.5, LLaVA-NeXT; Qwen2.5-VL's M-RoPE refused) ---------------------------------
-
-
-def tiny_v2(**kwargs):
-    """v2.0 at scoring layers 0 / 1 / 2, keeping 2 of the tiny models' 4 query heads (2 key heads: GQA)."""
-    return Recording(scoring_layers=(0, 1, 2), version="2.0", heads=2, **kwargs)
-
-
-def skip_mrope(name):
-    if name == "qwen2_5_vl":
-        pytest.skip("M-RoPE: v2.0 is refused there (test_hf_v2_refuses_mrope)")
 
 
 @torch.no_grad()
@@ -1136,57 +1148,6 @@ def test_hf_v2_generate_equals_the_hand_written_loop(hf_case):
     assert torch.equal(generated.sequences[:, inputs["input_ids"].shape[1] :], tokens)
     for ours, theirs in zip(generated.logits, scores, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=HF_ATOL)
-
-
-@torch.no_grad()
-def test_hf_v2_keep_all_equals_unpatched(hf_case):
-    name, model, inputs, _, _ = hf_case
-    skip_mrope(name)
-    logits = model(**inputs).logits
-    generated = model.generate(**inputs, max_new_tokens=3, **GREEDY)
-    with patched(model, tiny_v2(schedule=(576, 576, 576))) as handle:
-        assert torch.equal(model(**inputs).logits, logits)
-        again = model.generate(**inputs, max_new_tokens=3, **GREEDY)
-    assert [r.tokens_after for r in handle.last] == [r.tokens_before for r in handle.last]
-    assert torch.equal(again.sequences, generated.sequences)
-    for a, b in zip(again.logits, generated.logits, strict=True):
-        assert torch.equal(a, b)
-
-
-@torch.no_grad()
-def test_hf_v2_batch_equals_single_prompts(hf_case):
-    name, model, inputs, _, singles = hf_case
-    skip_mrope(name)
-    steps = 3
-    with patched(model, tiny_v2(budget=128)) as handle:
-        both = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
-        records = handle.last
-        assert any(r.tokens_after < r.tokens_before for r in records)
-        for b, visual in enumerate(singles):
-            real = inputs["attention_mask"][b].bool()
-            text = {k: inputs[k][b][real][None] for k in ("input_ids", "mm_token_type_ids") if k in inputs}
-            one = model.generate(**text, **visual, max_new_tokens=steps, **GREEDY)
-            assert torch.equal(one.sequences[0, -steps:], both.sequences[b, -steps:])
-            for ours, theirs in zip(one.logits, both.logits, strict=True):
-                torch.testing.assert_close(ours[0], theirs[b], rtol=0, atol=HF_ATOL)
-            assert all(torch.equal(x, y) for x, y in zip(handle.last[0].kept, records[b].kept, strict=True))
-
-
-@torch.no_grad()
-def test_hf_v2_static_cache_and_remove(hf_case):
-    name, model, inputs, _, _ = hf_case
-    skip_mrope(name)
-    hooks_before = {n: list(m._forward_pre_hooks) for n, m in model.named_modules()}
-    logits = model(**inputs).logits
-    with patched(model, tiny_v2(budget=64)):
-        dynamic = model.generate(**inputs, max_new_tokens=3, **GREEDY)
-        static = model.generate(**inputs, max_new_tokens=3, cache_implementation="static", **GREEDY)
-    assert torch.equal(static.sequences, dynamic.sequences)
-    for ours, theirs in zip(static.logits, dynamic.logits, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-    assert {n: list(m._forward_pre_hooks) for n, m in model.named_modules()} == hooks_before
-    assert "forward" not in model.__dict__
-    assert torch.equal(model(**inputs).logits, logits)
 
 
 class FieldRecording(SparseVLM):
