@@ -830,7 +830,7 @@ except ImportError:  # the method tests above run without it
     CASES = {}
 else:
     from mrprune.integrations import patched
-    from tests.tiny_models import GREEDY, eager_copy, hide_hooks, items_of, layer_hidden
+    from tests.tiny_models import GREEDY, eager_copy, hide_hooks, items_of, layer_hidden, recompute_loop
     from tests.tiny_models import LLM_CASES as CASES  # the llm stage's cases
 
 HF_ATOL = 1e-4  # the oracle runs eager attention without a cache, the patched model SDPA with one
@@ -928,27 +928,7 @@ def oracle_generate(model, inputs, positions, method, steps):
     real = inputs["attention_mask"].bool()
     hidden = layer_hidden(real, method, kept_by_stage_of(inputs, method))
     hooks = hide_hooks(eager, hidden, hidden) + merge_hooks(eager, inputs, method)
-    ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], positions
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    types = inputs.get("mm_token_type_ids")
-    tokens, scores = [], []
-    try:
-        for _ in range(steps):
-            call = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra)
-            if types is not None:
-                call["mm_token_type_ids"] = types
-            logits = eager(**call).logits[:, -1]
-            tokens.append(logits.argmax(-1))
-            scores.append(logits)
-            ids = torch.cat([ids, tokens[-1][:, None]], 1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            pos = torch.cat([pos, pos[..., -1:] + 1], -1)
-            if types is not None:
-                types = torch.cat([types, types.new_zeros(types.shape[0], 1)], 1)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack(tokens, 1), scores
+    return recompute_loop(eager, inputs, positions, hooks, steps)
 
 
 @torch.no_grad()

@@ -224,7 +224,14 @@ def oracle_generate(
     prompt_hidden = layer_hidden(real, method, kept_by_stage)
     final = real & ~kept_by_stage[-1]
     decode_hidden = [final] * LLM_LAYERS if method.prune_earlier_cache else prompt_hidden
-    hooks = hide_hooks(eager, prompt_hidden, decode_hidden)
+    return recompute_loop(eager, inputs, positions, hide_hooks(eager, prompt_hidden, decode_hidden), steps)
+
+
+def recompute_loop(
+    eager: Any, inputs: dict, positions: torch.Tensor, hooks: list, steps: int
+) -> tuple[torch.Tensor, list]:
+    """Greedy decoding of ``eager`` with the whole sequence recomputed at every step (no cache); ``hooks`` (the
+    oracle's masks and writes) are removed at the end. Returns tokens ``[B, steps]`` and the per-step logits."""
     ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], positions
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     types = inputs.get("mm_token_type_ids")
