@@ -18,12 +18,14 @@ from tests.brute_force import TINY_GRAPH_CASES as TINY_CASES
 from tests.brute_force import graph_scores as brute_graph_scores
 from tests.utils import (
     ATOL,
+    CPU_SCREEN,
     INPUT_DTYPES,
     RTOL,
     TRITON_DEVICE,
     assert_close,
     clustered,
     kernel_backends,
+    near_threshold,
     oracle,
     padded,
     run,
@@ -328,6 +330,45 @@ def test_batch_equals_per_item(impl, explicit_weights):
             assert torch.equal(scores[b, :n], alone[0])
         else:
             assert_close(scores[b, :n], alone[0])
+
+
+# --- the C++ kernel's bfloat16 screen (float32 inputs on AMX CPUs) ---------------------------------------------------
+
+
+def _screen_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """(features, lengths, threshold): pairs right at the threshold, real structure, duplicates and zero rows, and
+    rows the screen must refuse (norms below 2^-30, where bfloat16 and AMX flush products to zero)."""
+    gen = torch.Generator().manual_seed(43)
+    band = [near_threshold(n, 512, 0.5, generator=gen) for n in (300, 77)]
+    x, lengths = padded(band)
+    llava = testing.llava_next_features(6, 7, 4096, seed=4)[None]
+    dup = clustered(260, 40, generator=gen)
+    dup[100], dup[7] = dup[3], 0.0
+    tiny = clustered(90, 64, spread=0.2, generator=gen) * 1e-21
+    return {
+        "band": (x, lengths, 0.5),
+        "band_low": (*padded([near_threshold(200, 300, -0.3, generator=gen)]), -0.3),
+        "llava_next": (llava, torch.tensor([llava.shape[1]]), 0.5),
+        "duplicates_zero": (dup[None], torch.tensor([260]), 0.2),
+        "tiny_norms": (tiny[None], torch.tensor([90]), 0.5),
+    }
+
+
+@pytest.mark.skipif(not CPU_SCREEN, reason="the screen runs on CPUs with AMX and AVX-512 BF16")
+@pytest.mark.parametrize("case", list(_screen_cases()))
+@pytest.mark.parametrize("iterations", [1, 5])
+def test_cpu_screen_changes_no_bit(case, iterations, monkeypatch):
+    """The screen skips only pairs whose float32 cosine lies below the threshold: the C++ scores are bit-identical with
+    it forced on for any D (MRPRUNE_CPU_SCREEN=1) and off (=0), for pairs within 0.002 of the threshold too."""
+    x, lengths, threshold = _screen_cases()[case]
+    scores = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("MRPRUNE_CPU_SCREEN", setting)
+        scores[setting] = run(OP, "cpp", x, lengths, None, threshold, 0.03, iterations)
+    assert torch.equal(scores["1"], scores["0"])
+    if case.startswith("band"):  # the case exercises the screen's margin: it has edges and pairs just below
+        _, degree = run("cosine_graph", "cpp", x[:1], lengths[:1].clamp(max=x.shape[1]), threshold, 0.03)
+        assert 1 < degree[0, 0] < lengths[0]
 
 
 # --- validation -----------------------------------------------------------------------------------------------------

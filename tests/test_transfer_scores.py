@@ -16,11 +16,13 @@ from mrprune import reference, testing
 from tests.brute_force import tiny_random
 from tests.brute_force import transfer as brute_transfer
 from tests.utils import (
+    CPU_SCREEN,
     INPUT_DTYPES,
     TRITON_DEVICE,
     assert_close,
     clustered,
     kernel_backends,
+    near_threshold,
     oracle,
     padded,
     run,
@@ -438,6 +440,42 @@ def test_batch_equals_per_item(impl, explicit_weights):
             assert torch.equal(prop[b, :m], alone[0])
         else:
             assert_close(prop[b, :m], alone[0])
+
+
+# --- the C++ kernel's bfloat16 screen (float32 inputs on AMX CPUs) ---------------------------------------------------
+
+
+def _screen_cases() -> dict[str, tuple]:
+    """(queries, query_lengths, keys, key_mask, threshold): query-key pairs right at the threshold (keys masked in
+    and out, padded batch), LLaVA-NeXT base view against its high-resolution tokens, duplicates and zero rows."""
+    gen = torch.Generator().manual_seed(44)
+    band = near_threshold(330, 512, 0.5, generator=gen)  # token 0 is near-threshold to every other token
+    queries, query_lengths = padded([band[:40], band[40:51]])
+    keys, _ = padded([band[:330], band[60:200]])
+    key_mask = torch.rand(keys.shape[:2], generator=gen) < 0.8
+    key_mask[1, 140:] = False
+    llava = testing.llava_next_features(6, 7, 4096, seed=5)
+    dup = clustered(300, 40, generator=gen)
+    dup[100], dup[7] = dup[3], 0.0
+    high, dup_mask = llava[None, 576:], torch.rand(1, 300, generator=gen) < 0.6
+    return {
+        "band": (queries, query_lengths, keys, key_mask, 0.5),
+        "llava_next": (llava[None, :576], torch.tensor([576]), high, torch.ones(high.shape[:2], dtype=torch.bool), 0.5),
+        "duplicates_zero": (dup[None, :120], torch.tensor([120]), dup[None], dup_mask, 0.2),
+    }
+
+
+@pytest.mark.skipif(not CPU_SCREEN, reason="the screen runs on CPUs with AMX and AVX-512 BF16")
+@pytest.mark.parametrize("case", list(_screen_cases()))
+def test_cpu_screen_changes_no_bit(case, monkeypatch):
+    """The screen skips only query-key pairs whose float32 cosine lies below the threshold: the C++ results are
+    bit-identical with it forced on for any D (MRPRUNE_CPU_SCREEN=1) and off (=0)."""
+    queries, query_lengths, keys, key_mask, threshold = _screen_cases()[case]
+    prop = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("MRPRUNE_CPU_SCREEN", setting)
+        prop[setting] = run(OP, "cpp", queries, query_lengths, keys, key_mask, None, threshold, 0.03)
+    assert torch.equal(prop["1"], prop["0"])
 
 
 # --- validation -----------------------------------------------------------------------------------------------------

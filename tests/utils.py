@@ -110,6 +110,29 @@ def padded(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, torch.tensor([t.shape[0] for t in items], dtype=torch.int64)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+#: Whether the C++ kernels screen float32 Gram tiles with bfloat16 AMX products here (``MRPRUNE_CPU_SCREEN``).
+CPU_SCREEN = {"amx_bf16", "amx_tile", "avx512_bf16"} <= _cpu_flags()
+
+
+def near_threshold(n: int, dim: int, threshold: float, spread: float = 0.002, generator=None) -> torch.Tensor:
+    """Token 0 plus ``n - 1`` tokens whose cosine with it lies uniformly in ``threshold +- spread`` (nearly
+    orthogonal remainders in ``dim`` dimensions), with norms spread over six decades: pairs right at a threshold."""
+    base = torch.nn.functional.normalize(torch.randn(dim, generator=generator), dim=0)
+    rest = torch.randn(n - 1, dim, generator=generator)
+    rest = torch.nn.functional.normalize(rest - (rest @ base)[:, None] * base, dim=1)
+    cosine = threshold + spread * (2 * torch.rand(n - 1, 1, generator=generator) - 1)
+    tokens = torch.cat([base[None], cosine * base + (1 - cosine**2).sqrt() * rest])
+    return tokens * 10 ** (6 * torch.rand(n, 1, generator=generator) - 3)
+
+
 def clustered(n: int, dim: int, clusters: int = 4, spread: float = 0.6, generator=None) -> torch.Tensor:
     """Tokens around a few centres plus a shared offset: cosine graphs at 0.5 with real structure."""
     centres = torch.randn(clusters, dim, generator=generator)

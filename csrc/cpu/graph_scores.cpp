@@ -44,23 +44,29 @@ bool scores_from_edges(const RowMatrix& x, const float* inv, const float* weight
   std::vector<std::vector<Edge>> found(tiles.items());
   std::atomic<int64_t> total{0};
   std::atomic<bool> overflow{false};
-  tiles.visit(
-      [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld, int64_t slot) {
-        std::vector<Edge>& mine = found[slot];
-        const size_t before = mine.size();
-        float z;
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t i = i0 + r;
-          for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) {
-            const int64_t j = j0 + c;
-            if (is_edge(raw[r * ld + c] * (inv[i] * inv[j]), thr, temp, &z)) {
-              mine.push_back({static_cast<int32_t>(i), static_cast<int32_t>(j), z});
-            }
-          }
-        }
-        if (total.fetch_add(static_cast<int64_t>(mine.size() - before)) > max_edges) overflow = true;
-      },
-      &overflow);
+  // The edges of one block (need: the pairs a screen left in, or nullptr for all).
+  const auto collect = [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld,
+                           const uint8_t* need, int64_t slot) {
+    std::vector<Edge>& mine = found[slot];
+    const size_t before = mine.size();
+    float z;
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t i = i0 + r, c0 = std::max<int64_t>(0, i - j0);
+      for_each_at_least(raw + r * ld + c0, inv + j0 + c0, inv[i], cols - c0, thr, [&](int64_t c, float s) {
+        if (need != nullptr && !need[r * ld + c0 + c]) return;
+        if (is_edge(s, thr, temp, &z)) mine.push_back({static_cast<int32_t>(i), static_cast<int32_t>(j0 + c0 + c), z});
+      });
+    }
+    if (total.fetch_add(static_cast<int64_t>(mine.size() - before)) > max_edges) overflow = true;
+  };
+  const Screen screen(x, inv, thr);
+  if (screen.active()) {
+    tiles.visit_screened(screen, inv, collect, &overflow);
+  } else {
+    tiles.visit([&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld,
+                    int64_t slot) { collect(i0, m, j0, cols, raw, ld, nullptr, slot); },
+                &overflow);
+  }
   if (overflow) return false;
 
   // Both directions of every edge, each row sorted by column (a fixed order whatever the thread count).

@@ -45,15 +45,30 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
     if (key_weights.has_value()) {
       for (int64_t s = 0; s < selected; ++s) weight[s] = key_weights->const_data_ptr<float>()[b * max_keys + selected_keys[s]];
     }
-    visit_cross_blocks(query_rows, key_rows,
-                      [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* raw, int64_t ld) {
-                        for (int64_t r = 0; r < rows; ++r) {
-                          for (int64_t c = 0; c < cols; ++c) {
-                            similarity[(i0 + r) * selected + j0 + c] =
-                                raw[r * ld + c] * (query_inv[i0 + r] * key_inv[j0 + c]);
-                          }
-                        }
-                      });
+    // The cosine block (need: the pairs a screen left in, or nullptr for all; the others are below the threshold,
+    // stored as -inf: never an edge).
+    const auto store = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* raw, int64_t ld,
+                           const uint8_t* need) {
+      for (int64_t r = 0; r < rows; ++r) {
+        float* out = similarity.get() + (i0 + r) * selected + j0;
+        for (int64_t c = 0; c < cols; ++c) {
+          out[c] = need == nullptr || need[r * ld + c] ? raw[r * ld + c] * (query_inv[i0 + r] * key_inv[j0 + c])
+                                                       : -std::numeric_limits<float>::infinity();
+        }
+      }
+    };
+    const Screen query_screen(query_rows, query_inv.data(), thr);
+    const Screen key_screen(key_rows, key_inv.data(), thr);
+    if (query_screen.active() && key_screen.active()) {
+      std::fill(similarity.get(), similarity.get() + m * selected, -std::numeric_limits<float>::infinity());
+      visit_cross_blocks_screened(query_rows, query_screen, query_inv.data(), key_rows, key_screen, key_inv.data(),
+                                  store);
+    } else {
+      visit_cross_blocks(query_rows, key_rows,
+                         [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* raw, int64_t ld) {
+                           store(i0, rows, j0, cols, raw, ld, nullptr);
+                         });
+    }
     float* out = prop.mutable_data_ptr<float>() + b * max_queries;
     torch::stable::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

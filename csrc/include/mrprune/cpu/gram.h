@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <string>
 
 #include "mrprune/cpu/common.h"
 #include "mrprune/cpu/gram_kernels.h"
@@ -80,6 +81,117 @@ inline int64_t tile_rows(const RowMatrix& x) {
   return mode.pairs || mode.amx ? kTileRows / 2 : kTileRows;
 }
 
+#ifdef MRPRUNE_X86_AVX512
+// Bit c % 16 of masks[c / 16]: raw[c] * (inv_row * inv_cols[c]) >= cut, for c < n.
+MRPRUNE_AVX512 inline void at_least_masks(const float* raw, const float* inv_cols, float inv_row, int64_t n,
+                                          float cut, uint16_t* masks) {
+  const __m512 row = _mm512_set1_ps(inv_row), bound = _mm512_set1_ps(cut);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 tail = n - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m512 scale = _mm512_mul_ps(row, _mm512_maskz_loadu_ps(tail, inv_cols + c));
+    const __m512 cosine = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, raw + c), scale);
+    masks[c / 16] = _mm512_mask_cmp_ps_mask(tail, cosine, bound, _CMP_GE_OQ);
+  }
+}
+#endif
+
+// Calls fn(c, s) in ascending c for every c < n with s = raw[c] * (inv_row * inv_cols[c]) >= cut (the cosine of a
+// Gram block entry, rounded as everywhere else; NaN never passes): the thresholding scans of the Gram visits, most of
+// whose entries lie below the cut.
+template <class F>
+inline void for_each_at_least(const float* raw, const float* inv_cols, float inv_row, int64_t n, float cut,
+                              const F& fn) {
+#ifdef MRPRUNE_X86_AVX512
+  if (dots::isa().avx512) {
+    uint16_t masks[(TileDots::kMaxCols + 15) / 16];
+    for (int64_t c0 = 0; c0 < n; c0 += TileDots::kMaxCols) {
+      const int64_t count = std::min(TileDots::kMaxCols, n - c0);
+      at_least_masks(raw + c0, inv_cols + c0, inv_row, count, cut, masks);
+      for (int64_t w = 0; w * 16 < count; ++w) {
+        for (unsigned bits = masks[w]; bits != 0; bits &= bits - 1) {
+          const int64_t c = c0 + w * 16 + __builtin_ctz(bits);
+          fn(c, raw[c] * (inv_row * inv_cols[c]));
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < n; ++c) {
+    const float s = raw[c] * (inv_row * inv_cols[c]);
+    if (s >= cut) fn(c, s);
+  }
+}
+
+// Screening float32 Gram tiles for a threshold rule (cos >= threshold) on CPUs with AMX. A bfloat16 copy of the rows
+// gives every pair's cosine to within margin() in one cheap AMX pass; only the pairs whose screened cosine reaches
+// cut() = threshold - margin() are computed exactly, by the float32 kernels (TileDots::compute_masked: the same bits
+// as the full tile), so the thresholded results do not change by one bit. The bound: rounding to bfloat16 moves each
+// value by at most 2^-9 of itself, so |x~ . y~ - x . y| <= (2^-8 + 2^-18) ||x|| ||y||; the screen's float32
+// accumulation and the exact one each err by at most (d + 1) 2^-24 ||x|| ||y|| (recursive summation in any order);
+// the inverse norms add a few ulps. What bfloat16 and AMX flush to zero (denormal values and products) changes a dot
+// product by at most (d + sqrt(d) (||x|| + ||y||)) 2^-126, and the cosine by that times inv_x inv_y <= 1e24 (norms
+// are clamped at 1e-12): far inside the 2^-16 slack. Norms <= 2^60 keep every product of two norms finite; a huge or
+// non-finite norm turns the screen off, as does a threshold so low that nothing would be left out. Pays where the graph is sparse (image features at
+// the official thresholds: a few percent of the pairs); MRPRUNE_CPU_SCREEN=0 turns it off, =1 forces it on for any
+// d (tests; by default d >= 256).
+class Screen {
+ public:
+  Screen(const RowMatrix& x, const float* inv, float threshold) {
+    const char* env = std::getenv("MRPRUNE_CPU_SCREEN");
+    const std::string setting = env != nullptr ? env : "";
+    if (x.elem != dots::Elem::kFloat32 || x.rows == 0 || setting == "0") return;
+    if (!gemm::mode_for(dots::Elem::kBFloat16, 32).amx || !dots::isa().avx512_bf16) return;
+    if (x.d < 256 && setting != "1") return;
+    margin_ = 0x1.0p-8f + 0x1.0p-18f + 2.f * static_cast<float>(x.d + 1) * 0x1.0p-24f + 0x1.0p-16f;
+    cut_ = threshold - margin_;
+    if (!(cut_ > -1.f)) return;
+    // norm <= 2^60 (inv >= 2^-60; NaN fails too)
+    if (!std::all_of(inv, inv + x.rows, [](float v) { return v >= 0x1.0p-60f; })) return;
+    const int64_t dp = (x.d + 31) / 32 * 32;
+    data_.reset(new uint16_t[static_cast<size_t>(x.rows * dp)]);
+#ifdef MRPRUNE_X86_AVX512
+    torch::stable::parallel_for(0, x.rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        gemm::round_row_bf16(static_cast<const float*>(x.row(i)), x.d, dp, data_.get() + i * dp);
+      }
+    });
+    rows_ = RowMatrix{data_.get(), dots::Elem::kBFloat16, x.rows, dp, dp};
+    active_ = true;
+#endif
+  }
+
+  // Whether tiles are screened (else callers compute every pair).
+  bool active() const { return active_; }
+  // Pairs whose screened cosine lies below cut() have an exact cosine below the threshold.
+  float cut() const { return cut_; }
+  // The rows rounded to bfloat16, zero-padded to a multiple of 32 columns.
+  const RowMatrix& rows() const { return rows_; }
+
+ private:
+  bool active_ = false;
+  float margin_ = 0.f, cut_ = 0.f;
+  RowMatrix rows_{nullptr, dots::Elem::kBFloat16, 0, 0, 0};
+  std::unique_ptr<uint16_t[]> data_;
+};
+
+// The pairs of a screened block that may reach the cut: need[r * ld + c] for r < m, c < n (and, on the diagonal of
+// an upper visit, j >= i only); returns whether there is any.
+inline bool screen_block(const float* screened, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                         const float* inv_a, const float* inv_b, float cut, bool upper, uint8_t* need) {
+  bool any = false;
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t i = i0 + r, c0 = upper ? std::max<int64_t>(0, i - j0) : 0;
+    uint8_t* flags = need + r * ld;
+    std::fill(flags, flags + n, uint8_t{0});
+    for_each_at_least(screened + r * ld + c0, inv_b + j0 + c0, inv_a[i], n - c0, cut, [&](int64_t c, float) {
+      flags[c0 + c] = 1;
+      any = true;
+    });
+  }
+  return any;
+}
+
 // Calls fn(i0, m, j0, n, raw, ld) for every block of the upper triangle of x x^T (rows i0..i0+m, columns
 // j0..j0+n with j0 >= i0; raw[r * ld + c] = x_{i0+r} . x_{j0+c}, raw dot products), in parallel. Every unordered
 // pair {i, j} lies in exactly one block as (min, max); a block starting on the diagonal also holds pairs with j < i,
@@ -99,6 +211,28 @@ class UpperTiles {
 
   // Number of work items (blocks); slots lie in [0, items()).
   int64_t items() const { return static_cast<int64_t>(blocks_.size()); }
+
+  // visit() for a threshold rule with an active Screen of x (inv: x's inverse norms): fn(i0, m, j0, n, raw, ld,
+  // need, slot) gets the exact raw products only where need[r * ld + c] is set; every other pair of the upper
+  // triangle has a cosine below the screen's threshold. Blocks without such pairs are skipped.
+  template <class F>
+  void visit_screened(const Screen& screen, const float* inv, const F& fn, const std::atomic<bool>* stop = nullptr) const {
+    const RowMatrix& x = x_;
+    const RowMatrix& rounded = screen.rows();
+    const auto packed = pack_panels(rounded);
+    torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t end) {
+      TileDots screened(rounded.elem), exact(x.elem);
+      std::vector<uint8_t> need(TileDots::kMaxRows * TileDots::ld());
+      for (int64_t w = begin; w < end; ++w) {
+        if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
+        const auto [i0, j0] = blocks_[w];
+        const int64_t n = std::min(kTileCols, n_ - j0), m = std::min({tile_rows_, n_ - i0, j0 + n - i0});
+        const float* approx = screened.compute(rounded, i0, m, rounded, j0, n, packed.get());
+        if (!screen_block(approx, TileDots::ld(), i0, m, j0, n, inv, inv, screen.cut(), true, need.data())) continue;
+        fn(i0, m, j0, n, exact.compute_masked(x, i0, m, x, j0, n, need.data()), TileDots::ld(), need.data(), begin);
+      }
+    });
+  }
 
   // `stop` (optional) ends the visit early once set by a callback.
   template <class F>
@@ -140,6 +274,32 @@ inline void visit_cross_blocks(const RowMatrix& a, const RowMatrix& b, const F& 
       const int64_t i0 = (w / col_tiles) * rows, j0 = (w % col_tiles) * kTileCols;
       const int64_t m = std::min(rows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
       fn(i0, m, j0, n, dots.compute(a, i0, m, b, j0, n, packed.get()), TileDots::ld());
+    }
+  });
+}
+
+// visit_cross_blocks for a threshold rule with active Screens of a and b (same threshold; inv_a, inv_b: inverse
+// norms): fn(i0, m, j0, n, raw, ld, need) gets the exact raw products only where need[r * ld + c] is set; every other
+// pair has a cosine below the threshold. Blocks without such pairs are skipped.
+template <class F>
+inline void visit_cross_blocks_screened(const RowMatrix& a, const Screen& screen_a, const float* inv_a,
+                                        const RowMatrix& b, const Screen& screen_b, const float* inv_b, const F& fn) {
+  const RowMatrix& rounded_a = screen_a.rows();
+  const RowMatrix& rounded_b = screen_b.rows();
+  const int64_t rows = TileDots::kMaxRows;
+  const int64_t row_tiles = (a.rows + rows - 1) / rows, col_tiles = (b.rows + kTileCols - 1) / kTileCols;
+  const auto packed = pack_panels(rounded_b);
+  torch::stable::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
+    TileDots screened(rounded_a.elem), exact(a.elem);
+    std::vector<uint8_t> need(TileDots::kMaxRows * TileDots::ld());
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t i0 = (w / col_tiles) * rows, j0 = (w % col_tiles) * kTileCols;
+      const int64_t m = std::min(rows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
+      const float* approx = screened.compute(rounded_a, i0, m, rounded_b, j0, n, packed.get());
+      if (!screen_block(approx, TileDots::ld(), i0, m, j0, n, inv_a, inv_b, screen_a.cut(), false, need.data())) {
+        continue;
+      }
+      fn(i0, m, j0, n, exact.compute_masked(a, i0, m, b, j0, n, need.data()), TileDots::ld(), need.data());
     }
   });
 }

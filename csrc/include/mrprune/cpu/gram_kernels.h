@@ -139,6 +139,18 @@ MRPRUNE_AVX512 inline void pack_b_avx512(const void* const* rows, int64_t nb, El
   }
 }
 
+// A float32 row rounded to bfloat16 (nearest even), d values zero-padded to dp (a multiple of 16).
+MRPRUNE_AVX512_BF16 inline void round_row_bf16(const float* x, int64_t d, int64_t dp, uint16_t* out) {
+  for (int64_t k = 0; k < dp; k += 16) {
+    const int64_t left = d - k;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff)
+                           : left <= 0 ? static_cast<__mmask16>(0)
+                                       : static_cast<__mmask16>((1u << left) - 1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + k)));
+  }
+}
+
 // C[R x 32] (+)= A[R rows, kc] B[kc x 32]; A rows are float32 at a[r] (already offset to the chunk). Each run of
 // kSub k's is summed in registers from 0 and then added to C (blocked summation: the rounding error grows with
 // kSub + d / kSub rather than with d).
@@ -342,8 +354,9 @@ class TileDots {
     packed_.reset(new float[kMaxCols * padded(kKC)]);
     result_.reset(new float[kMaxRows * kMaxCols]);
     if (!avx512_) portable_a_.reset(new float[kMaxRows * kKC]);
-    // float32 copies of converted rows, or zero-padded pair blocks for AMX (which of the two is decided per call)
-    if (elem != Elem::kFloat32) converted_.reset(new float[kMaxRows * kKC]);
+    // float32 copies of converted rows, zero-padded pair blocks for AMX (which of the two is decided per call), or
+    // compute_masked's compact float32 blocks
+    converted_.reset(new float[kMaxRows * kKC]);
   }
 
   // Result row stride of compute().
@@ -367,6 +380,22 @@ class TileDots {
 #endif
     compute_portable(a, i0, m, b, j0, n);
     return result_.get();
+  }
+
+  // The entries (r, c) of compute() with need[r * kMaxCols + c] != 0, bit for bit; the others are left undefined.
+  // float32 rows on AVX-512 only multiply the rows that need a 32-column panel (in groups of up to 8: the kernels'
+  // lanes are independent, so which rows share a group changes no bit) and pack only the panels that are needed;
+  // other types and CPUs compute the whole block.
+  const float* compute_masked(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
+                              const uint8_t* need) {
+#ifdef MRPRUNE_X86_AVX512
+    if (avx512_ && elem_ == Elem::kFloat32 && a.d > 0 && m > 0 && n > 0) {
+      masked_f32(a, i0, m, b, j0, n, need);
+      return result_.get();
+    }
+#endif
+    (void)need;
+    return compute(a, i0, m, b, j0, n);
   }
 
  private:
@@ -474,6 +503,39 @@ class TileDots {
       }
     }
     if (amx) amx_end();
+  }
+
+  // compute_masked for float32: per needed panel, the k-chunks in order, each packed as compute_avx512 packs it and
+  // multiplied into a compact [rows that need the panel][32] block, which is then scattered into the result.
+  MRPRUNE_AVX512 void masked_f32(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
+                                 const uint8_t* need) {
+    const int64_t d = a.d;
+    int64_t rows[kMaxRows];
+    float* block = converted_.get();  // [rows][32]
+    for (int64_t p = 0; p * kNR < n; ++p) {
+      const int64_t c0 = p * kNR, cols = std::min<int64_t>(kNR, n - c0);
+      int64_t count = 0;
+      for (int64_t r = 0; r < m; ++r) {
+        const uint8_t* flags = need + r * kMaxCols + c0;
+        if (std::any_of(flags, flags + cols, [](uint8_t f) { return f != 0; })) rows[count++] = r;
+      }
+      if (count == 0) continue;
+      const void* brows[kNR];
+      for (int64_t c = 0; c < cols; ++c) brows[c] = b.row(j0 + c0 + c);
+      for (int64_t k0 = 0; k0 < d; k0 += kKC) {
+        const int64_t kc = std::min(kKC, d - k0);
+        pack_b_avx512(brows, cols, elem_, false, k0, kc, d, packed_.get());
+        for (int64_t g = 0; g < count; g += kMR) {
+          const int group = static_cast<int>(std::min<int64_t>(kMR, count - g));
+          const float* arows[kMR];
+          for (int q = 0; q < group; ++q) arows[q] = static_cast<const float*>(a.row(i0 + rows[g + q])) + k0;
+          kernel_f32_rows(group)(arows, packed_.get(), kc, block + g * kNR, kNR, k0 > 0);
+        }
+      }
+      for (int64_t q = 0; q < count; ++q) {
+        std::copy(block + q * kNR, block + q * kNR + cols, result_.get() + rows[q] * ld() + c0);
+      }
+    }
   }
 
   // The k-chunk of A rows i0 .. i0 + m as AMX tiles: buf[(s * mpad + r) * 16 + q] = pair k0 + 16 s + q of row r,
