@@ -220,10 +220,12 @@ class UpperTiles {
     const RowMatrix& x = x_;
     const RowMatrix& rounded = screen.rows();
     const auto packed = pack_panels(rounded);
-    torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t end) {
+    // Blocks cost what their candidates cost: each thread takes the next block as it gets free.
+    std::atomic<int64_t> next{0};
+    torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t) {
       TileDots screened(rounded.elem), exact(x.elem);
       std::vector<uint8_t> need(TileDots::kMaxRows * TileDots::ld());
-      for (int64_t w = begin; w < end; ++w) {
+      for (int64_t w = next++; w < items(); w = next++) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
         const auto [i0, j0] = blocks_[w];
         const int64_t n = std::min(kTileCols, n_ - j0), m = std::min({tile_rows_, n_ - i0, j0 + n - i0});
@@ -289,10 +291,12 @@ inline void visit_cross_blocks_screened(const RowMatrix& a, const Screen& screen
   const int64_t rows = TileDots::kMaxRows;
   const int64_t row_tiles = (a.rows + rows - 1) / rows, col_tiles = (b.rows + kTileCols - 1) / kTileCols;
   const auto packed = pack_panels(rounded_b);
-  torch::stable::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
+  // Blocks cost what their candidates cost: each thread takes the next block as it gets free.
+  std::atomic<int64_t> next{0};
+  torch::stable::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t, int64_t) {
     TileDots screened(rounded_a.elem), exact(a.elem);
     std::vector<uint8_t> need(TileDots::kMaxRows * TileDots::ld());
-    for (int64_t w = begin; w < end; ++w) {
+    for (int64_t w = next++; w < row_tiles * col_tiles; w = next++) {
       const int64_t i0 = (w / col_tiles) * rows, j0 = (w % col_tiles) * kTileCols;
       const int64_t m = std::min(rows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
       const float* approx = screened.compute(rounded_a, i0, m, rounded_b, j0, n, packed.get());
