@@ -137,6 +137,10 @@ inline void for_each_at_least(const float* raw, const float* inv_cols, float inv
 // d (tests; by default d >= 256).
 class Screen {
  public:
+  ~Screen() { gemm::ReusedBuffers::give(std::move(buffer_)); }
+  Screen(const Screen&) = delete;
+  Screen& operator=(const Screen&) = delete;
+
   Screen(const RowMatrix& x, const float* inv, float threshold) {
     const char* env = std::getenv("MRPRUNE_CPU_SCREEN");
     const std::string setting = env != nullptr ? env : "";
@@ -149,14 +153,15 @@ class Screen {
     // norm <= 2^60 (inv >= 2^-60; NaN fails too)
     if (!std::all_of(inv, inv + x.rows, [](float v) { return v >= 0x1.0p-60f; })) return;
     const int64_t dp = (x.d + 31) / 32 * 32;
-    data_.reset(new uint16_t[static_cast<size_t>(x.rows * dp)]);
+    buffer_ = gemm::ReusedBuffers::take(static_cast<size_t>(x.rows * dp / 2));
+    uint16_t* rounded = reinterpret_cast<uint16_t*>(buffer_.data.get());
 #ifdef MRPRUNE_X86_AVX512
     torch::stable::parallel_for(0, x.rows, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        gemm::round_row_bf16(static_cast<const float*>(x.row(i)), x.d, dp, data_.get() + i * dp);
+        gemm::round_row_bf16(static_cast<const float*>(x.row(i)), x.d, dp, rounded + i * dp);
       }
     });
-    rows_ = RowMatrix{data_.get(), dots::Elem::kBFloat16, x.rows, dp, dp};
+    rows_ = RowMatrix{rounded, dots::Elem::kBFloat16, x.rows, dp, dp};
     active_ = true;
 #endif
   }
@@ -172,7 +177,7 @@ class Screen {
   bool active_ = false;
   float margin_ = 0.f, cut_ = 0.f;
   RowMatrix rows_{nullptr, dots::Elem::kBFloat16, 0, 0, 0};
-  std::unique_ptr<uint16_t[]> data_;
+  gemm::ReusedBuffers::Buffer buffer_;
 };
 
 // The pairs of a screened block that may reach the cut: need[r * ld + c] for r < m, c < n (and, on the diagonal of
