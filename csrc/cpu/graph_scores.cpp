@@ -27,7 +27,7 @@ struct Entry {
   float value;  // the logit z, then p - f of the row it came from
 };
 
-// Bytes per unordered edge at the peak: the found list plus two directed entries plus the sort.
+// Bytes per unordered edge at the peak: the found list plus two directed entries (and 8 bytes of headroom).
 constexpr int64_t kBytesPerEdge = sizeof(Edge) + 2 * sizeof(Entry) + 8;
 
 struct RowSoftmax {
@@ -41,13 +41,16 @@ bool scores_from_edges(const RowMatrix& x, const float* inv, const float* weight
   const int64_t n = x.rows;
   const UpperTiles tiles(x);
   const int64_t max_edges = workspace_budget(x) / kBytesPerEdge;
-  std::vector<std::vector<Edge>> found(tiles.items());
+  // One edge list per block, on the grid of row tiles x column blocks.
+  const int64_t row_tiles = (n + tiles.rows_per_tile() - 1) / tiles.rows_per_tile();
+  const int64_t col_blocks = (n + kTileCols - 1) / kTileCols;
+  std::vector<std::vector<Edge>> found(row_tiles * col_blocks);
   std::atomic<int64_t> total{0};
   std::atomic<bool> overflow{false};
   // The edges of one block (need: the pairs a screen left in, or nullptr for all).
   const auto collect = [&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld,
-                           const uint8_t* need, int64_t slot) {
-    std::vector<Edge>& mine = found[slot];
+                           const uint8_t* need, int64_t) {
+    std::vector<Edge>& mine = found[(i0 / tiles.rows_per_tile()) * col_blocks + j0 / kTileCols];
     const size_t before = mine.size();
     float z;
     for (int64_t r = 0; r < m; ++r) {
@@ -69,32 +72,56 @@ bool scores_from_edges(const RowMatrix& x, const float* inv, const float* weight
   }
   if (overflow) return false;
 
-  // Both directions of every edge, each row sorted by column (a fixed order whatever the thread count).
-  std::vector<int64_t> offset(n + 1, 0);
-  for (const auto& list : found) {
-    for (const Edge& e : list) {
-      ++offset[e.i + 1];
-      if (e.j != e.i) ++offset[e.j + 1];
-    }
-  }
-  for (int64_t i = 0; i < n; ++i) offset[i + 1] += offset[i];
-  std::vector<Entry> entries(static_cast<size_t>(offset[n]));
-  {
-    std::vector<int64_t> cursor(offset.begin(), offset.end() - 1);
-    for (auto& list : found) {
-      for (const Edge& e : list) {
-        entries[cursor[e.i]++] = {e.j, e.logit};
-        if (e.j != e.i) entries[cursor[e.j]++] = {e.i, e.logit};
+  // Both directions of every edge, each row in column order (a fixed order whatever the thread count), without a
+  // sort: row x holds first its pairs (i, x) with i < x ("mirrors", from the blocks of x's column block in row-tile
+  // order, each block row by row: ascending i), then its own pairs (x, j), j >= x (from its row tile's blocks in
+  // column order: ascending j). Both halves are counted and placed in parallel: rows by row tile, mirrors by column
+  // block.
+  std::vector<int64_t> mirrors(n, 0), owns(n, 0);
+  const auto block = [&](int64_t t, int64_t cb) -> std::vector<Edge>& { return found[t * col_blocks + cb]; };
+  torch::stable::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t cb = 0; cb < col_blocks; ++cb) {
+        for (const Edge& e : block(t, cb)) ++owns[e.i];
       }
-      std::vector<Edge>().swap(list);
     }
+  });
+  torch::stable::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t cb = begin; cb < end; ++cb) {
+      for (int64_t t = 0; t < row_tiles; ++t) {
+        for (const Edge& e : block(t, cb)) mirrors[e.j] += e.j != e.i;
+      }
+    }
+  });
+  std::vector<int64_t> offset(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    offset[i + 1] = offset[i] + mirrors[i] + owns[i];
+    owns[i] = offset[i] + mirrors[i];  // now the cursors of the two halves
+    mirrors[i] = offset[i];
   }
+  std::vector<Entry> entries(static_cast<size_t>(offset[n]));
+  torch::stable::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t cb = 0; cb < col_blocks; ++cb) {
+        for (const Edge& e : block(t, cb)) entries[owns[e.i]++] = {e.j, e.logit};
+      }
+    }
+  });
+  torch::stable::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t cb = begin; cb < end; ++cb) {
+      for (int64_t t = 0; t < row_tiles; ++t) {
+        for (const Edge& e : block(t, cb)) {
+          if (e.j != e.i) entries[mirrors[e.j]++] = {e.i, e.logit};
+        }
+      }
+    }
+  });
+  std::vector<std::vector<Edge>>().swap(found);
   RowSoftmax soft(n);
   torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      Entry* row = entries.data() + offset[i];
+      const Entry* row = entries.data() + offset[i];
       const int64_t edges = offset[i + 1] - offset[i];
-      std::sort(row, row + edges, [](const Entry& a, const Entry& b) { return a.col < b.col; });
       float max_logit = -std::numeric_limits<float>::infinity();
       for (int64_t e = 0; e < edges; ++e) max_logit = std::max(max_logit, row[e].value);
       const int64_t non_edges = n - edges;

@@ -216,6 +216,8 @@ class UpperTiles {
 
   // Number of work items (blocks); slots lie in [0, items()).
   int64_t items() const { return static_cast<int64_t>(blocks_.size()); }
+  // Rows per row tile: blocks start at rows i0 = multiples of it and columns j0 = multiples of kTileCols.
+  int64_t rows_per_tile() const { return tile_rows_; }
 
   // visit() for a threshold rule with an active Screen of x (inv: x's inverse norms): fn(i0, m, j0, n, raw, ld,
   // need, slot) gets the exact raw products only where need[r * ld + c] is set; every other pair of the upper
