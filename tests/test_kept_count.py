@@ -1,13 +1,14 @@
 """``Pruner.kept_count(layout)``: for every method :mod:`mrprune.methods` exports, either the number of tokens
 ``select`` keeps of an image with that layout (checked against ``select`` on synthetic features and signals, for
 budgets and shares that round both ways, LLaVA-NeXT layouts whose newlines outnumber a small budget included), or a
-:class:`~mrprune.methods.base.KeptCountUnknown` saying why the count does not follow from the layout."""
+:class:`mrprune.KeptCountUnknown` saying why the count does not follow from the layout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mrprune import KeptCountUnknown
 from mrprune import methods as methods_module
 from mrprune.layouts import GridLayout, LlavaNextLayout
 from mrprune.methods import (
@@ -26,7 +27,6 @@ from mrprune.methods import (
     ResPrune,
     VisPruner,
 )
-from mrprune.methods.base import KeptCountUnknown
 
 LAYOUTS = [
     GridLayout(1, 6, 6),

@@ -21,7 +21,7 @@ model adapter of an integration implements each stage once, so adding a method i
 """
 
 from .agilepruner import AgilePruner
-from .base import Pruner
+from .base import KeptCountUnknown, Pruner
 from .baselines import DivPrune, RandomPruner
 from .cdpruner import CDPruner
 from .dart import DART
@@ -56,6 +56,7 @@ __all__ = [
     "HiRED",
     "L2Norm",
     "MRPruner",
+    "KeptCountUnknown",
     "MergedTokens",
     "PDrop",
     "Need",

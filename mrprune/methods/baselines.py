@@ -44,7 +44,7 @@ class DivPrune(Pruner):
 
     def kept_count(self, layout: Layout) -> int:
         """``round(keep_ratio * T)`` half to even, newlines not kept apart; ``official=True`` may keep a duplicate
-        pick once (fewer tokens), so its count is unknown (:class:`~mrprune.methods.base.KeptCountUnknown`)."""
+        pick once (fewer tokens), so its count is unknown (:class:`mrprune.KeptCountUnknown`)."""
         if self.official:
             raise KeptCountUnknown(
                 "mrprune.DivPrune(official=True) can pick an exact duplicate twice and keep it once, so its count "

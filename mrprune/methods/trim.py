@@ -85,7 +85,7 @@ class TRIM(Pruner):
     def kept_count(self, layout: Layout) -> int:
         """Default mode with ``keep_ratio``: ``round(keep_ratio * S)`` of the ``S`` patch tokens (at least one), plus
         every newline. The IQR share (``keep_ratio=None``) and ``official=True`` depend on the features
-        (:class:`~mrprune.methods.base.KeptCountUnknown`)."""
+        (:class:`mrprune.KeptCountUnknown`)."""
         if self.keep_ratio is None or self.official:
             raise KeptCountUnknown(
                 "mrprune.TRIM keeps the IQR outlier share of its CLIP similarities (keep_ratio=None) or, with "
