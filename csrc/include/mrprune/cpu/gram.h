@@ -132,9 +132,9 @@ inline void for_each_at_least(const float* raw, const float* inv_cols, float inv
 // the inverse norms add a few ulps. What bfloat16 and AMX flush to zero (denormal values and products) changes a dot
 // product by at most (d + sqrt(d) (||x|| + ||y||)) 2^-126, and the cosine by that times inv_x inv_y <= 1e24 (norms
 // are clamped at 1e-12): far inside the 2^-16 slack. Norms <= 2^60 keep every product of two norms finite; a huge or
-// non-finite norm turns the screen off, as does a threshold so low that nothing would be left out. Pays where the graph is sparse (image features at
-// the official thresholds: a few percent of the pairs); MRPRUNE_CPU_SCREEN=0 turns it off, =1 forces it on for any
-// d (tests; by default d >= 256).
+// non-finite norm turns the screen off, as does a threshold so low that nothing would be left out. It pays where the
+// graph is sparse (image features at the official thresholds: a few percent of the pairs); MRPRUNE_CPU_SCREEN=0 turns
+// it off, =1 forces it on for any d (tests; by default d >= 256).
 class Screen {
  public:
   ~Screen() { gemm::ReusedBuffers::give(std::move(buffer_)); }
@@ -223,7 +223,8 @@ class UpperTiles {
   // need, slot) gets the exact raw products only where need[r * ld + c] is set; every other pair of the upper
   // triangle has a cosine below the screen's threshold. Blocks without such pairs are skipped.
   template <class F>
-  void visit_screened(const Screen& screen, const float* inv, const F& fn, const std::atomic<bool>* stop = nullptr) const {
+  void visit_screened(const Screen& screen, const float* inv, const F& fn,
+                      const std::atomic<bool>* stop = nullptr) const {
     const RowMatrix& x = x_;
     const RowMatrix& rounded = screen.rows();
     const auto packed = pack_panels(rounded);

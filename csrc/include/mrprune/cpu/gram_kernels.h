@@ -322,7 +322,9 @@ class ReusedBuffers {
     std::lock_guard<std::mutex> lock(mutex());
     Buffer* smallest = nullptr;
     for (Buffer& kept : kept_buffers()) {
-      if (smallest == nullptr || kept.data == nullptr || (smallest->data != nullptr && kept.floats < smallest->floats)) {
+      // an empty slot, else the smallest
+      if (smallest == nullptr || kept.data == nullptr ||
+          (smallest->data != nullptr && kept.floats < smallest->floats)) {
         smallest = &kept;
       }
     }
@@ -385,7 +387,9 @@ class PackedPanels {
 
   // k-chunk k0 (a multiple of kKC) of panel p. Full chunks have no padding (kKC is a multiple of 16), so with words a
   // multiple of 16 chunk(p, 0) is the whole panel as one [words][32] run (the whole-k AMX blocks read it so).
-  const float* chunk(int64_t p, int64_t k0) const { return buffer_.data.get() + p * stride_ + (k0 / kKC) * padded(kKC) * kNR; }
+  const float* chunk(int64_t p, int64_t k0) const {
+    return buffer_.data.get() + p * stride_ + (k0 / kKC) * padded(kKC) * kNR;
+  }
 
  private:
   RowMatrix b_;
