@@ -10,6 +10,7 @@
 // n x n matrix has to exist.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -180,22 +181,37 @@ class Screen {
   gemm::ReusedBuffers::Buffer buffer_;
 };
 
-// The pairs of a screened block that may reach the cut: need[r * ld + c] for r < m, c < n (and, on the diagonal of
-// an upper visit, j >= i only); returns whether there is any.
-inline bool screen_block(const float* screened, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
-                         const float* inv_a, const float* inv_b, float cut, bool upper, uint8_t* need) {
-  bool any = false;
-  for (int64_t r = 0; r < m; ++r) {
-    const int64_t i = i0 + r, c0 = upper ? std::max<int64_t>(0, i - j0) : 0;
-    uint8_t* flags = need + r * ld;
-    std::fill(flags, flags + n, uint8_t{0});
-    for_each_at_least(screened + r * ld + c0, inv_b + j0 + c0, inv_a[i], n - c0, cut, [&](int64_t c, float) {
-      flags[c0 + c] = 1;
-      any = true;
-    });
+// Blocks of a screened visit, one object per thread: compute() takes the block of the rounded rows, marks the pairs
+// whose screened cosine reaches the cut (on the diagonal of an upper visit, j >= i only) and computes those exactly.
+class ScreenedDots {
+ public:
+  explicit ScreenedDots(dots::Elem elem) : exact_(elem), need_(TileDots::kMaxRows * TileDots::ld()) {}
+
+  // Raw products of rows i0.. of a by rows j0.. of b (row stride TileDots::ld()) where need() is set; nullptr when
+  // no pair of the block can reach the cut. `packed`: rounded_b packed ahead.
+  const float* compute(const RowMatrix& a, const Screen& screen_a, const float* inv_a, int64_t i0, int64_t m,
+                       const RowMatrix& b, const Screen& screen_b, const float* inv_b, int64_t j0, int64_t n,
+                       const gemm::PackedPanels* packed, bool upper) {
+    const int64_t ld = TileDots::ld();
+    const float* approx = screened_.compute(screen_a.rows(), i0, m, screen_b.rows(), j0, n, packed);
+    bool any = false;
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t i = i0 + r, c0 = upper ? std::max<int64_t>(0, i - j0) : 0;
+      uint8_t* flags = need_.data() + r * ld;
+      std::fill(flags, flags + n, uint8_t{0});
+      for_each_at_least(approx + r * ld + c0, inv_b + j0 + c0, inv_a[i], n - c0, screen_a.cut(),
+                        [&](int64_t c, float) { flags[c0 + c] = 1, any = true; });
+    }
+    return any ? exact_.compute_masked(a, i0, m, b, j0, n, need_.data()) : nullptr;
   }
-  return any;
-}
+
+  // need()[r * TileDots::ld() + c]: whether the last compute() computed pair (r, c).
+  const uint8_t* need() const { return need_.data(); }
+
+ private:
+  TileDots screened_{dots::Elem::kBFloat16}, exact_;
+  std::vector<uint8_t> need_;
+};
 
 // Calls fn(i0, m, j0, n, raw, ld) for every block of the upper triangle of x x^T (rows i0..i0+m, columns
 // j0..j0+n with j0 >= i0; raw[r * ld + c] = x_{i0+r} . x_{j0+c}, raw dot products), in parallel. Every unordered
@@ -226,20 +242,16 @@ class UpperTiles {
   void visit_screened(const Screen& screen, const float* inv, const F& fn,
                       const std::atomic<bool>* stop = nullptr) const {
     const RowMatrix& x = x_;
-    const RowMatrix& rounded = screen.rows();
-    const auto packed = pack_panels(rounded);
+    const auto packed = pack_panels(screen.rows());
     // Blocks cost what their candidates cost: each thread takes the next block as it gets free.
     std::atomic<int64_t> next{0};
     torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t) {
-      TileDots screened(rounded.elem), exact(x.elem);
-      std::vector<uint8_t> need(TileDots::kMaxRows * TileDots::ld());
+      ScreenedDots dots(x.elem);
       for (int64_t w = next++; w < items(); w = next++) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
-        const auto [i0, j0] = blocks_[w];
-        const int64_t n = std::min(kTileCols, n_ - j0), m = std::min({tile_rows_, n_ - i0, j0 + n - i0});
-        const float* approx = screened.compute(rounded, i0, m, rounded, j0, n, packed.get());
-        if (!screen_block(approx, TileDots::ld(), i0, m, j0, n, inv, inv, screen.cut(), true, need.data())) continue;
-        fn(i0, m, j0, n, exact.compute_masked(x, i0, m, x, j0, n, need.data()), TileDots::ld(), need.data(), begin);
+        const auto [i0, m, j0, n] = block(w);
+        const float* raw = dots.compute(x, screen, inv, i0, m, x, screen, inv, j0, n, packed.get(), true);
+        if (raw != nullptr) fn(i0, m, j0, n, raw, TileDots::ld(), dots.need(), begin);
       }
     });
   }
@@ -253,15 +265,20 @@ class UpperTiles {
       TileDots dots(x.elem);
       for (int64_t w = begin; w < end; ++w) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
-        const auto [i0, j0] = blocks_[w];
-        // Rows below the block's last column hold only pairs j < i: not computed.
-        const int64_t n = std::min(kTileCols, n_ - j0), m = std::min({tile_rows_, n_ - i0, j0 + n - i0});
+        const auto [i0, m, j0, n] = block(w);
         fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n, packed.get()), TileDots::ld(), begin);
       }
     });
   }
 
  private:
+  // Block w as (i0, m, j0, n). Rows below the block's last column hold only pairs j < i: not computed.
+  std::array<int64_t, 4> block(int64_t w) const {
+    const auto [i0, j0] = blocks_[w];
+    const int64_t n = std::min(kTileCols, n_ - j0), m = std::min({tile_rows_, n_ - i0, j0 + n - i0});
+    return {i0, m, j0, n};
+  }
+
   void add_row_tile(int64_t t) {
     for (int64_t j0 = t * tile_rows_; j0 < n_; j0 += kTileCols) blocks_.emplace_back(t * tile_rows_, j0);
   }
@@ -294,24 +311,18 @@ inline void visit_cross_blocks(const RowMatrix& a, const RowMatrix& b, const F& 
 template <class F>
 inline void visit_cross_blocks_screened(const RowMatrix& a, const Screen& screen_a, const float* inv_a,
                                         const RowMatrix& b, const Screen& screen_b, const float* inv_b, const F& fn) {
-  const RowMatrix& rounded_a = screen_a.rows();
-  const RowMatrix& rounded_b = screen_b.rows();
   const int64_t rows = TileDots::kMaxRows;
   const int64_t row_tiles = (a.rows + rows - 1) / rows, col_tiles = (b.rows + kTileCols - 1) / kTileCols;
-  const auto packed = pack_panels(rounded_b);
+  const auto packed = pack_panels(screen_b.rows());
   // Blocks cost what their candidates cost: each thread takes the next block as it gets free.
   std::atomic<int64_t> next{0};
   torch::stable::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t, int64_t) {
-    TileDots screened(rounded_a.elem), exact(a.elem);
-    std::vector<uint8_t> need(TileDots::kMaxRows * TileDots::ld());
+    ScreenedDots dots(a.elem);
     for (int64_t w = next++; w < row_tiles * col_tiles; w = next++) {
       const int64_t i0 = (w / col_tiles) * rows, j0 = (w % col_tiles) * kTileCols;
       const int64_t m = std::min(rows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
-      const float* approx = screened.compute(rounded_a, i0, m, rounded_b, j0, n, packed.get());
-      if (!screen_block(approx, TileDots::ld(), i0, m, j0, n, inv_a, inv_b, screen_a.cut(), false, need.data())) {
-        continue;
-      }
-      fn(i0, m, j0, n, exact.compute_masked(a, i0, m, b, j0, n, need.data()), TileDots::ld(), need.data());
+      const float* raw = dots.compute(a, screen_a, inv_a, i0, m, b, screen_b, inv_b, j0, n, packed.get(), false);
+      if (raw != nullptr) fn(i0, m, j0, n, raw, TileDots::ld(), dots.need());
     }
   });
 }

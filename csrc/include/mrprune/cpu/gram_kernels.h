@@ -143,12 +143,7 @@ MRPRUNE_AVX512 inline void pack_b_avx512(const void* const* rows, int64_t nb, El
 // A float32 row rounded to bfloat16 (nearest even), d values zero-padded to dp (a multiple of 16).
 MRPRUNE_AVX512_BF16 inline void round_row_bf16(const float* x, int64_t d, int64_t dp, uint16_t* out) {
   for (int64_t k = 0; k < dp; k += 16) {
-    const int64_t left = d - k;
-    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff)
-                           : left <= 0 ? static_cast<__mmask16>(0)
-                                       : static_cast<__mmask16>((1u << left) - 1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + k)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), (__m256i)_mm512_cvtneps_pbh(load_words(x, k, d)));
   }
 }
 
