@@ -80,22 +80,32 @@ bool scores_from_edges(const RowMatrix& x, const float* inv, const float* weight
   // order, each block row by row: ascending i), then its own pairs (x, j), j >= x (from its row tile's blocks in
   // column order: ascending j). Both halves are counted and placed in parallel: rows by row tile, mirrors by column
   // block.
+  // each_own(fn): fn(e) for every edge, in parallel over row tiles (each row's own pairs in order); each_mirror(fn):
+  // fn(e) for every edge off the diagonal, in parallel over column blocks (each row's mirrors in order).
+  const auto block = [&](int64_t t, int64_t cb) -> const std::vector<Edge>& { return found[t * col_blocks + cb]; };
+  const auto each_own = [&](const auto& fn) {
+    torch::stable::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t cb = 0; cb < col_blocks; ++cb) {
+          for (const Edge& e : block(t, cb)) fn(e);
+        }
+      }
+    });
+  };
+  const auto each_mirror = [&](const auto& fn) {
+    torch::stable::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t cb = begin; cb < end; ++cb) {
+        for (int64_t t = 0; t < row_tiles; ++t) {
+          for (const Edge& e : block(t, cb)) {
+            if (e.j != e.i) fn(e);
+          }
+        }
+      }
+    });
+  };
   std::vector<int64_t> mirrors(n, 0), owns(n, 0);
-  const auto block = [&](int64_t t, int64_t cb) -> std::vector<Edge>& { return found[t * col_blocks + cb]; };
-  torch::stable::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t cb = 0; cb < col_blocks; ++cb) {
-        for (const Edge& e : block(t, cb)) ++owns[e.i];
-      }
-    }
-  });
-  torch::stable::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t cb = begin; cb < end; ++cb) {
-      for (int64_t t = 0; t < row_tiles; ++t) {
-        for (const Edge& e : block(t, cb)) mirrors[e.j] += e.j != e.i;
-      }
-    }
-  });
+  each_own([&](const Edge& e) { ++owns[e.i]; });
+  each_mirror([&](const Edge& e) { ++mirrors[e.j]; });
   std::vector<int64_t> offset(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     offset[i + 1] = offset[i] + mirrors[i] + owns[i];
@@ -103,22 +113,8 @@ bool scores_from_edges(const RowMatrix& x, const float* inv, const float* weight
     mirrors[i] = offset[i];
   }
   std::vector<Entry> entries(static_cast<size_t>(offset[n]));
-  torch::stable::parallel_for(0, row_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t cb = 0; cb < col_blocks; ++cb) {
-        for (const Edge& e : block(t, cb)) entries[owns[e.i]++] = {e.j, e.logit};
-      }
-    }
-  });
-  torch::stable::parallel_for(0, col_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t cb = begin; cb < end; ++cb) {
-      for (int64_t t = 0; t < row_tiles; ++t) {
-        for (const Edge& e : block(t, cb)) {
-          if (e.j != e.i) entries[mirrors[e.j]++] = {e.i, e.logit};
-        }
-      }
-    }
-  });
+  each_own([&](const Edge& e) { entries[owns[e.i]++] = {e.j, e.logit}; });
+  each_mirror([&](const Edge& e) { entries[mirrors[e.j]++] = {e.i, e.logit}; });
   std::vector<std::vector<Edge>>().swap(found);
   RowSoftmax soft(n);
   torch::stable::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
