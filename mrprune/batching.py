@@ -64,8 +64,9 @@ def pad_batch(items: list[torch.Tensor], *, pad_value: float = 0.0) -> tuple[tor
 
 
 #: Gathers of at least this many bytes on a Linux CPU ask for transparent huge pages (:func:`gather_rows`): glibc's
-#: largest mmap threshold, above which every allocation is a fresh mapping. Smaller buffers come back from the heap
-#: already faulted in, and advising them cost more than it saved (bf16 LLaVA-NeXT gather, 19 MB: 6 -> 19 ms).
+#: largest mmap threshold, above which every allocation is a fresh mapping. Below it, whether a buffer comes back from
+#: the heap already faulted in depends on what the process freed before; advising the 19 MB bf16 LLaVA-NeXT gather
+#: once cost more than it saved (6 -> 19 ms) and later showed no clear gain in whole G-Prune / MR-Pruner calls.
 HUGE_PAGE_GATHER_BYTES = 32 << 20
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # <linux/mman.h>
