@@ -52,23 +52,52 @@ def test_keep_all_equals_unpatched(case, method):
         assert torch.equal(ours, theirs)
 
 
+def recording(pruner):
+    """``pruner`` with each ``select_batch`` call's features recorded: per call, the list of its items' valid
+    tokens."""
+    calls, select_batch = [], pruner.select_batch
+
+    def record(features, layouts, lengths, *args, **kwargs):
+        calls.append([features[i, : int(lengths[i])].clone() for i in range(features.shape[0])])
+        return select_batch(features, layouts, lengths, *args, **kwargs)
+
+    pruner.select_batch = record
+    return pruner, calls
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 @torch.no_grad()
 def test_budgets_and_batch_equal_single_prompts(case, method):
+    """A prompt pruned in a batch keeps what it keeps alone and generates the same. Where the model itself hands the
+    pruner different bits alone (BLAS picks its kernels by shape: on AMD EPYC the tiny vision tower's features of a
+    lone image differ in the last bit), that image is held to its budget only (a near-tie may then go either way), and
+    its prompt's generation is not compared."""
     _, model, inputs, singles = case
     steps = 3
-    with patched(model, METHODS[method](0.4)) as handle:
+    pruner, calls = recording(METHODS[method](0.4))
+    with patched(model, pruner) as handle:
         both = model.generate(**inputs, max_new_tokens=steps, **GREEDY)
-        records = handle.last
+        records, batch_items = handle.last, calls[-1]
         for record in records:
             for kept in record.kept:
                 assert torch.equal(kept, kept.unique())  # sorted ascending, distinct
+        first, compared = 0, 0
         for b, visual in enumerate(singles):
             one = model.generate(**single_prompt(inputs, b, visual), max_new_tokens=steps, **GREEDY)
-            assert all(torch.equal(x, y) for x, y in zip(handle.last[0].kept, records[b].kept, strict=True))
+            alone, items = handle.last[0], calls[-1]
+            mine = batch_items[first : first + len(items)]
+            first += len(items)
+            assert [k.numel() for k in alone.kept] == [k.numel() for k in records[b].kept]
+            same = [torch.equal(x, y) for x, y in zip(items, mine, strict=True)]
+            for x, y, equal in zip(alone.kept, records[b].kept, same, strict=True):
+                assert torch.equal(x, y) or not equal
+            compared += sum(same)
+            if not all(same):
+                continue  # the model's own rounding differs between batch and single (see the docstring)
             assert torch.equal(one.sequences[0, -steps:], both.sequences[b, -steps:])
             for ours, theirs in zip(one.logits, both.logits, strict=True):
                 torch.testing.assert_close(ours[0], theirs[b], rtol=0, atol=ATOL)
+        assert compared, "no image had the same features alone as in the batch: nothing was compared"
     # every method here keeps round(0.4 n) tokens of an item of n (LLaVA-NeXT newlines included)
     sizes = [_item_sizes(inputs, b) for b in range(2)]
     assert [[k.numel() for k in r.kept] for r in records] == [[round_half_up(0.4 * n) for n in s] for s in sizes]

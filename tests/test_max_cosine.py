@@ -254,17 +254,20 @@ def test_zero_identical_and_opposite_vectors(impl, dtype):
 
 @pytest.mark.parametrize("impl", ["reference", *KERNELS])
 def test_batch_equals_per_item(impl):
-    """Each item of a padded batch gives bitwise the same values alone, padded or trimmed to its own lengths."""
+    """Each item of a padded batch gives bitwise the same values alone, padded or trimmed to its own lengths. The
+    batched eager backend ("torch", one bmm over the padded batch) is held to float32 rounding instead: BLAS picks
+    its kernel by shape, and on some CPUs (AMD EPYC, MKL) a trimmed item's products round differently."""
     call = reference.max_cosine if impl == "reference" else lambda *a: run(OP, impl, *a)
+    same = torch.equal if impl != "torch" else lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-6)
     g = torch.Generator().manual_seed(13)
     queries, ql, keys, kl = make_batch([40, 0, 17, 1, 40], [9, 5, 0, 3, 30], 20, g)
     batch = call(queries, ql, keys, kl)
     for b in range(5):
         m, n = int(ql[b]), int(kl[b])
         alone = call(queries[b : b + 1], ql[b : b + 1], keys[b : b + 1], kl[b : b + 1])
-        assert torch.equal(alone, batch[b : b + 1]), f"item {b} (padded)"
+        assert same(alone, batch[b : b + 1]), f"item {b} (padded)"
         trimmed = call(queries[b : b + 1, :m], ql[b : b + 1], keys[b : b + 1, :n], kl[b : b + 1])
-        assert torch.equal(trimmed[0], batch[b, :m]), f"item {b} (trimmed)"
+        assert same(trimmed[0], batch[b, :m]), f"item {b} (trimmed)"
 
 
 # --- 5. bad input ------------------------------------------------------------------------------------------------
