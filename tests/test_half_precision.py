@@ -245,3 +245,15 @@ def test_large_n_memory_is_order_n_d():
     assert done.returncode == 0, done.stderr[-2000:]
     for result in json.loads(done.stdout.strip().splitlines()[-1]):
         assert result["extra_rss_bytes"] < 128 * 2**20, result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 2304, 4096), (3, 300, 1000), (2, 5, 7), (1, 1, 2**20)])
+def test_token_norms_are_the_upcast_float32_norms_bitwise(dtype, shape):
+    """The methods' budget norms of half features upcast in chunks through one reused buffer: the bits of
+    ``features.float().norm(dim=-1)`` for every batch, chunk edge and width (a chunk of one token at D = 2**20)."""
+    from mrprune.methods import _checks
+
+    features = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    lengths = torch.full((shape[0],), shape[1])
+    assert torch.equal(_checks.token_norms("test", features, lengths), features.float().norm(dim=-1))

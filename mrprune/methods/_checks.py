@@ -203,13 +203,22 @@ def token_norms(owner: str, features: torch.Tensor, lengths: torch.Tensor) -> to
 
 
 def _float32_norms(features: torch.Tensor) -> torch.Tensor:
-    """``features.float().norm(dim=-1)`` ``[B, N]``, bit for bit. Half-precision features on the CPU are upcast 2**18
-    elements at a time: one float32 copy of a whole LLaVA-NeXT image is mostly page faults of a fresh buffer (20 ms
-    against 3.5 ms chunked, 2304 x 4096 bfloat16)."""
+    """``features.float().norm(dim=-1)`` ``[B, N]``, bit for bit. Half-precision features on the CPU are upcast 128
+    tokens (at D = 4096) at a time into one reused float32 buffer: a fresh float32 copy per chunk or of the whole
+    image is mostly page faults whenever the allocator maps new memory (1 to 7 ms against 0.8 ms reused, 2304 x 4096
+    bfloat16, 2 threads)."""
     if features.dtype == torch.float32 or features.device.type != "cpu" or not features.numel():
         return features.float().norm(dim=-1)
-    step = max(1, 2**18 // features.shape[-1])
-    return torch.cat([chunk.float().norm(dim=-1) for chunk in features.split(step, dim=1)], dim=1)
+    batch, tokens, dim = features.shape
+    step = max(1, 2**19 // dim)
+    norms = torch.empty(batch, tokens, dtype=torch.float32)
+    chunk = torch.empty(batch, min(step, tokens), dim, dtype=torch.float32)
+    for start in range(0, tokens, step):
+        rows = min(step, tokens - start)
+        upcast = chunk[:, :rows]
+        upcast.copy_(features[:, start : start + rows])
+        norms[:, start : start + rows] = torch.linalg.vector_norm(upcast, dim=-1)
+    return norms
 
 
 def _describe(value: Any, with_shape: bool = False) -> str:
