@@ -194,7 +194,9 @@ def assert_greedy_with_brute_force(got, features, lengths, k, saliency, alpha, t
         w = [1.0] * n if saliency is None else [float(a) ** alpha for a in saliency[b, :n].double().tolist()]
         picks = got[b, : min(k, n)].tolist()
         assert got[b, min(k, n) :].eq(-1).all(), f"item {b}: picks past n"
-        for t, scores in zip(range(len(picks)), brute_steps(features[b, :n].double().tolist(), w, picks)):
+        steps = brute_steps(features[b, :n].double().tolist(), w, picks)
+        for t in range(len(picks)):
+            scores = next(steps)
             best = max(scores)
             first = scores.index(best)
             near = [j for j, v in enumerate(scores) if v >= best - tol * max(1.0, abs(best))]

@@ -27,6 +27,7 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
   Workspace similarity = workspace(max_queries * max_keys);
   std::vector<int64_t> selected_keys;
   std::vector<float> weight(max_keys);
+  const std::vector<float> ones(max_keys, 1.f);  // for_each_at_least scales by inverse norms: the row is cosines
   const int64_t* qlen = query_lengths.const_data_ptr<int64_t>();
   const bool* mask = key_mask.const_data_ptr<bool>();
   for (int64_t b = 0; b < batch; ++b) {
@@ -71,15 +72,32 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
     }
     float* out = prop.mutable_data_ptr<float>() + b * max_queries;
     torch::stable::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      std::vector<std::pair<int64_t, float>> edges;  // (key, logit) of one row, ascending key
       for (int64_t i = begin; i < end; ++i) {
         const float* row = similarity.get() + i * selected;
-        const EdgeRowStats stats = edge_row_stats(row, selected, thr, temp);
-        float mass = 0.f, z;
-        for (int64_t j = 0; j < selected; ++j) {
-          const float numerator = is_edge(row[j], thr, temp, &z) ? std::exp(z - stats.max_logit) : stats.fill;
-          mass += weight[j] * (numerator / stats.denominator);
+        // The row's edges from one vectorised threshold scan (a row holds ~1 % edges at the LLaVA-NeXT shape); then
+        // edge_row_stats' sums in its order, so the same bits.
+        edges.clear();
+        for_each_at_least(row, ones.data(), 1.f, selected, thr, [&](int64_t j, float s) {
+          float z;
+          if (is_edge(s, thr, temp, &z)) edges.push_back({j, z});
+        });
+        const int64_t non_edges = selected - static_cast<int64_t>(edges.size());
+        float max_logit = non_edges > 0 ? kEdgeFillLogit : -std::numeric_limits<float>::infinity();
+        for (const auto& [j, z] : edges) max_logit = std::max(max_logit, z);
+        const float fill = non_edges > 0 ? std::exp(kEdgeFillLogit - max_logit) : 0.f;
+        float denominator = static_cast<float>(non_edges) * fill;
+        for (const auto& [j, z] : edges) denominator += std::exp(z - max_logit);
+        float mass = 0.f;
+        if (fill == 0.f) {  // the non-edge terms are all +-0 (weights are checked finite): adding them changes no bit
+          for (const auto& [j, z] : edges) mass += weight[j] * (std::exp(z - max_logit) / denominator);
+        } else {
+          for (int64_t j = 0, e = 0; j < selected; ++j) {
+            const bool edge = e < static_cast<int64_t>(edges.size()) && edges[e].first == j;
+            mass += weight[j] * ((edge ? std::exp(edges[e++].second - max_logit) : fill) / denominator);
+          }
         }
-        out[i] = mass / stats.degree(selected);
+        out[i] = mass / static_cast<float>(edges.empty() ? selected : static_cast<int64_t>(edges.size()));
       }
     });
   }
