@@ -62,7 +62,9 @@ def gram_store_kernel(
     b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
     if live:  # ti <= tj: the tile touches the item
         s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
-        s = s
+        if ti == tj:  # the tile holds (i, j) and (j, i): its upper triangle gives both (S bitwise symmetric whatever
+            # order tl.dot sums each entry in: the interpreter's float16 matmul does not sum them alike)
+            s = tl.where(offs_i[:, None] <= offs_j[None, :], s, tl.trans(s))
         tl.store(S + tile_offsets(b, offs_i, offs_j, stride_sb, N, 1), s, mask=ok_i[:, None] & ok_j[None, :])
         if ti != tj:
             tl.store(

@@ -216,8 +216,8 @@ class ScreenedDots {
 // Calls fn(i0, m, j0, n, raw, ld) for every block of the upper triangle of x x^T (rows i0..i0+m, columns
 // j0..j0+n with j0 >= i0; raw[r * ld + c] = x_{i0+r} . x_{j0+c}, raw dot products), in parallel. Every unordered
 // pair {i, j} lies in exactly one block as (min, max); a block starting on the diagonal also holds pairs with j < i,
-// which the callback must skip. fn runs concurrently for different blocks, in no fixed order; `slot`
-// (0 <= slot < items()) identifies the calling chunk for per-chunk scratch.
+// whose raw entries are undefined (the callback must skip them). fn runs concurrently for different blocks, in no
+// fixed order; `slot` (0 <= slot < items()) identifies the calling chunk for per-chunk scratch.
 class UpperTiles {
  public:
   explicit UpperTiles(const RowMatrix& x) : x_(x), n_(x.rows), tile_rows_(tile_rows(x)) {
@@ -267,7 +267,7 @@ class UpperTiles {
       for (int64_t w = next++; w < items(); w = next++) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
         const auto [i0, m, j0, n] = block(w);
-        fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n, packed.get()), TileDots::ld(), begin);
+        fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n, packed.get(), true), TileDots::ld(), begin);
       }
     });
   }

@@ -417,8 +417,11 @@ class TileDots {
 
   // C[r, c] = a.row(i0 + r) . b.row(j0 + c) for r < m <= kMaxRows, c < n <= kMaxCols; returns C (row stride ld()).
   // `packed` (optional): b packed ahead (then j0 must be a multiple of 32); the results are the same bits.
+  // `upper`: a and b index the same rows and only pairs j0 + c >= i0 + r are wanted; the AVX-512 kernels then skip
+  // the 8 x 32 blocks that lie wholly below the diagonal, whose entries are left undefined (a diagonal 128 x 128
+  // tile needs 40 of its 64).
   const float* compute(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
-                       const PackedPanels* packed = nullptr) {
+                       const PackedPanels* packed = nullptr, bool upper = false) {
     const int64_t d = a.d;
     if (m == 0 || n == 0) return result_.get();
     if (d == 0) {
@@ -427,7 +430,8 @@ class TileDots {
     }
 #ifdef MRPRUNE_X86_AVX512
     if (avx512_) {
-      compute_avx512(a, i0, m, b, j0, n, packed != nullptr && packed->serves(b) && j0 % kNR == 0 ? packed : nullptr);
+      compute_avx512(a, i0, m, b, j0, n, packed != nullptr && packed->serves(b) && j0 % kNR == 0 ? packed : nullptr,
+                     upper);
       return result_.get();
     }
 #endif
@@ -488,7 +492,7 @@ class TileDots {
 
 #ifdef MRPRUNE_X86_AVX512
   void compute_avx512(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
-                      const PackedPanels* packed) {
+                      const PackedPanels* packed, bool upper = false) {
     const Mode mode = mode_for(elem_, a.d);
     const bool amx = mode.amx, pairs = mode.pairs, convert = mode.convert;
     const int64_t words = mode.words;  // 32-bit words per row
@@ -545,6 +549,7 @@ class TileDots {
                              : static_cast<const void*>(static_cast<const uint32_t*>(a.row(i0 + r0 + r)) + k0);
         }
         for (int64_t p = 0; p < panels; ++p) {
+          if (upper && j0 + (p + 1) * kNR <= i0 + r0) continue;  // every column below every row
           float* c = result_.get() + r0 * ld() + p * kNR;
           const float* bp = panel(p);
           if (pairs) {
