@@ -86,6 +86,40 @@ def test_scan_once_rescans_a_tensor_modified_in_place():
     assert _validation._scanned.get() is None
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_method_norms_vouch_for_unpadded_features(padded):
+    """MR-Pruner's budget norms already prove every row finite: its ops read unpadded features for NaN/Inf no second
+    time; padded ones (the norms skip padding, the ops' scan does not) are still scanned. A NaN is still found."""
+    from mrprune.layouts import LlavaNextLayout
+    from mrprune.methods import MRPruner
+    from mrprune.testing import llava_next_features
+
+    grids = [(4, 4), (4, 3)] if padded else [(4, 4)]  # two image sizes: the smaller one's high-res tokens are padded
+    items = [llava_next_features(*grid, 32, seed=1) for grid in grids]
+    features = torch.zeros(len(items), max(len(x) for x in items), 32)
+    for b, x in enumerate(items):
+        features[b, : len(x)] = x
+    lengths = torch.tensor([len(x) for x in items])
+    layouts = [LlavaNextLayout(*grid) for grid in grids]
+    calls = []
+    original = torch.aminmax
+
+    def counting(t):
+        calls.append(t)
+        return original(t)
+
+    torch.aminmax = counting
+    try:
+        MRPruner(keep_ratio=0.5).select_batch(features, layouts, lengths)
+        scanned = len(calls)
+        features[0, 577, 0] = float("nan")  # a high-resolution token
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            MRPruner(keep_ratio=0.5).select_batch(features, layouts, lengths)
+    finally:
+        torch.aminmax = original
+    assert scanned == (1 if padded else 0)  # padded: the high-resolution tokens only
+
+
 def test_scan_once_takes_inference_tensors():
     with torch.inference_mode():
         x = torch.randn(1, 4, 8)
