@@ -383,10 +383,12 @@ inline void raw_gram(const RowMatrix& x, float* g, int64_t ldg) {
   UpperTiles(x).visit([&](int64_t i0, int64_t m, int64_t j0, int64_t cols, const float* raw, int64_t ld, int64_t) {
     for (int64_t r = 0; r < m; ++r) {
       const int64_t i = i0 + r;
-      for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) {
-        g[i * ldg + j0 + c] = raw[r * ld + c];
-        g[(j0 + c) * ldg + i] = raw[r * ld + c];
-      }
+      for (int64_t c = std::max<int64_t>(0, i - j0); c < cols; ++c) g[i * ldg + j0 + c] = raw[r * ld + c];
+    }
+    // The mirror column by column: contiguous runs of the output row instead of a stride-ldg write per entry.
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t j = j0 + c;
+      for (int64_t r = 0; r < std::min(m, j - i0 + 1); ++r) g[j * ldg + i0 + r] = raw[r * ld + c];
     }
   });
 }
