@@ -292,11 +292,13 @@ class UpperTiles {
 // Calls fn(i0, m, j0, n, raw, ld) for every block of a b^T (rows of a by rows of b), in parallel over blocks (any
 // thread, any order: for callbacks that write each block's own outputs). The longer side streams through the kernel
 // rows and the shorter one is packed (a_i . b_j == b_j . a_i bitwise, gram_kernels.h): at 576 x 1866 x 4096
-// bfloat16, packing the 1866 keys was 7 % of the work. Blocks are taken by whichever thread is free (a static split
-// left one thread idle for 12 % of the products there: row tiles of unequal height).
+// bfloat16 on AVX-512 BF16, packing the 1866 keys was 7 % of the work. Not on AMX, whose whole-k blocks read the
+// rows of a in place and so want the unindexed side there (as before; not measured here). Blocks are taken by
+// whichever thread is free (a static split left one thread idle for 12 % of the products there: row tiles of unequal
+// height).
 template <class F>
 inline void visit_cross_blocks(const RowMatrix& a, const RowMatrix& b, const F& fn) {
-  const bool swap = b.rows > a.rows;
+  const bool swap = b.rows > a.rows && !gemm::mode_for(a.elem, a.d).amx;
   const RowMatrix& tall = swap ? b : a;
   const RowMatrix& wide = swap ? a : b;
   const int64_t rows = tile_rows(tall);
