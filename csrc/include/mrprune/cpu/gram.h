@@ -261,10 +261,9 @@ class UpperTiles {
   void visit(const F& fn, const std::atomic<bool>* stop = nullptr) const {
     const RowMatrix& x = x_;
     const auto packed = pack_panels(x);
-    std::atomic<int64_t> next{0};
-    torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t) {
+    torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t end) {
       TileDots dots(x.elem);
-      for (int64_t w = next++; w < items(); w = next++) {
+      for (int64_t w = begin; w < end; ++w) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
         const auto [i0, m, j0, n] = block(w);
         fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n, packed.get(), true), TileDots::ld(), begin);
