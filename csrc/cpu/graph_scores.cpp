@@ -121,17 +121,13 @@ bool scores_from_edges(const RowMatrix& x, const float* inv, const float* weight
     for (int64_t i = begin; i < end; ++i) {
       const Entry* row = entries.data() + offset[i];
       const int64_t edges = offset[i + 1] - offset[i];
-      float max_logit = -std::numeric_limits<float>::infinity();
-      for (int64_t e = 0; e < edges; ++e) max_logit = std::max(max_logit, row[e].value);
-      const int64_t non_edges = n - edges;
-      if (non_edges > 0) max_logit = std::max(max_logit, kEdgeFillLogit);
-      const float fill = non_edges > 0 ? std::exp(kEdgeFillLogit - max_logit) : 0.f;
-      float denominator = static_cast<float>(non_edges) * fill;
-      for (int64_t e = 0; e < edges; ++e) denominator += std::exp(row[e].value - max_logit);
-      soft.max_logit[i] = max_logit;
-      soft.denominator[i] = denominator;
-      soft.fill[i] = fill / denominator;
-      soft.degree[i] = static_cast<float>(edges > 0 ? edges : n);
+      const EdgeRowStats stats = edge_stats(n, [&](const auto& fn) {
+        for (int64_t e = 0; e < edges; ++e) fn(row[e].value);
+      });
+      soft.max_logit[i] = stats.max_logit;
+      soft.denominator[i] = stats.denominator;
+      soft.fill[i] = stats.fill / stats.denominator;
+      soft.degree[i] = stats.degree(n);
     }
   });
   // Entry (j, col i) of row j is edge ij: store p_ij - f_i (row i's softmax).

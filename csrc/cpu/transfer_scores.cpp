@@ -75,29 +75,26 @@ Tensor transfer_scores_cpu(Tensor queries, Tensor query_lengths, Tensor keys, Te
       std::vector<std::pair<int64_t, float>> edges;  // (key, logit) of one row, ascending key
       for (int64_t i = begin; i < end; ++i) {
         const float* row = similarity.get() + i * selected;
-        // The row's edges from one vectorised threshold scan (a row holds ~1 % edges at the LLaVA-NeXT shape); then
-        // edge_row_stats' sums in its order, so the same bits.
+        // The row's edges from one vectorised threshold scan (a row holds ~1 % edges at the LLaVA-NeXT shape).
         edges.clear();
         for_each_at_least(row, ones.data(), 1.f, selected, thr, [&](int64_t j, float s) {
           float z;
           if (is_edge(s, thr, temp, &z)) edges.push_back({j, z});
         });
-        const int64_t non_edges = selected - static_cast<int64_t>(edges.size());
-        float max_logit = non_edges > 0 ? kEdgeFillLogit : -std::numeric_limits<float>::infinity();
-        for (const auto& [j, z] : edges) max_logit = std::max(max_logit, z);
-        const float fill = non_edges > 0 ? std::exp(kEdgeFillLogit - max_logit) : 0.f;
-        float denominator = static_cast<float>(non_edges) * fill;
-        for (const auto& [j, z] : edges) denominator += std::exp(z - max_logit);
+        const EdgeRowStats stats = edge_stats(selected, [&](const auto& fn) {
+          for (const auto& edge : edges) fn(edge.second);
+        });
         float mass = 0.f;
-        if (fill == 0.f) {  // the non-edge terms are all +-0 (weights are checked finite): adding them changes no bit
-          for (const auto& [j, z] : edges) mass += weight[j] * (std::exp(z - max_logit) / denominator);
+        if (stats.fill == 0.f) {  // the non-edge terms are all +-0 (weights are checked finite): they change no bit
+          for (const auto& [j, z] : edges) mass += weight[j] * (std::exp(z - stats.max_logit) / stats.denominator);
         } else {
           for (int64_t j = 0, e = 0; j < selected; ++j) {
             const bool edge = e < static_cast<int64_t>(edges.size()) && edges[e].first == j;
-            mass += weight[j] * ((edge ? std::exp(edges[e++].second - max_logit) : fill) / denominator);
+            const float numerator = edge ? std::exp(edges[e++].second - stats.max_logit) : stats.fill;
+            mass += weight[j] * (numerator / stats.denominator);
           }
         }
-        out[i] = mass / static_cast<float>(edges.empty() ? selected : static_cast<int64_t>(edges.size()));
+        out[i] = mass / stats.degree(selected);
       }
     });
   }

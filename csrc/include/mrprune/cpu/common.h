@@ -150,23 +150,30 @@ struct EdgeRowStats {
   float degree(int64_t m) const { return static_cast<float>(edges > 0 ? edges : m); }
 };
 
-inline EdgeRowStats edge_row_stats(const float* similarity, int64_t m, float threshold, float temperature) {
+// The statistics of a row of m entries whose edge logits each_logit(fn) visits (fn(z) once per edge, in column
+// order, the same on every call): one definition for dense similarity rows and for edge lists alike.
+template <class EachLogit>
+inline EdgeRowStats edge_stats(int64_t m, const EachLogit& each_logit) {
   EdgeRowStats stats{-std::numeric_limits<float>::infinity(), 0.f, 0.f, 0};
-  float z;
-  for (int64_t j = 0; j < m; ++j) {
-    if (is_edge(similarity[j], threshold, temperature, &z)) {
-      stats.max_logit = std::max(stats.max_logit, z);
-      ++stats.edges;
-    }
-  }
+  each_logit([&](float z) {
+    stats.max_logit = std::max(stats.max_logit, z);
+    ++stats.edges;
+  });
   const int64_t non_edges = m - stats.edges;
   if (non_edges > 0) stats.max_logit = std::max(stats.max_logit, kEdgeFillLogit);
   stats.fill = non_edges > 0 ? std::exp(kEdgeFillLogit - stats.max_logit) : 0.f;
   stats.denominator = static_cast<float>(non_edges) * stats.fill;
-  for (int64_t j = 0; j < m && stats.edges > 0; ++j) {
-    if (is_edge(similarity[j], threshold, temperature, &z)) stats.denominator += std::exp(z - stats.max_logit);
-  }
+  if (stats.edges > 0) each_logit([&](float z) { stats.denominator += std::exp(z - stats.max_logit); });
   return stats;
+}
+
+inline EdgeRowStats edge_row_stats(const float* similarity, int64_t m, float threshold, float temperature) {
+  return edge_stats(m, [&](const auto& fn) {
+    float z;
+    for (int64_t j = 0; j < m; ++j) {
+      if (is_edge(similarity[j], threshold, temperature, &z)) fn(z);
+    }
+  });
 }
 
 // P row = thresholded softmax of a similarity row (in place is fine); returns the degree (edges, or m if none).
