@@ -47,7 +47,8 @@ MRPRUNE_AVX512 void subtract_four_avx512(const float* rows, int64_t n, int64_t j
   const __m512 c0 = _mm512_set1_ps(rows[j]), c1 = _mm512_set1_ps(rows[n + j]);
   const __m512 c2 = _mm512_set1_ps(rows[2 * n + j]), c3 = _mm512_set1_ps(rows[3 * n + j]);
   for (int64_t i = begin; i < end; i += 16) {
-    const __mmask16 mask = end - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (end - i)) - 1);
+    const __mmask16 mask =
+        end - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (end - i)) - 1);
     __m512 r = _mm512_maskz_loadu_ps(mask, row + i);
     r = _mm512_fnmadd_ps(c0, _mm512_maskz_loadu_ps(mask, rows + i), r);
     r = _mm512_fnmadd_ps(c1, _mm512_maskz_loadu_ps(mask, rows + n + i), r);
@@ -76,9 +77,9 @@ struct ItemSelection {
 };
 
 // row[i] -= factor[m, j] * factor[m, i] for m < rank, i in [begin, end), m ascending per entry, each step one fused
-// multiply-add (the plain loop below is contracted to one under -mfma, the default build: the same bits). The factor rows stream from the last-level
-// cache (up to k n floats per step): with AVX-512, four rows per pass over the entries, reading each entry once per
-// four rows instead of once per row.
+// multiply-add (the plain loop below is contracted to one under -mfma, the default build: the same bits). The factor
+// rows stream from the last-level cache (up to k n floats per step): with AVX-512, four rows per pass over the
+// entries, reading and writing each entry of `row` once per four factor rows instead of once per row.
 void subtract_factors(const float* factor, int64_t n, int64_t j, int64_t rank, int64_t begin, int64_t end,
                       float* row) {
   int64_t m = 0;
