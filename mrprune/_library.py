@@ -94,14 +94,22 @@ def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # The C++ CPU kernels compute Grams of float16/bfloat16 features natively (float32 accumulation, never an upcast copy
-# of the N x D features); other dtypes, pairs of different dtypes and CUDA tensors (the CUDA kernels take float32)
-# are converted to float32.
+# of the N x D features), and so do the CUDA greedy_residual_select and diversity_select on sm_80+ GPUs (tensor
+# cores); other dtypes, pairs of different dtypes and the other CUDA kernels' features are converted to float32.
 _NATIVE_FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _features(t: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
     native = t.device.type == "cpu" and t.dtype in _NATIVE_FEATURE_DTYPES and (other is None or other.dtype == t.dtype)
     return (t if native else t.to(torch.float32)).contiguous()
+
+
+def _cuda_half_features(t: torch.Tensor) -> torch.Tensor:
+    """Features of the CUDA selections that read half precision natively: float16/bfloat16 stay native on CPUs and on
+    sm_80+ GPUs (WMMA with bf16 needs sm_80)."""
+    if t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16):
+        return t.contiguous() if torch.cuda.get_device_capability(t.device) >= (8, 0) else t.float().contiguous()
+    return _features(t)
 
 
 def _int64(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -123,7 +131,7 @@ _CANONICAL: dict[str, Callable[..., tuple]] = {
         temp,
     ),
     "greedy_residual_select": lambda x, lens, k, gate, seed, tol, alg: (
-        _features(x),
+        _cuda_half_features(x),
         _int64(lens),
         k,
         _float32(gate),
@@ -131,7 +139,7 @@ _CANONICAL: dict[str, Callable[..., tuple]] = {
         tol,
         alg,
     ),
-    "diversity_select": lambda x, lens, k, mask: (_features(x), _int64(lens), k, mask),
+    "diversity_select": lambda x, lens, k, mask: (_cuda_half_features(x), _int64(lens), k, mask),
     "max_cosine": lambda q, ql, k, kl: (_features(q, k), _int64(ql), _features(k, q), _int64(kl)),
     "topk_indices": lambda s, lens, k, sort: (_float32(s), _int64(lens), k, sort),
     "received_attention": lambda q, k, lens, seg, scale: (_float32(q), _float32(k), _int64(lens), _int64(seg), scale),

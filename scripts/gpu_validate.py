@@ -286,6 +286,19 @@ def selection_ops():
     one, _ = mrprune.greedy_residual_select(x, lengths, k)
     two, _ = mrprune.greedy_residual_select(xb, lb, k)
     check("greedy: batch composition does not change picks", torch.equal(one[0], two[0]))
+    # half precision read natively (tensor-core Gram) vs float32 on the exactly upcast features
+    for dt in (torch.float16, torch.bfloat16):
+        xh = x.to(dt)
+        idx_h, e_h = mrprune.greedy_residual_select(xh, lengths, k, algorithm="gram")
+        idx_f, e_f = mrprune.greedy_residual_select(xh.float(), lengths, k, algorithm="gram")
+        agree = int((idx_h[0] == idx_f[0]).long().cumprod(0).sum())
+        info(f"greedy {dt}: picks equal to float32 (upcast features) for the first", f"{agree} of {k}")
+        close = torch.allclose(e_h[0, :agree].float(), e_f[0, :agree].float(), rtol=1e-3, atol=1e-3 * float(e_f.max()))
+        check(f"greedy {dt}: energies of the agreeing prefix match float32", agree > 0 and close)
+        div_h = mrprune.diversity_select(xh, lengths, k)
+        div_f = mrprune.diversity_select(xh.float(), lengths, k)
+        agree = int((div_h[0] == div_f[0]).long().cumprod(0).sum())
+        info(f"diversity {dt}: picks equal to float32 (upcast features) for the first", f"{agree} of {k}")
     want_div = reference.diversity_select(x.double(), lengths, k)
     got_div = mrprune.diversity_select(x.half(), lengths, k)
     agree = (got_div[0].cpu() == want_div[0].cpu()).long().cumprod(0).sum()
@@ -406,17 +419,24 @@ def timings():
         s = torch.randn(1, n, device=DEV)
         report(f"topk_indices N={n}", median_ms(lambda: torch.ops.mrprune._topk_indices_cuda(s, lengths, 690, False)))
         n_sel, d_sel, k_sel = SEL
-        xs = torch.randn(1, n_sel, d_sel, device=DEV)
-        ls = lengths_of(xs)
-        for k in (1, k_sel):
-            g = lambda k=k: torch.ops.mrprune._greedy_residual_select_cuda(xs, ls, k, None, None, 1e-5, "gram")  # noqa: E731
-            report(
-                f"greedy gram N={n_sel} k={k} (FP32 FFMA Gram + k steps)",
-                median_ms(g, reps=3, warmup=1),
-                flops=n_sel * n_sel * d_sel,
-            )
-            dv = lambda k=k: torch.ops.mrprune._diversity_select_cuda(xs, ls, k, True)  # noqa: E731
-            report(f"diversity N={n_sel} k={k}", median_ms(dv, reps=3, warmup=1), flops=n_sel * n_sel * d_sel)
+        for dt, gram in ((torch.float32, "FP32 FFMA Gram"), (torch.bfloat16, "tensor-core Gram")):
+            xs = torch.randn(1, n_sel, d_sel, device=DEV).to(dt)
+            ls = lengths_of(xs)
+            for k in (1, k_sel):
+                g = lambda k=k, xs=xs, ls=ls: torch.ops.mrprune._greedy_residual_select_cuda(
+                    xs, ls, k, None, None, 1e-5, "gram"
+                )  # noqa: E731
+                report(
+                    f"greedy gram {dt} N={n_sel} k={k} ({gram} + k steps)",
+                    median_ms(g, reps=3, warmup=1),
+                    flops=n_sel * n_sel * d_sel,
+                )
+                dv = lambda k=k, xs=xs, ls=ls: torch.ops.mrprune._diversity_select_cuda(xs, ls, k, True)  # noqa: E731
+                report(
+                    f"diversity {dt} N={n_sel} k={k} ({gram})",
+                    median_ms(dv, reps=3, warmup=1),
+                    flops=n_sel * n_sel * d_sel,
+                )
     # the ops without a Triton or CUDA kernel (batched "torch" backend on GPUs): memory-bound floors
     graph, degree = mrprune.cosine_graph(high, lengths)
     w = torch.rand(1, n, device=DEV)

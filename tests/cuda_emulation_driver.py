@@ -34,6 +34,14 @@ def _f32(array) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def _features(case: dict) -> tuple[np.ndarray, int]:
+    """The features and their element code: 0 float32, or 1 float16 / 2 bfloat16 as raw 16-bit words (``element``)."""
+    element = int(case.get("element", 0))
+    if element == 0:
+        return _f32(case["features"]), 0
+    return np.ascontiguousarray(case["features"], dtype=np.uint16), element
+
+
 def _i64(array) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int64)
 
@@ -43,9 +51,10 @@ def _load(path: str) -> ctypes.CDLL:
     lib.emu_configure.argtypes = [ctypes.c_int, ctypes.c_uint64, ctypes.c_double, ctypes.c_int]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.emu_topk_indices.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, i64, ptr]
-    lib.emu_diversity_select.argtypes = [ptr, ptr, i64, i64, i64, i64, ctypes.c_int, i64, i64, ptr]
+    lib.emu_diversity_select.argtypes = [ptr, ctypes.c_int, ptr, i64, i64, i64, i64, ctypes.c_int, i64, i64, ptr]
     lib.emu_greedy_residual_select.argtypes = [
         ptr,
+        ctypes.c_int,
         ptr,
         i64,
         i64,
@@ -92,7 +101,7 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
             _pointer(out),
         )
         return {"indices": out}
-    x = _f32(case["features"])
+    x, element = _features(case)
     batch, tokens, dim = x.shape
     smem_optin = int(case.get("smem_optin", 232448))
     workspace = int(case.get("workspace_bytes", 1 << 30))
@@ -100,6 +109,7 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
         out = np.full((batch, k), -7, dtype=np.int64)
         lib.emu_diversity_select(
             _pointer(x),
+            element,
             _pointer(lengths),
             batch,
             tokens,
@@ -118,6 +128,7 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
         energies = np.full((batch, k), np.nan, dtype=np.float32)
         status = lib.emu_greedy_residual_select(
             _pointer(x),
+            element,
             _pointer(lengths),
             batch,
             tokens,

@@ -17,6 +17,7 @@ The emulated process ends on a detected error; its stderr is the failure message
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import shutil
@@ -63,6 +64,17 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().cpu().numpy()
 
 
+# The driver's element codes of half-precision features (passed as raw 16-bit words; float32: code 0).
+ELEMENTS = {torch.float16: 1, torch.bfloat16: 2}
+
+
+def _features(t: torch.Tensor) -> dict:
+    """The case entries of features: float32 values, or a half-precision tensor's raw words and element code."""
+    if t.dtype in ELEMENTS:
+        return {"features": t.contiguous().view(torch.int16).numpy().view(np.uint16), "element": ELEMENTS[t.dtype]}
+    return {"features": _np(t)}
+
+
 def topk_case(kind: str, lengths: list[int], k: int, sort_indices: bool, max_grid_y: int = 65535):
     scores = topk.make_scores(kind, lengths, torch.float32, torch.Generator().manual_seed(len(lengths) + k))
     lens = torch.tensor(lengths)
@@ -102,10 +114,13 @@ def diversity_exact_case(lengths: list[int], k: int, mask_picked: bool):
     return case, check
 
 
-def diversity_clustered_case(lengths: list[int], dim: int, k: int, mask_picked: bool, **plan):
-    """Clustered tokens vs the float64 reference: exact on the gap-decided prefix, near-maximisers everywhere."""
+def diversity_clustered_case(
+    lengths: list[int], dim: int, k: int, mask_picked: bool, dtype: torch.dtype = torch.float32, **plan
+):
+    """Clustered tokens vs the float64 reference (on the exactly upcast features, for float16 / bfloat16 ones, which
+    run the tensor-core Gram): exact on the gap-decided prefix, near-maximisers everywhere."""
     g = torch.Generator().manual_seed(sum(lengths) + dim)
-    features, lens = padded([clustered(n, dim, generator=g) for n in lengths])
+    features, lens = padded([clustered(n, dim, generator=g).to(dtype) for n in lengths])
     want = oracle("diversity_select", features, lens, k, mask_picked)
 
     def check(result: dict) -> None:
@@ -124,7 +139,7 @@ def diversity_clustered_case(lengths: list[int], dim: int, k: int, mask_picked: 
 
     case = {
         "op": "diversity_select",
-        "features": _np(features),
+        **_features(features),
         "lengths": _np(lens),
         "k": k,
         "mask_picked": mask_picked,
@@ -133,11 +148,12 @@ def diversity_clustered_case(lengths: list[int], dim: int, k: int, mask_picked: 
     return case, check
 
 
-def greedy_case(kind: str, variant: str, k: int, algorithm: str, **plan):
-    """greedy.gapped_batch (exact picks and energies) or greedy.random_batch (trajectory checks)."""
+def greedy_case(kind: str, variant: str, k: int, algorithm: str, dtype: torch.dtype = torch.float32, **plan):
+    """greedy.gapped_batch (exact picks and energies) or greedy.random_batch (trajectory checks), in ``dtype`` (half
+    precision: native reads and the tensor-core Gram, against the float64 reference on the upcast features)."""
     batch = greedy.gapped_batch if kind == "gapped" else greedy.random_batch
-    features, lengths, gate, seed = batch(torch.float32, variant)[:4]
-    want_idx, want_e = greedy.batch_oracle(kind, torch.float32, variant, k)
+    features, lengths, gate, seed = batch(dtype, variant)[:4]
+    want_idx, want_e = greedy.batch_oracle(kind, dtype, variant, k)
 
     def check(result: dict) -> None:
         assert result["status"] == 0
@@ -154,10 +170,10 @@ def greedy_case(kind: str, variant: str, k: int, algorithm: str, **plan):
 
     case = {
         "op": "greedy_residual_select",
-        "features": _np(features),
+        **_features(features),
         "lengths": _np(lengths),
         "k": k,
-        "gate": _np(gate),
+        "gate": _np(None if gate is None else gate.float()),
         "seed": _np(seed),
         "algorithm": algorithm,
         **plan,
@@ -330,6 +346,18 @@ CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
     "greedy-random-gram": lambda: greedy_case("random", "gate", 50, "gram", sms=6),
     "greedy-random-basis-seeded": lambda: greedy_case("random", "gate_seed", 13, "basis", sms=10),
     "greedy-too-large": greedy_too_large_case,
+    # float16 / bfloat16 features read natively: the tensor-core Gram (gram_mma_kernel, 2 tiles, element-wise and
+    # 16-byte loads, with and without the cosine scale) and the basis form's half-precision rows
+    "diversity-bf16-shared-state": lambda: diversity_clustered_case([130, 0, 77], 16, 30, False, torch.bfloat16),
+    "diversity-fp16-global-state-chunked": lambda: diversity_clustered_case(
+        [150, 90], 7, 20, True, torch.float16, smem_optin=1024, workspace_bytes=1
+    ),
+    "greedy-gapped-gram-seeded-bf16": lambda: greedy_case("gapped", "gate_seed", 13, "gram", torch.bfloat16, sms=12),
+    "greedy-gapped-basis-chunked-fp16": lambda: greedy_case(
+        "gapped", "gate", 50, "basis", torch.float16, sms=4, workspace_bytes=1
+    ),
+    "greedy-random-gram-fp16": lambda: greedy_case("random", "gate", 50, "gram", torch.float16, sms=6),
+    "greedy-gram-2-tiles-bf16": lambda: greedy_single_item_case(150, 24, 40, "gram", sms=3, dtype=torch.bfloat16),
     "coverage-exact": lambda: coverage_exact_case([8, 0, 5, 13], 5, False),
     "coverage-exact-saliency-kN": lambda: coverage_exact_case([8, 0, 5, 13], 13, True, seed=1),
     "coverage-hand": lambda: coverage_hand_case(False),
@@ -352,10 +380,10 @@ CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
 }
 
 
-def greedy_single_item_case(n: int, dim: int, k: int, algorithm: str, sms: int):
+def greedy_single_item_case(n: int, dim: int, k: int, algorithm: str, sms: int, dtype: torch.dtype = torch.float32):
     """One random item over ``sms`` blocks (cross-block exchange every step), checked by its trajectory."""
     g = torch.Generator().manual_seed(n * dim + k)
-    features = torch.randn(1, n, dim, generator=g) * (0.5 + torch.rand(1, n, 1, generator=g))
+    features = (torch.randn(1, n, dim, generator=g) * (0.5 + torch.rand(1, n, 1, generator=g))).to(dtype)
     lengths = torch.tensor([n])
 
     def check(result: dict) -> None:
@@ -365,7 +393,7 @@ def greedy_single_item_case(n: int, dim: int, k: int, algorithm: str, sms: int):
 
     case = {
         "op": "greedy_residual_select",
-        "features": _np(features),
+        **_features(features),
         "lengths": _np(lengths),
         "k": k,
         "algorithm": algorithm,
@@ -380,6 +408,8 @@ TSAN_CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
     # D = 20: three k-tiles of the Gram kernel (its double buffering and barriers run)
     "diversity-shared-state": lambda: diversity_clustered_case([40, 23], 20, 6, True),
     "greedy-gram-3-blocks": lambda: greedy_single_item_case(40, 20, 6, "gram", sms=3),
+    # the tensor-core Gram (16-byte loads, the cosine scale, the staged epilogue) on bfloat16 features
+    "diversity-bf16": lambda: diversity_clustered_case([40, 23], 16, 6, True, torch.bfloat16),
     "coverage-shared-state": lambda: coverage_clustered_case([40, 23], 20, 6, 1.0),
     "dedup-exact": lambda: dedup_exact_case([23, 12], 4, 3),
 }
@@ -434,6 +464,15 @@ DETECTED = {
     "shuffle_reads_outside_mask": (5, 86, "outside the mask 0x0000ffff"),
     "dynamic_shared_overflow": (6, 86, "wrote past its 400 bytes of dynamic shared memory"),
     "grid_deadlock": (7, 87, "did not finish within"),
+    "wmma_load_half_warp": (12, 86, "wait at the nvcuda::wmma::load_matrix_sync of selftest.cpp:"),
+    "wmma_mma_half_warp": (13, 86, "nvcuda::wmma::mma_sync of selftest.cpp:"),
+    "wmma_different_pointers": (14, 86, "pass a different pointer"),
+    "wmma_ldm_not_multiple": (15, 86, "nvcuda::wmma::load_matrix_sync: ldm 12 is not a multiple of 8"),
+    "wmma_misaligned_pointer": (16, 86, "is not 32-byte aligned"),
+    "wmma_store_ldm_not_multiple": (17, 86, "nvcuda::wmma::store_matrix_sync: ldm 18 is not a multiple of 4"),
+    "wmma_lane_dependent_fragment": (18, 86, "pass a different accumulator fragment"),
+    "wmma_load_without_syncwarp": (19, 86, "pass a different tile read from memory"),
+    "syncwarp_half_warp": (20, 86, "wait at the __syncwarp of selftest.cpp:"),
 }
 
 
@@ -498,3 +537,98 @@ def test_emulated_kernels_under_thread_sanitizer(tmp_path):
             check(result)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from error
+
+
+# csrc/emu/selftest.cpp, selftests 10 (bf16) and 11 (fp16): {elements checked, mismatches} of 4 WMMA GEMMs (2 warps):
+# 32 x 32 x 32 through shared memory (the pattern of kernels/gram_mma.cuh: A row-major, B column-major, the epilogue
+# staged with store_matrix_sync + __syncwarp) on integer inputs (exact) and on random ones; 32 x 48 x 64 from global
+# memory with C loaded and stored, A column-major / B row-major / C column-major on random inputs, the transposed
+# layouts on integer inputs. Checked in C++ against a float64 reference (exactly for integers, within float
+# accumulation error otherwise) and bitwise against the documented emulation order (k ascending from c, one fma each).
+WMMA_GEMMS = [1024, 0, 1024, 0, 1536, 0, 1536, 0]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_emulator_wmma_gemm(emulator, tmp_path, order):
+    """nvcuda::wmma (csrc/emu/mma.h) GEMMs of bf16 and fp16 inputs match the float64 reference in every thread order."""
+    cases = [{"op": "selftest", "which": 10}, {"op": "selftest", "which": 11}]
+    proc, results = request(emulator, cases, tmp_path, order=order, seed=5)
+    assert results is not None, proc.stderr
+    for dtype, result in zip(["bf16", "fp16"], results, strict=True):
+        assert result["status"] == 0
+        assert result["out"][:8].tolist() == WMMA_GEMMS, (dtype, result["out"][:8].tolist())
+
+
+def _float_probes() -> np.ndarray:
+    """float32 bit patterns that decide a float -> fp16 / bf16 rounding: every finite 16-bit value, every midpoint
+    between neighbours (a tie) and the floats next to it, both signs; specials; random patterns."""
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    half = bits[:0x7C01].astype(np.uint16).view(np.float16).astype(np.float64)  # 0 .. inf
+    mid_half = ((half[:-1] + half[1:]) / 2).astype(np.float32)  # exact: one more bit than fp16
+    bf16 = bits[:0x7F81] << 16  # 0 .. inf
+    mid_bf16 = (bf16[:-1] | 0x8000).view(np.float32)
+    points = [half.astype(np.float32), bf16.view(np.float32)]
+    for mid in (mid_half, mid_bf16):
+        points += [mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(np.inf))]
+    magnitudes = np.concatenate(points).view(np.uint32)
+    specials = np.array([1, 0x7FFFFF, 0x800000, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FBFFFFF, 0x7FC00000, 0x7FFFFFFF])
+    random = np.random.default_rng(0).integers(0, 1 << 32, 1 << 20, dtype=np.uint32)
+    patterns = np.concatenate([magnitudes, magnitudes | 0x80000000, specials.astype(np.uint32), random])
+    return patterns.view(np.float32)
+
+
+def test_emulator_half_conversions(emulator):
+    """csrc/emu/cuda_fp16.h and cuda_bf16.h: fp16 / bf16 -> float exactly for all 65536 bit patterns, float -> fp16 /
+    bf16 rounded to nearest even (ties, subnormals, overflow) like numpy and torch; NaN -> CUDA's canonical 0x7fff."""
+    lib = ctypes.CDLL(str(emulator))  # conversions only: no launch, nothing that could end this process
+    lib.emu_convert_16bit.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.emu_convert_16bit.restype = ctypes.c_int
+
+    def convert(kind: int, values: np.ndarray, dtype) -> np.ndarray:
+        out = np.empty(values.shape, dtype=dtype)
+        assert lib.emu_convert_16bit(kind, values.ctypes.data, out.ctypes.data, values.size) == 0
+        return out
+
+    def assert_same_floats(got: np.ndarray, want: np.ndarray) -> None:
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    assert_same_floats(convert(0, bits, np.float32), bits.view(np.float16).astype(np.float32))
+    from_bf16 = convert(1, bits, np.float32)
+    assert np.array_equal(from_bf16.view(np.uint32), bits.astype(np.uint32) << 16)
+    assert_same_floats(from_bf16, torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy())
+
+    x = _float_probes()
+    nan = np.isnan(x)
+    with np.errstate(all="ignore"):
+        want_half = x.astype(np.float16).view(np.uint16)
+    to_half, to_bf16 = convert(2, x, np.uint16), convert(3, x, np.uint16)
+    for name, got, want in [
+        ("fp16 (numpy)", to_half, want_half),
+        ("fp16 (torch)", to_half, torch.from_numpy(x).half().view(torch.int16).numpy().view(np.uint16)),
+        ("bf16 (torch)", to_bf16, torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16)),
+    ]:
+        bad = np.flatnonzero((got != want) & ~nan)
+        assert bad.size == 0, (name, [(hex(x.view(np.uint32)[i]), hex(got[i]), hex(want[i])) for i in bad[:5]])
+        assert (got[nan] == 0x7FFF).all(), name
+
+
+@pytest.mark.skipif(
+    os.environ.get("MRPRUNE_CUDAEMU_TSAN") != "1", reason="opt-in: scripts/check_cuda_emulation_tsan.sh"
+)
+def test_emulated_wmma_under_thread_sanitizer(tmp_path):
+    """The WMMA GEMMs under ThreadSanitizer: store_matrix_sync's one-writer-per-element stores, __syncwarp and the
+    operand loads of shared memory raise no report on correct code."""
+    libtsan = _libtsan()
+    if libtsan is None:
+        pytest.skip("libtsan not found")
+    lib = build(tmp_path, tsan=True)
+    env = {"LD_PRELOAD": libtsan, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66 report_signal_unsafe=0"}
+    cases = [{"op": "selftest", "which": 10}, {"op": "selftest", "which": 11}]
+    proc, results = request(lib, cases, tmp_path, order="rand", seed=3, env=env, timeout_s=600)
+    assert "ThreadSanitizer" not in proc.stderr and results is not None, (
+        f"exit code {proc.returncode}:\n{proc.stderr[-8000:]}"
+    )
+    assert [result["out"][:8].tolist() for result in results] == [WMMA_GEMMS] * 2

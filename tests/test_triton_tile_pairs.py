@@ -1,42 +1,66 @@
-"""The symmetric Triton kernels map their program id to a tile pair on the device (no table copied from the host)."""
+"""The symmetric Triton kernels map their program id to a tile pair on the device (no table copied from the host), in
+banded order: bands of ``group`` tile rows, column by column within a band (``group = 1``: row-major)."""
 
 from __future__ import annotations
 
+import bisect
+
 import pytest
-import torch
 
 from tests.utils import triton_test
 
 
-def _expected(tiles: int, first: int, count: int) -> torch.Tensor:
-    rows, cols = torch.triu_indices(tiles, tiles)  # row-major over the upper triangle
-    pairs = torch.stack([rows, cols], dim=1).to(torch.int32)
-    return pairs[first : first + count]
+def _expected(tiles: int, group: int) -> list[tuple[int, int]]:
+    """Every pair ``(i, j)``, ``i <= j``, in banded order, enumerated by loops."""
+    pairs = []
+    for i0 in range(0, tiles, group):
+        rows = range(i0, min(i0 + group, tiles))
+        pairs += [(i, j) for j in range(i0, tiles) for i in rows if i <= j]
+    return pairs
 
 
 @triton_test
-@pytest.mark.parametrize("tiles", [1, 2, 3, 7, 16, 45])
-def test_every_pair_of_small_tilings(tiles):
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("tiles", [1, 2, 3, 7, 8, 16, 45])
+def test_every_pair_of_small_tilings(tiles, group):
     from mrprune.triton_kernels._common import num_tile_pairs, probe_tile_pairs
 
     total = num_tile_pairs(tiles)
-    got = probe_tile_pairs(tiles, 0, count=1 << max(total - 1, 0).bit_length())[:total]
-    torch.testing.assert_close(got, _expected(tiles, 0, total), rtol=0, atol=0)
+    got = probe_tile_pairs(tiles, 0, count=1 << max(total - 1, 0).bit_length(), group=group)[:total]
+    assert got.tolist() == [list(p) for p in _expected(tiles, group)]
 
 
 @triton_test
+@pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("tiles", [1024, 4097, 16384])
-def test_row_starts_of_large_tilings(tiles):
-    """Around the starts of rows where the float32 square root rounds worst (large tile counts: N = 1M tokens at
-    64-token tiles), and at the very end."""
+def test_band_starts_of_large_tilings(tiles, group):
+    """Around the starts of bands where the float32 square roots round worst (large tile counts: N = 1M tokens at
+    64-token tiles), inside a band's triangle, and at the very end."""
     from mrprune.triton_kernels._common import num_tile_pairs, probe_tile_pairs
 
-    starts = [0, tiles // 3, tiles // 2, tiles - 40]
-    firsts = [max(r * tiles - r * (r - 1) // 2 - 8, 0) for r in starts] + [num_tile_pairs(tiles) - 16]
+    bands = -(-tiles // group)
+    starts_of = [0]  # pairs before each band, summed band by band (exact)
+    for b in range(bands):
+        rows = min(group, tiles - b * group)
+        starts_of.append(starts_of[-1] + rows * (rows + 1) // 2 + rows * (tiles - b * group - rows))
+
+    def band_start(g: int) -> int:
+        return starts_of[g]
+
+    starts = [0, bands // 3, bands // 2, bands - 2, bands - 1]
+    last = num_tile_pairs(tiles) - 16
+    firsts = [min(max(band_start(g) - 8, 0), last) for g in starts] + [band_start(bands // 2) + 20, last]
     for first in firsts:
-        got = probe_tile_pairs(tiles, first, count=16)
-        rows = []
-        for p in range(first, first + 16):  # exact integer inversion of the row-start formula
-            i = max(r for r in range(max(0, (p // tiles) - 2), tiles) if r * tiles - r * (r - 1) // 2 <= p)
-            rows.append((i, i + p - (i * tiles - i * (i - 1) // 2)))
-        torch.testing.assert_close(got, torch.tensor(rows, dtype=torch.int32), rtol=0, atol=0)
+        got = probe_tile_pairs(tiles, first, count=16, group=group).tolist()
+        want = []
+        for p in range(first, first + 16):
+            g = bisect.bisect_right(starts_of, p) - 1
+            q, i0 = p - band_start(g), g * group
+            rows = min(group, tiles - i0)
+            column = max(c for c in range(rows) if c * (c + 1) // 2 <= q) if q < rows * (rows + 1) // 2 else None
+            if column is not None:
+                want.append([i0 + q - column * (column + 1) // 2, i0 + column])
+            else:
+                rest = q - rows * (rows + 1) // 2
+                want.append([i0 + rest % group, i0 + group + rest // group])
+        assert got == want, (first, [(a, b) for a, b in zip(got, want, strict=True) if a != b][:3])

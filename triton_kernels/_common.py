@@ -199,8 +199,9 @@ def symmetric_config_ok(constexprs: dict, bd: int, warps: int, stages: int) -> b
     block, upcast = constexprs["BLOCK"], constexprs["UPCAST"]
     if upcast:
         # float32 operands take Triton's FMA dot, which keeps the whole BLOCK_D slice of both operands in
-        # registers: BLOCK_D >= 64 spills kilobytes; a 128-token tile leaves room for 16 only, with 8 warps.
-        return (bd == 16 and warps == 8) if block >= 128 else bd <= 32
+        # registers: BLOCK_D >= 64 spills kilobytes; a 128-token tile leaves room for 16 only, with 8 warps; a
+        # 64-token tile takes 4 warps (with 8, ptxas caps the stream statistics kernel at 80 registers and spills).
+        return (bd == 16 and warps == 8) if block >= 128 else (bd <= 32 and warps == 4)
     # a 128-token tile needs 8 warps: with 4 the accumulator and the softmax epilogue exceed 255 registers
     return warps == 8 or block < 128
 
@@ -342,19 +343,45 @@ def gram_tile(
     return acc
 
 
-@triton.jit
-def triangle_pair(p, T):
-    """The ``p``-th pair ``(i, j)``, ``i <= j < T``, of the upper triangle in row-major order (scalars or blocks).
+#: Tile rows per band of the symmetric kernels' program order (:func:`triangle_pair`); the GPU session tunes it.
+TILE_GROUP = tl.constexpr(8)
 
-    Row ``i`` starts at ``i T - i (i - 1) / 2``: ``i`` is the floor of the smaller root of that quadratic, computed in
-    float32 and corrected by one step either way (the rounding of the square root), so no table of pairs is copied to
-    the device."""
+
+@triton.jit
+def _first_of_band(g, T, GROUP: tl.constexpr):
+    """How many pairs the bands before band ``g`` hold: ``g G (2T + 1 - G g) / 2`` (band ``g'`` is full:
+    ``G (G + 1) / 2`` pairs in its triangle and ``G (T - (g' + 1) G)`` right of it)."""
+    return g * GROUP * (2 * T + 1 - GROUP * g) // 2
+
+
+@triton.jit
+def triangle_pair(p, T, GROUP: tl.constexpr):
+    """The ``p``-th pair ``(i, j)``, ``i <= j < T``, of the upper triangle in banded order (scalars or blocks).
+
+    The tile rows form bands of ``GROUP``; band by band, the pairs of a band go column by column (``j`` ascending,
+    the band's rows ``i <= j`` within a column). Programs running at once then share a few column tiles and one
+    band's ``GROUP`` row tiles, so at video sizes (features far larger than L2) each tile is read from HBM about
+    ``1 / GROUP`` as often as in row-major order, where every concurrent program reads its own column tile.
+    ``GROUP = 1`` is row-major order. The band is the floor of the smaller root of the band-start quadratic, in
+    float32 and corrected by one step either way (the rounding of the square root), so no table of pairs is copied
+    to the device."""
     t2 = 2 * T + 1
     root = tl.sqrt((t2 * t2 - 8 * p).to(tl.float32))
-    i = ((t2 - root) * 0.5).to(tl.int32)
-    i = tl.where(i * T - (i * (i - 1)) // 2 > p, i - 1, i)
-    i = tl.where((i + 1) * T - ((i + 1) * i) // 2 <= p, i + 1, i)
-    return i, i + (p - (i * T - (i * (i - 1)) // 2))
+    g = ((t2 - root) * (0.5 / GROUP)).to(tl.int32)
+    g = tl.where(_first_of_band(g, T, GROUP) > p, g - 1, g)
+    g = tl.where(_first_of_band(g + 1, T, GROUP) <= p, g + 1, g)
+    g = tl.minimum(g, (T - 1) // GROUP)  # the formula holds for full bands; the last band may be partial
+    q = p - _first_of_band(g, T, GROUP)
+    i0 = g * GROUP
+    rows = tl.minimum(T - i0, GROUP)
+    head = rows * (rows + 1) // 2  # the band's own triangle: column c holds rows 0 .. c
+    c = q * 0  # the triangle's column: how many columns before it end at or before q
+    for t in tl.static_range(1, GROUP):
+        c += (t * (t + 1) // 2 <= q).to(tl.int32)
+    rest = q - head  # right of the triangle: GROUP rows per column
+    i = tl.where(q < head, i0 + q - c * (c + 1) // 2, i0 + rest % GROUP)
+    j = tl.where(q < head, i0 + c, i0 + GROUP + rest // GROUP)
+    return i, j
 
 
 @triton.jit
@@ -363,7 +390,7 @@ def tile_pair(N, lengths, BLOCK: tl.constexpr):
     token offsets and validity masks, and whether the pair touches the item's valid tokens at all."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    ti, tj = triangle_pair(pid, tl.cdiv(N, BLOCK))
+    ti, tj = triangle_pair(pid, tl.cdiv(N, BLOCK), TILE_GROUP)
     n = tl.load(lengths + b).to(tl.int32)
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
@@ -479,17 +506,17 @@ def probe_tile_offsets(
 
 
 @triton.jit
-def _tile_pair_probe_kernel(out, first, T, BLOCK: tl.constexpr):
+def _tile_pair_probe_kernel(out, first, T, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     p = first + tl.arange(0, BLOCK)
-    i, j = triangle_pair(p, T)
+    i, j = triangle_pair(p, T, GROUP)
     tl.store(out + 2 * tl.arange(0, BLOCK), i)
     tl.store(out + 2 * tl.arange(0, BLOCK) + 1, j)
 
 
-def probe_tile_pairs(tiles: int, first: int, count: int = 64) -> torch.Tensor:
+def probe_tile_pairs(tiles: int, first: int, count: int = 64, group: int = TILE_GROUP.value) -> torch.Tensor:
     """``[count, 2]`` int32: the pairs :func:`triangle_pair` computes in a kernel for programs ``first ...``."""
     out = torch.empty(count, 2, dtype=torch.int32)
-    _tile_pair_probe_kernel[(1,)](out, first, tiles, BLOCK=count)
+    _tile_pair_probe_kernel[(1,)](out, first, tiles, BLOCK=count, GROUP=group)
     return out
 
 

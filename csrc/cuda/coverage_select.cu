@@ -99,7 +99,7 @@ Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::opt
     const int64_t* len_chunk = len + b0;
     const float* x_chunk = x + b0 * tokens * dim;
 
-    ks::row_norm_kernel<ks::kNormThreads, false><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
+    ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
         x_chunk, len_chunk, rows, n_tokens, n_dim, norm2_ptr, nullptr);
     check_launch("row_norm_kernel launch");
     check_cuda(launch_unit_gram(x_chunk, len_chunk, items, n_tokens, n_dim, plan, unit_ptr, sim_ptr, stream),

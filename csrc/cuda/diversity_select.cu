@@ -1,8 +1,10 @@
 // diversity_select on CUDA: DivPrune's greedy max-min cosine-distance selection (device code and the algorithm:
 // csrc/include/mrprune/kernels/diversity_select.cuh). Spec: mrprune.reference.diversity_select.
 //
-// Per chunk of items: normalise the rows, one symmetric FP32 similarity Gram S = U U^T (N^2 * 4 bytes per item, as
-// the official code's n x n distance matrix: 33 MB at N = 2880, 1 GiB at N = 16,384), the first-pick scores (the
+// Per chunk of items: one symmetric FP32 similarity Gram S (N^2 * 4 bytes per item, as the official code's n x n
+// distance matrix: 33 MB at N = 2880, 1 GiB at N = 16,384) -- float32 features: normalise the rows, S = U U^T on FP32
+// FFMA; float16 / bfloat16 features (sm_80+): inverse row norms r, S_ij = (x_i . x_j) r_i r_j from the raw rows on
+// tensor cores with float32 accumulation (products of half-precision numbers are exact in float32; no upcast copy) -- the first-pick scores (the
 // second-smallest distance of every column), then one block per item runs all k steps on one row of S per step.
 // Items are processed in chunks whose workspaces stay below kWorkspaceBytes (at least one item per chunk).
 //
@@ -18,8 +20,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "mrprune/cuda/checks.h"
+#include "mrprune/cuda/gram_launch.h"
 #include "mrprune/cuda/selection_launch.h"
 #include "mrprune/kernels/diversity_select.cuh"
 
@@ -40,7 +44,7 @@ void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 }  // namespace
 
 Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool mask_picked) {
-  const SelectionShape shape = check_selection_inputs(features, lengths, k, "diversity_select");
+  const SelectionShape shape = check_selection_inputs(features, lengths, k, "diversity_select", /*half=*/true);
   const int32_t device = shape.device;
   const int64_t batch = shape.batch, tokens = shape.tokens, dim = shape.dim;
 
@@ -50,7 +54,14 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
   int64_t* out_ptr = out.data();
 
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
-  const float* x = features.const_data_ptr<float>();
+  const ScalarType dtype = features.scalar_type();
+  const ks::Element element = dtype == ScalarType::Half       ? ks::Element::kFloat16
+                              : dtype == ScalarType::BFloat16 ? ks::Element::kBFloat16
+                                                              : ks::Element::kFloat32;
+  const bool raw_rows = element != ks::Element::kFloat32;  // half precision: scale the Gram of the raw rows
+  if (raw_rows) check_half_support(device, "diversity_select");
+  const int64_t element_bytes = raw_rows ? 2 : 4;
+  const auto* x = static_cast<const char*>(features.const_data_ptr());
   const int64_t* len = lengths.const_data_ptr<int64_t>();
 
   // The plan (kernels/diversity_select.cuh): selection state in shared memory when it fits, chunks, workspaces.
@@ -60,7 +71,8 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
   const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
   if (state_in_shared) allow_dynamic_shared(select, dynamic_bytes, "diversity_select");
 
-  Tensor unit = torch::stable::new_empty(features, {chunk, tokens, dim}, ScalarType::Float);
+  // float32: unit rows [chunk, N, D]; half precision: inverse norms [chunk, N].
+  Tensor norm_ws = torch::stable::new_empty(features, {chunk, tokens, raw_rows ? 1 : dim}, ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
   Tensor first = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
   Tensor nearest_ws, picked_ws;
@@ -72,12 +84,13 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
     nearest_ptr = nearest_ws.mutable_data_ptr<float>();
     picked_ptr = picked_ws.mutable_data_ptr<uint8_t>();
   }
-  float* unit_ptr = unit.mutable_data_ptr<float>();
+  float* norm_ptr = norm_ws.mutable_data_ptr<float>();
   float* sim_ptr = sim.mutable_data_ptr<float>();
   float* first_ptr = first.mutable_data_ptr<float>();
 
   STD_TORCH_CHECK(tiles <= 65535, "mrprune: N too large for the Gram grid");
-  const bool vec4 = plan.vec4;
+  // float32: the fresh unit workspace (plan.vec4); half precision: the features' own rows, 8 elements per float4.
+  const bool vec = raw_rows ? dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 : plan.vec4;
 
   for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
     const int64_t items = std::min(chunk, batch - b0);
@@ -86,17 +99,26 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
     STD_TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
     const int64_t* len_chunk = len + b0;
 
-    ks::row_norm_kernel<ks::kNormThreads, true><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
-        x + b0 * tokens * dim, len_chunk, rows, n_tokens, n_dim, nullptr, unit_ptr);
+    const char* x_chunk = x + b0 * tokens * dim * element_bytes;
+    const unsigned norm_blocks = static_cast<unsigned>(row_blocks);
+    ks::with_element(element, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* xt = reinterpret_cast<const T*>(x_chunk);
+      if (raw_rows) {
+        ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kInverseNorm, T>
+            <<<norm_blocks, ks::kNormThreads, 0, stream>>>(xt, len_chunk, rows, n_tokens, n_dim, norm_ptr, nullptr);
+      } else {
+        ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow, T>
+            <<<norm_blocks, ks::kNormThreads, 0, stream>>>(xt, len_chunk, rows, n_tokens, n_dim, nullptr, norm_ptr);
+      }
+    });
     check_launch("row_norm_kernel launch");
 
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles), static_cast<unsigned>(items));
-    if (vec4) {
-      ks::gram_kernel<true><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
-    } else {
-      ks::gram_kernel<false><<<grid, ks::kGramThreads, 0, stream>>>(unit_ptr, len_chunk, n_tokens, n_dim, sim_ptr);
-    }
-    check_launch("gram_kernel launch");
+    // float32: the Gram of the unit rows; half precision: of the raw rows, scaled by the inverse norms.
+    launch_gram(element, vec, grid, raw_rows ? static_cast<const void*>(x_chunk) : norm_ptr, len_chunk, n_tokens,
+                n_dim, raw_rows ? norm_ptr : nullptr, sim_ptr, stream);
+    check_launch("gram kernel launch");
 
     kd::first_score_kernel<kd::kScoreThreads>
         <<<static_cast<unsigned>(ks::row_blocks(rows, kd::kScoreThreads)), kd::kScoreThreads, 0, stream>>>(

@@ -4,8 +4,9 @@
 //
 // Form choice (the `algorithm` argument; "auto" decides by shape). Both forms run the same pivoted Cholesky and
 // the same selection kernel; they differ in where the Gram row G[j, :] of each pivot comes from:
-//   * "gram": one symmetric FP32 Gram per item (N^2 D / 2 multiply-adds on a compute-bound tiled kernel), then one
-//     streamed row of it per step. Memory: N^2 * 4 bytes per item in flight (33 MB at N = 2880, 268 MB at 8192,
+//   * "gram": one symmetric Gram per item (N^2 D / 2 multiply-adds: FP32 FFMA for float32 features, tensor cores
+//     with float32 accumulation for float16 / bfloat16 ones, kernels/gram_mma.cuh), then one streamed row of it per
+//     step. Memory: N^2 * 4 bytes per item in flight (33 MB at N = 2880, 268 MB at 8192,
 //     1 GiB at 16,384).
 //   * "basis": no Gram; each step computes G[j, i] = x_j . x_i for every token, one GEMV over the item's features
 //     (k N D multiply-adds, memory-bound) -- the per-step cost profile of the reference's Gram-Schmidt basis form.
@@ -13,6 +14,8 @@
 //     it and projecting all tokens are dependent reductions over D and over N, i.e. about five grid-wide
 //     synchronisations per step instead of the one exchange the Cholesky update needs, and both forms pick the same
 //     tokens up to rounding (the op's contract).
+// Half-precision features (sm_80+) are read natively everywhere (norms, Gram, the basis form's rows): products of two
+// half-precision numbers are exact in float32, so no N x D upcast copy is made.
 // Both forms also keep the factor ([N, min(k, N)] per item, never more than the features when k <= D). "auto" takes
 // the Gram when it is at most 1 GiB and N^2 D / (2 * kGemmSpeedup) < k N D, i.e. N < 2 * kGemmSpeedup * k: the Gram
 // kernel does a multiply-add ~kGemmSpeedup times faster than a step streams one (FFMA peak vs HBM bandwidth on
@@ -36,8 +39,10 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "mrprune/cuda/checks.h"
+#include "mrprune/cuda/gram_launch.h"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 
 namespace mrprune::cuda {
@@ -62,9 +67,17 @@ kg::Form parse_form(const std::string& algorithm) {
   return kg::Form::kAuto;
 }
 
-template <bool kGram>
-void* select_kernel() {
-  return reinterpret_cast<void*>(&kg::greedy_select_kernel<kg::kSelectThreads, kGram>);
+// The selection kernel of a form: the gram form reads only the Gram (T = float); the rows form reads features of T.
+template <class T>
+void* select_kernel(bool use_gram) {
+  return use_gram ? reinterpret_cast<void*>(&kg::greedy_select_kernel<kg::kSelectThreads, true>)
+                  : reinterpret_cast<void*>(&kg::greedy_select_kernel<kg::kSelectThreads, false, T>);
+}
+
+ks::Element element_of(ScalarType dtype) {
+  if (dtype == ScalarType::Half) return ks::Element::kFloat16;
+  if (dtype == ScalarType::BFloat16) return ks::Element::kBFloat16;
+  return ks::Element::kFloat32;
 }
 
 }  // namespace
@@ -74,7 +87,10 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
                                                        double exhaustion_tol, std::string algorithm) {
   STD_TORCH_CHECK(features.is_cuda(), "mrprune: features must be a CUDA tensor");
   const int32_t device = features.get_device_index();
-  check_tensor(features, "features", 3, ScalarType::Float, device);
+  const ScalarType dtype = features.scalar_type();
+  STD_TORCH_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
+                  "mrprune: greedy_residual_select features must be float32, float16 or bfloat16 on CUDA");
+  check_tensor(features, "features", 3, dtype, device);
   check_tensor(lengths, "lengths", 1, ScalarType::Long, device);
   const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
   STD_TORCH_CHECK(lengths.size(0) == batch, "mrprune: lengths must have shape [B]");
@@ -108,7 +124,9 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   check_cuda(cudaMemsetAsync(out_energies, 0, static_cast<size_t>(batch * k) * sizeof(float), stream), "memset");
 
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
-  const float* x = features.const_data_ptr<float>();
+  const ks::Element element = element_of(dtype);
+  const int64_t element_bytes = dtype == ScalarType::Float ? 4 : 2;
+  const auto* x = static_cast<const char*>(features.const_data_ptr());
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   const float* gate_ptr = gate.has_value() ? gate->const_data_ptr<float>() : nullptr;
   const int64_t* seed_ptr = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
@@ -120,8 +138,12 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
     const int64_t rows = batch * tokens;
     const int64_t blocks = ks::row_blocks(rows);
     STD_TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
-    ks::row_norm_kernel<ks::kNormThreads, false><<<static_cast<unsigned>(blocks), ks::kNormThreads, 0, stream>>>(
-        x, len, rows, n_tokens, n_dim, initial_ptr, nullptr);
+    ks::with_element(element, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>
+          <<<static_cast<unsigned>(blocks), ks::kNormThreads, 0, stream>>>(reinterpret_cast<const T*>(x), len, rows,
+                                                                          n_tokens, n_dim, initial_ptr, nullptr);
+    });
     check_launch("row_norm_kernel launch");
   }
 
@@ -131,8 +153,11 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "device query");
   check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), "device query");
   STD_TORCH_CHECK(cooperative != 0, "mrprune: greedy_residual_select needs a GPU with cooperative launch support");
+  if (element != ks::Element::kFloat32) check_half_support(device, "greedy_residual_select");
   const kg::Plan plan = kg::plan(batch, tokens, k, parse_form(algorithm), sms);
-  void* kernel = plan.use_gram ? select_kernel<true>() : select_kernel<false>();
+  void* kernel = ks::with_element(element, [&](auto* tag) {
+    return select_kernel<std::remove_pointer_t<decltype(tag)>>(plan.use_gram);
+  });
   cudaFuncAttributes attributes{};
   check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
   const int64_t dynamic_max = static_cast<int64_t>(smem_optin) - static_cast<int64_t>(attributes.sharedSizeBytes);
@@ -148,7 +173,8 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   picked_ws = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Byte);
   slots_ws = torch::stable::new_empty(features, {plan.slot_ints}, ScalarType::Int);
 
-  const bool vec_features = (dim % 4 == 0) && aligned16(x);
+  // float4 loads of whole 16-byte chunks: 4 float32 or 8 half-precision features.
+  const bool vec_features = dim % (16 / element_bytes) == 0 && aligned16(x);
   const int64_t gram_tiles = ks::gram_tiles(tokens);
   STD_TORCH_CHECK(gram_tiles <= 65535, "mrprune: N too large for the Gram grid");
 
@@ -167,19 +193,15 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
     STD_TORCH_CHECK(occupancy >= 1 && items * blocks_per_item <= static_cast<int64_t>(occupancy) * sms,
                     "mrprune: greedy_residual_select cannot make its blocks co-resident on this GPU");
 
-    const float* x_chunk = x + b0 * tokens * dim;
+    const char* x_chunk = x + b0 * tokens * dim * element_bytes;
     const int64_t* len_chunk = len + b0;
     float* gram_ptr = nullptr;
     if (use_gram) {
       gram_ptr = gram_ws.mutable_data_ptr<float>();
       const dim3 grid(static_cast<unsigned>(gram_tiles), static_cast<unsigned>(gram_tiles),
                       static_cast<unsigned>(items));
-      if (vec_features) {
-        ks::gram_kernel<true><<<grid, ks::kGramThreads, 0, stream>>>(x_chunk, len_chunk, n_tokens, n_dim, gram_ptr);
-      } else {
-        ks::gram_kernel<false><<<grid, ks::kGramThreads, 0, stream>>>(x_chunk, len_chunk, n_tokens, n_dim, gram_ptr);
-      }
-      check_launch("gram_kernel launch");
+      launch_gram(element, vec_features, grid, x_chunk, len_chunk, n_tokens, n_dim, nullptr, gram_ptr, stream);
+      check_launch("gram kernel launch");
     }
     float* factor_ptr = factor_ws.mutable_data_ptr<float>();
     uint8_t* picked_ptr = picked_ws.mutable_data_ptr<uint8_t>();
@@ -212,7 +234,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
     params.cache_cols = static_cast<int>(part.cache_cols);
     params.cache_ld = static_cast<int>(part.cache_ld);
     params.tol = static_cast<float>(exhaustion_tol);
-    params.vec_x = vec_features;
+    params.vec_x = vec_features && element == ks::Element::kFloat32;
     void* args[] = {&params};
     check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(items * blocks_per_item)),
                                            dim3(kg::kSelectThreads), args, static_cast<size_t>(dynamic_bytes), stream),

@@ -13,8 +13,13 @@
 //   * a cooperative launch starts all its blocks at once on co-resident OS threads (spin-waits across blocks
 //     really run); a plain launch runs its blocks on a small pool of OS threads;
 //   * __syncthreads is a block barrier that fails when threads reach different __syncthreads calls or when a
-//     thread exits while others wait; warp collectives (__shfl_*_sync, __ballot_sync) check their mask against
-//     the lanes that actually arrive at the same call; a watchdog ends a launch that never finishes.
+//     thread exits while others wait; warp collectives (__shfl_*_sync, __ballot_sync, __syncwarp, the WMMA
+//     functions of mma.h) check their mask against the lanes that actually arrive at the same call; a watchdog ends
+//     a launch that never finishes. Stricter than sm_70+'s independent thread scheduling: while lanes wait at a
+//     collective, every lane of its mask must arrive at that same call next (a warp has one pending collective, so
+//     e.g. half a warp may not __syncwarp(0x0000ffff) while the other half waits at a full-warp collective, and lanes
+//     may not meet at different __syncwarp call sites).
+// Half precision and WMMA: cuda_fp16.h, cuda_bf16.h and mma.h in this folder.
 // A detected error prints what happened (kernel, block, thread, source line) to stderr and ends the process with
 // exit code 86 (87: watchdog timeout); run emulated launches in a subprocess.
 #pragma once
@@ -28,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <source_location>
 #include <type_traits>
 
 // --- qualifiers ----------------------------------------------------------------------------------------------------
@@ -70,6 +76,15 @@ void syncthreads(int line, const char* file);
 int syncthreads_count(int predicate, int line, const char* file);
 // kind: 0 shfl_xor, 1 shfl_down, 2 ballot. Returns the lane's result as raw bits.
 uint32_t warp_collective(int kind, unsigned mask, uint32_t value, int arg, int line, const char* file);
+// A warp-collective call named `name` (in diagnoses) that every lane of `mask` makes at the same call site with the
+// same `count` (<= 3) arguments `args`, called `labels[i]` in diagnoses (e.g. __syncwarp, the WMMA functions).
+// `orders_memory`: the lanes' memory accesses before the call happen before those after it (__syncwarp; for
+// ThreadSanitizer: a release/acquire), otherwise the call only checks that the lanes meet.
+void warp_uniform(const char* name, unsigned mask, int count, const uint64_t* args, const char* const* labels,
+                  bool orders_memory, int line, const char* file);
+// Ends the run with a diagnosis of the running CUDA thread (kernel, block, thread, source line) and exit code 86.
+[[noreturn]] void kernel_error(int line, const char* file, const char* format, ...)
+    __attribute__((format(printf, 3, 4)));
 void nanosleep_yield();
 
 template <class T>
@@ -115,6 +130,11 @@ void configure(int order, uint64_t seed, double timeout_s, int workers);
   ::cudaemu::from_bits<std::decay_t<decltype(v)>>(     \
       ::cudaemu::warp_collective(1, (mask), ::cudaemu::to_bits(v), (delta), __LINE__, __FILE__))
 #define __ballot_sync(mask, p) ::cudaemu::warp_collective(2, (mask), (p) ? 1u : 0u, 0, __LINE__, __FILE__)
+
+// A function rather than a macro (its mask is optional): the caller's line comes from std::source_location.
+inline void __syncwarp(unsigned mask = 0xffffffffu, std::source_location at = std::source_location::current()) {
+  ::cudaemu::warp_uniform("__syncwarp", mask, 0, nullptr, nullptr, true, static_cast<int>(at.line()), at.file_name());
+}
 
 inline void __nanosleep(unsigned) { ::cudaemu::nanosleep_yield(); }
 // The C++ memory model on the host: a sequentially consistent fence (at least as strong as the GPU's fence.sc.gpu).

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cuda_runtime.h"
@@ -31,6 +32,7 @@ alignas(16) thread_local float smem[kSharedCapacity / sizeof(float)];
 #include "mrprune/kernels/bipartite_dedup.cuh"
 #include "mrprune/kernels/coverage_select.cuh"
 #include "mrprune/kernels/diversity_select.cuh"
+#include "mrprune/kernels/gram_mma.cuh"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 #include "mrprune/kernels/topk.cuh"
 
@@ -60,6 +62,33 @@ void launch(const char* name, dim3 grid, dim3 block, F&& body) {
 std::vector<float> garbage_floats(int64_t n) {
   return std::vector<float>(static_cast<size_t>(n), std::numeric_limits<float>::quiet_NaN());
 }
+
+// The launchers' Gram of a chunk (mrprune/cuda/gram_launch.h): FP32 gram_kernel for float32 features, the tensor-core
+// gram_mma_kernel for half precision (scale: inverse norms, or null).
+void launch_gram(ks::Element element, bool vec, dim3 grid, const void* x, const int64_t* len, int n_tokens, int n_dim,
+                 const float* scale, float* gram) {
+  ks::with_element(element, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xt = static_cast<const T*>(x);
+    if constexpr (std::is_same_v<T, float>) {
+      if (vec) {
+        launch("gram_kernel<true>", grid, ks::kGramThreads, [&] { ks::gram_kernel<true>(xt, len, n_tokens, n_dim, gram); });
+      } else {
+        launch("gram_kernel<false>", grid, ks::kGramThreads,
+               [&] { ks::gram_kernel<false>(xt, len, n_tokens, n_dim, gram); });
+      }
+    } else if (vec) {
+      launch("gram_mma_kernel<true>", grid, ks::kMmaThreads,
+             [&] { ks::gram_mma_kernel<T, true>(xt, len, n_tokens, n_dim, scale, gram); });
+    } else {
+      launch("gram_mma_kernel<false>", grid, ks::kMmaThreads,
+             [&] { ks::gram_mma_kernel<T, false>(xt, len, n_tokens, n_dim, scale, gram); });
+    }
+  });
+}
+
+// Bytes per feature element of the C API's `element` (0 float32, 1 float16, 2 bfloat16; kernels: ks::Element).
+int64_t element_bytes(int element) { return element == 0 ? 4 : 2; }
 
 }  // namespace
 
@@ -105,19 +134,23 @@ void emu_topk_indices(const float* scores, const int64_t* lengths, int64_t batch
   }
 }
 
-// diversity_select_cuda: x [B, N, D] float32, lengths [B] int64, out [B, k] int64. smem_optin: the GPU's opt-in
-// shared memory per block (small values put the selection state in global memory); workspace_bytes: the chunking
-// budget (kd::kWorkspaceBytes on a GPU).
-void emu_diversity_select(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
-                          int64_t k, int mask_picked, int64_t smem_optin, int64_t workspace_bytes, int64_t* out) {
+// diversity_select_cuda: x [B, N, D] of `element` (0 float32, 1 float16, 2 bfloat16: raw 16-bit words), lengths [B]
+// int64, out [B, k] int64. smem_optin: the GPU's opt-in shared memory per block (small values put the selection state
+// in global memory); workspace_bytes: the chunking budget (kd::kWorkspaceBytes on a GPU).
+void emu_diversity_select(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens,
+                          int64_t dim, int64_t k, int mask_picked, int64_t smem_optin, int64_t workspace_bytes,
+                          int64_t* out) {
   constexpr int kSelect = kd::kSelectThreads;
   if (batch == 0 || k == 0) return;
   std::memset(out, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));
   const kd::Plan plan = kd::plan(batch, tokens, dim, smem_optin - kd::static_shared_bytes<kSelect>(), workspace_bytes);
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
-  std::vector<float> unit = garbage_floats(plan.chunk * tokens * dim);
+  const bool raw_rows = element != 0;  // half precision: inverse norms [chunk, N], not unit rows [chunk, N, D]
+  std::vector<float> norm_ws = garbage_floats(plan.chunk * tokens * (raw_rows ? 1 : dim));
   std::vector<float> sim = garbage_floats(plan.chunk * tokens * tokens);
   std::vector<float> first = garbage_floats(plan.chunk * tokens);
+  const ks::Element kind = static_cast<ks::Element>(element);
+  const bool vec = raw_rows ? dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 : plan.vec4;
   std::vector<float> nearest;
   std::vector<uint8_t> picked;
   if (!plan.state_in_shared) {
@@ -131,17 +164,26 @@ void emu_diversity_select(const float* x, const int64_t* lengths, int64_t batch,
     const int64_t items = std::min(plan.chunk, batch - b0);
     const int64_t rows = items * tokens;
     const int64_t* len = lengths + b0;
-    const float* xc = x + b0 * tokens * dim;
-    launch("row_norm_kernel<256, true>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
-           [&] { ks::row_norm_kernel<ks::kNormThreads, true>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
+    const void* xc = static_cast<const char*>(x) + b0 * tokens * dim * element_bytes(element);
+    const dim3 norm_grid(static_cast<unsigned>(ks::row_blocks(rows)));
+    ks::with_element(kind, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const T* xt = static_cast<const T*>(xc);
+      if (raw_rows) {
+        launch("row_norm_kernel<256, kInverseNorm>", norm_grid, ks::kNormThreads, [&] {
+          ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kInverseNorm, T>(xt, len, rows, n_tokens, n_dim,
+                                                                             norm_ws.data(), nullptr);
+        });
+      } else {
+        launch("row_norm_kernel<256, kUnitRow>", norm_grid, ks::kNormThreads, [&] {
+          ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow, T>(xt, len, rows, n_tokens, n_dim, nullptr,
+                                                                         norm_ws.data());
+        });
+      }
+    });
     const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
-    if (plan.vec4) {
-      launch("gram_kernel<true>", grid, ks::kGramThreads,
-             [&] { ks::gram_kernel<true>(unit.data(), len, n_tokens, n_dim, sim.data()); });
-    } else {
-      launch("gram_kernel<false>", grid, ks::kGramThreads,
-             [&] { ks::gram_kernel<false>(unit.data(), len, n_tokens, n_dim, sim.data()); });
-    }
+    launch_gram(kind, vec, grid, raw_rows ? xc : norm_ws.data(), len, n_tokens, n_dim,
+                raw_rows ? norm_ws.data() : nullptr, sim.data());
     launch("first_score_kernel<256>", dim3(static_cast<unsigned>(ks::row_blocks(rows, kd::kScoreThreads))),
            kd::kScoreThreads,
            [&] { kd::first_score_kernel<kd::kScoreThreads>(sim.data(), len, rows, n_tokens, first.data()); });
@@ -155,12 +197,12 @@ void emu_diversity_select(const float* x, const int64_t* lengths, int64_t batch,
   }
 }
 
-// greedy_residual_select_cuda: x [B, N, D] float32, lengths [B] int64, gate [B, N] float32 or null, seed [B] int64
+// greedy_residual_select_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, gate [B, N] float32 or null, seed [B] int64
 // or null, out_indices [B, k] int64, out_energies [B, k] float32. form: 0 auto, 1 gram, 2 basis (rows). sms: the
 // GPU's multiprocessors (co-resident selection blocks); smem_optin: its opt-in shared memory per block;
 // workspace_bytes: the chunking budget (kg::kWorkspaceBytes on a GPU). Returns 0, or 1 when min(k, N) does not fit
 // in shared memory (the launcher's error).
-int emu_greedy_residual_select(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
+int emu_greedy_residual_select(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
                                int64_t k, const float* gate, const int64_t* seed, double tol, int form, int sms,
                                int64_t smem_optin, int64_t workspace_bytes, int64_t* out_indices,
                                float* out_energies) {
@@ -169,12 +211,19 @@ int emu_greedy_residual_select(const float* x, const int64_t* lengths, int64_t b
   std::memset(out_indices, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));
   std::memset(out_energies, 0, static_cast<size_t>(batch * k) * sizeof(float));
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
+  const ks::Element kind = static_cast<ks::Element>(element);
 
   std::vector<float> initial = garbage_floats(batch * tokens);
   {
     const int64_t rows = batch * tokens;
-    launch("row_norm_kernel<256, false>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
-           [&] { ks::row_norm_kernel<ks::kNormThreads, false>(x, lengths, rows, n_tokens, n_dim, initial.data(), nullptr); });
+    ks::with_element(kind, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      launch("row_norm_kernel<256, kSquaredNorm>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
+             [&] {
+               ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>(
+                   static_cast<const T*>(x), lengths, rows, n_tokens, n_dim, initial.data(), nullptr);
+             });
+    });
   }
 
   const kg::Form forms[] = {kg::Form::kAuto, kg::Form::kGram, kg::Form::kRows};
@@ -187,23 +236,17 @@ int emu_greedy_residual_select(const float* x, const int64_t* lengths, int64_t b
   std::vector<float> energy = garbage_floats(plan.chunk * tokens);
   std::vector<uint8_t> picked(static_cast<size_t>(plan.chunk * tokens));
   std::vector<ks::Slot> slots(static_cast<size_t>(plan.slot_ints / 4));
-  const bool vec_x = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const bool vec_x = dim % (16 / element_bytes(element)) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 
   for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {
     const int64_t items = std::min(plan.chunk, batch - b0);
     const kg::ChunkPlan part = kg::plan_chunk(plan, n_tokens, items, dynamic_max);
-    const float* xc = x + b0 * tokens * dim;
+    const void* xc = static_cast<const char*>(x) + b0 * tokens * dim * element_bytes(element);
     const int64_t* len = lengths + b0;
     if (plan.use_gram) {
       const dim3 grid(static_cast<unsigned>(ks::gram_tiles(tokens)), static_cast<unsigned>(ks::gram_tiles(tokens)),
                       static_cast<unsigned>(items));
-      if (vec_x) {
-        launch("gram_kernel<true>", grid, ks::kGramThreads,
-               [&] { ks::gram_kernel<true>(xc, len, n_tokens, n_dim, gram.data()); });
-      } else {
-        launch("gram_kernel<false>", grid, ks::kGramThreads,
-               [&] { ks::gram_kernel<false>(xc, len, n_tokens, n_dim, gram.data()); });
-      }
+      launch_gram(kind, vec_x, grid, xc, len, n_tokens, n_dim, nullptr, gram.data());
     }
     std::fill(factor.begin(), factor.end(), 0.f);
     std::fill(picked.begin(), picked.end(), 0);
@@ -230,10 +273,12 @@ int emu_greedy_residual_select(const float* x, const int64_t* lengths, int64_t b
     p.cache_cols = static_cast<int>(part.cache_cols);
     p.cache_ld = static_cast<int>(part.cache_ld);
     p.tol = static_cast<float>(tol);
-    p.vec_x = vec_x;
-    const std::function<void()> body = plan.use_gram
-                                           ? std::function<void()>([&] { kg::greedy_select_kernel<kSelect, true>(p); })
-                                           : std::function<void()>([&] { kg::greedy_select_kernel<kSelect, false>(p); });
+    p.vec_x = vec_x && element == 0;
+    const std::function<void()> body = ks::with_element(kind, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      return plan.use_gram ? std::function<void()>([&] { kg::greedy_select_kernel<kSelect, true>(p); })
+                           : std::function<void()>([&] { kg::greedy_select_kernel<kSelect, false, T>(p); });
+    });
     // One 512-thread block with large shared memory per SM: the co-residency limit of the cooperative launch.
     cudaemu::launch(plan.use_gram ? "greedy_select_kernel<512, gram>" : "greedy_select_kernel<512, rows>",
                     dim3(static_cast<unsigned>(items * part.blocks_per_item)), kSelect,
@@ -274,18 +319,12 @@ void emu_coverage_select(const float* x, const int64_t* lengths, int64_t batch, 
     const int64_t* len = lengths + b0;
     const float* xc = x + b0 * tokens * dim;
     const dim3 norm_grid(static_cast<unsigned>(ks::row_blocks(rows)));
-    launch("row_norm_kernel<256, false>", norm_grid, ks::kNormThreads,
-           [&] { ks::row_norm_kernel<ks::kNormThreads, false>(xc, len, rows, n_tokens, n_dim, norm2.data(), nullptr); });
-    launch("row_norm_kernel<256, true>", norm_grid, ks::kNormThreads,
-           [&] { ks::row_norm_kernel<ks::kNormThreads, true>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
+    launch("row_norm_kernel<256, kSquaredNorm>", norm_grid, ks::kNormThreads,
+           [&] { ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm>(xc, len, rows, n_tokens, n_dim, norm2.data(), nullptr); });
+    launch("row_norm_kernel<256, kUnitRow>", norm_grid, ks::kNormThreads,
+           [&] { ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
     const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
-    if (plan.vec4) {
-      launch("gram_kernel<true>", grid, ks::kGramThreads,
-             [&] { ks::gram_kernel<true>(unit.data(), len, n_tokens, n_dim, sim.data()); });
-    } else {
-      launch("gram_kernel<false>", grid, ks::kGramThreads,
-             [&] { ks::gram_kernel<false>(unit.data(), len, n_tokens, n_dim, sim.data()); });
-    }
+    launch_gram(ks::Element::kFloat32, plan.vec4, grid, unit.data(), len, n_tokens, n_dim, nullptr, sim.data());
     const float* sal = saliency != nullptr ? saliency + b0 * tokens : nullptr;
     int64_t* o = out + b0 * k;
     const std::function<void()> select = [&] {
@@ -323,16 +362,10 @@ void emu_bipartite_dedup(const float* x, const int64_t* lengths, int64_t batch, 
     const int64_t rows = items * tokens;
     const int64_t* len = lengths + b0;
     const float* xc = x + b0 * tokens * dim;
-    launch("row_norm_kernel<256, true>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
-           [&] { ks::row_norm_kernel<ks::kNormThreads, true>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
+    launch("row_norm_kernel<256, kUnitRow>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
+           [&] { ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
     const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
-    if (plan.vec4) {
-      launch("gram_kernel<true>", grid, ks::kGramThreads,
-             [&] { ks::gram_kernel<true>(unit.data(), len, n_tokens, n_dim, sim.data()); });
-    } else {
-      launch("gram_kernel<false>", grid, ks::kGramThreads,
-             [&] { ks::gram_kernel<false>(unit.data(), len, n_tokens, n_dim, sim.data()); });
-    }
+    launch_gram(ks::Element::kFloat32, plan.vec4, grid, unit.data(), len, n_tokens, n_dim, nullptr, sim.data());
     int64_t* o = out + b0 * k;
     const std::function<void()> rounds = [&] {
       kb::dedup_rounds_kernel<kRounds>(sim.data(), len, n_tokens, static_cast<int>(k), per_round_int, state_in_shared,

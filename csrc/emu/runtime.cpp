@@ -107,7 +107,11 @@ cudaemu_switch:
 
 enum class State { Ready, Barrier, Warp, Sleep, Done };
 
+// Collective kinds: 0-2 the shuffles and the ballot (warp_collective's kind), 3 a warp-uniform call (warp_uniform:
+// __syncwarp, the nvcuda::wmma functions), named by the call.
 const char* const kCollective[] = {"__shfl_xor_sync", "__shfl_down_sync", "__ballot_sync"};
+constexpr int kUniform = 3;
+constexpr int kMaxUniformArgs = 3;
 
 struct Fiber {
 #if defined(__x86_64__)
@@ -122,9 +126,13 @@ struct Fiber {
   int line = 0;
   const char* file = "";
   int kind = 0;
+  const char* name = "";  // the collective's name in diagnoses
   unsigned mask = 0;
   uint32_t value = 0;
   int arg = 0;
+  int nargs = 0;  // warp_uniform: the arguments every lane must pass alike, and their names
+  uint64_t args[kMaxUniformArgs] = {0, 0, 0};
+  const char* const* labels = nullptr;
   uint32_t result = 0;
   unsigned sync_generation = 0;
   void* tsan = nullptr;
@@ -135,6 +143,7 @@ struct Warp {
   int line = 0;
   const char* file = "";
   int kind = 0;
+  const char* name = "";
   unsigned mask = 0;
   unsigned generation = 0;
   char sync[2] = {0, 0};  // TSan sync objects, alternating by generation
@@ -214,8 +223,8 @@ std::string describe(const Block& b, const Fiber& f) {
       std::snprintf(text, sizeof text, "waits at the __syncthreads of %s:%d", base_name(f.file), f.line);
       return text;
     case State::Warp:
-      std::snprintf(text, sizeof text, "waits at the %s of %s:%d (mask 0x%08x)", kCollective[f.kind],
-                    base_name(f.file), f.line, f.mask);
+      std::snprintf(text, sizeof text, "waits at the %s of %s:%d (mask 0x%08x)", f.name, base_name(f.file), f.line,
+                    f.mask);
       return text;
   }
   (void)b;
@@ -308,8 +317,25 @@ void arrive_barrier(Block* b, Fiber* f) {
   }
 }
 
+// warp_uniform: every lane of the mask passed the same arguments (the first lane's).
+void check_uniform(Block* b, const Warp& w, int warp) {
+  const Fiber* lanes = b->fibers->data() + warp * 32;
+  const int first = __builtin_ctz(w.mask);
+  for (int l = first + 1; l < 32; ++l) {
+    if (!(w.mask >> l & 1u)) continue;
+    for (int a = 0; a < lanes[first].nargs; ++a) {
+      if (lanes[l].args[a] == lanes[first].args[a]) continue;
+      fail(b, "lanes %d and %d of warp %d pass a different %s (0x%llx vs 0x%llx) to the %s of %s:%d: it must be the "
+              "same in every lane",
+           first, l, warp, lanes[first].labels[a], static_cast<unsigned long long>(lanes[first].args[a]),
+           static_cast<unsigned long long>(lanes[l].args[a]), w.name, base_name(w.file), w.line);
+    }
+  }
+}
+
 void complete_warp(Block* b, Warp& w, int warp) {
   Fiber* lanes = b->fibers->data() + warp * 32;
+  if (w.kind == kUniform) check_uniform(b, w, warp);
   uint32_t ballot = 0;
   for (int l = 0; l < 32; ++l) {
     if ((w.mask >> l & 1u) && (lanes[l].value & 1u)) ballot |= 1u << l;
@@ -317,7 +343,7 @@ void complete_warp(Block* b, Warp& w, int warp) {
   for (int l = 0; l < 32; ++l) {
     if (!(w.mask >> l & 1u)) continue;
     Fiber& f = lanes[l];
-    if (w.kind == 2) {
+    if (w.kind == 2 || w.kind == kUniform) {
       f.result = ballot;
       continue;
     }
@@ -325,7 +351,7 @@ void complete_warp(Block* b, Warp& w, int warp) {
     if (src < 0 || src >= 32) src = l;  // shfl_down past the warp: the lane keeps its own value
     if (!(w.mask >> src & 1u)) {
       fail(b, "lane %d of warp %d reads lane %d, outside the mask 0x%08x, in the %s of %s:%d", l, warp, src, w.mask,
-           kCollective[w.kind], base_name(w.file), w.line);
+           w.name, base_name(w.file), w.line);
     }
     f.result = lanes[src].value;
   }
@@ -343,22 +369,24 @@ void arrive_warp(Block* b, Fiber* f) {
   const unsigned existing = lanes_in_warp == 32 ? 0xffffffffu : ((1u << lanes_in_warp) - 1u);
   if (!(f->mask >> lane & 1u)) {
     fail(b, "lane %d of warp %d calls the %s of %s:%d with mask 0x%08x, which leaves out the lane itself", lane, warp,
-         kCollective[f->kind], base_name(f->file), f->line, f->mask);
+         f->name, base_name(f->file), f->line, f->mask);
   }
   if (f->mask & ~existing) {
-    fail(b, "the %s of %s:%d names lanes that do not exist (mask 0x%08x, %d lanes in warp %d)", kCollective[f->kind],
+    fail(b, "the %s of %s:%d names lanes that do not exist (mask 0x%08x, %d lanes in warp %d)", f->name,
          base_name(f->file), f->line, f->mask, lanes_in_warp, warp);
   }
   if (w.arrived == 0) {
     w.line = f->line;
     w.file = f->file;
     w.kind = f->kind;
+    w.name = f->name;
     w.mask = f->mask;
-  } else if (w.line != f->line || w.file != f->file || w.kind != f->kind || w.mask != f->mask) {
+  } else if (w.line != f->line || w.file != f->file || w.kind != f->kind || std::strcmp(w.name, f->name) != 0 ||
+             w.mask != f->mask) {
     fail(b, "lane %d of warp %d reached the %s of %s:%d (mask 0x%08x) while lane(s) 0x%08x wait at the %s of %s:%d "
             "(mask 0x%08x): a warp collective in divergent code",
-         lane, warp, kCollective[f->kind], base_name(f->file), f->line, f->mask, w.arrived, kCollective[w.kind],
-         base_name(w.file), w.line, w.mask);
+         lane, warp, f->name, base_name(f->file), f->line, f->mask, w.arrived, w.name, base_name(w.file), w.line,
+         w.mask);
   }
   w.arrived |= 1u << lane;
   Fiber* lanes = b->fibers->data() + warp * 32;
@@ -366,7 +394,7 @@ void arrive_warp(Block* b, Fiber* f) {
     if ((w.mask >> l & 1u) && lanes[l].state == State::Done) {
       fail(b, "lane %d of warp %d exited while lane(s) 0x%08x wait at the %s of %s:%d (mask 0x%08x): undefined on "
               "the GPU",
-           l, warp, w.arrived, kCollective[w.kind], base_name(w.file), w.line, w.mask);
+           l, warp, w.arrived, w.name, base_name(w.file), w.line, w.mask);
     }
   }
   if (w.arrived == w.mask) complete_warp(b, w, warp);
@@ -379,7 +407,7 @@ void on_exit(Block* b, Fiber* f) {
   if (w.arrived != 0 && (w.mask >> lane & 1u)) {
     fail(b, "lane %d of warp %d exited while lane(s) 0x%08x wait at the %s of %s:%d (mask 0x%08x): undefined on the "
             "GPU",
-         lane, warp, w.arrived, kCollective[w.kind], base_name(w.file), w.line, w.mask);
+         lane, warp, w.arrived, w.name, base_name(w.file), w.line, w.mask);
   }
   check_barrier_not_abandoned(b);
 }
@@ -582,31 +610,80 @@ int syncthreads_count(int predicate, int line, const char* file) {
 
 void syncthreads(int line, const char* file) { (void)syncthreads_count(0, line, file); }
 
-uint32_t warp_collective(int kind, unsigned mask, uint32_t value, int arg, int line, const char* file) {
-  Fiber* f = running("a warp collective");
+namespace {
+
+// Blocks the running fiber at a warp collective (the request is filled in by `fill`, under the TSan ignore) until
+// its warp completes it; returns the lane's result. `orders_memory`: the collective is a release/acquire between the
+// lanes for ThreadSanitizer.
+template <class Fill>
+uint32_t wait_warp(const char* what, bool orders_memory, Fill&& fill) {
+  Fiber* f = running(what);
   Block* b = t_block;
   ignore_begin();
   Warp& w = b->warps[static_cast<size_t>(f->tid / 32)];
   f->state = State::Warp;
-  f->kind = kind;
-  f->mask = mask;
-  f->value = value;
-  f->arg = arg;
-  f->line = line;
-  f->file = file;
+  fill(*f);
   f->sync_generation = w.generation;
   ignore_end();
 #if CUDAEMU_TSAN
-  __tsan_release(sync_object(w.sync, f->sync_generation));
+  if (orders_memory) __tsan_release(sync_object(w.sync, f->sync_generation));
 #endif
   to_scheduler(b, f, false);
 #if CUDAEMU_TSAN
-  __tsan_acquire(sync_object(w.sync, f->sync_generation));
+  if (orders_memory) __tsan_acquire(sync_object(w.sync, f->sync_generation));
+#else
+  (void)orders_memory;
 #endif
   ignore_begin();
   const uint32_t result = f->result;
   ignore_end();
   return result;
+}
+
+}  // namespace
+
+uint32_t warp_collective(int kind, unsigned mask, uint32_t value, int arg, int line, const char* file) {
+  return wait_warp("a warp collective", true, [&](Fiber& f) {
+    f.kind = kind;
+    f.name = kCollective[kind];
+    f.mask = mask;
+    f.value = value;
+    f.arg = arg;
+    f.nargs = 0;
+    f.line = line;
+    f.file = file;
+  });
+}
+
+void warp_uniform(const char* name, unsigned mask, int count, const uint64_t* args, const char* const* labels,
+                  bool orders_memory, int line, const char* file) {
+  if (count < 0 || count > kMaxUniformArgs) fail(t_block, "internal error: %s with %d uniform arguments", name, count);
+  (void)wait_warp(name, orders_memory, [&](Fiber& f) {
+    f.kind = kUniform;
+    f.name = name;
+    f.mask = mask;
+    f.value = 1;
+    f.arg = 0;
+    f.nargs = count;
+    for (int a = 0; a < count; ++a) f.args[a] = args[a];
+    f.labels = labels;
+    f.line = line;
+    f.file = file;
+  });
+}
+
+void kernel_error(int line, const char* file, const char* format, ...) {
+  char message[1536];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(message, sizeof message, format, args);
+  va_end(args);
+  Block* b = t_block;
+  if (b == nullptr || b->current == nullptr) {
+    fail(nullptr, "%s:%d: %s (outside an emulated kernel)", base_name(file), line, message);
+  }
+  const int tid = b->current->tid;
+  fail(b, "thread %d (lane %d of warp %d), %s:%d: %s", tid, tid % 32, tid / 32, base_name(file), line, message);
 }
 
 void nanosleep_yield() {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "mrprune/cuda/gram_launch.h"
 #include "mrprune/kernels/block_selection.cuh"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 
@@ -20,16 +21,12 @@ inline cudaError_t launch_unit_gram(const float* x, const int64_t* lengths, int6
                                     cudaStream_t stream) {
   namespace ks = kernels::selection;
   const int64_t rows = items * n_tokens;
-  ks::row_norm_kernel<ks::kNormThreads, true><<<static_cast<unsigned>(ks::row_blocks(rows)), ks::kNormThreads, 0,
+  ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow><<<static_cast<unsigned>(ks::row_blocks(rows)), ks::kNormThreads, 0,
                                                 stream>>>(x, lengths, rows, n_tokens, n_dim, nullptr, unit);
   const cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
   const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
-  if (plan.vec4) {
-    ks::gram_kernel<true><<<grid, ks::kGramThreads, 0, stream>>>(unit, lengths, n_tokens, n_dim, sim);
-  } else {
-    ks::gram_kernel<false><<<grid, ks::kGramThreads, 0, stream>>>(unit, lengths, n_tokens, n_dim, sim);
-  }
+  launch_gram(ks::Element::kFloat32, plan.vec4, grid, unit, lengths, n_tokens, n_dim, nullptr, sim, stream);
   return cudaGetLastError();
 }
 

@@ -2,7 +2,7 @@
 // mrprune.reference.bipartite_dedup; launcher and binding: csrc/cuda/bipartite_dedup.cu.
 //
 // Built on the selection skeleton of kernels/greedy_residual_select.cuh, like diversity_select:
-//   1. row_norm_kernel<kNormalize = true>: u_i = x_i / max(||x_i||, 1e-12);
+//   1. row_norm_kernel<kUnitRow>: u_i = x_i / max(||x_i||, 1e-12);
 //   2. gram_kernel: S = U U^T in FP32, bitwise symmetric;
 //   3. dedup_rounds_kernel: one block per item runs every round. With the current order of the R remaining tokens
 //      in one half of a double buffer: (a) every even position e gets score_e = max over the odd positions o of
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host-side launch plan, shared by the launcher (csrc/cuda/bipartite_dedup.cu) and the CPU emulation (csrc/emu), so
-// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, true>
+// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, kUnitRow>
 // into unit [chunk, N, D], gram_kernel<dim % 4 == 0> over (tiles, tiles, items) into sim [chunk, N, N], then
 // dedup_rounds_kernel<kRoundThreads> on `items` blocks with dynamic_bytes of dynamic shared memory (or the global
 // state workspaces order [chunk, 2, N] ints and score [chunk, N] floats).

@@ -2,9 +2,9 @@
 // and binding: csrc/cuda/coverage_select.cu.
 //
 // Built on the selection skeleton of kernels/greedy_residual_select.cuh, like diversity_select:
-//   1. row_norm_kernel<kNormalize = false>: ||x_i||^2, for the spec's diagonal rule (S_ii = 1 exactly for a token
+//   1. row_norm_kernel<kSquaredNorm>: ||x_i||^2, for the spec's diagonal rule (S_ii = 1 exactly for a token
 //      with ||x_i|| >= 1e-12, so that exact ties stay exact);
-//   2. row_norm_kernel<kNormalize = true>: u_i = x_i / max(||x_i||, 1e-12);
+//   2. row_norm_kernel<kUnitRow>: u_i = x_i / max(||x_i||, 1e-12);
 //   3. gram_kernel: S = U U^T in FP32, bitwise symmetric (a column of S is the same as a row);
 //   4. coverage_select_kernel: one block per item runs all k steps. Step t computes, for every unpicked column j,
 //      gain_j = sum_i max(0, S_ij - cur_i) over the item's valid tokens (picked ones and j itself included), takes
@@ -37,8 +37,8 @@ __device__ __forceinline__ float weight_of(float a, float alpha) {
 }
 
 // S_ii as the spec defines it: exactly 1 for a token whose norm is at least 1e-12 (the computed u_i . u_i is 1 up to
-// rounding), the computed value otherwise (0 for a zero token). norm2: ||x_i||^2 from row_norm_kernel<false>, the
-// same float32 sum row_norm_kernel<true> normalised with.
+// rounding), the computed value otherwise (0 for a zero token). norm2: ||x_i||^2 from row_norm_kernel<kSquaredNorm>, the
+// same float32 sum row_norm_kernel<kUnitRow> normalised with.
 __device__ __forceinline__ float self_similarity(float computed, float norm2) {
   return sqrtf(norm2) >= 1e-12f ? 1.f : computed;
 }
@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host-side launch plan, shared by the launcher (csrc/cuda/coverage_select.cu) and the CPU emulation (csrc/emu), so
-// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, false>
-// into norm2 [chunk, N], row_norm_kernel<kNormThreads, true> into unit [chunk, N, D], gram_kernel<dim % 4 == 0> over
+// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, kSquaredNorm>
+// into norm2 [chunk, N], row_norm_kernel<kNormThreads, kUnitRow> into unit [chunk, N, D], gram_kernel<dim % 4 == 0> over
 // (tiles, tiles, items) into sim [chunk, N, N], then coverage_select_kernel<kSelectThreads> on `items` blocks with
 // dynamic_bytes of dynamic shared memory (or the global state workspaces [chunk, N]: two of floats, one of bytes).
 // ---------------------------------------------------------------------------------------------------------------

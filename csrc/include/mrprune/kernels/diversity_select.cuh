@@ -2,9 +2,12 @@
 // launcher and binding: csrc/cuda/diversity_select.cu.
 //
 // Built on the selection skeleton of kernels/greedy_residual_select.cuh:
-//   1. row_norm_kernel<kNormalize = true>: u_i = x_i / max(||x_i||, 1e-12);
-//   2. gram_kernel: S = U U^T in FP32, bitwise symmetric (so a column of d = 1 - S is the same as a row, and the
-//      exact step-0 tie between two mutual nearest neighbours goes to the lower index, as in the spec);
+//   1. row_norm_kernel<kUnitRow>: u_i = x_i / max(||x_i||, 1e-12) (float32 features), or <kInverseNorm>:
+//      r_i = 1 / max(||x_i||, 1e-12) (float16 / bfloat16 features, read natively);
+//   2. gram_kernel: S = U U^T in FP32 (float32), or gram_mma_kernel (kernels/gram_mma.cuh): S_ij = (x_i . x_j) r_i r_j
+//      on tensor cores from the raw half-precision rows; bitwise symmetric either way (so a column of d = 1 - S is the
+//      same as a row, and the exact step-0 tie between two mutual nearest neighbours goes to the lower index, as in
+//      the spec);
 //   3. first_score_kernel: score_j = the second-smallest value of column j of d (the nearest *other* token; the
 //      smallest is the self-distance), read as row j, one warp per token;
 //   4. diversity_select_kernel: one block per item runs all k steps: j = argmax score (ties to the lower index),
@@ -19,6 +22,7 @@
 
 #include <cstdint>
 
+#include "mrprune/kernels/gram_mma.cuh"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 
 namespace mrprune::kernels::diversity {
@@ -121,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host-side launch plan, shared by the launcher (csrc/cuda/diversity_select.cu) and the CPU emulation (csrc/emu), so
-// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, true> into
+// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, kUnitRow> into
 // unit [chunk, N, D], gram_kernel<dim % 4 == 0> over (tiles, tiles, items) into sim [chunk, N, N],
 // first_score_kernel<kScoreThreads> into first [chunk, N], then diversity_select_kernel<kSelectThreads> on `items`
 // blocks with dynamic_bytes of dynamic shared memory (or the global state workspaces [chunk, N] floats and bytes).

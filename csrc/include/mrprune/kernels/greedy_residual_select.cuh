@@ -31,6 +31,8 @@
 // k = 640 of 2880, 89 MB at 2731 of 8192), and 5 bytes per token.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -54,6 +56,41 @@ __device__ __forceinline__ int valid_length(const int64_t* lengths, int64_t b, i
 }
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Feature elements: float32, or float16 / bfloat16 read natively (converted one element at a time, exactly, never as
+// an upcast copy of the features).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// The feature dtypes of the selections that take half precision (greedy_residual_select, diversity_select).
+enum class Element { kFloat32, kFloat16, kBFloat16 };
+
+// Calls f(static_cast<T*>(nullptr)) with T the C++ type of `e` (float, __half or __nv_bfloat16): one dispatch for the
+// launchers and the CPU emulation.
+template <class F>
+decltype(auto) with_element(Element e, F&& f) {
+  switch (e) {
+    case Element::kFloat16:
+      return f(static_cast<__half*>(nullptr));
+    case Element::kBFloat16:
+      return f(static_cast<__nv_bfloat16*>(nullptr));
+    default:
+      return f(static_cast<float*>(nullptr));
+  }
+}
+
+// Four consecutive features c4 * 4 .. c4 * 4 + 3 of a row as float32 (0 past dim). vec: float32 rows that are
+// 16-byte aligned with dim % 4 == 0 (one float4 load); half-precision rows are read element by element.
+template <class T>
+__device__ __forceinline__ float4 load_four(const T* __restrict__ row, int c4, int dim, bool vec) {
+  const int c = 4 * c4;
+  if constexpr (sizeof(T) == sizeof(float)) {
+    if (vec) return __ldg(reinterpret_cast<const float4*>(row) + c4);
+  }
+  return make_float4(to_float(row[c]), c + 1 < dim ? to_float(row[c + 1]) : 0.f,
+                     c + 2 < dim ? to_float(row[c + 2]) : 0.f, c + 3 < dim ? to_float(row[c + 3]) : 0.f);
+}
 
 #if defined(MRPRUNE_CUDA_EMULATION)
 // The CPU emulation (csrc/emu) runs blocks as OS threads: the same acquire / release in the C++ memory model.
@@ -185,12 +222,18 @@ inline int64_t row_blocks(int64_t rows, int threads = kNormThreads) {
   return (rows + per_block - 1) / per_block;
 }
 
-// out[r] = ||x_r||^2 (kNormalize = false) for the valid rows of every item, 0 for padding; or, kNormalize = true,
-// u_r = x_r / max(||x_r||, 1e-12) written to `normalized` (the reference's normalize_rows; padding rows untouched).
-// One warp per row over the flattened [items * N] rows; a fixed reduction order, so results are deterministic.
-template <int kThreads, bool kNormalize>
+// What row_norm_kernel writes per row r of the flattened [items * N] rows (valid rows of every item):
+//   kSquaredNorm: out[r] = ||x_r||^2 (0 for padding);
+//   kInverseNorm: out[r] = 1 / max(||x_r||, 1e-12) (0 for padding), the scale of a cosine Gram computed from raw rows;
+//   kUnitRow:     u_r = x_r / max(||x_r||, 1e-12) written to `normalized` (the reference's normalize_rows; padding
+//                 rows untouched).
+enum class RowOut { kSquaredNorm, kInverseNorm, kUnitRow };
+
+// One warp per row; a fixed reduction order, so results are deterministic. T: float, __half or __nv_bfloat16 (each
+// element squared in float32, exactly for half precision).
+template <int kThreads, RowOut kOut, class T = float>
 __global__ void __launch_bounds__(kThreads)
-    row_norm_kernel(const float* __restrict__ x, const int64_t* __restrict__ lengths, int64_t rows, int n_tokens,
+    row_norm_kernel(const T* __restrict__ x, const int64_t* __restrict__ lengths, int64_t rows, int n_tokens,
                     int dim, float* __restrict__ out, float* __restrict__ normalized) {
   constexpr int kWarps = kThreads / 32;
   const int lane = static_cast<int>(threadIdx.x) & 31;
@@ -199,18 +242,23 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = r / n_tokens;
   const int i = static_cast<int>(r - b * n_tokens);
   if (i >= valid_length(lengths, b, n_tokens)) {
-    if (!kNormalize && lane == 0) out[r] = 0.f;
+    if (kOut != RowOut::kUnitRow && lane == 0) out[r] = 0.f;
     return;
   }
-  const float* row = x + r * static_cast<int64_t>(dim);
+  const T* row = x + r * static_cast<int64_t>(dim);
   float sum = 0.f;
-  for (int c = lane; c < dim; c += 32) sum = fmaf(row[c], row[c], sum);
+  for (int c = lane; c < dim; c += 32) {
+    const float v = to_float(row[c]);
+    sum = fmaf(v, v, sum);
+  }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if constexpr (kNormalize) {
+  if constexpr (kOut == RowOut::kUnitRow) {
     const float denom = fmaxf(sqrtf(sum), 1e-12f);
     float* dst = normalized + r * static_cast<int64_t>(dim);
-    for (int c = lane; c < dim; c += 32) dst[c] = row[c] / denom;
+    for (int c = lane; c < dim; c += 32) dst[c] = to_float(row[c]) / denom;
+  } else if constexpr (kOut == RowOut::kInverseNorm) {
+    if (lane == 0) out[r] = 1.f / fmaxf(sqrtf(sum), 1e-12f);
   } else {
     if (lane == 0) out[r] = sum;
   }
@@ -233,6 +281,25 @@ constexpr int kGramTile = 128;
 constexpr int kGramK = 8;
 constexpr int kGramThreads = 256;
 
+// The block's output tile pair of a symmetric Gram launch (grid (T, T, items)): rows i0 and columns j0 of item b,
+// whose valid length is n. live: the tile is on or above the diagonal and holds valid entries (the lower triangle is
+// written by the mirrored stores of the upper one); a block-uniform early return otherwise.
+struct GramTilePair {
+  int64_t b;
+  int n, i0, j0;
+  bool live;
+};
+
+__device__ __forceinline__ GramTilePair gram_tile_pair(const int64_t* lengths, int n_tokens) {
+  GramTilePair t;
+  const int tile_j = static_cast<int>(blockIdx.x), tile_i = static_cast<int>(blockIdx.y);
+  t.b = blockIdx.z;
+  t.n = valid_length(lengths, t.b, n_tokens);
+  t.i0 = tile_i * kGramTile, t.j0 = tile_j * kGramTile;
+  t.live = tile_i <= tile_j && t.j0 < t.n;  // i0 <= j0 < n
+  return t;
+}
+
 // Tiles per side of an N x N Gram (gridDim.x = gridDim.y; the launchers require it <= 65535).
 inline int64_t gram_tiles(int64_t tokens) { return (tokens + kGramTile - 1) / kGramTile; }
 
@@ -244,12 +311,10 @@ __global__ void __launch_bounds__(kGramThreads, 2)
   __shared__ __align__(16) float tile_a[2][kGramK][kPad];
   __shared__ __align__(16) float tile_b[2][kGramK][kPad];
 
-  const int tile_j = static_cast<int>(blockIdx.x), tile_i = static_cast<int>(blockIdx.y);
-  if (tile_i > tile_j) return;  // block-uniform: the lower triangle is written by the mirror stores
-  const int64_t b = blockIdx.z;
-  const int n = valid_length(lengths, b, n_tokens);
-  const int i0 = tile_i * kGramTile, j0 = tile_j * kGramTile;
-  if (j0 >= n) return;  // i0 <= j0
+  const GramTilePair pair = gram_tile_pair(lengths, n_tokens);
+  if (!pair.live) return;  // block-uniform
+  const int64_t b = pair.b;
+  const int n = pair.n, i0 = pair.i0, j0 = pair.j0;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid & 15, ty = tid >> 4;
@@ -322,7 +387,7 @@ __global__ void __launch_bounds__(kGramThreads, 2)
   }
 
   float* out = gram + b * static_cast<int64_t>(n_tokens) * n_tokens;
-  const bool mirror = tile_i != tile_j;
+  const bool mirror = i0 != j0;
 #pragma unroll
   for (int r = 0; r < 8; ++r) {
     const int i = i0 + (r < 4 ? ty * 4 + r : 64 + ty * 4 + (r - 4));
@@ -343,6 +408,7 @@ namespace mrprune::kernels::greedy {
 
 using selection::better;
 using selection::Pick;
+using selection::load_four;
 using selection::Slot;
 
 // Threads per selection block: one block per SM (large dynamic shared memory), 16 warps with up to 128 registers
@@ -352,7 +418,8 @@ constexpr int kSelectThreads = 512;
 constexpr int kMinColumnsPerBlock = 16;
 
 struct Params {
-  const float* x;             // [items, N, D] features (rows form: read every step; gram form: unused)
+  const void* x;              // [items, N, D] features of the kernel's element type T (rows form: read every step;
+                              // gram form: unused)
   const float* gram;          // [items, N, N] Gram (gram form) or nullptr
   const float* initial;       // [items, N] ||x_i||^2
   const float* gate;          // [items, N] or nullptr (all 1)
@@ -369,7 +436,7 @@ struct Params {
   int blocks_per_item;        // P: blocks launched per item (grid = items * P)
   int cache_cols, cache_ld;   // shared-memory factor cache: entries [0, cache_ld) of own local columns < cache_cols
   float tol;                  // exhaustion_tol
-  bool vec_x;                 // rows form: features rows are 16-byte aligned with D % 4 == 0 (float4 loads)
+  bool vec_x;                 // rows form, float32: rows 16-byte aligned with D % 4 == 0 (float4 loads)
 };
 
 // Columns of item with n tokens: parts blocks (<= P) of width columns each, the last one possibly shorter; every
@@ -384,8 +451,9 @@ __host__ __device__ __forceinline__ void partition(int n, int blocks_per_item, i
 }
 
 // Dynamic shared memory: [ldf] pivot row | [cache_cols * cache_ld] leading factor entries of the own columns.
-// Static: the block_best scratch and one fill tile.
-template <int kThreads, bool kGram>
+// Static: the block_best scratch and one fill tile. T: the features' element type (rows form; the gram form reads
+// only the Gram and takes T = float).
+template <int kThreads, bool kGram, class T = float>
 __global__ void __launch_bounds__(kThreads, 1) greedy_select_kernel(const Params p) {
   extern __shared__ __align__(16) float smem[];
   __shared__ Pick scratch[kThreads / 32];
@@ -425,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_select_kernel(const Params
   for (int q = tid; q < cache_cols * cache_ld; q += kThreads) cache[q] = 0.f;  // entries past the rank read as 0
   for (int i = c0 + tid; i < c1; i += kThreads) energy[i] = __ldg(initial + i);
 
-  // One warp per own column (columns round-robin over the warps). The dot products run over float4 chunks: lane q
+  // One warp per own column (columns round-robin over the warps). The dot products run over 4-element chunks: lane q
   // takes chunks q, q + 32, ... in order, then a fixed butterfly sums the lanes. This order depends neither on how
   // the columns are split between blocks (the batch size) nor on the features' addresses (misaligned rows take the
   // same chunks with scalar loads), so results are bitwise reproducible across batch compositions and paddings.
@@ -480,7 +548,8 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_select_kernel(const Params
       const float inv_pivot = 1.f / sqrtf(ej);
       const float4* piv4 = reinterpret_cast<const float4*>(piv);
       const float* gram_row = kGram ? p.gram + (row0 + j) * static_cast<int64_t>(n_tokens) : nullptr;
-      const float* xj = kGram ? nullptr : p.x + (row0 + j) * static_cast<int64_t>(p.dim);
+      const T* x = static_cast<const T*>(p.x);
+      const T* xj = kGram ? nullptr : x + (row0 + j) * static_cast<int64_t>(p.dim);
       // Warp-uniform loop (the shuffles below use the full mask).
       for (int l = warp; l < own; l += kWarps) {
         const int i = c0 + l;
@@ -515,19 +584,9 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_select_kernel(const Params
           }
         }
         if constexpr (!kGram) {  // G[j, i] = x_j . x_i on the fly
-          const float* xi = p.x + (row0 + i) * static_cast<int64_t>(p.dim);
+          const T* xi = x + (row0 + i) * static_cast<int64_t>(p.dim);
           for (int c4 = lane; c4 < dim_chunks; c4 += 32) {
-            float4 a, v;
-            if (vec_x) {
-              a = __ldg(reinterpret_cast<const float4*>(xj) + c4);
-              v = __ldg(reinterpret_cast<const float4*>(xi) + c4);
-            } else {
-              const int c = 4 * c4;
-              a.x = __ldg(xj + c), v.x = __ldg(xi + c);
-              a.y = c + 1 < p.dim ? __ldg(xj + c + 1) : 0.f, v.y = c + 1 < p.dim ? __ldg(xi + c + 1) : 0.f;
-              a.z = c + 2 < p.dim ? __ldg(xj + c + 2) : 0.f, v.z = c + 2 < p.dim ? __ldg(xi + c + 2) : 0.f;
-              a.w = c + 3 < p.dim ? __ldg(xj + c + 3) : 0.f, v.w = c + 3 < p.dim ? __ldg(xi + c + 3) : 0.f;
-            }
+            const float4 a = load_four(xj, c4, p.dim, vec_x), v = load_four(xi, c4, p.dim, vec_x);
             dot_x = fmaf(a.x, v.x, dot_x);
             dot_x = fmaf(a.y, v.y, dot_x);
             dot_x = fmaf(a.z, v.z, dot_x);

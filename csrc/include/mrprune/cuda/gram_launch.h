@@ -1,0 +1,51 @@
+// Host launch (nvcc only) of a chunk's symmetric Gram for the selections that take float32, float16 or bfloat16
+// features (greedy_residual_select, diversity_select): the FP32 FFMA gram_kernel (kernels/greedy_residual_select.cuh)
+// for float32, the tensor-core gram_mma_kernel (kernels/gram_mma.cuh) for half precision, read natively.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "mrprune/cuda/checks.h"
+#include "mrprune/kernels/gram_mma.cuh"
+#include "mrprune/kernels/greedy_residual_select.cuh"
+
+namespace mrprune::cuda {
+
+// Half-precision features need WMMA with bf16 (sm_80); the Python router sends float32 to older GPUs.
+inline void check_half_support(int32_t device, const char* op) {
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), op, "device query");
+  STD_TORCH_CHECK(major >= 8, "mrprune: ", op, " takes float16/bfloat16 features on sm_80 or newer GPUs only");
+}
+
+// x: the chunk's features [items, N, D] of `element`; grid (T, T, items) with T = gram_tiles(N); vec: 16-byte aligned
+// rows of whole 16-byte chunks. scale [items, N] (half precision only; null: the plain Gram). Writes gram [items, N, N].
+inline void launch_gram(kernels::selection::Element element, bool vec, dim3 grid, const void* x,
+                        const int64_t* lengths, int n_tokens, int n_dim, const float* scale, float* gram,
+                        cudaStream_t stream) {
+  namespace ks = kernels::selection;
+  ks::with_element(element, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* features = static_cast<const T*>(x);
+    if constexpr (std::is_same_v<T, float>) {
+      STD_TORCH_CHECK(scale == nullptr, "mrprune: the float32 Gram takes no scale");
+      if (vec) {
+        ks::gram_kernel<true><<<grid, ks::kGramThreads, 0, stream>>>(features, lengths, n_tokens, n_dim, gram);
+      } else {
+        ks::gram_kernel<false><<<grid, ks::kGramThreads, 0, stream>>>(features, lengths, n_tokens, n_dim, gram);
+      }
+    } else if (vec) {
+      ks::gram_mma_kernel<T, true><<<grid, ks::kMmaThreads, 0, stream>>>(features, lengths, n_tokens, n_dim, scale,
+                                                                         gram);
+    } else {
+      ks::gram_mma_kernel<T, false><<<grid, ks::kMmaThreads, 0, stream>>>(features, lengths, n_tokens, n_dim, scale,
+                                                                          gram);
+    }
+  });
+}
+
+}  // namespace mrprune::cuda
