@@ -108,7 +108,9 @@ def _cuda_half_features(t: torch.Tensor) -> torch.Tensor:
     """Features of the CUDA selections that read half precision natively: float16/bfloat16 stay native on CPUs and on
     sm_80+ GPUs (WMMA with bf16 needs sm_80)."""
     if t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16):
-        return t.contiguous() if torch.cuda.get_device_capability(t.device) >= (8, 0) else t.float().contiguous()
+        # without a CUDA runtime only fake tensors reach here (tracing): keep the dtype, the fake kernel takes it
+        sm80 = not torch.cuda.is_available() or torch.cuda.get_device_capability(t.device) >= (8, 0)
+        return t.contiguous() if sm80 else t.float().contiguous()
     return _features(t)
 
 

@@ -70,7 +70,7 @@ def _t(dtype: str) -> tuple[str, str]:
     return ("tensor", dtype)
 
 
-F32, I64, U8 = _t("float32"), _t("int64"), _t("uint8")
+F32, I64, I32, U8 = _t("float32"), _t("int64"), _t("int32"), _t("uint8")
 
 
 def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
@@ -125,19 +125,42 @@ def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
                 dict(BLOCK=block, UPCAST=upcast),
             )
             stream = dict(tile, stride_pb=n * n // block, stride_ps=n, threshold=0.5, temperature=0.03)
-            tuned(
-                "graph_scores._stream_stats_kernel",
-                graph_scores._stream_stats,
-                dtype,
-                dict(stream, part_m=F32, part_l=F32, part_c=F32),
-                dict(BLOCK=block, UPCAST=upcast),
-            )
+            # the sparse variant: float32 takes 64-token tiles (graph_scores_triton)
+            sparse_block = min(block, 64) if upcast else block
+            sparse = dict(stream, stride_pb=n * n // sparse_block)
+            for count_clear, tokens_tile, args in ((False, block, stream), (True, sparse_block, sparse)):
+                tuned(
+                    "graph_scores._stream_stats_kernel",
+                    graph_scores._stream_stats,
+                    dtype,
+                    dict(args, part_m=F32, part_l=F32, part_c=F32, part_k=U8 if count_clear else F32),
+                    dict(BLOCK=tokens_tile, UPCAST=upcast, COUNT_CLEAR=count_clear),
+                )
             tuned(
                 "graph_scores._stream_propagate_kernel",
                 graph_scores._stream_propagate,
                 dtype,
                 dict(stream, row_max=F32, coef=F32, part_v=F32),
                 dict(BLOCK=block, UPCAST=upcast),
+            )
+            tuned(
+                "graph_scores._edge_write_kernel",
+                graph_scores._edge_write,
+                dtype,
+                dict(
+                    tile,
+                    row_max=F32,
+                    slot_start=I64,
+                    slot_count=I64,
+                    slot_clear=U8,
+                    edge_col=I32,
+                    edge_w=F32,
+                    stride_sb=n * n // sparse_block,
+                    stride_ss=n,
+                    threshold=0.5,
+                    temperature=0.03,
+                ),
+                dict(BLOCK=sparse_block, UPCAST=upcast, SUB=16),
             )
         # received attention over an LLM layer's queries and keys: 32 heads of 128 features, 64-token tiles
         heads, head_dim = 32, 128
@@ -290,6 +313,24 @@ def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
         "float32",
         dict(slots, part_m=F32, part_l=F32, part_c=F32, weights=F32, row_max=F32, row_sum=F32, degree=F32, coef=F32),
         dict(BLOCK_R=128),
+        4,
+    )
+    fixed(
+        "graph_scores._sparse_step_kernel",
+        "float32",
+        dict(
+            row_ptr=I64,
+            edge_col=I32,
+            edge_w=F32,
+            coef=F32,
+            fill=F32,
+            fill_total=F32,
+            lengths=I64,
+            divisor=F32,
+            out=F32,
+            N=n,
+        ),
+        dict(BLOCK_R=64, BLOCK_E=32),
         4,
     )
     fixed(

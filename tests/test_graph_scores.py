@@ -459,7 +459,7 @@ def _triton_impl(**options):
     return lambda *args: _triton_scores(*args, **options)
 
 
-VARIANTS = ["stream", "materialize"]
+VARIANTS = ["stream", "sparse", "materialize"]
 SMALL_SHAPES = [(n, dim, i % 5 + 1) for i, (n, dim) in enumerate(itertools.product((1, 7, 33, 70), (3, 16, 33)))]
 
 
@@ -554,6 +554,83 @@ def test_triton_rows_without_edges(variant):
 
 
 @triton_test
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_tiny_rows(variant):
+    """Rows with norms below the 1e-12 floor have a self-similarity below 1, so their softmax maxima differ from the
+    other rows': each row's probabilities must be normalised by its own maximum and sum (the sparse variant's edge
+    weights use the neighbour's), against the reference."""
+    gen = torch.Generator().manual_seed(44)
+    x = clustered(40, 12, generator=gen)[None]
+    x[0, [2, 9, 30]] *= torch.tensor([3e-13, 6e-13, 9e-13])[:, None] / x[0, [2, 9, 30]].norm(dim=-1, keepdim=True)
+    check_against_oracle(
+        None,
+        x,
+        torch.tensor([40]),
+        None,
+        0.05,
+        0.1,
+        3,
+        impl=_triton_impl(variant=variant, block=16, block_d=16),
+    )
+
+
+@triton_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_sparse_chunked_edge_pass(dtype):
+    """The sparse variant's edge pass in column chunks (a GPU's 16; 2 and 4 chunks of a tile here): the same edges as
+    the whole-tile pass, so the same scores up to the rounding of S in another tiling, which moves a weight by about
+    ulp / T (1e-4 relative at T = 0.03 over 3 steps: far below a misplaced or dropped edge)."""
+    gen = torch.Generator().manual_seed(46)
+    x, lengths = padded([clustered(n, 20, generator=gen) for n in (70, 17, 45)])
+    x = x.to(dtype)
+    want = oracle(OP, x, lengths, None, 0.5, 0.03, 3)
+    whole = _triton_scores(x, lengths, None, 0.5, 0.03, 3, variant="sparse", block=64).cpu()
+    assert_close(whole, want)
+    for chunk in (16, 32):
+        chunked = _triton_scores(x, lengths, None, 0.5, 0.03, 3, variant="sparse", block=64, edge_chunk=chunk).cpu()
+        assert_close(chunked, want, rtol=1e-4, atol=1e-5)
+
+
+@triton_test
+def test_triton_sparse_near_threshold_edges():
+    """Many edges just above the threshold (within CLEAR_MARGIN: the slots' second part): three groups of tokens
+    whose directions are 59.98 degrees apart (cosine 0.5003 between neighbouring groups, 1 within a group), in a
+    chunked and a whole-tile edge pass, against the reference."""
+    gen = torch.Generator().manual_seed(47)
+    angles = torch.tensor([0.0, 59.98, 119.96]).deg2rad()[torch.arange(70) % 3]
+    x = torch.zeros(1, 70, 8, dtype=torch.float64)
+    x[0, :, 0], x[0, :, 1] = angles.cos(), angles.sin()
+    x[0, :, 2:] = 1e-6 * torch.randn(70, 6, generator=gen, dtype=torch.float64)  # no exact duplicates
+    x = x.float()
+    lengths = torch.tensor([70])
+    want = oracle(OP, x, lengths, None, 0.5, 0.1, 3)
+    for chunk in (None, 16):
+        got = _triton_scores(x, lengths, None, 0.5, 0.1, 3, variant="sparse", block=64, edge_chunk=chunk).cpu()
+        assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@triton_test
+def test_triton_sparse_falls_back_to_streaming(monkeypatch):
+    """Edge lists over the memory cap: the sparse variant streams its steps instead, bitwise as the streaming variant
+    does; under the cap its lists give the same scores up to rounding."""
+    from mrprune.triton_kernels import graph_scores
+
+    gen = torch.Generator().manual_seed(45)
+    x, lengths = padded([clustered(n, 20, generator=gen) for n in (50, 17, 33)])
+    stream = _triton_scores(x, lengths, None, 0.2, 0.1, 3, variant="stream", block=16, block_d=16).cpu()
+    ran = []
+    sparse_steps = graph_scores._sparse_steps
+    monkeypatch.setattr(graph_scores, "_sparse_steps", lambda *a, **k: ran.append(sparse_steps(*a, **k)) or ran[-1])
+    sparse = _triton_scores(x, lengths, None, 0.2, 0.1, 3, variant="sparse", block=16, block_d=16).cpu()
+    assert ran == [True]
+    assert_close(sparse, stream)
+    monkeypatch.setattr(graph_scores, "SPARSE_MAX_RATIO", 0.0)
+    monkeypatch.setattr(graph_scores, "SPARSE_MIN_BYTES", 0)
+    fallback = _triton_scores(x, lengths, None, 0.2, 0.1, 3, variant="sparse", block=16, block_d=16).cpu()
+    assert ran == [True, False] and torch.equal(fallback, stream)
+
+
+@triton_test
 def test_triton_variants_and_splits_agree():
     """Streaming and materialising variants, with any tile size and any row split of the materialising GEMV, give
     the same scores (a padded batch of several tiles)."""
@@ -564,6 +641,7 @@ def test_triton_variants_and_splits_agree():
         dict(variant="stream", block=32, block_d=32),
         dict(variant="materialize", splits=1),
         dict(variant="materialize", block=16, splits=3),
+        dict(variant="sparse", block=32, block_d=32),
         dict(variant="auto"),
     ):
         assert_close(_triton_scores(x, lengths, None, 0.2, 0.1, 2, **options).cpu(), want)
@@ -571,18 +649,19 @@ def test_triton_variants_and_splits_agree():
 
 def test_triton_choose_variant():
     """The cost model: materialise small graphs at large D (and for float32 from small D on), stream at small D, when
-    an item's float32 S would exceed twice its features (video) or B N^2 float32 the 2 GiB cap; an explicit or
-    context choice wins."""
+    an item's float32 S would exceed twice its features (video) or B N^2 float32 the 2 GiB cap -- through edge lists
+    (sparse) when t > 1; an explicit or context choice wins."""
     pytest.importorskip("triton")
     from mrprune.triton_kernels.graph_scores import choose_variant, use_variant
 
     assert choose_variant(8, 2304, 4096, 5, torch.float16) == "materialize"
     assert choose_variant(8, 2304, 4096, 1, torch.float32) == "materialize"
     assert choose_variant(8, 2304, 64, 1, torch.float16) == "stream"
-    assert choose_variant(1, 36864, 4096, 5, torch.float16) == "stream"  # 5.4 GB of float32 similarities
+    assert choose_variant(1, 36864, 4096, 5, torch.float16) == "sparse"  # 5.4 GB of float32 similarities, t > 1
+    assert choose_variant(1, 36864, 4096, 1, torch.float16) == "stream"
     assert choose_variant(8, 576, 4096, 1, torch.bfloat16) == "materialize"
-    assert choose_variant(1, 16384, 4096, 5, torch.float32) == "stream"  # S: 1 GiB, features: 256 MiB
-    assert choose_variant(64, 4096, 8192, 5, torch.float32) == "stream"  # 4 GiB of S in all
+    assert choose_variant(1, 16384, 4096, 5, torch.float32) == "sparse"  # S: 1 GiB, features: 256 MiB
+    assert choose_variant(64, 4096, 8192, 5, torch.float32) == "sparse"  # 4 GiB of S in all
     assert choose_variant(8, 4096, 8192, 5, torch.float32) == "materialize"
     assert choose_variant(1, 16, 4, 1, torch.float16, variant="materialize") == "materialize"
     with use_variant("stream"):
