@@ -189,7 +189,7 @@ def graph_ops(dtypes):
         for t in (1, 5):
             want = reference.graph_scores(high.double(), lengths, None, 0.5, 0.03, t)[0].cpu()
             outs = {}
-            for variant in ("stream", "materialize"):
+            for variant in ("stream", "sparse", "materialize"):
                 with tgs.use_variant(variant):
                     with backends.use_backend("triton"):
                         a = mrprune.graph_scores(high, lengths, None, 0.5, 0.03, t)[0]
@@ -467,6 +467,14 @@ def timings():
             median_ms(gv, reps=2, warmup=1),
             flops=nv * nv * xv.shape[2],
         )
+        for variant, passes in (("stream", 6), ("sparse", 2)):  # t = 5 (G-Prune): 1 + t passes vs 2 and edge lists
+            with tgs.use_variant(variant):
+                g5 = lambda xv=xv, lv=lv: torch.ops.mrprune._graph_scores_triton(xv, lv, None, 0.5, 0.03, 5)  # noqa: E731
+                report(
+                    f"graph_scores video N={nv} t=5 {variant} ({passes} Gram passes; floor = 1 pass)",
+                    median_ms(g5, reps=2, warmup=1),
+                    flops=nv * nv * xv.shape[2],
+                )
         if DEV == "cuda":
             sv = torch.randn(1, nv, device=DEV)
             report(

@@ -48,8 +48,9 @@ dots, about 40 for IEEE float32 dots, about 3 TB/s) materialising wins once ``D 
 (t = 1) or 1100 (t = 5) for half inputs, 160 (t = 1) for float32. The GPU session measures both variants
 (``benchmarks/gpu_graph.py``) and tunes these constants. Where streaming wins and ``t > 1``, the sparse variant
 replaces it (2 Gram passes instead of ``1 + t``) unless the edge lists would take more than ``SPARSE_MAX_RATIO``
-times the features' bytes and more than ``SPARSE_MIN_BYTES`` (checked after the statistics pass, which both share;
-then the steps stream) or a CUDA graph is being captured (sizing the lists needs the edge count on the host).
+times the features' bytes, ``SPARSE_MIN_BYTES`` and (on a GPU) a quarter of the free memory (checked after the
+statistics pass, which both share; then the steps stream) or a CUDA graph is being captured (sizing the lists needs
+the edge count on the host).
 """
 
 import contextlib
@@ -643,7 +644,10 @@ def _sparse_steps(
     row_ptr = torch.zeros(batch * tokens + 1, dtype=torch.int64, device=features.device)
     torch.cumsum(counts.sum(dim=1).flatten(), dim=0, out=row_ptr[1:])
     edges = int(row_ptr[-1])  # host sync: sizes the lists
-    if edges * 8 > max(SPARSE_MAX_RATIO * features.numel() * features.element_size(), SPARSE_MIN_BYTES):
+    limit = max(SPARSE_MAX_RATIO * features.numel() * features.element_size(), SPARSE_MIN_BYTES)
+    if features.is_cuda:  # a GPU's memory is rarely the limit: a quarter of what is free (5 % dense, N = 64k: 1.7 GB)
+        limit = max(limit, torch.cuda.mem_get_info(features.device)[0] / 4)
+    if edges * 8 > limit:
         return False
     slot_start = row_ptr[:-1].view(batch, 1, tokens) + (torch.cumsum(counts, dim=1) - counts)
     edge_col = torch.full((max(edges, 1),), -1, dtype=torch.int32, device=features.device)

@@ -19,7 +19,7 @@
 // Both forms also keep the factor ([N, min(k, N)] per item, never more than the features when k <= D). "auto" takes
 // the Gram when it is at most 1 GiB and N^2 D / (2 * kGemmSpeedup) < k N D, i.e. N < 2 * kGemmSpeedup * k: the Gram
 // kernel does a multiply-add ~kGemmSpeedup times faster than a step streams one (FFMA peak vs HBM bandwidth on
-// H100/H200, ~60 TFLOP/s vs ~3.5-4.8 TB/s of float32, derated). K = 640 of N = 2880 (LLaVA-NeXT) and K = 2731 of
+// H100/H200, ~60 TFLOP/s vs ~3.5-4.8 TB/s of float32, derated; kMmaSpeedup for half-precision features). K = 640 of N = 2880 (LLaVA-NeXT) and K = 2731 of
 // N = 8192 (Qwen2.5-VL) take the Gram; k = 64 of 16,384 does not.
 //
 // Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can
@@ -154,7 +154,8 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), "device query");
   STD_TORCH_CHECK(cooperative != 0, "mrprune: greedy_residual_select needs a GPU with cooperative launch support");
   if (element != ks::Element::kFloat32) check_half_support(device, "greedy_residual_select");
-  const kg::Plan plan = kg::plan(batch, tokens, k, parse_form(algorithm), sms);
+  const kg::Plan plan = kg::plan(batch, tokens, k, parse_form(algorithm), sms, kg::kWorkspaceBytes,
+                                 element != ks::Element::kFloat32);
   void* kernel = ks::with_element(element, [&](auto* tag) {
     return select_kernel<std::remove_pointer_t<decltype(tag)>>(plan.use_gram);
   });

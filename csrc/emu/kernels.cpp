@@ -227,7 +227,7 @@ int emu_greedy_residual_select(const void* x, int element, const int64_t* length
   }
 
   const kg::Form forms[] = {kg::Form::kAuto, kg::Form::kGram, kg::Form::kRows};
-  const kg::Plan plan = kg::plan(batch, tokens, k, forms[form], sms, workspace_bytes);
+  const kg::Plan plan = kg::plan(batch, tokens, k, forms[form], sms, workspace_bytes, element != 0);
   const int64_t dynamic_max = smem_optin - kg::static_shared_bytes<kSelect>();
   if (plan.pivot_bytes > dynamic_max) return 1;
 

@@ -652,8 +652,11 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_select_kernel(const Params
 // (csrc/emu), so an emulated run launches exactly what a GPU run would.
 // ---------------------------------------------------------------------------------------------------------------
 
-// "auto" takes the Gram when it is at most kMaxGramBytes and N^2 D / (2 * kGemmSpeedup) < k N D (see the launcher).
+// "auto" takes the Gram when it is at most kMaxGramBytes and N^2 D / (2 * speedup) < k N D (see the launcher), with
+// speedup kGemmSpeedup for the FP32 FFMA Gram and kMmaSpeedup for the tensor-core Gram of half-precision features
+// (about 12x the FFMA rate, and a streamed row is half the bytes; derated).
 constexpr int64_t kGemmSpeedup = 16;
+constexpr int64_t kMmaSpeedup = 128;
 constexpr int64_t kMaxGramBytes = int64_t{1} << 30;
 // Workspace (Gram + factor + state) per launch; items are processed in chunks below it (at least one item).
 constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
@@ -678,19 +681,19 @@ struct Plan {
 
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
-inline bool choose_gram(Form form, int64_t n, int64_t k) {
+inline bool choose_gram(Form form, int64_t n, int64_t k, bool half) {
   if (form == Form::kGram) return true;
   if (form == Form::kRows) return false;
   if (n * n * static_cast<int64_t>(sizeof(float)) > kMaxGramBytes) return false;
-  return n < 2 * kGemmSpeedup * k;
+  return n < 2 * (half ? kMmaSpeedup : kGemmSpeedup) * k;
 }
 
-// sms: the GPU's multiprocessors (one selection block each).
+// sms: the GPU's multiprocessors (one selection block each); half: float16 / bfloat16 features (tensor-core Gram).
 inline Plan plan(int64_t batch, int64_t tokens, int64_t k, Form form, int sms,
-                 int64_t workspace_bytes = kWorkspaceBytes) {
+                 int64_t workspace_bytes = kWorkspaceBytes, bool half = false) {
   Plan p;
   p.rank_cap = k < tokens ? k : tokens;
-  p.use_gram = choose_gram(form, tokens, p.rank_cap);
+  p.use_gram = choose_gram(form, tokens, p.rank_cap, half);
   p.ldf = round_up(p.rank_cap, 4);
   p.pivot_bytes = p.ldf * static_cast<int64_t>(sizeof(float));
   p.capacity = sms;
