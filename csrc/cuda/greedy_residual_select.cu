@@ -2,7 +2,7 @@
 // partial Cholesky, all k steps of every item in one cooperative launch (device code and the algorithm:
 // csrc/include/mrprune/kernels/greedy_residual_select.cuh). Spec: mrprune.reference.greedy_residual_select.
 //
-// Form choice (the `algorithm` argument; "auto" decides by shape). Both forms run the same pivoted Cholesky and
+// Form choice (the `algorithm` argument; "auto" decides by shape and free memory). Both forms run the same pivoted Cholesky and
 // the same selection kernel; they differ in where the Gram row G[j, :] of each pivot comes from:
 //   * "gram": one symmetric Gram per item (N^2 D / 2 multiply-adds: FP32 FFMA for float32 features, tensor cores
 //     with float32 accumulation for float16 / bfloat16 ones, kernels/gram_mma.cuh), then one streamed row of it per
@@ -17,10 +17,11 @@
 // Half-precision features (sm_80+) are read natively everywhere (norms, Gram, the basis form's rows): products of two
 // half-precision numbers are exact in float32, so no N x D upcast copy is made.
 // Both forms also keep the factor ([N, min(k, N)] per item, never more than the features when k <= D). "auto" takes
-// the Gram when it is at most 1 GiB and N^2 D / (2 * kGemmSpeedup) < k N D, i.e. N < 2 * kGemmSpeedup * k: the Gram
-// kernel does a multiply-add ~kGemmSpeedup times faster than a step streams one (FFMA peak vs HBM bandwidth on
-// H100/H200, ~60 TFLOP/s vs ~3.5-4.8 TB/s of float32, derated; kMmaSpeedup for half-precision features). K = 640 of N = 2880 (LLaVA-NeXT) and K = 2731 of
-// N = 8192 (Qwen2.5-VL) take the Gram; k = 64 of 16,384 does not.
+// the Gram when it is at most max(1 GiB, a quarter of the free memory) and N^2 D / (2 * kGemmSpeedup) < k N D, i.e.
+// N < 2 * kGemmSpeedup * k: the Gram kernel does a multiply-add ~kGemmSpeedup times faster than a step streams one
+// (FFMA peak vs HBM bandwidth on H100/H200, ~60 TFLOP/s vs ~3.5-4.8 TB/s of float32, derated; kMmaSpeedup for the
+// tensor-core Gram of half-precision features). K = 640 of N = 2880 (LLaVA-NeXT) and K = 2731 of N = 8192
+// (Qwen2.5-VL) take the Gram; float32 k = 64 of 16,384 does not.
 //
 // Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can
 // compile-check it against the CPU wheel's headers (scripts/check_cuda_compile.sh).
@@ -154,8 +155,11 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), "device query");
   STD_TORCH_CHECK(cooperative != 0, "mrprune: greedy_residual_select needs a GPU with cooperative launch support");
   if (element != ks::Element::kFloat32) check_half_support(device, "greedy_residual_select");
+  size_t free_bytes = 0, total_bytes = 0;
+  check_cuda(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  const int64_t max_gram = std::max<int64_t>(kg::kMaxGramBytes, static_cast<int64_t>(free_bytes / 4));
   const kg::Plan plan = kg::plan(batch, tokens, k, parse_form(algorithm), sms, kg::kWorkspaceBytes,
-                                 element != ks::Element::kFloat32);
+                                 element != ks::Element::kFloat32, max_gram);
   void* kernel = ks::with_element(element, [&](auto* tag) {
     return select_kernel<std::remove_pointer_t<decltype(tag)>>(plan.use_gram);
   });

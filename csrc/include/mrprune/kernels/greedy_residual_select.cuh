@@ -652,7 +652,7 @@ __global__ void __launch_bounds__(kThreads, 1) greedy_select_kernel(const Params
 // (csrc/emu), so an emulated run launches exactly what a GPU run would.
 // ---------------------------------------------------------------------------------------------------------------
 
-// "auto" takes the Gram when it is at most kMaxGramBytes and N^2 D / (2 * speedup) < k N D (see the launcher), with
+// "auto" takes the Gram when it is at most max_gram_bytes and N^2 D / (2 * speedup) < k N D (see the launcher), with
 // speedup kGemmSpeedup for the FP32 FFMA Gram and kMmaSpeedup for the tensor-core Gram of half-precision features
 // (about 12x the FFMA rate, and a streamed row is half the bytes; derated).
 constexpr int64_t kGemmSpeedup = 16;
@@ -681,19 +681,22 @@ struct Plan {
 
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
-inline bool choose_gram(Form form, int64_t n, int64_t k, bool half) {
+inline bool choose_gram(Form form, int64_t n, int64_t k, bool half, int64_t max_gram_bytes) {
   if (form == Form::kGram) return true;
   if (form == Form::kRows) return false;
-  if (n * n * static_cast<int64_t>(sizeof(float)) > kMaxGramBytes) return false;
+  if (n * n * static_cast<int64_t>(sizeof(float)) > max_gram_bytes) return false;
   return n < 2 * (half ? kMmaSpeedup : kGemmSpeedup) * k;
 }
 
-// sms: the GPU's multiprocessors (one selection block each); half: float16 / bfloat16 features (tensor-core Gram).
+// sms: the GPU's multiprocessors (one selection block each); half: float16 / bfloat16 features (tensor-core Gram);
+// max_gram_bytes: the largest Gram "auto" takes (the launcher allows a quarter of the free memory, at least
+// kMaxGramBytes: at N = 65,536 a 16 GiB Gram built on tensor cores beats re-reading the features every step).
 inline Plan plan(int64_t batch, int64_t tokens, int64_t k, Form form, int sms,
-                 int64_t workspace_bytes = kWorkspaceBytes, bool half = false) {
+                 int64_t workspace_bytes = kWorkspaceBytes, bool half = false,
+                 int64_t max_gram_bytes = kMaxGramBytes) {
   Plan p;
   p.rank_cap = k < tokens ? k : tokens;
-  p.use_gram = choose_gram(form, tokens, p.rank_cap, half);
+  p.use_gram = choose_gram(form, tokens, p.rank_cap, half, max_gram_bytes);
   p.ldf = round_up(p.rank_cap, 4);
   p.pivot_bytes = p.ldf * static_cast<int64_t>(sizeof(float));
   p.capacity = sms;
