@@ -104,14 +104,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     for (int c = 0; c < 4; ++c) wmma::fill_fragment(acc[r][c], 0.f);
   }
 
-  const int k_tiles = (dim + kMmaK - 1) / kMmaK;
-  load(0);
-  store(0);
-  __syncthreads();
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int buf = kt & 1;
-    const bool more = kt + 1 < k_tiles;
-    if (more) load((kt + 1) * kMmaK);  // global loads in flight during the MMAs below
+  double_buffered_k_loop<kMmaK>(dim, load, store, [&](int buf) {
     const T* tile_a = reinterpret_cast<const T*>(&tiles[buf][0][0][0]);
     const T* tile_b = reinterpret_cast<const T*>(&tiles[buf][1][0][0]);
 #pragma unroll
@@ -127,13 +120,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
         for (int r = 0; r < 2; ++r) wmma::mma_sync(acc[r][c], a[r], bt, acc[r][c]);
       }
     }
-    // The other buffer was last read in iteration kt - 1, which every warp finished before the barrier below
-    // (iteration kt - 1's); the barrier after the store publishes it for iteration kt + 1.
-    if (more) store(buf ^ 1);
-    __syncthreads();
-  }
+  });
 
-  // Epilogue (the last barrier above freed the operand tiles): per accumulator, stage it, then every lane writes its
+  // Epilogue (the k-loop's last barrier freed the operand tiles): per accumulator, stage it, then every lane writes its
   // entries with i <= j (i < j everywhere in an off-diagonal tile) to (i, j) and (j, i).
   float* stage = reinterpret_cast<float*>(&tiles[0][0][0][0]) + warp * kStage;
   float* out = gram + b * static_cast<int64_t>(n_tokens) * n_tokens;

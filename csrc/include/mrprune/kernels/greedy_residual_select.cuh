@@ -281,6 +281,27 @@ constexpr int kGramTile = 128;
 constexpr int kGramK = 8;
 constexpr int kGramThreads = 256;
 
+// The k-loop of the Gram kernels, double-buffered through shared memory: load(k0) brings the k-tile at feature k0
+// into registers, store(buf) puts it into shared buffer buf, compute(buf) consumes buffer buf. The next k-tile's
+// global loads are in flight while the current one computes. Contains barriers: call it from uniform control flow.
+template <int kK, class Load, class Store, class Compute>
+__device__ __forceinline__ void double_buffered_k_loop(int dim, Load&& load, Store&& store, Compute&& compute) {
+  const int k_tiles = (dim + kK - 1) / kK;
+  load(0);
+  store(0);
+  __syncthreads();
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int buf = kt & 1;
+    const bool more = kt + 1 < k_tiles;
+    if (more) load((kt + 1) * kK);
+    compute(buf);
+    // The other buffer was last read in iteration kt - 1, which every thread finished before the barrier below
+    // (iteration kt - 1's); the barrier after the store publishes it for iteration kt + 1.
+    if (more) store(buf ^ 1);
+    __syncthreads();
+  }
+}
+
 // The block's output tile pair of a symmetric Gram launch (grid (T, T, items)): rows i0 and columns j0 of item b,
 // whose valid length is n. live: the tile is on or above the diagonal and holds valid entries (the lower triangle is
 // written by the mirrored stores of the upper one); a block-uniform early return otherwise.
@@ -358,14 +379,7 @@ __global__ void __launch_bounds__(kGramThreads, 2)
     for (int c = 0; c < 8; ++c) acc[r][c] = 0.f;
   }
 
-  const int k_tiles = (dim + kGramK - 1) / kGramK;
-  load(0);
-  store(0);
-  __syncthreads();
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int buf = kt & 1;
-    const bool more = kt + 1 < k_tiles;
-    if (more) load((kt + 1) * kGramK);  // global loads in flight during the FMAs below
+  double_buffered_k_loop<kGramK>(dim, load, store, [&](int buf) {
 #pragma unroll
     for (int kk = 0; kk < kGramK; ++kk) {
       const float4 a0 = *reinterpret_cast<const float4*>(&tile_a[buf][kk][ty * 4]);
@@ -380,11 +394,7 @@ __global__ void __launch_bounds__(kGramThreads, 2)
         for (int c = 0; c < 8; ++c) acc[r][c] = fmaf(a[r], bb[c], acc[r][c]);
       }
     }
-    // The other buffer was last read in iteration kt - 1, which every thread finished before the barrier below
-    // (iteration kt - 1's); the barrier after the store publishes it for iteration kt + 1.
-    if (more) store(buf ^ 1);
-    __syncthreads();
-  }
+  });
 
   float* out = gram + b * static_cast<int64_t>(n_tokens) * n_tokens;
   const bool mirror = i0 != j0;
