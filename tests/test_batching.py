@@ -120,6 +120,27 @@ def test_method_norms_vouch_for_unpadded_features(padded):
     assert scanned == (1 if padded else 0)  # padded: the high-resolution tokens only
 
 
+@pytest.mark.parametrize("method", ["MRPruner", "GPrune"])
+def test_nan_in_a_newline_token_raises(method, monkeypatch):
+    """Newline tokens are kept without being scored (no op and no budget norm reads them), yet a NaN there is found
+    like anywhere else; MRPRUNE_CHECK_FINITE=0 turns the check off (and the newline is still kept)."""
+    from mrprune import methods
+    from mrprune.layouts import LlavaNextLayout
+    from mrprune.testing import llava_next_features
+
+    layout = LlavaNextLayout(4, 4)
+    features = llava_next_features(4, 4, 32, seed=2)[None].clone()
+    newline = int(layout.newline_indices[1])
+    features[0, newline, 5] = float("nan")
+    lengths = torch.tensor([features.shape[1]])
+    pruner = getattr(methods, method)(keep_ratio=0.5)
+    with pytest.raises(ValueError, match=f"mrprune.{method}: features contain NaN or Inf"):
+        pruner.select_batch(features, [layout], lengths)
+    monkeypatch.setenv("MRPRUNE_CHECK_FINITE", "0")
+    kept = pruner.select_batch(features, [layout], lengths)  # one kept-index tensor per image
+    assert newline in kept[0].tolist()
+
+
 def test_scan_once_takes_inference_tensors():
     with torch.inference_mode():
         x = torch.randn(1, 4, 8)

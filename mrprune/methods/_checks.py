@@ -204,6 +204,17 @@ def token_norms(owner: str, features: torch.Tensor, lengths: torch.Tensor) -> to
     return norms
 
 
+def unconditional_tokens(owner: str, features: torch.Tensor, kept: Sequence[torch.Tensor]) -> None:
+    """Tokens a method keeps without scoring them (LLaVA-NeXT newlines, ``kept[b]`` indices into item ``b``) reach no
+    op and no budget norm: with ``MRPRUNE_CHECK_FINITE`` on, a NaN/Inf among them raises as anywhere else."""
+    if not _validation.check_finite_enabled():
+        return
+    for b, index in enumerate(kept):
+        if index.numel():
+            rows = features[b].index_select(0, index)[None]
+            token_norms(owner, rows, torch.tensor([index.numel()], device=features.device))
+
+
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 

@@ -41,7 +41,8 @@ class _Resolutions:
     always: list[torch.Tensor]  # per item: image indices kept unconditionally
 
     @classmethod
-    def split(cls, features: torch.Tensor, layouts: Sequence[Layout]) -> _Resolutions:
+    def split(cls, owner: str, features: torch.Tensor, layouts: Sequence[Layout]) -> _Resolutions:
+        """``owner`` (the method) names the errors: the unconditionally kept tokens are checked for NaN/Inf here."""
         device = features.device
         low_index, high_index, always, low, high = [], [], [], [], []
         for b, layout in enumerate(layouts):
@@ -57,6 +58,7 @@ class _Resolutions:
                 always.append(torch.zeros(0, dtype=torch.int64, device=device))
             low.append(features[b, : low_index[b].numel()])
             high.append(gather_rows(features[b], high_index[b]))
+        _checks.unconditional_tokens(owner, features, always)
         low, low_lengths = pad_batch(low)
         high, high_lengths = pad_batch(high)
         return cls(low, low_lengths, low_index, high, high_lengths, high_index, always)
@@ -164,7 +166,7 @@ class MRPruner(Pruner):
     def _select_batch(self, features, layouts, lengths, texts, **kwargs):
         if self.official:
             _require_official_layout("MRPruner", layouts)
-        split = _Resolutions.split(features, layouts)
+        split = _Resolutions.split("MRPruner", features, layouts)
         low_norms = _checks.token_norms("MRPruner", split.low, split.low_lengths)
         high_norms = _checks.token_norms("MRPruner", split.high, split.high_lengths)
         budgets = [
@@ -243,7 +245,7 @@ class GPrune(Pruner):
     def _select_batch(self, features, layouts, lengths, texts, **kwargs):
         if self.official:
             _require_official_layout("GPrune", layouts)
-        split = _Resolutions.split(features, layouts)
+        split = _Resolutions.split("GPrune", features, layouts)
         budgets = [
             self._budgets(layout, int(split.low_lengths[b]), int(split.high_lengths[b]), split.always[b].numel())
             for b, layout in enumerate(layouts)
