@@ -1,5 +1,5 @@
 // Host launch (nvcc only) of a chunk's symmetric Gram for the selections that take float32, float16 or bfloat16
-// features (greedy_residual_select, diversity_select): the FP32 FFMA gram_kernel (kernels/greedy_residual_select.cuh)
+// features (greedy_residual_select, diversity_select): the FP32 FFMA gram_kernel (kernels/selection.cuh)
 // for float32, the tensor-core gram_mma_kernel (kernels/gram_mma.cuh) for half precision, read natively.
 #pragma once
 
@@ -11,7 +11,7 @@
 
 #include "mrprune/cuda/checks.h"
 #include "mrprune/kernels/gram_mma.cuh"
-#include "mrprune/kernels/greedy_residual_select.cuh"
+#include "mrprune/kernels/selection.cuh"
 
 namespace mrprune::cuda {
 

@@ -1,6 +1,6 @@
 // Host launches (nvcc only) of the first two steps of the one-block-per-item selections over cosine Grams
 // (coverage_select, bipartite_dedup): unit rows u_i = x_i / max(||x_i||, 1e-12) of a chunk of items, then their
-// symmetric FP32 Gram, with the selection skeleton's kernels (kernels/greedy_residual_select.cuh) and the chunk's
+// symmetric FP32 Gram, with the selection skeleton's kernels (kernels/selection.cuh) and the chunk's
 // plan (kernels/block_selection.cuh).
 #pragma once
 
@@ -10,7 +10,7 @@
 
 #include "mrprune/cuda/gram_launch.h"
 #include "mrprune/kernels/block_selection.cuh"
-#include "mrprune/kernels/greedy_residual_select.cuh"
+#include "mrprune/kernels/selection.cuh"
 
 namespace mrprune::cuda {
 

@@ -1,7 +1,7 @@
 // bipartite_dedup (VisPruner's even/odd de-duplication) on CUDA, device code (torch-free). Spec:
 // mrprune.reference.bipartite_dedup; launcher and binding: csrc/cuda/bipartite_dedup.cu.
 //
-// Built on the selection skeleton of kernels/greedy_residual_select.cuh, like diversity_select:
+// Built on the selection skeleton of kernels/selection.cuh, like diversity_select:
 //   1. row_norm_kernel<kUnitRow>: u_i = x_i / max(||x_i||, 1e-12);
 //   2. gram_kernel: S = U U^T in FP32, bitwise symmetric;
 //   3. dedup_rounds_kernel: one block per item runs every round. With the current order of the R remaining tokens
@@ -22,7 +22,7 @@
 #include <cstdint>
 
 #include "mrprune/kernels/block_selection.cuh"
-#include "mrprune/kernels/greedy_residual_select.cuh"
+#include "mrprune/kernels/selection.cuh"
 
 namespace mrprune::kernels::dedup {
 

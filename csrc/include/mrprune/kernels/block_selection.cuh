@@ -1,13 +1,13 @@
 // The host-side launch plan of a one-block-per-item selection over chunked FP32 cosine Grams (torch-free), shared by
 // coverage_select and bipartite_dedup (kernels/coverage_select.cuh, kernels/bipartite_dedup.cuh) and their CPU
 // emulation: per chunk of items, unit rows [chunk, N, D] and the Gram [chunk, N, N] of the selection skeleton
-// (kernels/greedy_residual_select.cuh), plus the selection kernel's per-token state in dynamic shared memory when it
+// (kernels/selection.cuh), plus the selection kernel's per-token state in dynamic shared memory when it
 // fits (else in global workspaces that count against the chunk).
 #pragma once
 
 #include <cstdint>
 
-#include "mrprune/kernels/greedy_residual_select.cuh"
+#include "mrprune/kernels/selection.cuh"
 
 namespace mrprune::kernels::selection {
 

@@ -1,7 +1,7 @@
 // coverage_select (SCOPE) on CUDA, device code (torch-free). Spec: mrprune.reference.coverage_select; launcher
 // and binding: csrc/cuda/coverage_select.cu.
 //
-// Built on the selection skeleton of kernels/greedy_residual_select.cuh, like diversity_select:
+// Built on the selection skeleton of kernels/selection.cuh, like diversity_select:
 //   1. row_norm_kernel<kSquaredNorm>: ||x_i||^2, for the spec's diagonal rule (S_ii = 1 exactly for a token
 //      with ||x_i|| >= 1e-12, so that exact ties stay exact);
 //   2. row_norm_kernel<kUnitRow>: u_i = x_i / max(||x_i||, 1e-12);
@@ -20,7 +20,7 @@
 #include <cstdint>
 
 #include "mrprune/kernels/block_selection.cuh"
-#include "mrprune/kernels/greedy_residual_select.cuh"
+#include "mrprune/kernels/selection.cuh"
 
 namespace mrprune::kernels::coverage {
 

@@ -1,7 +1,7 @@
 // diversity_select (DivPrune) on CUDA, device code (torch-free). Spec: mrprune.reference.diversity_select;
 // launcher and binding: csrc/cuda/diversity_select.cu.
 //
-// Built on the selection skeleton of kernels/greedy_residual_select.cuh:
+// Built on the selection skeleton of kernels/selection.cuh:
 //   1. row_norm_kernel<kUnitRow>: u_i = x_i / max(||x_i||, 1e-12) (float32 features), or <kInverseNorm>:
 //      r_i = 1 / max(||x_i||, 1e-12) (float16 / bfloat16 features, read natively);
 //   2. gram_kernel: S = U U^T in FP32 (float32), or gram_mma_kernel (kernels/gram_mma.cuh): S_ij = (x_i . x_j) r_i r_j
@@ -23,7 +23,7 @@
 #include <cstdint>
 
 #include "mrprune/kernels/gram_mma.cuh"
-#include "mrprune/kernels/greedy_residual_select.cuh"
+#include "mrprune/kernels/selection.cuh"
 
 namespace mrprune::kernels::diversity {
 

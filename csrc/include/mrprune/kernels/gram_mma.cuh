@@ -25,7 +25,7 @@
 
 #include <cstdint>
 
-#include "mrprune/kernels/greedy_residual_select.cuh"
+#include "mrprune/kernels/selection.cuh"
 
 namespace mrprune::kernels::selection {
 
