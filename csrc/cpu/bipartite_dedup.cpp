@@ -1,13 +1,13 @@
 // bipartite_dedup on the CPU: VisPruner's even/odd de-duplication. The cosines of the item's tokens are computed once
-// (one symmetric GEMM); each round then only reads them: every even-position token's largest cosine to the
+// (one symmetric Gram, gram.h: the features in their own precision, scaled by float32 inverse norms); each round then only reads them: every even-position token's largest cosine to the
 // odd-position tokens, a stable descending sort, and the new order [kept evens by score, odds].
 // Spec: mrprune.reference.bipartite_dedup.
-#include "mrprune/cpu/common.h"
+#include "mrprune/cpu/gram.h"
 
 namespace mrprune::cpu {
 
 Tensor bipartite_dedup_cpu(Tensor features, Tensor lengths, int64_t k, int64_t per_round) {
-  check_tensor(features, "features", 3, ScalarType::Float);
+  check_features(features, "features");
   const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
   check_lengths(lengths, "lengths", batch, tokens);
   STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
@@ -16,17 +16,19 @@ Tensor bipartite_dedup_cpu(Tensor features, Tensor lengths, int64_t k, int64_t p
   int64_t* indices = out.mutable_data_ptr<int64_t>();
   std::fill(indices, indices + batch * k, int64_t{-1});
   const int64_t* len = lengths.const_data_ptr<int64_t>();
-  Workspace normalized = workspace(tokens * dim), similarity = workspace(tokens * tokens);
+  Workspace similarity = workspace(tokens * tokens);
   std::vector<int64_t> order, evens, odds, rank;
-  std::vector<float> score;
+  std::vector<float> score, inv;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
     if (n == 0 || k == 0) continue;
     order.resize(n);
     for (int64_t i = 0; i < n; ++i) order[i] = i;
     if (n > k) {
-      normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.get(), nullptr);
-      symmetric_gram(normalized.get(), n, dim, similarity.get(), n);
+      inv.resize(n);
+      const RowMatrix x = item_rows(features, b, n);
+      row_norms(x, nullptr, inv.data());
+      cosine_gram(x, inv.data(), similarity.get(), n);
       const float* s = similarity.get();
       while (static_cast<int64_t>(order.size()) > k) {
         const int64_t remaining = static_cast<int64_t>(order.size());

@@ -1,4 +1,5 @@
-// coverage_select on the CPU: SCOPE's saliency-weighted greedy coverage. One symmetric GEMM for the cosines, then a
+// coverage_select on the CPU: SCOPE's saliency-weighted greedy coverage. One symmetric Gram for the cosines (gram.h:
+// the features in their own precision, float32 accumulation, scaled by float32 inverse norms), then a
 // lazy greedy: a token's weighted gain a_j^alpha * sum_i max(0, S_ij - cur_i) can only shrink as the coverage cur
 // grows, and it does so in float32 too (every term, the fixed-order sum and the product round monotonically), so a
 // stale gain is an upper bound and the greedy re-evaluates only the tokens that reach the top of a max-heap. The
@@ -7,7 +8,7 @@
 #include <optional>
 #include <queue>
 
-#include "mrprune/cpu/common.h"
+#include "mrprune/cpu/gram.h"
 
 namespace mrprune::cpu {
 namespace {
@@ -39,7 +40,7 @@ struct Worse {
 }  // namespace
 
 Tensor coverage_select_cpu(Tensor features, Tensor lengths, int64_t k, std::optional<Tensor> saliency, double alpha) {
-  check_tensor(features, "features", 3, ScalarType::Float);
+  check_features(features, "features");
   const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
   check_lengths(lengths, "lengths", batch, tokens);
   STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
@@ -53,15 +54,17 @@ Tensor coverage_select_cpu(Tensor features, Tensor lengths, int64_t k, std::opti
   int64_t* indices = out.mutable_data_ptr<int64_t>();
   std::fill(indices, indices + batch * k, int64_t{-1});
   const int64_t* len = lengths.const_data_ptr<int64_t>();
-  Workspace normalized = workspace(tokens * dim), similarity = workspace(tokens * tokens);
-  std::vector<float> weight, cur, norms;
+  Workspace similarity = workspace(tokens * tokens);
+  std::vector<float> weight, cur, norms, inv;
   std::vector<Candidate> initial;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len[b];
     if (n == 0 || k == 0) continue;
     norms.resize(n);
-    normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.get(), norms.data());
-    symmetric_gram(normalized.get(), n, dim, similarity.get(), n);
+    inv.resize(n);
+    const RowMatrix x = item_rows(features, b, n);
+    row_norms(x, norms.data(), inv.data());
+    cosine_gram(x, inv.data(), similarity.get(), n);
     // a token's cosine with itself is exactly 1 (the spec), not 1 +- rounding, so that exact ties stay exact
     for (int64_t j = 0; j < n; ++j) {
       if (norms[j] >= kNormEps) similarity[j * n + j] = 1.f;

@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kThreads)
 // 8 double-buffered through shared memory, 256 threads with an 8 x 8 register tile each (two 4-wide halves, so every
 // shared-memory read is a conflict-free float4 broadcast). Grid (T, T, items) with T = ceil(N / 128); only the
 // tiles on or above the diagonal compute (half the multiply-adds), and each writes its block of S and, mirrored, the
-// transposed block, so S is exactly (bitwise) symmetric, as the CPU kernels' symmetric_gram. The diagonal tiles are
+// transposed block, so S is exactly (bitwise) symmetric, as the CPU kernels' Grams. The diagonal tiles are
 // symmetric too: entries (i, j) and (j, i) accumulate the same products in the same order (fma is commutative in
 // its factors). Only the valid n_b x n_b block of each item is written; padding rows and columns are never read.
 // Why our own kernel rather than cuBLAS: no dependence on torch's TF32 switches (which would change the picks), an
