@@ -94,8 +94,8 @@ def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # The C++ CPU kernels compute Grams of float16/bfloat16 features natively (float32 accumulation, never an upcast copy
-# of the N x D features), and so do the CUDA greedy_residual_select and diversity_select on sm_80+ GPUs (tensor
-# cores); other dtypes, pairs of different dtypes and the other CUDA kernels' features are converted to float32.
+# of the N x D features), and so do the CUDA selections (greedy_residual_select, diversity_select, coverage_select,
+# bipartite_dedup) on sm_80+ GPUs (tensor cores); other dtypes and pairs of different dtypes are converted to float32.
 _NATIVE_FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -145,8 +145,8 @@ _CANONICAL: dict[str, Callable[..., tuple]] = {
     "max_cosine": lambda q, ql, k, kl: (_features(q, k), _int64(ql), _features(k, q), _int64(kl)),
     "topk_indices": lambda s, lens, k, sort: (_float32(s), _int64(lens), k, sort),
     "received_attention": lambda q, k, lens, seg, scale: (_float32(q), _float32(k), _int64(lens), _int64(seg), scale),
-    "coverage_select": lambda x, lens, k, sal, alpha: (_features(x), _int64(lens), k, _float32(sal), alpha),
-    "bipartite_dedup": lambda x, lens, k, r: (_features(x), _int64(lens), k, r),
+    "coverage_select": lambda x, lens, k, sal, alpha: (_cuda_half_features(x), _int64(lens), k, _float32(sal), alpha),
+    "bipartite_dedup": lambda x, lens, k, r: (_cuda_half_features(x), _int64(lens), k, r),
     # the merges read and write x in its own dtype (float16/bfloat16/float32; float64 goes to the reference)
     "bipartite_merge": lambda x, m, lens, r, sizes, protect, spatial: (
         _features(x),

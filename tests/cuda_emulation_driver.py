@@ -71,8 +71,21 @@ def _load(path: str) -> ctypes.CDLL:
         ptr,
     ]
     lib.emu_greedy_residual_select.restype = ctypes.c_int
-    lib.emu_coverage_select.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i64, i64, ptr]
-    lib.emu_bipartite_dedup.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr]
+    lib.emu_coverage_select.argtypes = [
+        ptr,
+        ctypes.c_int,
+        ptr,
+        i64,
+        i64,
+        i64,
+        i64,
+        ptr,
+        ctypes.c_double,
+        i64,
+        i64,
+        ptr,
+    ]
+    lib.emu_bipartite_dedup.argtypes = [ptr, ctypes.c_int, ptr, i64, i64, i64, i64, i64, i64, i64, ptr]
     lib.emu_selftest.argtypes = [ctypes.c_int, ptr]
     lib.emu_selftest.restype = ctypes.c_int
     return lib
@@ -150,6 +163,7 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
         out = np.full((batch, k), -7, dtype=np.int64)
         lib.emu_coverage_select(
             _pointer(x),
+            element,
             _pointer(lengths),
             batch,
             tokens,
@@ -166,6 +180,7 @@ def _run(lib: ctypes.CDLL, case: dict) -> dict:
         out = np.full((batch, k), -7, dtype=np.int64)
         lib.emu_bipartite_dedup(
             _pointer(x),
+            element,
             _pointer(lengths),
             batch,
             tokens,

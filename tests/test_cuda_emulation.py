@@ -234,11 +234,14 @@ def coverage_hand_case(with_saliency: bool):
     return case, check
 
 
-def coverage_clustered_case(lengths: list[int], dim: int, k: int, alpha: float, **plan):
-    """Clustered tokens with random saliency vs the float64 reference: exact on the gap-decided prefix,
-    near-maximisers everywhere (test_coverage_select.assert_near_greedy)."""
+def coverage_clustered_case(
+    lengths: list[int], dim: int, k: int, alpha: float, dtype: torch.dtype = torch.float32, **plan
+):
+    """Clustered tokens with random saliency vs the float64 reference (on the upcast features for float16 / bfloat16,
+    which run the tensor-core Gram): exact on the gap-decided prefix, near-maximisers everywhere
+    (test_coverage_select.assert_near_greedy)."""
     g = torch.Generator().manual_seed(sum(lengths) + dim)
-    features, lens = padded([clustered(n, dim, generator=g) for n in lengths])
+    features, lens = padded([clustered(n, dim, generator=g).to(dtype) for n in lengths])
     saliency = torch.rand(features.shape[:2], generator=g) + 0.05
 
     def check(result: dict) -> None:
@@ -247,7 +250,7 @@ def coverage_clustered_case(lengths: list[int], dim: int, k: int, alpha: float, 
 
     case = {
         "op": "coverage_select",
-        "features": _np(features),
+        **_features(features),
         "lengths": _np(lens),
         "k": k,
         "saliency": _np(saliency),
@@ -277,14 +280,14 @@ def dedup_exact_case(lengths: list[int], k: int, per_round: int, seed: int = 0, 
     return case, check
 
 
-def dedup_gapped_case(lengths: list[int], dim: int, k: int, per_round: int, **plan):
-    """Random tokens whose float64 rounds have no near-tied scores (test_bipartite_dedup.min_round_gap): exactly the
-    float64 reference."""
+def dedup_gapped_case(lengths: list[int], dim: int, k: int, per_round: int, dtype: torch.dtype = torch.float32, **plan):
+    """Random tokens (in ``dtype``) whose float64 rounds have no near-tied scores (test_bipartite_dedup.min_round_gap):
+    exactly the float64 reference (on the upcast features for half precision: the tensor-core Gram)."""
     g = torch.Generator().manual_seed(sum(lengths) * dim + k)
     items = []
     for n in lengths:
         for _ in range(50):
-            item = torch.randn(n, dim, generator=g)
+            item = torch.randn(n, dim, generator=g).to(dtype)
             if n <= k or dedup.min_round_gap(item, k, per_round) >= dedup.GAP:
                 break
         else:
@@ -298,7 +301,7 @@ def dedup_gapped_case(lengths: list[int], dim: int, k: int, per_round: int, **pl
 
     case = {
         "op": "bipartite_dedup",
-        "features": _np(features),
+        **_features(features),
         "lengths": _np(lens),
         "k": k,
         "per_round": per_round,
@@ -358,6 +361,14 @@ CASES: dict[str, Callable[[], tuple[dict, Check]]] = {
     ),
     "greedy-random-gram-fp16": lambda: greedy_case("random", "gate", 50, "gram", torch.float16, sms=6),
     "greedy-gram-2-tiles-bf16": lambda: greedy_single_item_case(150, 24, 40, "gram", sms=3, dtype=torch.bfloat16),
+    "coverage-bf16-shared-state": lambda: coverage_clustered_case([130, 77], 16, 20, 1.0, torch.bfloat16),
+    "coverage-fp16-global-state-chunked": lambda: coverage_clustered_case(
+        [150, 0, 90], 7, 12, 0.5, torch.float16, smem_optin=1024, workspace_bytes=1
+    ),
+    "dedup-bf16-shared-state": lambda: dedup_gapped_case([64, 33], 24, 10, 3, torch.bfloat16),
+    "dedup-fp16-global-state-chunked": lambda: dedup_gapped_case(
+        [170, 0, 61], 9, 20, 8, torch.float16, smem_optin=1024, workspace_bytes=1
+    ),
     "coverage-exact": lambda: coverage_exact_case([8, 0, 5, 13], 5, False),
     "coverage-exact-saliency-kN": lambda: coverage_exact_case([8, 0, 5, 13], 13, True, seed=1),
     "coverage-hand": lambda: coverage_hand_case(False),

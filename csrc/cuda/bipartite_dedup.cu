@@ -51,7 +51,7 @@ Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t 
   int64_t* out_ptr = out.data();
 
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
-  const float* x = features.const_data_ptr<float>();
+  const FeatureData x = feature_data(features, device, "bipartite_dedup");
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   // More than N per round drops the same as N (r is capped by the remaining tokens).
   const int per_round_int = static_cast<int>(std::min<int64_t>(per_round, tokens));
@@ -63,7 +63,7 @@ Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t 
   const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
   if (state_in_shared) allow_dynamic_shared(rounds, dynamic_bytes, "bipartite_dedup");
 
-  Tensor unit = torch::stable::new_empty(features, {chunk, tokens, dim}, ScalarType::Float);
+  Tensor unit = torch::stable::new_empty(features, {chunk, cosine_workspace(x.element, tokens, dim)}, ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
   Tensor order_ws, score_ws;
   int* order_ptr = nullptr;
@@ -86,9 +86,9 @@ Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t 
     STD_TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
     const int64_t* len_chunk = len + b0;
 
-    check_cuda(launch_unit_gram(x + b0 * tokens * dim, len_chunk, items, n_tokens, n_dim, plan, unit_ptr, sim_ptr,
-                                stream),
-               "row_norm_kernel / gram_kernel launch");
+    check_cuda(launch_cosine_gram(x.element, x.item(b0, tokens, dim), len_chunk, items, n_tokens, n_dim, tiles,
+                                  x.half() ? x.vec(dim) : plan.vec4, unit_ptr, sim_ptr, stream),
+               "row_norm_kernel / gram kernel launch");
 
     rounds<<<static_cast<unsigned>(items), kb::kRoundThreads, static_cast<size_t>(dynamic_bytes), stream>>>(
         sim_ptr, len_chunk, n_tokens, static_cast<int>(k), per_round_int, state_in_shared, order_ptr, score_ptr,

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "mrprune/cuda/checks.h"
 #include "mrprune/cuda/selection_launch.h"
@@ -58,7 +59,7 @@ Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::opt
   int64_t* out_ptr = out.data();
 
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
-  const float* x = features.const_data_ptr<float>();
+  const FeatureData x = feature_data(features, device, "coverage_select");
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   const float* saliency_ptr = saliency.has_value() ? saliency->const_data_ptr<float>() : nullptr;
 
@@ -70,7 +71,7 @@ Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::opt
   if (state_in_shared) allow_dynamic_shared(select, dynamic_bytes, "coverage_select");
 
   Tensor norm2 = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
-  Tensor unit = torch::stable::new_empty(features, {chunk, tokens, dim}, ScalarType::Float);
+  Tensor unit = torch::stable::new_empty(features, {chunk, cosine_workspace(x.element, tokens, dim)}, ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
   Tensor cur_ws, weight_ws, picked_ws;
   float* cur_ptr = nullptr;
@@ -97,13 +98,18 @@ Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::opt
     const int64_t row_blocks = ks::row_blocks(rows);
     STD_TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
     const int64_t* len_chunk = len + b0;
-    const float* x_chunk = x + b0 * tokens * dim;
+    const void* x_chunk = x.item(b0, tokens, dim);
 
-    ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm><<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
-        x_chunk, len_chunk, rows, n_tokens, n_dim, norm2_ptr, nullptr);
+    ks::with_element(x.element, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>
+          <<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
+              static_cast<const T*>(x_chunk), len_chunk, rows, n_tokens, n_dim, norm2_ptr, nullptr);
+    });
     check_launch("row_norm_kernel launch");
-    check_cuda(launch_unit_gram(x_chunk, len_chunk, items, n_tokens, n_dim, plan, unit_ptr, sim_ptr, stream),
-               "row_norm_kernel / gram_kernel launch");
+    check_cuda(launch_cosine_gram(x.element, x_chunk, len_chunk, items, n_tokens, n_dim, tiles,
+                                  x.half() ? x.vec(dim) : plan.vec4, unit_ptr, sim_ptr, stream),
+               "row_norm_kernel / gram kernel launch");
 
     select<<<static_cast<unsigned>(items), kc::kSelectThreads, static_cast<size_t>(dynamic_bytes), stream>>>(
         sim_ptr, norm2_ptr, saliency_ptr != nullptr ? saliency_ptr + b0 * tokens : nullptr, alpha_f, len_chunk,

@@ -20,10 +20,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include "mrprune/cuda/checks.h"
 #include "mrprune/cuda/gram_launch.h"
+#include "mrprune/cuda/unit_gram.cuh"
 #include "mrprune/cuda/selection_launch.h"
 #include "mrprune/kernels/diversity_select.cuh"
 
@@ -44,7 +44,7 @@ void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 }  // namespace
 
 Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool mask_picked) {
-  const SelectionShape shape = check_selection_inputs(features, lengths, k, "diversity_select", /*half=*/true);
+  const SelectionShape shape = check_selection_inputs(features, lengths, k, "diversity_select");
   const int32_t device = shape.device;
   const int64_t batch = shape.batch, tokens = shape.tokens, dim = shape.dim;
 
@@ -54,14 +54,7 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
   int64_t* out_ptr = out.data();
 
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
-  const ScalarType dtype = features.scalar_type();
-  const ks::Element element = dtype == ScalarType::Half       ? ks::Element::kFloat16
-                              : dtype == ScalarType::BFloat16 ? ks::Element::kBFloat16
-                                                              : ks::Element::kFloat32;
-  const bool raw_rows = element != ks::Element::kFloat32;  // half precision: scale the Gram of the raw rows
-  if (raw_rows) check_half_support(device, "diversity_select");
-  const int64_t element_bytes = raw_rows ? 2 : 4;
-  const auto* x = static_cast<const char*>(features.const_data_ptr());
+  const FeatureData x = feature_data(features, device, "diversity_select");
   const int64_t* len = lengths.const_data_ptr<int64_t>();
 
   // The plan (kernels/diversity_select.cuh): selection state in shared memory when it fits, chunks, workspaces.
@@ -71,8 +64,8 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
   const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
   if (state_in_shared) allow_dynamic_shared(select, dynamic_bytes, "diversity_select");
 
-  // float32: unit rows [chunk, N, D]; half precision: inverse norms [chunk, N].
-  Tensor norm_ws = torch::stable::new_empty(features, {chunk, tokens, raw_rows ? 1 : dim}, ScalarType::Float);
+  Tensor norm_ws = torch::stable::new_empty(features, {chunk, cosine_workspace(x.element, tokens, dim)},
+                                            ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
   Tensor first = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
   Tensor nearest_ws, picked_ws;
@@ -89,8 +82,7 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
   float* first_ptr = first.mutable_data_ptr<float>();
 
   STD_TORCH_CHECK(tiles <= 65535, "mrprune: N too large for the Gram grid");
-  // float32: the fresh unit workspace (plan.vec4); half precision: the features' own rows, 8 elements per float4.
-  const bool vec = raw_rows ? dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 : plan.vec4;
+  const bool vec = x.half() ? x.vec(dim) : plan.vec4;  // the features' own rows, or the fresh unit workspace
 
   for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
     const int64_t items = std::min(chunk, batch - b0);
@@ -99,26 +91,9 @@ Tensor diversity_select_cuda(Tensor features, Tensor lengths, int64_t k, bool ma
     STD_TORCH_CHECK(row_blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
     const int64_t* len_chunk = len + b0;
 
-    const char* x_chunk = x + b0 * tokens * dim * element_bytes;
-    const unsigned norm_blocks = static_cast<unsigned>(row_blocks);
-    ks::with_element(element, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      const T* xt = reinterpret_cast<const T*>(x_chunk);
-      if (raw_rows) {
-        ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kInverseNorm, T>
-            <<<norm_blocks, ks::kNormThreads, 0, stream>>>(xt, len_chunk, rows, n_tokens, n_dim, norm_ptr, nullptr);
-      } else {
-        ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow, T>
-            <<<norm_blocks, ks::kNormThreads, 0, stream>>>(xt, len_chunk, rows, n_tokens, n_dim, nullptr, norm_ptr);
-      }
-    });
-    check_launch("row_norm_kernel launch");
-
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles), static_cast<unsigned>(items));
-    // float32: the Gram of the unit rows; half precision: of the raw rows, scaled by the inverse norms.
-    launch_gram(element, vec, grid, raw_rows ? static_cast<const void*>(x_chunk) : norm_ptr, len_chunk, n_tokens,
-                n_dim, raw_rows ? norm_ptr : nullptr, sim_ptr, stream);
-    check_launch("gram kernel launch");
+    check_cuda(launch_cosine_gram(x.element, x.item(b0, tokens, dim), len_chunk, items, n_tokens, n_dim, tiles, vec,
+                                  norm_ptr, sim_ptr, stream),
+               "row_norm_kernel / gram kernel launch");
 
     kd::first_score_kernel<kd::kScoreThreads>
         <<<static_cast<unsigned>(ks::row_blocks(rows, kd::kScoreThreads)), kd::kScoreThreads, 0, stream>>>(

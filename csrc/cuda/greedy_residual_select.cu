@@ -60,8 +60,6 @@ void check_cuda(cudaError_t error, const char* what) { cuda::check_cuda(error, "
 
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 kg::Form parse_form(const std::string& algorithm) {
   if (algorithm == "gram") return kg::Form::kGram;
   if (algorithm == "basis") return kg::Form::kRows;
@@ -73,12 +71,6 @@ template <class T>
 void* select_kernel(bool use_gram) {
   return use_gram ? reinterpret_cast<void*>(&kg::greedy_select_kernel<kg::kSelectThreads, true>)
                   : reinterpret_cast<void*>(&kg::greedy_select_kernel<kg::kSelectThreads, false, T>);
-}
-
-ks::Element element_of(ScalarType dtype) {
-  if (dtype == ScalarType::Half) return ks::Element::kFloat16;
-  if (dtype == ScalarType::BFloat16) return ks::Element::kBFloat16;
-  return ks::Element::kFloat32;
 }
 
 }  // namespace
@@ -125,9 +117,8 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   check_cuda(cudaMemsetAsync(out_energies, 0, static_cast<size_t>(batch * k) * sizeof(float), stream), "memset");
 
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
-  const ks::Element element = element_of(dtype);
-  const int64_t element_bytes = dtype == ScalarType::Float ? 4 : 2;
-  const auto* x = static_cast<const char*>(features.const_data_ptr());
+  const FeatureData x = feature_data(features, device, "greedy_residual_select");
+  const ks::Element element = x.element;
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   const float* gate_ptr = gate.has_value() ? gate->const_data_ptr<float>() : nullptr;
   const int64_t* seed_ptr = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
@@ -142,7 +133,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
     ks::with_element(element, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>
-          <<<static_cast<unsigned>(blocks), ks::kNormThreads, 0, stream>>>(reinterpret_cast<const T*>(x), len, rows,
+          <<<static_cast<unsigned>(blocks), ks::kNormThreads, 0, stream>>>(reinterpret_cast<const T*>(x.data), len, rows,
                                                                           n_tokens, n_dim, initial_ptr, nullptr);
     });
     check_launch("row_norm_kernel launch");
@@ -154,7 +145,6 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "device query");
   check_cuda(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device), "device query");
   STD_TORCH_CHECK(cooperative != 0, "mrprune: greedy_residual_select needs a GPU with cooperative launch support");
-  if (element != ks::Element::kFloat32) check_half_support(device, "greedy_residual_select");
   size_t free_bytes = 0, total_bytes = 0;
   check_cuda(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
   const int64_t max_gram = std::max<int64_t>(kg::kMaxGramBytes, static_cast<int64_t>(free_bytes / 4));
@@ -178,8 +168,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
   picked_ws = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Byte);
   slots_ws = torch::stable::new_empty(features, {plan.slot_ints}, ScalarType::Int);
 
-  // float4 loads of whole 16-byte chunks: 4 float32 or 8 half-precision features.
-  const bool vec_features = dim % (16 / element_bytes) == 0 && aligned16(x);
+  const bool vec_features = x.vec(dim);  // float4 loads of 4 float32 or 8 half-precision features
   const int64_t gram_tiles = ks::gram_tiles(tokens);
   STD_TORCH_CHECK(gram_tiles <= 65535, "mrprune: N too large for the Gram grid");
 
@@ -198,7 +187,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
     STD_TORCH_CHECK(occupancy >= 1 && items * blocks_per_item <= static_cast<int64_t>(occupancy) * sms,
                     "mrprune: greedy_residual_select cannot make its blocks co-resident on this GPU");
 
-    const char* x_chunk = x + b0 * tokens * dim * element_bytes;
+    const char* x_chunk = x.item(b0, tokens, dim);
     const int64_t* len_chunk = len + b0;
     float* gram_ptr = nullptr;
     if (use_gram) {

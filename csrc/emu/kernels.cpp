@@ -90,6 +90,44 @@ void launch_gram(ks::Element element, bool vec, dim3 grid, const void* x, const 
 // Bytes per feature element of the C API's `element` (0 float32, 1 float16, 2 bfloat16; kernels: ks::Element).
 int64_t element_bytes(int element) { return element == 0 ? 4 : 2; }
 
+// Rows b0... of x [B, N, D] of `element`.
+const void* item_rows(const void* x, int element, int64_t b0, int64_t tokens, int64_t dim) {
+  return static_cast<const char*>(x) + b0 * tokens * dim * element_bytes(element);
+}
+
+// 16-byte loads of half-precision features: whole 16-byte chunks per row, 16-byte aligned rows.
+bool half_vec(const void* x, int64_t dim) { return dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0; }
+
+// The launchers' cosine Gram of a chunk (mrprune/cuda/unit_gram.cuh): unit rows then the FP32 Gram for float32,
+// inverse norms then the scaled tensor-core Gram of the raw rows for half precision. rows_ws: [items, N, D] or
+// [items, N] floats (cosine_workspace); vec as there.
+void cosine_gram(ks::Element element, const void* x, const int64_t* len, int64_t items, int n_tokens, int n_dim,
+                 int64_t tiles, bool vec, float* rows_ws, float* sim) {
+  const int64_t rows = items * n_tokens;
+  const dim3 norm_grid(static_cast<unsigned>(ks::row_blocks(rows)));
+  const bool raw_rows = element != ks::Element::kFloat32;
+  ks::with_element(element, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xt = static_cast<const T*>(x);
+    if constexpr (std::is_same_v<T, float>) {
+      launch("row_norm_kernel<256, kUnitRow>", norm_grid, ks::kNormThreads, [&] {
+        ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow, T>(xt, len, rows, n_tokens, n_dim, nullptr,
+                                                                       rows_ws);
+      });
+    } else {
+      launch("row_norm_kernel<256, kInverseNorm>", norm_grid, ks::kNormThreads, [&] {
+        ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kInverseNorm, T>(xt, len, rows, n_tokens, n_dim, rows_ws,
+                                                                           nullptr);
+      });
+    }
+  });
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles), static_cast<unsigned>(items));
+  launch_gram(element, vec, grid, raw_rows ? x : rows_ws, len, n_tokens, n_dim, raw_rows ? rows_ws : nullptr, sim);
+}
+
+// Floats of the normalisation workspace per item (mrprune/cuda/unit_gram.cuh: cosine_workspace).
+int64_t cosine_workspace(int element, int64_t tokens, int64_t dim) { return element == 0 ? tokens * dim : tokens; }
+
 }  // namespace
 
 extern "C" {
@@ -145,12 +183,11 @@ void emu_diversity_select(const void* x, int element, const int64_t* lengths, in
   std::memset(out, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));
   const kd::Plan plan = kd::plan(batch, tokens, dim, smem_optin - kd::static_shared_bytes<kSelect>(), workspace_bytes);
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
-  const bool raw_rows = element != 0;  // half precision: inverse norms [chunk, N], not unit rows [chunk, N, D]
-  std::vector<float> norm_ws = garbage_floats(plan.chunk * tokens * (raw_rows ? 1 : dim));
+  std::vector<float> norm_ws = garbage_floats(plan.chunk * cosine_workspace(element, tokens, dim));
   std::vector<float> sim = garbage_floats(plan.chunk * tokens * tokens);
   std::vector<float> first = garbage_floats(plan.chunk * tokens);
   const ks::Element kind = static_cast<ks::Element>(element);
-  const bool vec = raw_rows ? dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 : plan.vec4;
+  const bool vec = element != 0 ? half_vec(x, dim) : plan.vec4;
   std::vector<float> nearest;
   std::vector<uint8_t> picked;
   if (!plan.state_in_shared) {
@@ -164,26 +201,8 @@ void emu_diversity_select(const void* x, int element, const int64_t* lengths, in
     const int64_t items = std::min(plan.chunk, batch - b0);
     const int64_t rows = items * tokens;
     const int64_t* len = lengths + b0;
-    const void* xc = static_cast<const char*>(x) + b0 * tokens * dim * element_bytes(element);
-    const dim3 norm_grid(static_cast<unsigned>(ks::row_blocks(rows)));
-    ks::with_element(kind, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      const T* xt = static_cast<const T*>(xc);
-      if (raw_rows) {
-        launch("row_norm_kernel<256, kInverseNorm>", norm_grid, ks::kNormThreads, [&] {
-          ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kInverseNorm, T>(xt, len, rows, n_tokens, n_dim,
-                                                                             norm_ws.data(), nullptr);
-        });
-      } else {
-        launch("row_norm_kernel<256, kUnitRow>", norm_grid, ks::kNormThreads, [&] {
-          ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow, T>(xt, len, rows, n_tokens, n_dim, nullptr,
-                                                                         norm_ws.data());
-        });
-      }
-    });
-    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
-    launch_gram(kind, vec, grid, raw_rows ? xc : norm_ws.data(), len, n_tokens, n_dim,
-                raw_rows ? norm_ws.data() : nullptr, sim.data());
+    cosine_gram(kind, item_rows(x, element, b0, tokens, dim), len, items, n_tokens, n_dim, plan.tiles, vec,
+                norm_ws.data(), sim.data());
     launch("first_score_kernel<256>", dim3(static_cast<unsigned>(ks::row_blocks(rows, kd::kScoreThreads))),
            kd::kScoreThreads,
            [&] { kd::first_score_kernel<kd::kScoreThreads>(sim.data(), len, rows, n_tokens, first.data()); });
@@ -241,7 +260,7 @@ int emu_greedy_residual_select(const void* x, int element, const int64_t* length
   for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {
     const int64_t items = std::min(plan.chunk, batch - b0);
     const kg::ChunkPlan part = kg::plan_chunk(plan, n_tokens, items, dynamic_max);
-    const void* xc = static_cast<const char*>(x) + b0 * tokens * dim * element_bytes(element);
+    const void* xc = item_rows(x, element, b0, tokens, dim);
     const int64_t* len = lengths + b0;
     if (plan.use_gram) {
       const dim3 grid(static_cast<unsigned>(ks::gram_tiles(tokens)), static_cast<unsigned>(ks::gram_tiles(tokens)),
@@ -287,10 +306,10 @@ int emu_greedy_residual_select(const void* x, int element, const int64_t* length
   return 0;
 }
 
-// coverage_select_cuda: x [B, N, D] float32, lengths [B] int64, saliency [B, N] float32 or null, out [B, k] int64.
+// coverage_select_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, saliency [B, N] float32 or null, out [B, k] int64.
 // smem_optin: the GPU's opt-in shared memory per block (small values put the selection state in global memory);
 // workspace_bytes: the chunking budget (ks::kBlockWorkspaceBytes on a GPU).
-void emu_coverage_select(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
+void emu_coverage_select(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
                          int64_t k, const float* saliency, double alpha, int64_t smem_optin, int64_t workspace_bytes,
                          int64_t* out) {
   constexpr int kSelect = kc::kSelectThreads;
@@ -299,7 +318,8 @@ void emu_coverage_select(const float* x, const int64_t* lengths, int64_t batch, 
   const kc::Plan plan = kc::plan(batch, tokens, dim, smem_optin - kc::static_shared_bytes<kSelect>(), workspace_bytes);
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
   std::vector<float> norm2 = garbage_floats(plan.chunk * tokens);
-  std::vector<float> unit = garbage_floats(plan.chunk * tokens * dim);
+  std::vector<float> unit = garbage_floats(plan.chunk * cosine_workspace(element, tokens, dim));
+  const ks::Element kind = static_cast<ks::Element>(element);
   std::vector<float> sim = garbage_floats(plan.chunk * tokens * tokens);
   std::vector<float> cur, weight;
   std::vector<uint8_t> picked;
@@ -317,14 +337,17 @@ void emu_coverage_select(const float* x, const int64_t* lengths, int64_t batch, 
     const int64_t items = std::min(plan.chunk, batch - b0);
     const int64_t rows = items * tokens;
     const int64_t* len = lengths + b0;
-    const float* xc = x + b0 * tokens * dim;
-    const dim3 norm_grid(static_cast<unsigned>(ks::row_blocks(rows)));
-    launch("row_norm_kernel<256, kSquaredNorm>", norm_grid, ks::kNormThreads,
-           [&] { ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm>(xc, len, rows, n_tokens, n_dim, norm2.data(), nullptr); });
-    launch("row_norm_kernel<256, kUnitRow>", norm_grid, ks::kNormThreads,
-           [&] { ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
-    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
-    launch_gram(ks::Element::kFloat32, plan.vec4, grid, unit.data(), len, n_tokens, n_dim, nullptr, sim.data());
+    const void* xc = item_rows(x, element, b0, tokens, dim);
+    ks::with_element(kind, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      launch("row_norm_kernel<256, kSquaredNorm>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
+             [&] {
+               ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>(
+                   static_cast<const T*>(xc), len, rows, n_tokens, n_dim, norm2.data(), nullptr);
+             });
+    });
+    cosine_gram(kind, xc, len, items, n_tokens, n_dim, plan.tiles, element != 0 ? half_vec(x, dim) : plan.vec4,
+                unit.data(), sim.data());
     const float* sal = saliency != nullptr ? saliency + b0 * tokens : nullptr;
     int64_t* o = out + b0 * k;
     const std::function<void()> select = [&] {
@@ -336,9 +359,9 @@ void emu_coverage_select(const float* x, const int64_t* lengths, int64_t batch, 
   }
 }
 
-// bipartite_dedup_cuda: x [B, N, D] float32, lengths [B] int64, out [B, k] int64. smem_optin and workspace_bytes as
+// bipartite_dedup_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, out [B, k] int64. smem_optin and workspace_bytes as
 // for emu_coverage_select.
-void emu_bipartite_dedup(const float* x, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
+void emu_bipartite_dedup(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
                          int64_t k, int64_t per_round, int64_t smem_optin, int64_t workspace_bytes, int64_t* out) {
   constexpr int kRounds = kb::kRoundThreads;
   if (batch == 0 || k == 0) return;
@@ -346,7 +369,8 @@ void emu_bipartite_dedup(const float* x, const int64_t* lengths, int64_t batch, 
   const kb::Plan plan = kb::plan(batch, tokens, dim, smem_optin - kb::static_shared_bytes<kRounds>(), workspace_bytes);
   const int n_tokens = static_cast<int>(tokens), n_dim = static_cast<int>(dim);
   const int per_round_int = static_cast<int>(std::min<int64_t>(per_round, tokens));
-  std::vector<float> unit = garbage_floats(plan.chunk * tokens * dim);
+  std::vector<float> unit = garbage_floats(plan.chunk * cosine_workspace(element, tokens, dim));
+  const ks::Element kind = static_cast<ks::Element>(element);
   std::vector<float> sim = garbage_floats(plan.chunk * tokens * tokens);
   std::vector<int> order;
   std::vector<float> score;
@@ -359,13 +383,9 @@ void emu_bipartite_dedup(const float* x, const int64_t* lengths, int64_t batch, 
   const bool state_in_shared = plan.state_in_shared;
   for (int64_t b0 = 0; b0 < batch; b0 += plan.chunk) {
     const int64_t items = std::min(plan.chunk, batch - b0);
-    const int64_t rows = items * tokens;
     const int64_t* len = lengths + b0;
-    const float* xc = x + b0 * tokens * dim;
-    launch("row_norm_kernel<256, kUnitRow>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
-           [&] { ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kUnitRow>(xc, len, rows, n_tokens, n_dim, nullptr, unit.data()); });
-    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.tiles), static_cast<unsigned>(items));
-    launch_gram(ks::Element::kFloat32, plan.vec4, grid, unit.data(), len, n_tokens, n_dim, nullptr, sim.data());
+    cosine_gram(kind, item_rows(x, element, b0, tokens, dim), len, items, n_tokens, n_dim, plan.tiles,
+                element != 0 ? half_vec(x, dim) : plan.vec4, unit.data(), sim.data());
     int64_t* o = out + b0 * k;
     const std::function<void()> rounds = [&] {
       kb::dedup_rounds_kernel<kRounds>(sim.data(), len, n_tokens, static_cast<int>(k), per_round_int, state_in_shared,

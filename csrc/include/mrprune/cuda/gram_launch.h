@@ -1,9 +1,11 @@
 // Host launch (nvcc only) of a chunk's symmetric Gram for the selections that take float32, float16 or bfloat16
-// features (greedy_residual_select, diversity_select): the FP32 FFMA gram_kernel (kernels/selection.cuh)
+// features (greedy_residual_select and the cosine selections of unit_gram.cuh): the FP32 FFMA gram_kernel (kernels/selection.cuh)
 // for float32, the tensor-core gram_mma_kernel (kernels/gram_mma.cuh) for half precision, read natively.
 #pragma once
 
 #include <cuda_runtime.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
@@ -15,11 +17,35 @@
 
 namespace mrprune::cuda {
 
-// Half-precision features need WMMA with bf16 (sm_80); the Python router sends float32 to older GPUs.
-inline void check_half_support(int32_t device, const char* op) {
-  int major = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), op, "device query");
-  STD_TORCH_CHECK(major >= 8, "mrprune: ", op, " takes float16/bfloat16 features on sm_80 or newer GPUs only");
+// The features of a selection launcher: element type, bytes per element, data. Half precision needs WMMA with bf16
+// (sm_80, checked here); the Python router sends float32 to older GPUs.
+struct FeatureData {
+  kernels::selection::Element element;
+  int64_t element_bytes;
+  const char* data;
+  bool half() const { return element != kernels::selection::Element::kFloat32; }
+  // Item b0's rows of a [B, N, D] tensor.
+  const char* item(int64_t b0, int64_t tokens, int64_t dim) const { return data + b0 * tokens * dim * element_bytes; }
+  // 16-byte loads: whole 16-byte chunks per row, 16-byte aligned rows.
+  bool vec(int64_t dim) const {
+    return dim % (16 / element_bytes) == 0 && reinterpret_cast<uintptr_t>(data) % 16 == 0;
+  }
+};
+
+inline FeatureData feature_data(const torch::stable::Tensor& features, int32_t device, const char* op) {
+  namespace ks = kernels::selection;
+  using torch::headeronly::ScalarType;
+  const ScalarType dtype = features.scalar_type();
+  const ks::Element element = dtype == ScalarType::Half       ? ks::Element::kFloat16
+                              : dtype == ScalarType::BFloat16 ? ks::Element::kBFloat16
+                                                              : ks::Element::kFloat32;
+  if (element != ks::Element::kFloat32) {
+    int major = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), op, "device query");
+    STD_TORCH_CHECK(major >= 8, "mrprune: ", op, " takes float16/bfloat16 features on sm_80 or newer GPUs only");
+  }
+  return FeatureData{element, element == ks::Element::kFloat32 ? 4 : 2,
+                     static_cast<const char*>(features.const_data_ptr())};
 }
 
 // x: the chunk's features [items, N, D] of `element`; grid (T, T, items) with T = gram_tiles(N); vec: 16-byte aligned

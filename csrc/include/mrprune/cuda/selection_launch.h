@@ -26,18 +26,17 @@ struct SelectionShape {
   int64_t batch, tokens, dim;
 };
 
-// The checks every selection launcher makes: features [B, N, D] float32 (or, with `half`, float16 / bfloat16 too) and
-// lengths [B] int64, contiguous, on one CUDA device; 0 <= k <= N; N < 2^30 and D < 2^31 (the kernels index with int).
-// `op` names the op in the errors.
+// The checks every selection launcher makes: features [B, N, D] float32, float16 or bfloat16 and lengths [B] int64,
+// contiguous, on one CUDA device; 0 <= k <= N; N < 2^30 and D < 2^31 (the kernels index with int). `op` names the op
+// in the errors.
 inline SelectionShape check_selection_inputs(const torch::stable::Tensor& features,
-                                             const torch::stable::Tensor& lengths, int64_t k, const char* op,
-                                             bool half = false) {
+                                             const torch::stable::Tensor& lengths, int64_t k, const char* op) {
   using torch::headeronly::ScalarType;
   STD_TORCH_CHECK(features.is_cuda(), "mrprune: ", op, ": features must be a CUDA tensor");
   const int32_t device = features.get_device_index();
   const ScalarType dtype = features.scalar_type();
-  const bool half_dtype = dtype == ScalarType::Half || dtype == ScalarType::BFloat16;
-  check_tensor(features, "features", 3, half && half_dtype ? dtype : ScalarType::Float, device);
+  const bool half = dtype == ScalarType::Half || dtype == ScalarType::BFloat16;
+  check_tensor(features, "features", 3, half ? dtype : ScalarType::Float, device);
   check_tensor(lengths, "lengths", 1, ScalarType::Long, device);
   const SelectionShape shape{device, features.size(0), features.size(1), features.size(2)};
   STD_TORCH_CHECK(lengths.size(0) == shape.batch, "mrprune: ", op, ": lengths must have shape [B]");
