@@ -1,8 +1,9 @@
 // The host-side launch plan of a one-block-per-item selection over chunked FP32 cosine Grams (torch-free), shared by
 // coverage_select and bipartite_dedup (kernels/coverage_select.cuh, kernels/bipartite_dedup.cuh) and their CPU
-// emulation: per chunk of items, unit rows [chunk, N, D] and the Gram [chunk, N, N] of the selection skeleton
-// (kernels/selection.cuh), plus the selection kernel's per-token state in dynamic shared memory when it
-// fits (else in global workspaces that count against the chunk).
+// emulation: per chunk of items, unit rows [chunk, N, D] (float32 features; half precision needs only [chunk, N]
+// inverse norms, and the plan keeps the float32 sizing) and the Gram [chunk, N, N] (cuda/unit_gram.cuh), plus the
+// selection kernel's per-token state in dynamic shared memory when it fits (else in global workspaces that count
+// against the chunk).
 #pragma once
 
 #include <cstdint>
