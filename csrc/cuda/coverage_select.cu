@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <type_traits>
 
 #include "mrprune/cuda/checks.h"
 #include "mrprune/cuda/selection_launch.h"
@@ -100,12 +99,7 @@ Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::opt
     const int64_t* len_chunk = len + b0;
     const void* x_chunk = x.item(b0, tokens, dim);
 
-    ks::with_element(x.element, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>
-          <<<static_cast<unsigned>(row_blocks), ks::kNormThreads, 0, stream>>>(
-              static_cast<const T*>(x_chunk), len_chunk, rows, n_tokens, n_dim, norm2_ptr, nullptr);
-    });
+    launch_squared_norms(x.element, x_chunk, len_chunk, rows, n_tokens, n_dim, norm2_ptr, stream);
     check_launch("row_norm_kernel launch");
     check_cuda(launch_cosine_gram(x.element, x_chunk, len_chunk, items, n_tokens, n_dim, tiles,
                                   x.half() ? x.vec(dim) : plan.vec4, unit_ptr, sim_ptr, stream),

@@ -130,12 +130,7 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
     const int64_t rows = batch * tokens;
     const int64_t blocks = ks::row_blocks(rows);
     STD_TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "mrprune: B * N too large");
-    ks::with_element(element, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>
-          <<<static_cast<unsigned>(blocks), ks::kNormThreads, 0, stream>>>(reinterpret_cast<const T*>(x.data), len, rows,
-                                                                          n_tokens, n_dim, initial_ptr, nullptr);
-    });
+    launch_squared_norms(element, x.data, len, rows, n_tokens, n_dim, initial_ptr, stream);
     check_launch("row_norm_kernel launch");
   }
 

@@ -125,6 +125,19 @@ void cosine_gram(ks::Element element, const void* x, const int64_t* len, int64_t
   launch_gram(element, vec, grid, raw_rows ? x : rows_ws, len, n_tokens, n_dim, raw_rows ? rows_ws : nullptr, sim);
 }
 
+// out[r] = ||x_r||^2 for the `rows` rows of x (mrprune/cuda/gram_launch.h: launch_squared_norms).
+void squared_norms(ks::Element element, const void* x, const int64_t* len, int64_t rows, int n_tokens, int n_dim,
+                   float* out) {
+  ks::with_element(element, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch("row_norm_kernel<256, kSquaredNorm>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
+           [&] {
+             ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>(static_cast<const T*>(x), len, rows,
+                                                                                n_tokens, n_dim, out, nullptr);
+           });
+  });
+}
+
 // Floats of the normalisation workspace per item (mrprune/cuda/unit_gram.cuh: cosine_workspace).
 int64_t cosine_workspace(int element, int64_t tokens, int64_t dim) { return element == 0 ? tokens * dim : tokens; }
 
@@ -233,17 +246,7 @@ int emu_greedy_residual_select(const void* x, int element, const int64_t* length
   const ks::Element kind = static_cast<ks::Element>(element);
 
   std::vector<float> initial = garbage_floats(batch * tokens);
-  {
-    const int64_t rows = batch * tokens;
-    ks::with_element(kind, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      launch("row_norm_kernel<256, kSquaredNorm>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
-             [&] {
-               ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>(
-                   static_cast<const T*>(x), lengths, rows, n_tokens, n_dim, initial.data(), nullptr);
-             });
-    });
-  }
+  squared_norms(kind, x, lengths, batch * tokens, n_tokens, n_dim, initial.data());
 
   const kg::Form forms[] = {kg::Form::kAuto, kg::Form::kGram, kg::Form::kRows};
   const kg::Plan plan = kg::plan(batch, tokens, k, forms[form], sms, workspace_bytes, element != 0);
@@ -338,14 +341,7 @@ void emu_coverage_select(const void* x, int element, const int64_t* lengths, int
     const int64_t rows = items * tokens;
     const int64_t* len = lengths + b0;
     const void* xc = item_rows(x, element, b0, tokens, dim);
-    ks::with_element(kind, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      launch("row_norm_kernel<256, kSquaredNorm>", dim3(static_cast<unsigned>(ks::row_blocks(rows))), ks::kNormThreads,
-             [&] {
-               ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>(
-                   static_cast<const T*>(xc), len, rows, n_tokens, n_dim, norm2.data(), nullptr);
-             });
-    });
+    squared_norms(kind, xc, len, rows, n_tokens, n_dim, norm2.data());
     cosine_gram(kind, xc, len, items, n_tokens, n_dim, plan.tiles, element != 0 ? half_vec(x, dim) : plan.vec4,
                 unit.data(), sim.data());
     const float* sal = saliency != nullptr ? saliency + b0 * tokens : nullptr;

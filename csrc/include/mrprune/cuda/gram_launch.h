@@ -48,6 +48,18 @@ inline FeatureData feature_data(const torch::stable::Tensor& features, int32_t d
                      static_cast<const char*>(features.const_data_ptr())};
 }
 
+// out[r] = ||x_r||^2 for the `rows` rows [items * N] of x (features of `element`; 0 for padding).
+inline void launch_squared_norms(kernels::selection::Element element, const void* x, const int64_t* lengths,
+                                 int64_t rows, int n_tokens, int n_dim, float* out, cudaStream_t stream) {
+  namespace ks = kernels::selection;
+  ks::with_element(element, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    ks::row_norm_kernel<ks::kNormThreads, ks::RowOut::kSquaredNorm, T>
+        <<<static_cast<unsigned>(ks::row_blocks(rows)), ks::kNormThreads, 0, stream>>>(
+            static_cast<const T*>(x), lengths, rows, n_tokens, n_dim, out, nullptr);
+  });
+}
+
 // x: the chunk's features [items, N, D] of `element`; grid (T, T, items) with T = gram_tiles(N); vec: 16-byte aligned
 // rows of whole 16-byte chunks. scale [items, N] (half precision only; null: the plain Gram). Writes gram [items, N, N].
 inline void launch_gram(kernels::selection::Element element, bool vec, dim3 grid, const void* x,
