@@ -1,5 +1,8 @@
-// bipartite_dedup on the CPU: VisPruner's even/odd de-duplication. The cosines of the item's tokens are computed once
-// (one symmetric Gram, gram.h: the features in their own precision, scaled by float32 inverse norms); each round then only reads them: every even-position token's largest cosine to the
+// bipartite_dedup on the CPU: VisPruner's even/odd de-duplication. The cosines of the item's tokens are computed once:
+// float32 rows normalised first, then one symmetric BLAS Gram (the official code's order of operations: its rounds
+// cascade, so on near-tied tokens it is the float32 rounding that keeps the reference's picks); float16 / bfloat16
+// rows in their own precision through gram.h's cosine Gram (float32 accumulation, float32 inverse norms, no float32
+// copy of the features). Each round then only reads them: every even-position token's largest cosine to the
 // odd-position tokens, a stable descending sort, and the new order [kept evens by score, odds].
 // Spec: mrprune.reference.bipartite_dedup.
 #include "mrprune/cpu/gram.h"
@@ -16,7 +19,8 @@ Tensor bipartite_dedup_cpu(Tensor features, Tensor lengths, int64_t k, int64_t p
   int64_t* indices = out.mutable_data_ptr<int64_t>();
   std::fill(indices, indices + batch * k, int64_t{-1});
   const int64_t* len = lengths.const_data_ptr<int64_t>();
-  Workspace similarity = workspace(tokens * tokens);
+  const bool half = features.scalar_type() != ScalarType::Float;
+  Workspace similarity = workspace(tokens * tokens), normalized = workspace(half ? 0 : tokens * dim);
   std::vector<int64_t> order, evens, odds, rank;
   std::vector<float> score, inv;
   for (int64_t b = 0; b < batch; ++b) {
@@ -25,10 +29,15 @@ Tensor bipartite_dedup_cpu(Tensor features, Tensor lengths, int64_t k, int64_t p
     order.resize(n);
     for (int64_t i = 0; i < n; ++i) order[i] = i;
     if (n > k) {
-      inv.resize(n);
-      const RowMatrix x = item_rows(features, b, n);
-      row_norms(x, nullptr, inv.data());
-      cosine_gram(x, inv.data(), similarity.get(), n);
+      if (half) {
+        inv.resize(n);
+        const RowMatrix x = item_rows(features, b, n);
+        row_norms(x, nullptr, inv.data());
+        cosine_gram(x, inv.data(), similarity.get(), n);
+      } else {
+        normalize_rows(features.const_data_ptr<float>() + b * tokens * dim, n, dim, normalized.get(), nullptr);
+        symmetric_gram(normalized.get(), n, dim, similarity.get(), n);
+      }
       const float* s = similarity.get();
       while (static_cast<int64_t>(order.size()) > k) {
         const int64_t remaining = static_cast<int64_t>(order.size());

@@ -1,5 +1,6 @@
-// Shared pieces of the C++ CPU kernels: argument checks, BLAS through the dispatcher, a fixed-order dot product, and
-// the thresholded softmax row of the official MR-Pruner / G-Prune graph (Grams: gram.h).
+// Shared pieces of the C++ CPU kernels: argument checks, BLAS through the dispatcher, a fixed-order dot product, row
+// normalisation and the BLAS symmetric Gram of float32 rows (bipartite_dedup's float32 path; the other Grams: gram.h),
+// and the thresholded softmax row of the official MR-Pruner / G-Prune graph.
 //
 // Everything is written against the LibTorch stable ABI (torch/csrc/stable), so the extension does not depend on
 // libtorch's C++ ABI and the same headers serve the CUDA files. The Python router (mrprune/_library.py) validates
@@ -86,6 +87,46 @@ inline float dot(const float* a, const float* b, int64_t d) {
   }
   for (; c < d; ++c) partial[c % 8] += a[c] * b[c];
   return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+}
+
+// Rows of x [n, d] scaled to unit norm (norm floored at 1e-12, as F.normalize); norms[i] = ||x_i|| if requested.
+inline void normalize_rows(const float* x, int64_t n, int64_t d, float* out, float* norms) {
+  torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = x + i * d;
+      const float norm = std::sqrt(dot(row, row, d));
+      if (norms != nullptr) norms[i] = norm;
+      const float scale = 1.f / std::max(norm, kNormEps);
+      for (int64_t c = 0; c < d; ++c) out[i * d + c] = row[c] * scale;
+    }
+  });
+}
+
+// S[:n, :n] (row stride lds) = x x^T for x [n, d]. Only the block upper triangle is multiplied (one wide GEMM per
+// row block), the rest is mirrored: half the flops of a plain GEMM, and S comes out exactly symmetric.
+inline void symmetric_gram(const float* x, int64_t n, int64_t d, float* s, int64_t lds) {
+  constexpr int64_t kBlock = 256;
+  for (int64_t r0 = 0; r0 < n; r0 += kBlock) {
+    const int64_t rows = std::min(kBlock, n - r0);
+    const int64_t cols = n - r0;
+    matmul_into(float_view(x + r0 * d, rows, d, d, 1), float_view(x + r0 * d, d, cols, 1, d),
+                float_view(s + r0 * lds + r0, rows, cols, lds, 1));
+  }
+  // Mirror the strict lower triangle from the upper one (even inside diagonal blocks, so S is bitwise symmetric),
+  // tile by tile so the column reads stay in cache.
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  torch::stable::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const int64_t i0 = ti * kTile, i1 = std::min(n, i0 + kTile);
+      for (int64_t j0 = 0; j0 < i1; j0 += kTile) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t j1 = std::min(i, j0 + kTile);
+          for (int64_t j = j0; j < j1; ++j) s[i * lds + j] = s[j * lds + i];
+        }
+      }
+    }
+  });
 }
 
 // The edge rule of the official code for one similarity value: it zeroes S < threshold, divides by the
