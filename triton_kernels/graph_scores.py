@@ -95,8 +95,9 @@ MATERIALIZE_MAX_BYTES = int(os.environ.get("MRPRUNE_TRITON_MATERIALIZE_BYTES", 2
 MATERIALIZE_MAX_RATIO = 2.0  # float32 S of an item / its features, in bytes
 SPARSE_MAX_RATIO = 2.0  # edge lists (8 bytes an edge) / the features, in bytes ...
 SPARSE_MIN_BYTES = 64 << 20  # ... or up to this much at any size
-#: Edges with ``s >= threshold + CLEAR_MARGIN`` are edges in both passes of the sparse variant whatever the tiling or
-#: feature-block order (the rounding of a float32 cosine over D <= 2^16 features stays far below it).
+#: Clear edges, with logits ``z >= (threshold + CLEAR_MARGIN) / T`` (the cosine ``CLEAR_MARGIN`` above the threshold),
+#: are edges in both passes of the sparse variant whatever the tiling or feature-block order (the rounding of a
+#: float32 cosine over D <= 2^16 features stays far below it).
 CLEAR_MARGIN = tl.constexpr(1e-3)
 _DOT_FLOPS = {torch.float16: 600e12, torch.bfloat16: 600e12, torch.float32: 40e12}
 _BANDWIDTH = 3.0e12

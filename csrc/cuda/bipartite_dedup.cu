@@ -63,7 +63,8 @@ Tensor bipartite_dedup_cuda(Tensor features, Tensor lengths, int64_t k, int64_t 
   const int64_t dynamic_bytes = plan.dynamic_bytes, chunk = plan.chunk, tiles = plan.tiles;
   if (state_in_shared) allow_dynamic_shared(rounds, dynamic_bytes, "bipartite_dedup");
 
-  Tensor unit = torch::stable::new_empty(features, {chunk, cosine_workspace(x.element, tokens, dim)}, ScalarType::Float);
+  Tensor unit =
+      torch::stable::new_empty(features, {chunk, cosine_workspace(x.element, tokens, dim)}, ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
   Tensor order_ws, score_ws;
   int* order_ptr = nullptr;

@@ -70,7 +70,8 @@ Tensor coverage_select_cuda(Tensor features, Tensor lengths, int64_t k, std::opt
   if (state_in_shared) allow_dynamic_shared(select, dynamic_bytes, "coverage_select");
 
   Tensor norm2 = torch::stable::new_empty(features, {chunk, tokens}, ScalarType::Float);
-  Tensor unit = torch::stable::new_empty(features, {chunk, cosine_workspace(x.element, tokens, dim)}, ScalarType::Float);
+  Tensor unit =
+      torch::stable::new_empty(features, {chunk, cosine_workspace(x.element, tokens, dim)}, ScalarType::Float);
   Tensor sim = torch::stable::new_empty(features, {chunk, tokens, tokens}, ScalarType::Float);
   Tensor cur_ws, weight_ws, picked_ws;
   float* cur_ptr = nullptr;

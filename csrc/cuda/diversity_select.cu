@@ -4,8 +4,9 @@
 // Per chunk of items: one symmetric FP32 similarity Gram S (N^2 * 4 bytes per item, as the official code's n x n
 // distance matrix: 33 MB at N = 2880, 1 GiB at N = 16,384) -- float32 features: normalise the rows, S = U U^T on FP32
 // FFMA; float16 / bfloat16 features (sm_80+): inverse row norms r, S_ij = (x_i . x_j) r_i r_j from the raw rows on
-// tensor cores with float32 accumulation (products of half-precision numbers are exact in float32; no upcast copy) -- the first-pick scores (the
-// second-smallest distance of every column), then one block per item runs all k steps on one row of S per step.
+// tensor cores with float32 accumulation (products of half-precision numbers are exact in float32; no upcast copy)
+// -- the first-pick scores (the second-smallest distance of every column), then one block per item runs all k steps
+// on one row of S per step.
 // Items are processed in chunks whose workspaces stay below kWorkspaceBytes (at least one item per chunk).
 //
 // Written against the LibTorch stable ABI only (no torch/extension.h, ATen or c10/cuda), so plain nvcc can

@@ -2,8 +2,8 @@
 // partial Cholesky, all k steps of every item in one cooperative launch (device code and the algorithm:
 // csrc/include/mrprune/kernels/greedy_residual_select.cuh). Spec: mrprune.reference.greedy_residual_select.
 //
-// Form choice (the `algorithm` argument; "auto" decides by shape and free memory). Both forms run the same pivoted Cholesky and
-// the same selection kernel; they differ in where the Gram row G[j, :] of each pivot comes from:
+// Form choice (the `algorithm` argument; "auto" decides by shape and free memory). Both forms run the same pivoted
+// Cholesky and the same selection kernel; they differ in where the Gram row G[j, :] of each pivot comes from:
 //   * "gram": one symmetric Gram per item (N^2 D / 2 multiply-adds: FP32 FFMA for float32 features, tensor cores
 //     with float32 accumulation for float16 / bfloat16 ones, kernels/gram_mma.cuh), then one streamed row of it per
 //     step. Memory: N^2 * 4 bytes per item in flight (33 MB at N = 2880, 268 MB at 8192,
@@ -44,6 +44,7 @@
 
 #include "mrprune/cuda/checks.h"
 #include "mrprune/cuda/gram_launch.h"
+#include "mrprune/cuda/selection_launch.h"
 #include "mrprune/kernels/greedy_residual_select.cuh"
 
 namespace mrprune::cuda {
@@ -78,15 +79,9 @@ void* select_kernel(bool use_gram) {
 std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor lengths, int64_t k,
                                                        std::optional<Tensor> gate, std::optional<Tensor> seed,
                                                        double exhaustion_tol, std::string algorithm) {
-  STD_TORCH_CHECK(features.is_cuda(), "mrprune: features must be a CUDA tensor");
-  const int32_t device = features.get_device_index();
-  const ScalarType dtype = features.scalar_type();
-  STD_TORCH_CHECK(dtype == ScalarType::Float || dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
-                  "mrprune: greedy_residual_select features must be float32, float16 or bfloat16 on CUDA");
-  check_tensor(features, "features", 3, dtype, device);
-  check_tensor(lengths, "lengths", 1, ScalarType::Long, device);
-  const int64_t batch = features.size(0), tokens = features.size(1), dim = features.size(2);
-  STD_TORCH_CHECK(lengths.size(0) == batch, "mrprune: lengths must have shape [B]");
+  const SelectionShape shape = check_selection_inputs(features, lengths, k, "greedy_residual_select");
+  const int32_t device = shape.device;
+  const int64_t batch = shape.batch, tokens = shape.tokens, dim = shape.dim;
   if (gate.has_value()) {
     check_tensor(*gate, "gate", 2, ScalarType::Float, device);
     STD_TORCH_CHECK(gate->size(0) == batch && gate->size(1) == tokens, "mrprune: gate must have shape [B, N]");
@@ -95,12 +90,9 @@ std::tuple<Tensor, Tensor> greedy_residual_select_cuda(Tensor features, Tensor l
     check_tensor(*seed, "seed", 1, ScalarType::Long, device);
     STD_TORCH_CHECK(seed->size(0) == batch, "mrprune: seed must have shape [B]");
   }
-  STD_TORCH_CHECK(0 <= k && k <= tokens, "mrprune: k must lie in [0, N]");
   STD_TORCH_CHECK(algorithm == "auto" || algorithm == "gram" || algorithm == "basis",
                   "mrprune: algorithm must be 'auto', 'gram' or 'basis'");
   STD_TORCH_CHECK(0.0 <= exhaustion_tol && exhaustion_tol < 1.0, "mrprune: exhaustion_tol must lie in [0, 1)");
-  STD_TORCH_CHECK(tokens <= std::numeric_limits<int>::max() / 2 && dim <= std::numeric_limits<int>::max(),
-                  "mrprune: greedy_residual_select supports N < 2^30 and D < 2^31");
 
   const torch::stable::accelerator::DeviceGuard guard(device);
   Tensor indices = torch::stable::new_empty(features, {batch, k}, ScalarType::Long);

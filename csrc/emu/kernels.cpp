@@ -72,7 +72,8 @@ void launch_gram(ks::Element element, bool vec, dim3 grid, const void* x, const 
     const T* xt = static_cast<const T*>(x);
     if constexpr (std::is_same_v<T, float>) {
       if (vec) {
-        launch("gram_kernel<true>", grid, ks::kGramThreads, [&] { ks::gram_kernel<true>(xt, len, n_tokens, n_dim, gram); });
+        launch("gram_kernel<true>", grid, ks::kGramThreads,
+               [&] { ks::gram_kernel<true>(xt, len, n_tokens, n_dim, gram); });
       } else {
         launch("gram_kernel<false>", grid, ks::kGramThreads,
                [&] { ks::gram_kernel<false>(xt, len, n_tokens, n_dim, gram); });
@@ -229,14 +230,14 @@ void emu_diversity_select(const void* x, int element, const int64_t* lengths, in
   }
 }
 
-// greedy_residual_select_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, gate [B, N] float32 or null, seed [B] int64
-// or null, out_indices [B, k] int64, out_energies [B, k] float32. form: 0 auto, 1 gram, 2 basis (rows). sms: the
-// GPU's multiprocessors (co-resident selection blocks); smem_optin: its opt-in shared memory per block;
-// workspace_bytes: the chunking budget (kg::kWorkspaceBytes on a GPU). Returns 0, or 1 when min(k, N) does not fit
-// in shared memory (the launcher's error).
-int emu_greedy_residual_select(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
-                               int64_t k, const float* gate, const int64_t* seed, double tol, int form, int sms,
-                               int64_t smem_optin, int64_t workspace_bytes, int64_t* out_indices,
+// greedy_residual_select_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, gate [B, N]
+// float32 or null, seed [B] int64 or null, out_indices [B, k] int64, out_energies [B, k] float32. form: 0 auto, 1
+// gram, 2 basis (rows). sms: the GPU's multiprocessors (co-resident selection blocks); smem_optin: its opt-in shared
+// memory per block; workspace_bytes: the chunking budget (kg::kWorkspaceBytes on a GPU). Returns 0, or 1 when
+// min(k, N) does not fit in shared memory (the launcher's error).
+int emu_greedy_residual_select(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens,
+                               int64_t dim, int64_t k, const float* gate, const int64_t* seed, double tol, int form,
+                               int sms, int64_t smem_optin, int64_t workspace_bytes, int64_t* out_indices,
                                float* out_energies) {
   constexpr int kSelect = kg::kSelectThreads;
   if (batch == 0 || k == 0) return 0;
@@ -309,12 +310,13 @@ int emu_greedy_residual_select(const void* x, int element, const int64_t* length
   return 0;
 }
 
-// coverage_select_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, saliency [B, N] float32 or null, out [B, k] int64.
+// coverage_select_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, saliency [B, N]
+// float32 or null, out [B, k] int64.
 // smem_optin: the GPU's opt-in shared memory per block (small values put the selection state in global memory);
 // workspace_bytes: the chunking budget (ks::kBlockWorkspaceBytes on a GPU).
-void emu_coverage_select(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
-                         int64_t k, const float* saliency, double alpha, int64_t smem_optin, int64_t workspace_bytes,
-                         int64_t* out) {
+void emu_coverage_select(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens,
+                         int64_t dim, int64_t k, const float* saliency, double alpha, int64_t smem_optin,
+                         int64_t workspace_bytes, int64_t* out) {
   constexpr int kSelect = kc::kSelectThreads;
   if (batch == 0 || k == 0) return;
   std::memset(out, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));
@@ -355,10 +357,11 @@ void emu_coverage_select(const void* x, int element, const int64_t* lengths, int
   }
 }
 
-// bipartite_dedup_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, out [B, k] int64. smem_optin and workspace_bytes as
-// for emu_coverage_select.
-void emu_bipartite_dedup(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens, int64_t dim,
-                         int64_t k, int64_t per_round, int64_t smem_optin, int64_t workspace_bytes, int64_t* out) {
+// bipartite_dedup_cuda: x [B, N, D] of `element` (as emu_diversity_select), lengths [B] int64, out [B, k] int64.
+// smem_optin and workspace_bytes as for emu_coverage_select.
+void emu_bipartite_dedup(const void* x, int element, const int64_t* lengths, int64_t batch, int64_t tokens,
+                         int64_t dim, int64_t k, int64_t per_round, int64_t smem_optin, int64_t workspace_bytes,
+                         int64_t* out) {
   constexpr int kRounds = kb::kRoundThreads;
   if (batch == 0 || k == 0) return;
   std::memset(out, 0xff, static_cast<size_t>(batch * k) * sizeof(int64_t));

@@ -1,6 +1,6 @@
-// Host launch (nvcc only) of a chunk's symmetric Gram for the selections that take float32, float16 or bfloat16
-// features (greedy_residual_select and the cosine selections of unit_gram.cuh): the FP32 FFMA gram_kernel (kernels/selection.cuh)
-// for float32, the tensor-core gram_mma_kernel (kernels/gram_mma.cuh) for half precision, read natively.
+// Host launches (nvcc only) shared by the selection launchers, which take float32, float16 or bfloat16 features: the
+// features' element type (feature_data), squared row norms, and a chunk's symmetric Gram (the FP32 FFMA gram_kernel of
+// kernels/selection.cuh for float32, the tensor-core gram_mma_kernel of kernels/gram_mma.cuh for half precision).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -60,8 +60,9 @@ inline void launch_squared_norms(kernels::selection::Element element, const void
   });
 }
 
-// x: the chunk's features [items, N, D] of `element`; grid (T, T, items) with T = gram_tiles(N); vec: 16-byte aligned
-// rows of whole 16-byte chunks. scale [items, N] (half precision only; null: the plain Gram). Writes gram [items, N, N].
+// x: the chunk's features [items, N, D] of `element`; grid (T, T, items) with T = gram_tiles(N); vec: 16-byte
+// aligned rows of whole 16-byte chunks. scale [items, N] (half precision only; null: the plain Gram). Writes gram
+// [items, N, N].
 inline void launch_gram(kernels::selection::Element element, bool vec, dim3 grid, const void* x,
                         const int64_t* lengths, int n_tokens, int n_dim, const float* scale, float* gram,
                         cudaStream_t stream) {

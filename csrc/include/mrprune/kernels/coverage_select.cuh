@@ -37,8 +37,8 @@ __device__ __forceinline__ float weight_of(float a, float alpha) {
 }
 
 // S_ii as the spec defines it: exactly 1 for a token whose norm is at least 1e-12 (the computed u_i . u_i is 1 up to
-// rounding), the computed value otherwise (0 for a zero token). norm2: ||x_i||^2 from row_norm_kernel<kSquaredNorm>, the
-// same float32 sum row_norm_kernel<kUnitRow> normalised with.
+// rounding), the computed value otherwise (0 for a zero token). norm2: ||x_i||^2 from row_norm_kernel<kSquaredNorm>,
+// the same float32 sum row_norm_kernel<kUnitRow> / <kInverseNorm> normalised with.
 __device__ __forceinline__ float self_similarity(float computed, float norm2) {
   return sqrtf(norm2) >= 1e-12f ? 1.f : computed;
 }
@@ -111,9 +111,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host-side launch plan, shared by the launcher (csrc/cuda/coverage_select.cu) and the CPU emulation (csrc/emu), so
-// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, kSquaredNorm>
-// into norm2 [chunk, N], row_norm_kernel<kNormThreads, kUnitRow> into unit [chunk, N, D], gram_kernel<dim % 4 == 0> over
-// (tiles, tiles, items) into sim [chunk, N, N], then coverage_select_kernel<kSelectThreads> on `items` blocks with
+// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kSquaredNorm> into norm2
+// [chunk, N], the cosine Gram of cuda/unit_gram.cuh (unit rows or inverse norms, then the FP32 or tensor-core Gram)
+// into sim [chunk, N, N], then coverage_select_kernel<kSelectThreads> on `items` blocks with
 // dynamic_bytes of dynamic shared memory (or the global state workspaces [chunk, N]: two of floats, one of bytes).
 // ---------------------------------------------------------------------------------------------------------------
 

@@ -125,8 +125,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host-side launch plan, shared by the launcher (csrc/cuda/diversity_select.cu) and the CPU emulation (csrc/emu), so
-// an emulated run launches exactly what a GPU run would. Per chunk of items: row_norm_kernel<kNormThreads, kUnitRow> into
-// unit [chunk, N, D], gram_kernel<dim % 4 == 0> over (tiles, tiles, items) into sim [chunk, N, N],
+// an emulated run launches exactly what a GPU run would. Per chunk of items: the cosine Gram of cuda/unit_gram.cuh
+// (unit rows or inverse norms, then the FP32 or tensor-core Gram) into sim [chunk, N, N],
 // first_score_kernel<kScoreThreads> into first [chunk, N], then diversity_select_kernel<kSelectThreads> on `items`
 // blocks with dynamic_bytes of dynamic shared memory (or the global state workspaces [chunk, N] floats and bytes).
 // ---------------------------------------------------------------------------------------------------------------
