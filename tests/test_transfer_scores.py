@@ -25,6 +25,7 @@ from tests.utils import (
     near_threshold,
     oracle,
     padded,
+    quantization_worst_case,
     run,
     to_triton,
     triton_test,
@@ -442,7 +443,7 @@ def test_batch_equals_per_item(impl, explicit_weights):
             assert_close(prop[b, :m], alone[0])
 
 
-# --- the C++ kernel's bfloat16 screen (float32 inputs on AMX CPUs) ---------------------------------------------------
+# --- the C++ kernel's screen (bfloat16 AMX products for float32 on AMX CPUs, else int8 VNNI products) ---------------
 
 
 def _screen_cases() -> dict[str, tuple]:
@@ -458,19 +459,26 @@ def _screen_cases() -> dict[str, tuple]:
     dup = clustered(300, 40, generator=gen)
     dup[100], dup[7] = dup[3], 0.0
     high, dup_mask = llava[None, 576:], torch.rand(1, 300, generator=gen) < 0.6
+    spiky = clustered(200, 40, generator=gen)
+    spiky[:, :3] *= 30.0  # outlier channels: int8 scales set by them, a loose screen margin
+    worst, cut = quantization_worst_case(40, 512, generator=gen)
     return {
         "band": (queries, query_lengths, keys, key_mask, 0.5),
         "llava_next": (llava[None, :576], torch.tensor([576]), high, torch.ones(high.shape[:2], dtype=torch.bool), 0.5),
         "duplicates_zero": (dup[None, :120], torch.tensor([120]), dup[None], dup_mask, 0.2),
+        "outlier_channels": (spiky[None, :70], torch.tensor([70]), spiky[None], torch.ones(1, 200).bool(), 0.5),
+        "quantization_worst_case": (worst[None, :40], torch.tensor([40]), worst[None], torch.ones(1, 80).bool(), cut),
     }
 
 
-@pytest.mark.skipif(not CPU_SCREEN, reason="the screen runs on CPUs with AMX and AVX-512 BF16")
+@pytest.mark.skipif(not CPU_SCREEN, reason="the screen runs on CPUs with AMX and AVX-512 BF16, or AVX-512 VNNI")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", list(_screen_cases()))
-def test_cpu_screen_changes_no_bit(case, monkeypatch):
+def test_cpu_screen_changes_no_bit(case, dtype, monkeypatch):
     """The screen skips only query-key pairs whose float32 cosine lies below the threshold: the C++ results are
-    bit-identical with it forced on for any D (MRPRUNE_CPU_SCREEN=1) and off (=0)."""
+    bit-identical with it forced on for any D (MRPRUNE_CPU_SCREEN=1) and off (=0), in every input precision."""
     queries, query_lengths, keys, key_mask, threshold = _screen_cases()[case]
+    queries, keys = queries.to(dtype), keys.to(dtype)
     prop = {}
     for setting in ("0", "1"):
         monkeypatch.setenv("MRPRUNE_CPU_SCREEN", setting)

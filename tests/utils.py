@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -118,8 +119,9 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-#: Whether the C++ kernels screen float32 Gram tiles with bfloat16 AMX products here (``MRPRUNE_CPU_SCREEN``).
-CPU_SCREEN = {"amx_bf16", "amx_tile", "avx512_bf16"} <= _cpu_flags()
+#: Whether the C++ kernels can screen thresholded Gram tiles here (``MRPRUNE_CPU_SCREEN``): float32 rows with
+#: bfloat16 AMX products, or rows whose exact products are float32 FMA with int8 VNNI products.
+CPU_SCREEN = {"amx_bf16", "amx_tile", "avx512_bf16"} <= _cpu_flags() or "avx512_vnni" in _cpu_flags()
 
 
 def near_threshold(n: int, dim: int, threshold: float, spread: float = 0.002, generator=None) -> torch.Tensor:
@@ -131,6 +133,20 @@ def near_threshold(n: int, dim: int, threshold: float, spread: float = 0.002, ge
     cosine = threshold + spread * (2 * torch.rand(n - 1, 1, generator=generator) - 1)
     tokens = torch.cat([base[None], cosine * base + (1 - cosine**2).sqrt() * rest])
     return tokens * 10 ** (6 * torch.rand(n, 1, generator=generator) - 3)
+
+
+def quantization_worst_case(n: int, dim: int, generator=None) -> tuple[torch.Tensor, float]:
+    """``(tokens [2n, dim], threshold)``: pairs on which an int8 screen's error bound is tight. Token ``i < n`` is a
+    spike of 127 in channel 0 plus +-0.49 elsewhere (quantised with scale 1: the spike alone survives, every other
+    channel rounds to 0 with error 0.49); token ``n + i`` is 0 in channel 0 and the same signs elsewhere, so its
+    cosine with token ``i`` (about 0.087 at dim 512) is exactly the quantisation error, which a screen sees as 0.
+    The threshold lies just below that cosine: a screen margin short of the proven bound drops these edges."""
+    signs = torch.randint(0, 2, (n, dim - 1), generator=generator).float() * 2 - 1
+    scale = 10 ** (2 * torch.rand(n, 1, generator=generator) - 1)
+    spikes = torch.cat([torch.full((n, 1), 127.0), 0.49 * signs], dim=1) * scale
+    aligned = torch.cat([torch.zeros(n, 1), signs], dim=1) * scale.flip(0)
+    cosine = 0.49 * (dim - 1) / math.sqrt((127.0**2 + 0.49**2 * (dim - 1)) * (dim - 1))
+    return torch.cat([spikes, aligned]), cosine - 0.004
 
 
 def clustered(n: int, dim: int, clusters: int = 4, spread: float = 0.6, generator=None) -> torch.Tensor:

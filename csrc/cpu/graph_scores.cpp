@@ -10,8 +10,9 @@
 // list of j is its row list. Each row's softmax statistics are then summed over its edges in column order, and the
 // t propagation steps run on the edge lists: G-Prune's t = 5 costs about what t = 1 does.
 //
-// float32 features on AMX CPUs are screened first (gram.h, Screen): only the pairs that can reach the threshold are
-// computed in float32, with the same bits.
+// Features whose exact products are the slow ones (float32, float16) are screened first where the CPU has a cheaper
+// approximation (gram.h, Screen: bfloat16 AMX or int8 VNNI products): only the pairs that can reach the threshold are
+// computed exactly, with the same bits.
 //
 // Edge lists larger than the workspace budget (a graph far denser than image features give) switch to streaming:
 // one pass of full Gram rows for the statistics, then one per propagation step, still without an N x N matrix.

@@ -98,6 +98,7 @@ inline float dot_vec_portable(const void* a, Elem e, const float* v, int64_t d) 
 
 #define MRPRUNE_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
 #define MRPRUNE_AVX512_BF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")))
+#define MRPRUNE_AVX512_VNNI __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,fma")))
 
 MRPRUNE_AVX512 inline float hsum(__m512 v) {
   __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
@@ -163,6 +164,7 @@ MRPRUNE_AVX512 float dot_rows_avx512(const void* a, const void* b, int64_t d) {
 struct Isa {
   bool avx512 = false;
   bool avx512_bf16 = false;
+  bool avx512_vnni = false;  // int8 dot products (VPDPBUSD): the cosine screen of gram.h
   bool amx_bf16 = false;
 };
 
@@ -195,6 +197,7 @@ inline const Isa& isa() {
                    __builtin_cpu_supports("fma");
     if (level == "avx512") return found;
     found.avx512_bf16 = found.avx512 && __builtin_cpu_supports("avx512bf16");
+    found.avx512_vnni = found.avx512 && __builtin_cpu_supports("avx512vnni");
     if (level == "avx512_bf16") return found;
     found.amx_bf16 = found.avx512 && amx_bf16_usable();
 #endif
