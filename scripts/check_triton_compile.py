@@ -1,7 +1,8 @@
 """Compile every Triton kernel of mrprune to a real sm_90 cubin, without a GPU, and check its resources.
 
 For every kernel x input dtype (float16, bfloat16, float32) x launch config a real launch can use (the fixed config
-and every autotune config its ``Launcher`` keeps, ``Launcher.configs_for``), the kernel is specialised
+and every autotune config its ``Launcher`` keeps, ``Launcher.configs_for``; the symmetric tile-pair kernels with
+``PERSISTENT`` off and on, ``_common.pair_grid``), the kernel is specialised
 exactly as a launch on an H100/H200 specialises it: the arguments go through Triton's own binder
 (``create_function_from_signature``: pointers and integers divisible by 16 get ``tt.divisibility=16``, integers equal
 to 1 become constants) with the argument values of the LLaVA-NeXT shapes, and compiled through Triton's whole
@@ -42,7 +43,7 @@ SHARED_LIMIT = 227 * 1024  # the opt-in maximum of shared memory per block on sm
 DTYPES = ("float16", "bfloat16", "float32")
 MODULES = tuple(sorted(p.stem for p in (ROOT / "triton_kernels").glob("*.py") if p.stem != "__init__"))
 #: Kernels only tests launch (never a user's call): not checked.
-TEST_ONLY = {"_common._offset_probe_kernel", "_common._tile_pair_probe_kernel"}
+TEST_ONLY = {"_common._offset_probe_kernel", "_common._tile_pair_probe_kernel", "_common._work_item_probe_kernel"}
 # Token counts of the shapes that decide the token tiles: LLaVA-NeXT's base view (576 -> BLOCK 64) and its high-res
 # view (2304 -> BLOCK 128); D = 4096 (Vicuna/Mistral-7B width). All are multiples of 16, like most VLM shapes.
 SMALL_N, LARGE_N, DIM = 576, 2304, 4096
@@ -84,15 +85,19 @@ def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
         out.append(Spec(kernel, dtype, args, constexprs, num_warps, num_stages, "fixed"))
 
     def tuned(kernel, launcher, dtype, args, constexprs):
-        """The fixed config the launcher uses without autotuning, and every config the autotuner may pick."""
-        bd, warps, stages = launcher.fixed(constexprs)
-        out.append(Spec(kernel, dtype, args, {**constexprs, "BLOCK_D": bd}, warps, stages, "fixed"))
-        kept = {(c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in launcher.configs_for(constexprs)}
-        for c in launcher.configs:
-            key = (c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
-            if key in kept or all_configs:
-                origin = "tuned" if key in kept else "unpruned"
-                out.append(Spec(kernel, dtype, args, {**constexprs, "BLOCK_D": key[0]}, key[1], key[2], origin))
+        """The fixed config the launcher uses without autotuning, and every config the autotuner may pick; for the
+        symmetric tile-pair kernels in both launch shapes (one program per pair, persistent programs)."""
+        shapes = [{"PERSISTENT": False}, {"PERSISTENT": True}] if "PERSISTENT" in launcher.kernel.arg_names else [{}]
+        for shape in shapes:
+            const = {**constexprs, **shape}
+            bd, warps, stages = launcher.fixed(const)
+            out.append(Spec(kernel, dtype, args, {**const, "BLOCK_D": bd}, warps, stages, "fixed"))
+            kept = {(c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) for c in launcher.configs_for(const)}
+            for c in launcher.configs:
+                key = (c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+                if key in kept or all_configs:
+                    origin = "tuned" if key in kept else "unpruned"
+                    out.append(Spec(kernel, dtype, args, {**const, "BLOCK_D": key[0]}, key[1], key[2], origin))
 
     for dtype in DTYPES:
         x = _t(dtype)
@@ -110,6 +115,7 @@ def _specs(all_configs: bool, extra: list[str]) -> list[Spec]:
                 x=x,
                 inv_norms=F32,
                 lengths=I64,
+                B=8,
                 N=n,
                 D=DIM,
                 stride_xb=n * DIM,

@@ -16,6 +16,8 @@ ops; an optional autotune probe. Sections that would start after ``--budget-s`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -93,6 +95,20 @@ def section(name):
 def dump():
     with open(os.path.join(OUT, "gpu_validate.json"), "w") as f:
         json.dump(R, f, indent=1, default=str)
+
+
+@contextlib.contextmanager
+def persistent_mode(mode):
+    """``MRPRUNE_TRITON_PERSISTENT=mode`` inside the block (read by the Triton launchers at every call)."""
+    before = os.environ.get("MRPRUNE_TRITON_PERSISTENT")
+    os.environ["MRPRUNE_TRITON_PERSISTENT"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MRPRUNE_TRITON_PERSISTENT"]
+        else:
+            os.environ["MRPRUNE_TRITON_PERSISTENT"] = before
 
 
 def sync():
@@ -395,6 +411,7 @@ def timings():
             f"TIME {name}: {ms:.3f} ms (floor {floor:.3f} ms, x{ms / floor if floor else float('nan'):.1f})", flush=True
         )
 
+    from mrprune.triton_kernels import _common
     from mrprune.triton_kernels import graph_scores as tgs
 
     high, low = llava_views(torch.float16)
@@ -461,19 +478,26 @@ def timings():
             break
         xv = torch.randn(1, nv, 4096 if not DRY else 64, device=DEV, dtype=torch.float16)
         lv = lengths_of(xv)
-        gv = lambda xv=xv, lv=lv: torch.ops.mrprune._graph_scores_triton(xv, lv, None, 0.5, 0.03, 1)  # noqa: E731
-        report(
-            f"graph_scores video N={nv} t=1 (stream: 2 Gram passes; floor = 1 pass)",
-            median_ms(gv, reps=2, warmup=1),
-            flops=nv * nv * xv.shape[2],
-        )
-        for variant, passes in (("stream", 6), ("sparse", 2)):  # t = 5 (G-Prune): 1 + t passes vs 2 and edge lists
-            with tgs.use_variant(variant):
-                g5 = lambda xv=xv, lv=lv: torch.ops.mrprune._graph_scores_triton(xv, lv, None, 0.5, 0.03, 5)  # noqa: E731
-                report(
-                    f"graph_scores video N={nv} t=5 {variant} ({passes} Gram passes; floor = 1 pass)",
-                    median_ms(g5, reps=2, warmup=1),
-                    flops=nv * nv * xv.shape[2],
+        info(f"graph_scores video N={nv}: persistent programs", _common.persistent_programs(xv))
+        # t = 1 streams (2 Gram passes); t = 5 (G-Prune) streams 1 + t passes or builds edge lists (2 passes). The
+        # tile-pair kernels run as one program per pair (persistent 0) or as persistent programs (1, pair_grid).
+        both = ("0", "1")
+        for t, variant, passes, modes in ((1, "stream", 2, both), (5, "stream", 6, ("auto",)), (5, "sparse", 2, both)):
+            outs = {}
+            for mode in modes:
+                with tgs.use_variant(variant), persistent_mode(mode):
+                    gv = functools.partial(torch.ops.mrprune._graph_scores_triton, xv, lv, None, 0.5, 0.03, t)
+                    outs[mode] = gv()  # also the warm-up of the timing
+                    report(
+                        f"graph_scores video N={nv} t={t} {variant} persistent={mode} ({passes} Gram passes; floor = 1 "
+                        "pass)",
+                        median_ms(gv, reps=2, warmup=0),
+                        flops=nv * nv * xv.shape[2],
+                    )
+            if len(outs) == 2:
+                check(
+                    f"graph_scores video N={nv} t={t} {variant}: persistent programs change no bit",
+                    torch.equal(outs["0"], outs["1"]),
                 )
         if DEV == "cuda":
             sv = torch.randn(1, nv, device=DEV)

@@ -397,6 +397,33 @@ def test_triton_dtypes_padded_batch(dtype):
 
 
 @triton_test
+def test_triton_persistent_programs_change_no_bit(monkeypatch):
+    """Persistent programs (3, each looping over about 70 tile pairs) store the bits of one program per pair and item: a
+    padded batch with ragged lengths, an empty item and a full last one (its last pair live), N = 150 (not a multiple of
+    the 16-token tile), 10 tiles (a full band of 8 and a partial one). The Gram store writes every valid entry and
+    nothing else (the rest of a pre-filled ``S`` keeps its sentinel), then the whole graph and degrees agree."""
+    from mrprune.triton_kernels import _common
+    from mrprune.triton_kernels.cosine_graph import gram_store
+
+    monkeypatch.setattr(_common, "persistent_programs", lambda t: 3)  # on a GPU too: loops of many work items
+    gen = torch.Generator().manual_seed(50)
+    x, lengths = padded([clustered(n, 20, generator=gen) for n in (131, 0, 70, 150)])
+    x, lengths = to_triton(x), to_triton(lengths)
+    _, inv = _common.row_norms(x)
+    stored = []
+    for persistent in (True, False):
+        S = torch.full((4, 150, 150), -7.0, device=x.device)
+        gram_store(x, inv, lengths, S, 16, 16, persistent)
+        stored.append(S.cpu())
+    assert torch.equal(stored[0], stored[1])
+    valid = torch.arange(150) < lengths.cpu()[:, None]
+    valid = valid[:, :, None] & valid[:, None, :]
+    assert (stored[0][valid] != -7.0).all() and (stored[0][~valid] == -7.0).all()
+    graphs = [_triton_graph(x, lengths, 0.2, 0.1, block=16, block_d=16, persistent=p) for p in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*graphs, strict=True))
+
+
+@triton_test
 def test_triton_rows_without_edges():
     """All-below-threshold rows are uniform with degree n (threshold above 1; zero vectors at any threshold); a
     threshold <= 0 with a tiny temperature (edge logits far from the -5000 fill) matches the reference; the graph is

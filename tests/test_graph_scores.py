@@ -647,6 +647,43 @@ def test_triton_variants_and_splits_agree():
         assert_close(_triton_scores(x, lengths, None, 0.2, 0.1, 2, **options).cpu(), want)
 
 
+def _poison_fresh_buffers(monkeypatch):
+    """``torch.empty``/``torch.empty_like`` hand out NaN (floats) or all-ones bits (integers): an output slot a kernel
+    leaves unwritten then shows up, instead of keeping the bits of an earlier call's buffer at the same address."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t.fill_(True if t.dtype == torch.bool else torch.iinfo(t.dtype).max)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@triton_test
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_persistent_programs_change_no_bit(variant, monkeypatch):
+    """Persistent programs (3, each looping over about 70 tile pairs) give the bits of one program per pair and item
+    (every pair writes its own slots): a padded batch with ragged lengths, an empty item and a full last one (its last
+    pair live), N = 150 (not a multiple of the 16-token tile), 10 tiles (a full band of 8 and a partial one); every
+    tile-pair kernel of the variant (Gram store; statistics, propagation, edge lists). Fresh buffers are poisoned, so a
+    pair no program visits shows."""
+    from mrprune.triton_kernels import _common
+
+    gen = torch.Generator().manual_seed(49)
+    x, lengths = padded([clustered(n, 20, generator=gen) for n in (131, 0, 70, 150)])
+    want = oracle(OP, x, lengths, None, 0.2, 0.1, 2)
+    monkeypatch.setattr(_common, "persistent_programs", lambda t: 3)  # on a GPU too: loops of many work items
+    _poison_fresh_buffers(monkeypatch)
+    runs = [
+        _triton_scores(x, lengths, None, 0.2, 0.1, 2, variant=variant, block=16, block_d=16, persistent=persistent)
+        for persistent in (True, False)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    assert_close(runs[0].cpu(), want)
+
+
 def test_triton_choose_variant():
     """The cost model: materialise small graphs at large D (and for float32 from small D on), stream at small D, when
     an item's float32 S would exceed twice its features (video) or B N^2 float32 the 2 GiB cap -- through edge lists

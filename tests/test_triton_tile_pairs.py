@@ -7,7 +7,7 @@ import bisect
 
 import pytest
 
-from tests.utils import triton_test
+from tests.utils import TRITON_DEVICE, triton_test
 
 
 def _expected(tiles: int, group: int) -> list[tuple[int, int]]:
@@ -64,3 +64,74 @@ def test_band_starts_of_large_tilings(tiles, group):
                 rest = q - rows * (rows + 1) // 2
                 want.append([i0 + rest % group, i0 + group + rest // group])
         assert got == want, (first, [(a, b) for a, b in zip(got, want, strict=True) if a != b][:3])
+
+
+# --- persistent programs: a fixed grid, each program looping over (item, pair) work items ---------------------------
+
+
+@triton_test
+@pytest.mark.parametrize(
+    ("lengths", "tokens", "programs"),
+    [
+        ([40, 17], 40, 3),  # ragged: the second item's pairs right of its tokens are dead
+        ([150, 0, 70], 150, 4),  # 10 tiles (a full band of 8, a partial one of 2), N not a multiple of the tile
+        ([304], 304, 7),  # 19 tiles, 190 pairs: 27 or 28 work items per program
+        ([33], 33, 1),  # one program does everything
+        ([20, 20], 20, 7),  # more programs than work items: the extra ones do nothing
+    ],
+)
+def test_persistent_programs_visit_every_item_once(lengths, tokens, programs):
+    """Program ``w mod programs`` visits work item ``w = b * pairs + p`` (item-major, banded pair ``p``) exactly once,
+    and no work item past ``B * pairs``; ``live`` says whether the pair touches the item's tokens."""
+    from mrprune.triton_kernels._common import TILE_GROUP, probe_work_items
+
+    block = 16
+    pairs = _expected(-(-tokens // block), TILE_GROUP.value)
+    want = [
+        [1, (b * len(pairs) + p) % programs, b, i, j, int(j * block < n)]
+        for b, n in enumerate(lengths)
+        for p, (i, j) in enumerate(pairs)
+    ]
+    got = probe_work_items(lengths, tokens, block, programs, device=TRITON_DEVICE).tolist()
+    assert got[-1] == [0, -1, -1, -1, -1, -1], "work items past the end were visited"
+    bad = [(w, g, e) for w, (g, e) in enumerate(zip(got[:-1], want, strict=True)) if g != e]
+    assert not bad, f"{len(bad)} of {len(want)} work items wrong, e.g. (w, got, want) {bad[:3]}"
+
+
+def test_pair_grid_choice(monkeypatch):
+    """One program per pair and item unless the work items exceed PERSISTENT_MIN_WAVES waves of the persistent grid
+    (``auto``), or as ``MRPRUNE_TRITON_PERSISTENT`` or the caller says; never more programs than work items; an H200's
+    132 SMs go persistent at video sizes only."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    import torch
+    from mrprune.triton_kernels import _common
+    from mrprune.triton_kernels._common import pair_grid
+
+    cpu = torch.empty(0)
+    monkeypatch.setattr(_common, "persistent_programs", lambda t: 3)
+    monkeypatch.delenv("MRPRUNE_TRITON_PERSISTENT", raising=False)
+    assert pair_grid(1, 4, cpu) == ((10, 1), False)  # 10 items <= 4 waves of 3 programs
+    assert pair_grid(2, 4, cpu) == ((3,), True)
+    assert pair_grid(2, 4, cpu, persistent=False) == ((10, 2), False)
+    assert pair_grid(1, 1, cpu, persistent=True) == ((1,), True)  # one item: one program
+    assert pair_grid(0, 4, cpu, persistent=True) == ((10, 0), False)  # nothing to do
+    monkeypatch.setenv("MRPRUNE_TRITON_PERSISTENT", "1")
+    assert pair_grid(1, 2, cpu) == ((3,), True)
+    assert pair_grid(1, 2, cpu, persistent=False) == ((3, 1), False)
+    monkeypatch.setenv("MRPRUNE_TRITON_PERSISTENT", "0")
+    assert pair_grid(8, 64, cpu) == ((2080, 8), False)
+    monkeypatch.setenv("MRPRUNE_TRITON_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="MRPRUNE_TRITON_PERSISTENT"):
+        pair_grid(1, 2, cpu)
+    monkeypatch.undo()
+    # on a GPU: PROGRAMS_PER_SM programs per SM (a stand-in tensor on a 132-SM device)
+    monkeypatch.delenv("MRPRUNE_TRITON_PERSISTENT", raising=False)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "_sm_count", lambda index: 132)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    programs = 132 * _common.PROGRAMS_PER_SM
+    assert _common.persistent_programs(gpu) == programs
+    assert pair_grid(1, 18, gpu) == ((171, 1), False)  # LLaVA-NeXT high-res view, 128-token tiles
+    assert pair_grid(1, 512, gpu) == ((programs,), True)  # N = 64k, 128-token tiles: 131,328 pairs

@@ -18,6 +18,15 @@ Conventions of every kernel in this package (research/engineering.md §3.3, §4.
 * Tile sizes that shape a buffer (the token tile ``BLOCK``) are chosen on the host (:func:`token_block`); only the
   feature tile ``BLOCK_D``, ``num_warps`` and ``num_stages`` are autotuned, on CUDA only (:class:`Launcher`).
   Under the interpreter (no driver: ``triton.autotune`` and ``do_bench`` fail) a fixed config is used.
+* The symmetric tile-pair kernels (Gram store, streaming statistics and propagation, sparse edge lists) take their
+  pair from a flat index in banded order (:func:`triangle_pair`) and launch one of two ways (:func:`pair_grid`): one
+  program per pair and item (grid ``(pairs, B)``, :func:`tile_pair`), or, at video sizes (N = 36k-64k tokens: 10^5 -
+  10^6 pairs), a fixed grid of about ``PROGRAMS_PER_SM`` programs per SM that each loop over the work items
+  ``program_id, program_id + programs, ...`` (``PERSISTENT`` constexpr, :func:`work_range`, :func:`work_tile_pair`):
+  the programs resident at one moment then walk the bands together, which is what the banded order's L2 reuse needs,
+  and no wave ends in a launch tail. Each pair writes its own output slots (no atomics), so both give the same bits
+  under the same launch config (the autotuner tunes the two shapes apart: ``PERSISTENT`` is part of its key). Not
+  yet measured on a GPU (none was available when it was written): ``scripts/gpu_validate.py`` times both.
 * The graph rule (research/algorithms.md §2.3, ``mrprune.reference``): an entry is an edge iff ``S >= threshold`` and
   ``|S / T| >= 1e-6``; its logit is ``S / T``; every other valid entry keeps the logit -5000 inside the softmax
   (:func:`edge_logits`), so a row without edges is uniform and a row whose edge logits all lie far below -5000 puts
@@ -55,6 +64,8 @@ __all__ = [
     "interpreting",
     "next_power_of_2",
     "num_programs_target",
+    "pair_grid",
+    "persistent_programs",
     "probe_tile_offsets",
     "row_norms",
     "symmetric_config_ok",
@@ -62,9 +73,12 @@ __all__ = [
     "tile_offsets",
     "num_tile_pairs",
     "probe_tile_pairs",
+    "probe_work_items",
     "triangle_pair",
     "token_block",
     "token_block_cuda",
+    "work_range",
+    "work_tile_pair",
 ]
 
 #: The spec's constants (mrprune.reference), as compile-time constants of the kernels.
@@ -121,12 +135,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _device_sms(t: torch.Tensor) -> int:
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def num_programs_target(t: torch.Tensor) -> int:
     """About how many programs a launch should have to fill the device (4 waves of the SMs on CUDA; 1 under the
     interpreter, where programs run one after another)."""
     if t.device.type != "cuda":
         return 1
-    return 4 * _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 4 * _device_sms(t)
 
 
 # --- tile sizes ----------------------------------------------------------------------------------------------------
@@ -238,8 +256,8 @@ class Launcher:
         self.kernel = kernel
         self.config_ok = config_ok
         self.fixed = fixed_config
-        block_keys = [n for n in ("BLOCK", "BLOCK_M", "BLOCK_N") if n in kernel.arg_names]
-        self.key = list(key) + block_keys  # a config tuned for one token tile is not reused for another
+        block_keys = [n for n in ("BLOCK", "BLOCK_M", "BLOCK_N", "PERSISTENT") if n in kernel.arg_names]
+        self.key = list(key) + block_keys  # a config tuned for one token tile (or grid shape) is not reused for another
         self.configs = [triton.Config({"BLOCK_D": bd}, num_warps=w, num_stages=s) for bd, w, s in TUNE_CONFIGS]
         self._tuned = None
         self._warm: set[tuple] = set()
@@ -267,7 +285,7 @@ class Launcher:
     def _tune_key(self, args: tuple, kwargs: dict) -> tuple:
         named = {**dict(zip(self.kernel.arg_names, args, strict=False)), **kwargs}
         dtypes = tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
-        return tuple(named[k] for k in self.key) + dtypes
+        return tuple(named[k] for k in self.key if k in named) + dtypes  # as triton.autotune keys: those passed
 
     def __call__(self, grid, *args, like: torch.Tensor, block_d: int | None, force_fixed: bool = False, **kwargs):
         fixed_bd, warps, stages = self.fixed(kwargs)
@@ -293,6 +311,53 @@ def num_tile_pairs(tiles: int) -> int:
     """How many tile pairs ``(I, J)``, ``I <= J``, a symmetric ``tiles x tiles`` tiling has (the grid's first axis
     of the symmetric kernels; :func:`triangle_pair` maps a program to its pair on the device)."""
     return tiles * (tiles + 1) // 2
+
+
+#: Persistent programs per SM of the symmetric-tile kernels (:func:`pair_grid`); the GPU session tunes it. A 128-token
+#: tile with 8 warps takes 213-254 registers a thread (sm_90 cubins), so one program is resident per SM and the second
+#: one waits, walking the bands after it; a 64-token tile with 4 warps (128-246 registers) fits two to four.
+PROGRAMS_PER_SM = 2
+#: Persistent programs under the interpreter, where programs run one after another: few, so that the tests see every
+#: program loop over several work items.
+INTERPRETER_PROGRAMS = 3
+#: ``auto`` launches persistent programs once one program per pair and item would take more waves than this of the
+#: persistent grid (video-scale N: 10^5 - 10^6 pairs); below it one program per pair costs a short launch tail only.
+PERSISTENT_MIN_WAVES = 4
+PERSISTENT_MODES = ("auto", "0", "1")
+
+
+def persistent_programs(t: torch.Tensor) -> int:
+    """How many programs a persistent symmetric-tile launch on ``t``'s device has: ``PROGRAMS_PER_SM`` per SM on
+    CUDA, ``INTERPRETER_PROGRAMS`` under the interpreter."""
+    if interpreting() or t.device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return PROGRAMS_PER_SM * _device_sms(t)
+
+
+def pair_grid(batch: int, tiles: int, t: torch.Tensor, persistent: bool | None = None) -> tuple[tuple, bool]:
+    """The grid of a symmetric-tile kernel over ``batch`` items of ``tiles`` token tiles, and its ``PERSISTENT``
+    constexpr.
+
+    ``((pairs, batch), False)``: one program per tile pair and item (:func:`tile_pair`). ``((programs,), True)``: a
+    fixed grid of :func:`persistent_programs` programs, each looping over the ``batch * pairs`` work items with stride
+    ``programs`` (:func:`work_range`, :func:`work_tile_pair`): the programs resident at one moment walk the bands of
+    :func:`triangle_pair` together and there is no launch tail per wave. Every work item writes its own output slots, so
+    both give the same bits under the same launch config. Persistent when ``persistent`` (tests, benchmarks) says so,
+    else as ``MRPRUNE_TRITON_PERSISTENT`` (``0``, ``1`` or ``auto``, the default) says: ``auto`` is persistent once the
+    work items exceed ``PERSISTENT_MIN_WAVES`` times the programs. The choice and the grid come from host integers only
+    (no device read: CUDA-graph capture is fine). Not yet measured on a GPU: the constants are guesses until a GPU
+    session tunes them (``scripts/gpu_validate.py`` times both)."""
+    pairs = num_tile_pairs(tiles)
+    work = batch * pairs
+    programs = persistent_programs(t)
+    if persistent is None:
+        mode = os.environ.get("MRPRUNE_TRITON_PERSISTENT", "auto")
+        if mode not in PERSISTENT_MODES:
+            raise ValueError(f"MRPRUNE_TRITON_PERSISTENT={mode!r}: choose one of {PERSISTENT_MODES}")
+        persistent = work > PERSISTENT_MIN_WAVES * programs if mode == "auto" else mode == "1"
+    if persistent and 0 < work < 2**31:  # the work index is int32 on the device
+        return (min(work, programs),), True
+    return (pairs, batch), False
 
 
 # --- jitted helpers ------------------------------------------------------------------------------------------------
@@ -386,11 +451,36 @@ def triangle_pair(p, T, GROUP: tl.constexpr):
 
 @triton.jit
 def tile_pair(N, lengths, BLOCK: tl.constexpr):
-    """This program's tile pair ``(ti, tj)``, ``ti <= tj``, of item ``program_id(1)``: the item (int64), both tiles'
-    token offsets and validity masks, and whether the pair touches the item's valid tokens at all."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    ti, tj = triangle_pair(pid, tl.cdiv(N, BLOCK), TILE_GROUP)
+    """This program's tile pair ``(ti, tj)``, ``ti <= tj``, of item ``program_id(1)`` (a launch with one program per
+    pair and item, grid ``(pairs, B)``): the item (int64), both tiles' token offsets and validity masks, and whether
+    the pair touches the item's valid tokens at all."""
+    return _item_tile_pair(tl.program_id(1).to(tl.int64), tl.program_id(0), N, lengths, BLOCK)
+
+
+@triton.jit
+def work_range(B, N, BLOCK: tl.constexpr):
+    """``(first, end, step)`` of a persistent program's work items: ``for w in range(first, end, step)`` visits
+    ``program_id(0), program_id(0) + num_programs(0), ...`` below ``B * pairs`` (grid ``(programs,)``), so the
+    programs resident at one moment hold consecutive items of the banded order (:func:`work_tile_pair`)."""
+    tiles = tl.cdiv(N, BLOCK)
+    return tl.program_id(0), B * (tiles * (tiles + 1) // 2), tl.num_programs(0)
+
+
+@triton.jit
+def work_tile_pair(w, N, lengths, BLOCK: tl.constexpr):
+    """:func:`tile_pair` of work item ``w`` of a persistent launch. Items are item-major (``w = b * pairs + p``,
+    ``p`` the banded pair index), the order in which a ``(pairs, B)`` grid is scheduled: the programs working at one
+    moment share one band of one item's tiles (the L2 reuse of :func:`triangle_pair`), where pair-major order would
+    spread them over ``B`` items' features."""
+    tiles = tl.cdiv(N, BLOCK)
+    pairs = tiles * (tiles + 1) // 2
+    return _item_tile_pair((w // pairs).to(tl.int64), w % pairs, N, lengths, BLOCK)
+
+
+@triton.jit
+def _item_tile_pair(b, p, N, lengths, BLOCK: tl.constexpr):
+    """Pair ``p`` (banded order) of item ``b``: see :func:`tile_pair`."""
+    ti, tj = triangle_pair(p, tl.cdiv(N, BLOCK), TILE_GROUP)
     n = tl.load(lengths + b).to(tl.int32)
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
@@ -518,6 +608,35 @@ def probe_tile_pairs(tiles: int, first: int, count: int = 64, group: int = TILE_
     out = torch.empty(count, 2, dtype=torch.int32)
     _tile_pair_probe_kernel[(1,)](out, first, tiles, BLOCK=count, GROUP=group)
     return out
+
+
+@triton.jit(do_not_specialize=["B"])
+def _work_item_probe_kernel(out, lengths, B, N, ROWS, BLOCK: tl.constexpr):
+    first, end, step = work_range(B, N, BLOCK)
+    for w in range(first, end, step):
+        b, ti, tj, _, _, _, _, live = work_tile_pair(w, N, lengths, BLOCK)
+        row = out + tl.minimum(w, ROWS - 1) * 6  # the last row collects work items past the end
+        tl.atomic_add(row, 1)
+        tl.store(row + 1, tl.program_id(0))
+        tl.store(row + 2, b.to(tl.int32))
+        tl.store(row + 3, ti)
+        tl.store(row + 4, tj)
+        tl.store(row + 5, live.to(tl.int32))
+
+
+def probe_work_items(
+    lengths: Sequence[int], tokens: int, block: int, programs: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """``[B * pairs + 1, 6]`` int32: what a persistent launch of ``programs`` programs over items of these lengths
+    (padded to ``tokens``, ``block``-token tiles) visits, by work item ``w``: ``(visits, program, item, ti, tj,
+    live)``; the last row counts visits of work items past the end. Unvisited rows are -1 (visits 0)."""
+    batch = len(lengths)
+    rows = batch * num_tile_pairs(triton.cdiv(tokens, block)) + 1
+    out = torch.full((rows, 6), -1, dtype=torch.int32, device=device)
+    out[:, 0] = 0
+    lengths_t = torch.tensor(lengths, dtype=torch.int64, device=device)
+    _work_item_probe_kernel[(programs,)](out, lengths_t, batch, tokens, rows, BLOCK=block)
+    return out.cpu()
 
 
 def expected_tile_offsets(batch: int, row0: int, col0: int, strides: tuple[int, int, int], block: int = 16):

@@ -6,7 +6,8 @@ Three launches (research/algorithms.md §2.3; the spec is ``mrprune.reference.co
 2. :func:`gram_store_kernel`, one program per tile pair ``(I, J)``, ``I <= J``, of the symmetric similarity matrix:
    ``S_IJ = (X_I X_J^T) r_I r_J`` (a ``BLOCK_D``-tiled dot) stored at ``(I, J)`` and, transposed, at ``(J, I)``:
    half the Gram flops, and ``S`` comes out symmetric (bitwise off the diagonal tiles). Only valid entries
-   (``i, j < n_b``) are written.
+   (``i, j < n_b``) are written. For many pairs, persistent programs loop over them instead (same bits;
+   ``_common.pair_grid``).
 3. :func:`dense_rows_kernel`, one program per block of rows: a first sweep over the row's valid columns keeps the
    online softmax statistics (running max, rescaled sum, edge count; non-edges at logit -5000), a second sweep
    overwrites ``S`` in place with ``P = exp(z - max) / sum`` and writes zeros to every padded row and column.
@@ -32,22 +33,25 @@ from ._common import (
     feature_block,
     interpreting,
     next_power_of_2,
-    num_tile_pairs,
+    pair_grid,
     row_norms,
     tile_offsets,
     tile_pair,
     token_block,
+    work_range,
+    work_tile_pair,
 )
 
 __all__ = ["cosine_graph_triton", "dense_blocks", "dense_rows", "gram_store"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def gram_store_kernel(
     x,
     inv_norms,
     lengths,
     S,
+    B,
     N,
     D,
     stride_xb,
@@ -58,18 +62,55 @@ def gram_store_kernel(
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
-    if live:  # ti <= tj: the tile touches the item
-        s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
-        if ti == tj:  # the tile holds (i, j) and (j, i): its upper triangle gives both (S bitwise symmetric whatever
-            # order tl.dot sums each entry in: the interpreter's float16 matmul does not sum them alike)
-            s = tl.where(offs_i[:, None] <= offs_j[None, :], s, tl.trans(s))
-        tl.store(S + tile_offsets(b, offs_i, offs_j, stride_sb, N, 1), s, mask=ok_i[:, None] & ok_j[None, :])
-        if ti != tj:
-            tl.store(
-                S + tile_offsets(b, offs_j, offs_i, stride_sb, N, 1), tl.trans(s), mask=ok_j[:, None] & ok_i[None, :]
-            )
+    if PERSISTENT:
+        first, end, step = work_range(B, N, BLOCK)
+        for w in range(first, end, step):
+            b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = work_tile_pair(w, N, lengths, BLOCK)
+            if live:  # ti <= tj: the tile touches the item
+                _gram_store_tile(
+                    x, inv_norms, S, b, ti, tj, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, stride_sb,
+                    BLOCK, BLOCK_D, UPCAST,
+                )  # fmt: skip
+    else:
+        b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
+        if live:
+            _gram_store_tile(
+                x, inv_norms, S, b, ti, tj, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, stride_sb, BLOCK,
+                BLOCK_D, UPCAST,
+            )  # fmt: skip
+
+
+@triton.jit
+def _gram_store_tile(
+    x,
+    inv_norms,
+    S,
+    b,
+    ti,
+    tj,
+    offs_i,
+    offs_j,
+    ok_i,
+    ok_j,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_sb,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """:func:`gram_store_kernel`'s work on one live tile pair ``(ti, tj)`` of item ``b``."""
+    s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
+    if ti == tj:  # the tile holds (i, j) and (j, i): its upper triangle gives both (S bitwise symmetric whatever
+        # order tl.dot sums each entry in: the interpreter's float16 matmul does not sum them alike)
+        s = tl.where(offs_i[:, None] <= offs_j[None, :], s, tl.trans(s))
+    tl.store(S + tile_offsets(b, offs_i, offs_j, stride_sb, N, 1), s, mask=ok_i[:, None] & ok_j[None, :])
+    if ti != tj:
+        tl.store(S + tile_offsets(b, offs_j, offs_i, stride_sb, N, 1), tl.trans(s), mask=ok_j[:, None] & ok_i[None, :])
 
 
 @triton.jit
@@ -135,17 +176,25 @@ _gram_store = Launcher(gram_store_kernel, key=["N_BUCKET", "D_BUCKET"])
 
 
 def gram_store(
-    x: torch.Tensor, inv_norms: torch.Tensor, lengths: torch.Tensor, S: torch.Tensor, block: int, block_d: int
+    x: torch.Tensor,
+    inv_norms: torch.Tensor,
+    lengths: torch.Tensor,
+    S: torch.Tensor,
+    block: int,
+    block_d: int,
+    persistent: bool | None = None,
 ) -> None:
-    """``S[b, :n, :n] = cosine similarities`` (float32) for contiguous ``x [B, N, D]``; the rest of ``S`` untouched."""
+    """``S[b, :n, :n] = cosine similarities`` (float32) for contiguous ``x [B, N, D]``; the rest of ``S`` untouched.
+    ``persistent`` overrides the choice of ``_common.pair_grid``."""
     batch, tokens, dim = x.shape
-    tiles = triton.cdiv(tokens, block)
+    grid, on = pair_grid(batch, triton.cdiv(tokens, block), x, persistent)
     _gram_store(
-        (num_tile_pairs(tiles), batch),
+        grid,
         x,
         inv_norms,
         lengths,
         S,
+        batch,
         tokens,
         dim,
         x.stride(0),
@@ -155,6 +204,7 @@ def gram_store(
         next_power_of_2(dim),
         BLOCK=block,
         UPCAST=dot_upcast(x),
+        PERSISTENT=on,
         like=x,
         block_d=block_d,
     )
@@ -224,9 +274,11 @@ def cosine_graph_triton(
     *,
     block: int | None = None,
     block_d: int | None = None,
+    persistent: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P [B, N, N], degree [B, N])`` float32 for contiguous ``features [B, N, D]`` (float16/bfloat16/float32) and
-    int64 ``lengths``; see ``mrprune.reference.cosine_graph``. ``block``/``block_d`` override the tile sizes."""
+    int64 ``lengths``; see ``mrprune.reference.cosine_graph``. ``block``/``block_d`` override the tile sizes,
+    ``persistent`` the Gram pass's launch shape (``_common.pair_grid``)."""
     batch, tokens, dim = features.shape
     if batch == 0 or tokens == 0:
         return (
@@ -237,7 +289,13 @@ def cosine_graph_triton(
     with device_guard(features):
         _, inv = row_norms(features)
         gram_store(
-            features, inv, lengths, graph, token_block(tokens, features, block), feature_block(dim, features, block_d)
+            features,
+            inv,
+            lengths,
+            graph,
+            token_block(tokens, features, block),
+            feature_block(dim, features, block_d),
+            persistent,
         )
         degree = dense_rows(graph, lengths, threshold, temperature, P=graph, block=block)
     return graph, degree

@@ -9,7 +9,10 @@ from the features in every pass; symmetry halves that work: one program per tile
 computes ``S_IJ`` once (a ``BLOCK_D``-tiled dot) and serves both the rows of ``I`` (over the columns of ``J``) and
 the rows of ``J`` (over the columns of ``I``, through ``S_JI = S_IJ^T``). The two results of a tile go to separate
 slots of a ``[B, T, N]`` partial buffer (``T = ceil(N / BLOCK)``, slot = the other tile's index), so no atomics are
-needed and the sums are deterministic; a small kernel then reduces the ``T`` slots of every token.
+needed and the sums are deterministic; a small kernel then reduces the ``T`` slots of every token. At video sizes the
+tile-pair kernels run as persistent programs (a fixed grid looping over the pairs in banded order, so that the
+programs running at once share one band's tiles in L2; ``_common.pair_grid``, ``MRPRUNE_TRITON_PERSISTENT``), with the
+bits of one program per pair under the same launch config; unmeasured on a GPU so far.
 
 1. :func:`~triton_kernels._common.row_norms`: ``r_i = 1 / max(||x_i||, 1e-12)`` and the default weights ``||x_i||``.
 2. Statistics pass (:func:`_stream_stats_kernel`): per tile and row, the max logit, ``sum exp(z - max)`` and the edge
@@ -76,13 +79,15 @@ from ._common import (
     gram_tile,
     next_power_of_2,
     num_programs_target,
-    num_tile_pairs,
+    pair_grid,
     row_norms,
     symmetric_config_ok,
     symmetric_fixed_config,
     tile_offsets,
     tile_pair,
     token_block,
+    work_range,
+    work_tile_pair,
 )
 from .cosine_graph import _check_dtype, dense_blocks, dense_rows, gram_store
 
@@ -141,7 +146,7 @@ def choose_variant(
 # --- streaming kernels ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _stream_stats_kernel(
     x,
     inv_norms,
@@ -150,6 +155,7 @@ def _stream_stats_kernel(
     part_l,
     part_c,
     part_k,
+    B,
     N,
     D,
     stride_xb,
@@ -164,33 +170,85 @@ def _stream_stats_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     COUNT_CLEAR: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """Per tile pair and row: max logit, softmax sum and edge count (slot = the other tile); with COUNT_CLEAR also the
     count of clear edges (logit ``>= (threshold + CLEAR_MARGIN) / T``, uint8 ``part_k``) that the sparse variant's
-    edge pass relies on."""
-    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
-    if live:  # ti <= tj: the tile touches the item
-        s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
-        z, edge = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
-        # rows of I over the columns of J -> slot J (every valid row has a valid column: m_r is finite there)
-        m_r = tl.max(z, axis=1)
-        m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
-        out_i = b * stride_pb + tj.to(tl.int64) * stride_ps + offs_i
-        tl.store(part_m + out_i, m_r, mask=ok_i)
-        tl.store(part_l + out_i, tl.sum(tl.exp(z - m_r[:, None]), axis=1), mask=ok_i)
-        tl.store(part_c + out_i, tl.sum(edge.to(tl.float32), axis=1), mask=ok_i)
+    edge pass relies on. One program per pair and item, or PERSISTENT programs looping over them (``pair_grid``)."""
+    if PERSISTENT:
+        first, end, step = work_range(B, N, BLOCK)
+        for w in range(first, end, step):
+            b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = work_tile_pair(w, N, lengths, BLOCK)
+            if live:  # ti <= tj: the tile touches the item
+                _stats_tile(
+                    x, inv_norms, part_m, part_l, part_c, part_k, b, ti, tj, offs_i, offs_j, ok_i, ok_j, N, D,
+                    stride_xb, stride_xn, stride_pb, stride_ps, threshold, temperature, BLOCK, BLOCK_D, UPCAST,
+                    COUNT_CLEAR,
+                )  # fmt: skip
+    else:
+        b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
+        if live:
+            _stats_tile(
+                x, inv_norms, part_m, part_l, part_c, part_k, b, ti, tj, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb,
+                stride_xn, stride_pb, stride_ps, threshold, temperature, BLOCK, BLOCK_D, UPCAST, COUNT_CLEAR,
+            )  # fmt: skip
+
+
+@triton.jit
+def _stats_tile(
+    x,
+    inv_norms,
+    part_m,
+    part_l,
+    part_c,
+    part_k,
+    b,
+    ti,
+    tj,
+    offs_i,
+    offs_j,
+    ok_i,
+    ok_j,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_pb,
+    stride_ps,
+    threshold,
+    temperature,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    COUNT_CLEAR: tl.constexpr,
+):
+    """:func:`_stream_stats_kernel`'s work on one live tile pair ``(ti, tj)`` of item ``b``."""
+    s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
+    z, edge = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
+    # both halves' clear counts at once (the column half goes unused on diagonal tiles): the int32 tile dies before the
+    # softmax sums (with it live there, the persistent 128-token half-precision build spilled 12 bytes on sm_90)
+    if COUNT_CLEAR:
+        clear = (edge & (z >= (threshold + CLEAR_MARGIN) / temperature)).to(tl.int32)  # z, not s: registers
+        k_r = tl.sum(clear, axis=1).to(tl.uint8)
+        k_c = tl.sum(clear, axis=0).to(tl.uint8)
+    # rows of I over the columns of J -> slot J (every valid row has a valid column: m_r is finite there)
+    m_r = tl.max(z, axis=1)
+    m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+    out_i = b * stride_pb + tj.to(tl.int64) * stride_ps + offs_i
+    tl.store(part_m + out_i, m_r, mask=ok_i)
+    tl.store(part_l + out_i, tl.sum(tl.exp(z - m_r[:, None]), axis=1), mask=ok_i)
+    tl.store(part_c + out_i, tl.sum(edge.to(tl.float32), axis=1), mask=ok_i)
+    if COUNT_CLEAR:
+        tl.store(part_k + out_i, k_r, mask=ok_i)
+    if ti != tj:  # rows of J over the columns of I (S_JI = S_IJ^T) -> slot I
+        m_c = tl.max(z, axis=0)
+        m_c = tl.where(m_c == float("-inf"), 0.0, m_c)
+        out_j = b * stride_pb + ti.to(tl.int64) * stride_ps + offs_j
+        tl.store(part_m + out_j, m_c, mask=ok_j)
+        tl.store(part_l + out_j, tl.sum(tl.exp(z - m_c[None, :]), axis=0), mask=ok_j)
+        tl.store(part_c + out_j, tl.sum(edge.to(tl.float32), axis=0), mask=ok_j)
         if COUNT_CLEAR:
-            clear = (edge & (z >= (threshold + CLEAR_MARGIN) / temperature)).to(tl.int32)  # z, not s: registers
-            tl.store(part_k + out_i, tl.sum(clear, axis=1).to(tl.uint8), mask=ok_i)
-        if ti != tj:  # rows of J over the columns of I (S_JI = S_IJ^T) -> slot I
-            m_c = tl.max(z, axis=0)
-            m_c = tl.where(m_c == float("-inf"), 0.0, m_c)
-            out_j = b * stride_pb + ti.to(tl.int64) * stride_ps + offs_j
-            tl.store(part_m + out_j, m_c, mask=ok_j)
-            tl.store(part_l + out_j, tl.sum(tl.exp(z - m_c[None, :]), axis=0), mask=ok_j)
-            tl.store(part_c + out_j, tl.sum(edge.to(tl.float32), axis=0), mask=ok_j)
-            if COUNT_CLEAR:
-                tl.store(part_k + out_j, tl.sum(clear, axis=0).to(tl.uint8), mask=ok_j)
+            tl.store(part_k + out_j, k_c, mask=ok_j)
 
 
 @triton.jit
@@ -238,7 +296,7 @@ def _stats_combine_kernel(
     tl.store(coef + out, tl.where(row_ok, w / total, 0.0), mask=in_range)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _stream_propagate_kernel(
     x,
     inv_norms,
@@ -246,6 +304,7 @@ def _stream_propagate_kernel(
     row_max,
     coef,
     part_v,
+    B,
     N,
     D,
     stride_xb,
@@ -259,20 +318,64 @@ def _stream_propagate_kernel(
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
-    if live:
-        s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
-        z, _ = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
-        m_i = tl.load(row_max + b * N + offs_i, mask=ok_i, other=0.0)
-        a_i = tl.load(coef + b * N + offs_i, mask=ok_i, other=0.0)
-        to_j = tl.sum(a_i[:, None] * tl.exp(z - m_i[:, None]), axis=0)  # rows of I -> columns of J, slot I
-        tl.store(part_v + b * stride_pb + ti.to(tl.int64) * stride_ps + offs_j, to_j, mask=ok_j)
-        if ti != tj:  # rows of J -> columns of I, slot J
-            m_j = tl.load(row_max + b * N + offs_j, mask=ok_j, other=0.0)
-            a_j = tl.load(coef + b * N + offs_j, mask=ok_j, other=0.0)
-            to_i = tl.sum(a_j[None, :] * tl.exp(z - m_j[None, :]), axis=1)
-            tl.store(part_v + b * stride_pb + tj.to(tl.int64) * stride_ps + offs_i, to_i, mask=ok_i)
+    if PERSISTENT:
+        first, end, step = work_range(B, N, BLOCK)
+        for w in range(first, end, step):
+            b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = work_tile_pair(w, N, lengths, BLOCK)
+            if live:
+                _propagate_tile(
+                    x, inv_norms, row_max, coef, part_v, b, ti, tj, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb,
+                    stride_xn, stride_pb, stride_ps, threshold, temperature, BLOCK, BLOCK_D, UPCAST,
+                )  # fmt: skip
+    else:
+        b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
+        if live:
+            _propagate_tile(
+                x, inv_norms, row_max, coef, part_v, b, ti, tj, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb,
+                stride_xn, stride_pb, stride_ps, threshold, temperature, BLOCK, BLOCK_D, UPCAST,
+            )  # fmt: skip
+
+
+@triton.jit
+def _propagate_tile(
+    x,
+    inv_norms,
+    row_max,
+    coef,
+    part_v,
+    b,
+    ti,
+    tj,
+    offs_i,
+    offs_j,
+    ok_i,
+    ok_j,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_pb,
+    stride_ps,
+    threshold,
+    temperature,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """:func:`_stream_propagate_kernel`'s work on one live tile pair ``(ti, tj)`` of item ``b``."""
+    s = cosine_tile(x, inv_norms, b, offs_i, offs_j, ok_i, ok_j, N, D, stride_xb, stride_xn, BLOCK, BLOCK_D, UPCAST)
+    z, _ = edge_logits(s, ok_i[:, None] & ok_j[None, :], threshold, temperature)
+    m_i = tl.load(row_max + b * N + offs_i, mask=ok_i, other=0.0)
+    a_i = tl.load(coef + b * N + offs_i, mask=ok_i, other=0.0)
+    to_j = tl.sum(a_i[:, None] * tl.exp(z - m_i[:, None]), axis=0)  # rows of I -> columns of J, slot I
+    tl.store(part_v + b * stride_pb + ti.to(tl.int64) * stride_ps + offs_j, to_j, mask=ok_j)
+    if ti != tj:  # rows of J -> columns of I, slot J
+        m_j = tl.load(row_max + b * N + offs_j, mask=ok_j, other=0.0)
+        a_j = tl.load(coef + b * N + offs_j, mask=ok_j, other=0.0)
+        to_i = tl.sum(a_j[None, :] * tl.exp(z - m_j[None, :]), axis=1)
+        tl.store(part_v + b * stride_pb + tj.to(tl.int64) * stride_ps + offs_i, to_i, mask=ok_i)
 
 
 @triton.jit
@@ -315,7 +418,7 @@ def _edge_slots(edge, clear, axis: tl.constexpr, done_clear, done_near, start, c
     return at, keep
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _edge_write_kernel(
     x,
     inv_norms,
@@ -326,6 +429,7 @@ def _edge_write_kernel(
     slot_clear,
     edge_col,
     edge_w,
+    B,
     N,
     D,
     stride_xb,
@@ -340,6 +444,7 @@ def _edge_write_kernel(
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     SUB: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """Tile ``(I, J)`` appends the edges of the rows of ``I`` among the columns of ``J`` (slots ``[b, J, i]``) and, off
     the diagonal, of the rows of ``J`` among the columns of ``I`` (slots ``[b, I, j]``): the views the statistics pass
@@ -348,42 +453,91 @@ def _edge_write_kernel(
     the statistics pass, so a similarity within rounding of the threshold may fall on the other side here: clear
     edges (``CLEAR_MARGIN`` above it) are the same in both passes and always written; a near edge the statistics
     pass did not count is dropped and one it counted but this pass misses leaves a ``-1`` entry, never touching
-    another slot (the disagreement on edges within rounding of the threshold that every backend pair has)."""
-    b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
-    if live:
-        n = tl.load(lengths + b).to(tl.int32)
-        base = x + b * stride_xb
-        r_i = tl.load(inv_norms + b * N + offs_i, mask=ok_i, other=0.0)
-        m_i = tl.load(row_max + b * N + offs_i, mask=ok_i, other=0.0)
-        slot_i = b * stride_sb + tj.to(tl.int64) * stride_ss + offs_i
-        start_i = tl.load(slot_start + slot_i, mask=ok_i, other=0)
-        cap_i = tl.load(slot_count + slot_i, mask=ok_i, other=0).to(tl.int32)
-        clear_i = tl.load(slot_clear + slot_i, mask=ok_i, other=0).to(tl.int32)
-        done_clear = tl.zeros([BLOCK], dtype=tl.int32)  # edges of each row of I written by the earlier chunks
-        done_near = tl.zeros([BLOCK], dtype=tl.int32)
-        for c0 in range(0, BLOCK, SUB):
-            cols = tj * BLOCK + c0 + tl.arange(0, SUB)
-            ok_c = cols < n
-            acc = gram_tile(base, base, offs_i, cols, ok_i, ok_c, D, stride_xn, BLOCK, SUB, BLOCK_D, UPCAST)
-            r_c = tl.load(inv_norms + b * N + cols, mask=ok_c, other=0.0)
-            sim = acc * (r_i[:, None] * r_c[None, :])
-            z, edge = edge_logits(sim, ok_i[:, None] & ok_c[None, :], threshold, temperature)
-            clear = edge & (z >= (threshold + CLEAR_MARGIN) / temperature)  # as the statistics pass decides
-            m_c = tl.load(row_max + b * N + cols, mask=ok_c, other=0.0)
-            at, keep = _edge_slots(edge, clear, 1, done_clear, done_near, start_i, cap_i, clear_i)
-            tl.store(edge_col + at, (cols[None, :] + 0 * offs_i[:, None]).to(tl.int32), mask=keep)
-            tl.store(edge_w + at, tl.exp(z - m_c[None, :]), mask=keep)
-            done_clear += tl.sum(clear.to(tl.int32), axis=1)
-            done_near += tl.sum((edge & ~clear).to(tl.int32), axis=1)
-            if ti != tj:  # every row of I is in the chunk: the columns' slots are whole
-                slot_c = b * stride_sb + ti.to(tl.int64) * stride_ss + cols
-                start_c = tl.load(slot_start + slot_c, mask=ok_c, other=0)
-                cap_c = tl.load(slot_count + slot_c, mask=ok_c, other=0).to(tl.int32)
-                clear_c = tl.load(slot_clear + slot_c, mask=ok_c, other=0).to(tl.int32)
-                none = tl.zeros([SUB], dtype=tl.int32)
-                at_t, keep_t = _edge_slots(edge, clear, 0, none, none, start_c, cap_c, clear_c)
-                tl.store(edge_col + at_t, (offs_i[:, None] + 0 * cols[None, :]).to(tl.int32), mask=keep_t)
-                tl.store(edge_w + at_t, tl.exp(z - m_i[:, None]), mask=keep_t)
+    another slot (the disagreement on edges within rounding of the threshold that every backend pair has). One program
+    per pair and item, or PERSISTENT programs looping over them (``pair_grid``)."""
+    if PERSISTENT:
+        first, end, step = work_range(B, N, BLOCK)
+        for w in range(first, end, step):
+            b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = work_tile_pair(w, N, lengths, BLOCK)
+            if live:
+                _edge_write_tile(
+                    x, inv_norms, lengths, row_max, slot_start, slot_count, slot_clear, edge_col, edge_w, b, ti, tj,
+                    offs_i, ok_i, N, D, stride_xb, stride_xn, stride_sb, stride_ss, threshold, temperature, BLOCK,
+                    BLOCK_D, UPCAST, SUB,
+                )  # fmt: skip
+    else:
+        b, ti, tj, offs_i, offs_j, ok_i, ok_j, live = tile_pair(N, lengths, BLOCK)
+        if live:
+            _edge_write_tile(
+                x, inv_norms, lengths, row_max, slot_start, slot_count, slot_clear, edge_col, edge_w, b, ti, tj,
+                offs_i, ok_i, N, D, stride_xb, stride_xn, stride_sb, stride_ss, threshold, temperature, BLOCK,
+                BLOCK_D, UPCAST, SUB,
+            )  # fmt: skip
+
+
+@triton.jit
+def _edge_write_tile(
+    x,
+    inv_norms,
+    lengths,
+    row_max,
+    slot_start,
+    slot_count,
+    slot_clear,
+    edge_col,
+    edge_w,
+    b,
+    ti,
+    tj,
+    offs_i,
+    ok_i,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_sb,
+    stride_ss,
+    threshold,
+    temperature,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SUB: tl.constexpr,
+):
+    """:func:`_edge_write_kernel`'s work on one live tile pair ``(ti, tj)`` of item ``b``."""
+    n = tl.load(lengths + b).to(tl.int32)
+    base = x + b * stride_xb
+    r_i = tl.load(inv_norms + b * N + offs_i, mask=ok_i, other=0.0)
+    m_i = tl.load(row_max + b * N + offs_i, mask=ok_i, other=0.0)
+    slot_i = b * stride_sb + tj.to(tl.int64) * stride_ss + offs_i
+    start_i = tl.load(slot_start + slot_i, mask=ok_i, other=0)
+    cap_i = tl.load(slot_count + slot_i, mask=ok_i, other=0).to(tl.int32)
+    clear_i = tl.load(slot_clear + slot_i, mask=ok_i, other=0).to(tl.int32)
+    done_clear = tl.zeros([BLOCK], dtype=tl.int32)  # edges of each row of I written by the earlier chunks
+    done_near = tl.zeros([BLOCK], dtype=tl.int32)
+    for c0 in range(0, BLOCK, SUB):
+        cols = tj * BLOCK + c0 + tl.arange(0, SUB)
+        ok_c = cols < n
+        acc = gram_tile(base, base, offs_i, cols, ok_i, ok_c, D, stride_xn, BLOCK, SUB, BLOCK_D, UPCAST)
+        r_c = tl.load(inv_norms + b * N + cols, mask=ok_c, other=0.0)
+        sim = acc * (r_i[:, None] * r_c[None, :])
+        z, edge = edge_logits(sim, ok_i[:, None] & ok_c[None, :], threshold, temperature)
+        clear = edge & (z >= (threshold + CLEAR_MARGIN) / temperature)  # as the statistics pass decides
+        m_c = tl.load(row_max + b * N + cols, mask=ok_c, other=0.0)
+        at, keep = _edge_slots(edge, clear, 1, done_clear, done_near, start_i, cap_i, clear_i)
+        tl.store(edge_col + at, (cols[None, :] + 0 * offs_i[:, None]).to(tl.int32), mask=keep)
+        tl.store(edge_w + at, tl.exp(z - m_c[None, :]), mask=keep)
+        done_clear += tl.sum(clear.to(tl.int32), axis=1)
+        done_near += tl.sum((edge & ~clear).to(tl.int32), axis=1)
+        if ti != tj:  # every row of I is in the chunk: the columns' slots are whole
+            slot_c = b * stride_sb + ti.to(tl.int64) * stride_ss + cols
+            start_c = tl.load(slot_start + slot_c, mask=ok_c, other=0)
+            cap_c = tl.load(slot_count + slot_c, mask=ok_c, other=0).to(tl.int32)
+            clear_c = tl.load(slot_clear + slot_c, mask=ok_c, other=0).to(tl.int32)
+            none = tl.zeros([SUB], dtype=tl.int32)
+            at_t, keep_t = _edge_slots(edge, clear, 0, none, none, start_c, cap_c, clear_c)
+            tl.store(edge_col + at_t, (offs_i[:, None] + 0 * cols[None, :]).to(tl.int32), mask=keep_t)
+            tl.store(edge_w + at_t, tl.exp(z - m_i[:, None]), mask=keep_t)
 
 
 @triton.jit
@@ -472,7 +626,14 @@ def _dense_propagate_kernel(
         tl.store(part_v + b * stride_pb + split.to(tl.int64) * stride_ps + cols, acc, mask=col_ok)
 
 
-_stream_stats = Launcher(_stream_stats_kernel, key=["N_BUCKET", "D_BUCKET"])
+def _stream_stats_config_ok(constexprs: dict, block_d: int, warps: int, stages: int) -> bool:
+    """The symmetric kernels' configs, less 16-wide feature tiles in a persistent float32 build with 64-token tiles
+    (ptxas spills 4 bytes there on sm_90)."""
+    small_persistent = constexprs["UPCAST"] and constexprs["PERSISTENT"] and constexprs["BLOCK"] < 128
+    return symmetric_config_ok(constexprs, block_d, warps, stages) and not (small_persistent and block_d == 16)
+
+
+_stream_stats = Launcher(_stream_stats_kernel, key=["N_BUCKET", "D_BUCKET"], config_ok=_stream_stats_config_ok)
 _stream_propagate = Launcher(_stream_propagate_kernel, key=["N_BUCKET", "D_BUCKET"])
 
 
@@ -513,19 +674,32 @@ def _reduce(part_v, lengths, divisor, out, rows_per_slot):
 
 
 def _stream(
-    features, inv, lengths, weights, threshold, temperature, iterations, block, block_d, out, sparse=False, chunk=None
+    features,
+    inv,
+    lengths,
+    weights,
+    threshold,
+    temperature,
+    iterations,
+    block,
+    block_d,
+    out,
+    sparse=False,
+    chunk=None,
+    persistent=None,
 ):
     """The streaming variant, or (``sparse``) the sparse one where its edge lists fit (module docstring)."""
     batch, tokens, dim = features.shape
     tiles = triton.cdiv(tokens, block)
-    grid = (num_tile_pairs(tiles), batch)
+    grid, on = pair_grid(batch, tiles, features, persistent)
     common = dict(
         like=features,
         block_d=block_d,
         BLOCK=block,
         UPCAST=dot_upcast(features),
+        PERSISTENT=on,
     )
-    sizes = (tokens, dim, features.stride(0), features.stride(1))
+    sizes = (batch, tokens, dim, features.stride(0), features.stride(1))
     buckets = (next_power_of_2(tokens), next_power_of_2(dim))
     part_m, part_l, part_c = (
         torch.empty(batch, tiles, tokens, dtype=torch.float32, device=features.device) for _ in range(3)
@@ -587,6 +761,7 @@ def _stream(
         iterations,
         out,
         chunk,
+        grid,
         **common,
     ):
         return
@@ -627,6 +802,7 @@ def _sparse_steps(
     iterations,
     out,
     chunk,
+    grid,
     **common,
 ) -> bool:
     """The sparse variant's edge lists and steps after the statistics pass; False (nothing written) when the lists
@@ -654,7 +830,7 @@ def _sparse_steps(
     edge_col = torch.full((max(edges, 1),), -1, dtype=torch.int32, device=features.device)
     edge_w = torch.empty(max(edges, 1), dtype=torch.float32, device=features.device)
     _edge_write(
-        (num_tile_pairs(tiles), batch),
+        grid,
         features,
         inv,
         lengths,
@@ -664,6 +840,7 @@ def _sparse_steps(
         clear,
         edge_col,
         edge_w,
+        batch,
         tokens,
         dim,
         features.stride(0),
@@ -707,11 +884,23 @@ def _sparse_steps(
 
 
 def _materialize(
-    features, inv, lengths, weights, threshold, temperature, iterations, block, block_d, splits, out, dense_block
+    features,
+    inv,
+    lengths,
+    weights,
+    threshold,
+    temperature,
+    iterations,
+    block,
+    block_d,
+    splits,
+    out,
+    dense_block,
+    persistent=None,
 ):
     batch, tokens, _ = features.shape
     S = torch.empty(batch, tokens, tokens, dtype=torch.float32, device=features.device)
-    gram_store(features, inv, lengths, S, block, block_d)
+    gram_store(features, inv, lengths, S, block, block_d, persistent)
     row_max, row_sum, degree, coef = dense_rows(S, lengths, threshold, temperature, weights=weights, block=dense_block)
     block_r, block_c = dense_blocks(tokens, S, dense_block)
     col_blocks, row_tiles = triton.cdiv(tokens, block_c), triton.cdiv(tokens, block_r)
@@ -757,14 +946,16 @@ def graph_scores_triton(
     block_d: int | None = None,
     splits: int | None = None,
     edge_chunk: int | None = None,
+    persistent: bool | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, N]`` float32 for contiguous ``features [B, N, D]`` (float16/bfloat16/float32), int64 ``lengths``
     and optional contiguous float32 ``weights [B, N]``; see ``mrprune.reference.graph_scores``.
 
     ``variant`` (``"stream"``/``"sparse"``/``"materialize"``/``"auto"``), ``block`` (token tile, and the row and
     column tiles of the materialising sweeps), ``block_d`` (feature tile, fixed-config launches only) and ``splits``
-    (row splits of the materialising GEMV) and ``edge_chunk`` (column chunk of the sparse variant's edge pass)
-    override the automatic choices, for tests and benchmarks."""
+    (row splits of the materialising GEMV), ``edge_chunk`` (column chunk of the sparse variant's edge pass) and
+    ``persistent`` (persistent programs for the tile-pair kernels or not, ``_common.pair_grid``) override the
+    automatic choices, for tests and benchmarks."""
     batch, tokens, dim = features.shape
     if batch == 0 or tokens == 0:
         return torch.zeros(batch, tokens, dtype=torch.float32, device=features.device)
@@ -792,10 +983,23 @@ def graph_scores_triton(
                 out,
                 chosen == "sparse",
                 edge_chunk,
+                persistent,
             )
         else:
             _materialize(
-                features, inv, lengths, w, threshold, temperature, iterations, block, block_d, splits, out, dense_block
+                features,
+                inv,
+                lengths,
+                w,
+                threshold,
+                temperature,
+                iterations,
+                block,
+                block_d,
+                splits,
+                out,
+                dense_block,
+                persistent,
             )
     return out
 
