@@ -28,6 +28,7 @@ from tests.utils import (
     near_threshold,
     oracle,
     padded,
+    quantization_worst_case,
     run,
     to_triton,
     triton_test,
@@ -332,7 +333,7 @@ def test_batch_equals_per_item(impl, explicit_weights):
             assert_close(scores[b, :n], alone[0])
 
 
-# --- the C++ kernel's bfloat16 screen (float32 inputs on AMX CPUs) ---------------------------------------------------
+# --- the C++ kernel's screen (bfloat16 AMX products for float32 on AMX CPUs, else int8 VNNI products) ---------------
 
 
 def _screen_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -345,22 +346,30 @@ def _screen_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     dup = clustered(260, 40, generator=gen)
     dup[100], dup[7] = dup[3], 0.0
     tiny = clustered(90, 64, spread=0.2, generator=gen) * 1e-21
+    spiky = clustered(200, 40, generator=gen)
+    spiky[:, :3] *= 30.0  # outlier channels: int8 scales set by them, a loose screen margin
+    worst, cut = quantization_worst_case(40, 512, generator=gen)
     return {
         "band": (x, lengths, 0.5),
         "band_low": (*padded([near_threshold(200, 300, -0.3, generator=gen)]), -0.3),
         "llava_next": (llava, torch.tensor([llava.shape[1]]), 0.5),
         "duplicates_zero": (dup[None], torch.tensor([260]), 0.2),
         "tiny_norms": (tiny[None], torch.tensor([90]), 0.5),
+        "outlier_channels": (spiky[None], torch.tensor([200]), 0.5),
+        "quantization_worst_case": (worst[None], torch.tensor([80]), cut),
     }
 
 
-@pytest.mark.skipif(not CPU_SCREEN, reason="the screen runs on CPUs with AMX and AVX-512 BF16")
+@pytest.mark.skipif(not CPU_SCREEN, reason="the screen runs on CPUs with AMX and AVX-512 BF16, or AVX-512 VNNI")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", list(_screen_cases()))
 @pytest.mark.parametrize("iterations", [1, 5])
-def test_cpu_screen_changes_no_bit(case, iterations, monkeypatch):
+def test_cpu_screen_changes_no_bit(case, iterations, dtype, monkeypatch):
     """The screen skips only pairs whose float32 cosine lies below the threshold: the C++ scores are bit-identical with
-    it forced on for any D (MRPRUNE_CPU_SCREEN=1) and off (=0), for pairs within 0.002 of the threshold too."""
+    it forced on for any D (MRPRUNE_CPU_SCREEN=1) and off (=0), for pairs within 0.002 of the threshold too, and for
+    pairs on which the int8 screen's error bound is tight, in every input precision."""
     x, lengths, threshold = _screen_cases()[case]
+    x = x.to(dtype)
     scores = {}
     for setting in ("0", "1"):
         monkeypatch.setenv("MRPRUNE_CPU_SCREEN", setting)
