@@ -403,8 +403,8 @@ class ScreenedDots {
 class UpperTiles {
  public:
   explicit UpperTiles(const RowMatrix& x) : x_(x), n_(x.rows), tile_rows_(tile_rows(x)) {
-    // Every upper block, row tiles taken in folded order (w, R-1-w, ...): long and short rows of the triangle
-    // alternate, so the blocks handed out last (threads take the next free one) are not all from one end.
+    // Every upper block, row tiles taken in folded order (w, R-1-w, ...) so that consecutive blocks of a static
+    // chunk mix long and short rows of the triangle: the threads get about the same number of multiply-adds.
     const int64_t row_tiles = (n_ + tile_rows_ - 1) / tile_rows_;
     for (int64_t w = 0; w < (row_tiles + 1) / 2; ++w) {
       add_row_tile(w);
@@ -443,12 +443,9 @@ class UpperTiles {
   void visit(const F& fn, const std::atomic<bool>* stop = nullptr) const {
     const RowMatrix& x = x_;
     const auto packed = pack_panels(x);
-    // Each thread takes the next block as it gets free (a static split of the folded order left a thread waiting
-    // for 5 % of a bfloat16 2304-token Gram: the diagonal blocks cost less).
-    std::atomic<int64_t> next{0};
-    torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t) {
+    torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t end) {
       TileDots dots(x.elem);
-      for (int64_t w = next++; w < items(); w = next++) {
+      for (int64_t w = begin; w < end; ++w) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
         const auto [i0, m, j0, n] = block(w);
         fn(i0, m, j0, n, dots.compute(x, i0, m, x, j0, n, packed.get(), true), TileDots::ld(), begin);
