@@ -51,6 +51,7 @@ class Launches:
 
     def __init__(self):
         self.kernels: list[str] = []
+        self.persistent: list[bool] = []  # each launch's PERSISTENT constexpr (False where the kernel has none)
 
     def run(self, kernel, *args, grid, warmup=False, **kwargs):
         for value in (*args, *kwargs.values()):
@@ -59,6 +60,7 @@ class Launches:
         for dim in grid if isinstance(grid, tuple) else ():
             assert isinstance(dim, int), (kernel, grid)
         self.kernels.append(getattr(kernel, "__name__", str(kernel)))
+        self.persistent.append(bool(kwargs.get("PERSISTENT", False)))
 
 
 def _basic_index(t: torch.Tensor, index) -> torch.Tensor:
@@ -220,6 +222,21 @@ INPUTS = (
 def test_cuda_route_never_syncs(name, dtype, monkeypatch):
     if name not in INPUTS:
         pytest.xfail(f"{name}: no fake inputs for this op yet (add them to _inputs)")
+    _route_without_sync(name, dtype, monkeypatch)
+
+
+@pytest.mark.skipif(not mrprune.HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("name", ["cosine_graph", "graph_scores"])
+def test_persistent_launches_never_sync(name, monkeypatch):
+    """The symmetric tile kernels' persistent launch shape (auto takes it at video sizes, far beyond these fakes; forced
+    here) reads nothing on the host either."""
+    monkeypatch.setenv("MRPRUNE_TRITON_PERSISTENT", "1")
+    launches = _route_without_sync(name, torch.float16, monkeypatch)
+    assert any(launches.persistent), launches.kernels
+
+
+def _route_without_sync(name: str, dtype: torch.dtype, monkeypatch) -> Launches:
+    """Runs op ``name`` on fake CUDA inputs through its router under :class:`NoHostSync`; returns its launches."""
     monkeypatch.setenv("MRPRUNE_TRITON_AUTOTUNE", "0")  # the capturable launch path (tuning benchmarks sync)
     launches, lib = _cuda_route(monkeypatch)
     try:
@@ -234,6 +251,7 @@ def test_cuda_route_never_syncs(name, dtype, monkeypatch):
             assert launches.kernels, "the Triton route launched nothing"
     finally:
         lib._destroy()
+    return launches
 
 
 def test_the_guard_catches_host_reads():
