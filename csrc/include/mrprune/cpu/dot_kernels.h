@@ -160,7 +160,8 @@ MRPRUNE_AVX512 float dot_rows_avx512(const void* a, const void* b, int64_t d) {
 #endif  // MRPRUNE_X86_AVX512
 
 // The instruction sets found at run time (once). MRPRUNE_CPU_ISA = portable | avx512 | avx512_bf16 | amx caps the
-// level (tests use it to run every path on one machine; the default is the best the CPU and OS allow).
+// level (tests use it to run every path on one machine; the default is the best the CPU and OS allow); avx512
+// includes VNNI where the CPU has it (a Cascade Lake: half precision converted, screened with int8 products).
 struct Isa {
   bool avx512 = false;
   bool avx512_bf16 = false;
@@ -195,9 +196,9 @@ inline const Isa& isa() {
     found.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                    __builtin_cpu_supports("fma");
+    found.avx512_vnni = found.avx512 && __builtin_cpu_supports("avx512vnni");
     if (level == "avx512") return found;
     found.avx512_bf16 = found.avx512 && __builtin_cpu_supports("avx512bf16");
-    found.avx512_vnni = found.avx512 && __builtin_cpu_supports("avx512vnni");
     if (level == "avx512_bf16") return found;
     found.amx_bf16 = found.avx512 && amx_bf16_usable();
 #endif

@@ -4,8 +4,8 @@
 // Each dot product x_i . x_j is accumulated in ONE float32 register lane, sequentially over runs of 64 k by fused
 // multiply-add (float32 and float16 rows; bfloat16 rows on CPUs without AVX-512 BF16) or over runs of 64 pairs of k
 // by VDPBF16PS (bfloat16 rows with AVX-512 BF16), the runs' partial sums added in order (blocked summation); or by
-// AMX TDPBF16PS (bfloat16 rows where the CPU and OS allow AMX), whose per-element order is the instruction's. Which block, tile position, thread or kernel edge case computes the
-// pair never changes its rounding, so
+// AMX TDPBF16PS (bfloat16 rows where the CPU and OS allow AMX), whose per-element order is the instruction's. Which
+// block, tile position, thread or kernel edge case computes the pair never changes its rounding, so
 //   * identical tokens get bit-identical similarities (exact ties stay exact; issue 14),
 //   * x_i . x_j == x_j . x_i bitwise (every product is commutative and the order is the same): a Gram built from
 //     these tiles is exactly symmetric,
@@ -133,8 +133,8 @@ MRPRUNE_AVX512 inline __m512 load_words(const void* row, int64_t k, int64_t word
 
 // Pack B: rows [0, nb) of `rows` (pointers), k-chunk [k0, k0 + kc) of 32-bit words (float32 values or bfloat16
 // pairs; `words` per row), into panels of 32 columns: out[(p * kcp + k) * 32 + c] = row[32 p + c][k0 + k] with
-// kcp = padded(kc); missing rows and k (up to kcp) are 0. Element types that the kernel does not take natively are converted here (float16/bfloat16 to
-// float32): then `words` counts elements.
+// kcp = padded(kc); missing rows and k (up to kcp) are 0. Element types that the kernel does not take natively are
+// converted here (float16/bfloat16 to float32): then `words` counts elements.
 MRPRUNE_AVX512 inline void pack_b_avx512(const void* const* rows, int64_t nb, Elem elem, bool convert, int64_t k0,
                                          int64_t kc, int64_t words, float* out) {
   const int64_t kcp = padded(kc);
@@ -489,9 +489,9 @@ class TileDots {
     packed_.reset(new float[kMaxCols * padded(kKC)]);
     result_.reset(new float[kMaxRows * kMaxCols]);
     if (!avx512_) portable_a_.reset(new float[kMaxRows * kKC]);
-    // float32 copies of converted rows, zero-padded pair blocks for AMX (which of the two is decided per call), or
-    // compute_masked's compact float32 blocks
+    // float32 copies of converted rows, or zero-padded pair blocks for AMX (which of the two is decided per call)
     converted_.reset(new float[kMaxRows * kKC]);
+    compact_.reset(new float[kMaxRows * kNR]);
   }
 
   // Result row stride of compute().
@@ -522,16 +522,17 @@ class TileDots {
   }
 
   // The entries (r, c) of compute() with need[r * kMaxCols + c] != 0, bit for bit; the others are left undefined.
-  // float32 rows on AVX-512 only multiply the rows that need a 32-column panel (in groups of up to 8: the kernels'
-  // lanes are independent, so which rows share a group changes no bit) and pack only the panels that are needed;
-  // other rows on AVX-512 skip the 8 x 32 kernel blocks without a needed entry; the portable loops compute the
-  // whole block.
+  // float32 and converted rows on AVX-512 only multiply the rows that need a 32-column panel (in groups of up to 8:
+  // the kernels' lanes are independent, so which rows share a group changes no bit) and pack only the panels that are
+  // needed; bfloat16 pairs skip the 8 x 32 kernel blocks without a needed entry; the portable loops compute the whole
+  // block.
   const float* compute_masked(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
                               const uint8_t* need, const PackedPanels* packed = nullptr) {
 #ifdef MRPRUNE_X86_AVX512
     if (avx512_ && a.d > 0 && m > 0 && n > 0) {
-      if (elem_ == Elem::kFloat32) {
-        masked_f32(a, i0, m, b, j0, n, need);
+      const Mode mode = mode_for(elem_, a.d);
+      if (!mode.pairs && !mode.amx) {
+        masked_rows(a, i0, m, b, j0, n, need, mode.convert);
       } else {
         compute_avx512(a, i0, m, b, j0, n, packed != nullptr && packed->serves(b) && j0 % kNR == 0 ? packed : nullptr,
                        false, need);
@@ -545,7 +546,8 @@ class TileDots {
 
  private:
   // The same blocking and per-pair order as the AVX-512 float32 path (one accumulator per pair and kSub run, k
-  // ascending, fused multiply-add, runs added in order), in plain loops the compiler vectorises: bit-identical results on every CPU.
+  // ascending, fused multiply-add, runs added in order), in plain loops the compiler vectorises: bit-identical results
+  // on every CPU.
   void compute_portable(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n) {
     const int64_t d = a.d, panels = (n + kNR - 1) / kNR;
     float* abuf = portable_a_.get();
@@ -667,13 +669,14 @@ class TileDots {
     if (amx) amx_end();
   }
 
-  // compute_masked for float32: per needed panel, the k-chunks in order, each packed as compute_avx512 packs it and
-  // multiplied into a compact [rows that need the panel][32] block, which is then scattered into the result.
-  MRPRUNE_AVX512 void masked_f32(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
-                                 const uint8_t* need) {
+  // compute_masked for float32 and converted rows: per needed panel, the k-chunks in order, each packed (and the
+  // needing rows converted) as compute_avx512 does it and multiplied into a compact [rows that need the panel][32]
+  // block, which is then scattered into the result.
+  MRPRUNE_AVX512 void masked_rows(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0,
+                                  int64_t n, const uint8_t* need, bool convert) {
     const int64_t d = a.d;
     int64_t rows[kMaxRows];
-    float* block = converted_.get();  // [rows][32]
+    float* block = compact_.get();  // [rows][32]
     for (int64_t p = 0; p * kNR < n; ++p) {
       const int64_t c0 = p * kNR, cols = std::min<int64_t>(kNR, n - c0);
       int64_t count = 0;
@@ -686,11 +689,17 @@ class TileDots {
       for (int64_t c = 0; c < cols; ++c) brows[c] = b.row(j0 + c0 + c);
       for (int64_t k0 = 0; k0 < d; k0 += kKC) {
         const int64_t kc = std::min(kKC, d - k0);
-        pack_b_avx512(brows, cols, elem_, false, k0, kc, d, packed_.get());
+        pack_b_avx512(brows, cols, elem_, convert, k0, kc, d, packed_.get());
+        for (int64_t q = 0; convert && q < count; ++q) {
+          convert_row(a.row(i0 + rows[q]), k0, kc, converted_.get() + q * kKC);
+        }
         for (int64_t g = 0; g < count; g += kMR) {
           const int group = static_cast<int>(std::min<int64_t>(kMR, count - g));
           const float* arows[kMR];
-          for (int q = 0; q < group; ++q) arows[q] = static_cast<const float*>(a.row(i0 + rows[g + q])) + k0;
+          for (int q = 0; q < group; ++q) {
+            arows[q] = convert ? converted_.get() + (g + q) * kKC
+                               : static_cast<const float*>(a.row(i0 + rows[g + q])) + k0;
+          }
           kernel_f32_rows(group)(arows, packed_.get(), kc, block + g * kNR, kNR, k0 > 0);
         }
       }
@@ -719,21 +728,21 @@ class TileDots {
 
   // float32 copies of the k-chunk of the A rows (float16, or bfloat16 without VDPBF16PS).
   MRPRUNE_AVX512 void convert_rows(const RowMatrix& a, int64_t i0, int64_t m, int64_t k0, int64_t kc) {
-    for (int64_t r = 0; r < m; ++r) {
-      float* dst = converted_.get() + r * kKC;
-      for (int64_t k = 0; k < kc; k += 16) {
-        const int64_t left = kc - k;
-        const __mmask16 mask =
-            left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-        _mm512_mask_storeu_ps(dst + k, mask, dots::load16(a.row(i0 + r), elem_, k0 + k, mask));
-      }
+    for (int64_t r = 0; r < m; ++r) convert_row(a.row(i0 + r), k0, kc, converted_.get() + r * kKC);
+  }
+
+  MRPRUNE_AVX512 void convert_row(const void* row, int64_t k0, int64_t kc, float* dst) {
+    for (int64_t k = 0; k < kc; k += 16) {
+      const int64_t left = kc - k;
+      const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+      _mm512_mask_storeu_ps(dst + k, mask, dots::load16(row, elem_, k0 + k, mask));
     }
   }
 #endif
 
   Elem elem_;
   bool avx512_ = false;
-  std::unique_ptr<float[]> packed_, result_, converted_, portable_a_;
+  std::unique_ptr<float[]> packed_, result_, converted_, compact_, portable_a_;
 };
 
 }  // namespace mrprune::cpu::gemm
