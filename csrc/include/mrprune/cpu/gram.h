@@ -351,13 +351,6 @@ class QuantizedDots {
   std::unique_ptr<float[]> result_;
 };
 
-// The B operands of a screened visit: the screen's rows, and the exact rows where they are packed ahead (bfloat16
-// pairs; others pack per tile).
-struct ScreenPanels {
-  std::unique_ptr<gemm::PackedPanels> screen, exact;
-  ScreenPanels(const Screen& s, const RowMatrix& b) : screen(s.pack()), exact(pack_panels(b)) {}
-};
-
 // Blocks of a screened visit, one object per thread: compute() takes the block of the screen's rows, marks the pairs
 // whose screened cosine reaches the cut (on the diagonal of an upper visit, j >= i only) and computes those exactly.
 class ScreenedDots {
@@ -368,12 +361,12 @@ class ScreenedDots {
   // no pair of the block can reach the cut.
   const float* compute(const RowMatrix& a, const Screen& screen_a, const float* inv_a, int64_t i0, int64_t m,
                        const RowMatrix& b, const Screen& screen_b, const float* inv_b, int64_t j0, int64_t n,
-                       const ScreenPanels& packed, bool upper) {
+                       const gemm::PackedPanels& packed, bool upper) {
     const int64_t ld = TileDots::ld();
     const float* approx =
         screen_a.kind() == Screen::Kind::kInt8
-            ? quantized_.compute(screen_a, i0, m, screen_b, j0, n, *packed.screen, upper)
-            : screened_.compute(screen_a.rows(), i0, m, screen_b.rows(), j0, n, packed.screen.get(), upper);
+            ? quantized_.compute(screen_a, i0, m, screen_b, j0, n, packed, upper)
+            : screened_.compute(screen_a.rows(), i0, m, screen_b.rows(), j0, n, &packed, upper);
     const float cut = screen_a.cut(screen_b);
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
@@ -383,7 +376,7 @@ class ScreenedDots {
       for_each_at_least(approx + r * ld + c0, inv_b + j0 + c0, inv_a[i], n - c0, cut,
                         [&](int64_t c, float) { flags[c0 + c] = 1, any = true; });
     }
-    return any ? exact_.compute_masked(a, i0, m, b, j0, n, need_.data(), packed.exact.get()) : nullptr;
+    return any ? exact_.compute_masked(a, i0, m, b, j0, n, need_.data()) : nullptr;
   }
 
   // need()[r * TileDots::ld() + c]: whether the last compute() computed pair (r, c).
@@ -424,7 +417,7 @@ class UpperTiles {
   void visit_screened(const Screen& screen, const float* inv, const F& fn,
                       const std::atomic<bool>* stop = nullptr) const {
     const RowMatrix& x = x_;
-    const ScreenPanels packed(screen, x);
+    const auto packed = screen.pack();
     // Blocks cost what their candidates cost: each thread takes the next block as it gets free.
     std::atomic<int64_t> next{0};
     torch::stable::parallel_for(0, items(), 1, [&](int64_t begin, int64_t) {
@@ -432,7 +425,7 @@ class UpperTiles {
       for (int64_t w = next++; w < items(); w = next++) {
         if (stop != nullptr && stop->load(std::memory_order_relaxed)) return;
         const auto [i0, m, j0, n] = block(w);
-        const float* raw = dots.compute(x, screen, inv, i0, m, x, screen, inv, j0, n, packed, true);
+        const float* raw = dots.compute(x, screen, inv, i0, m, x, screen, inv, j0, n, *packed, true);
         if (raw != nullptr) fn(i0, m, j0, n, raw, TileDots::ld(), dots.need(), begin);
       }
     });
@@ -512,7 +505,7 @@ inline void visit_cross_blocks_screened(const RowMatrix& a, const Screen& screen
                                         const RowMatrix& b, const Screen& screen_b, const float* inv_b, const F& fn) {
   const int64_t rows = TileDots::kMaxRows;
   const int64_t row_tiles = (a.rows + rows - 1) / rows, col_tiles = (b.rows + kTileCols - 1) / kTileCols;
-  const ScreenPanels packed(screen_b, b);
+  const auto packed = screen_b.pack();
   // Blocks cost what their candidates cost: each thread takes the next block as it gets free.
   std::atomic<int64_t> next{0};
   torch::stable::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t, int64_t) {
@@ -520,7 +513,7 @@ inline void visit_cross_blocks_screened(const RowMatrix& a, const Screen& screen
     for (int64_t w = next++; w < row_tiles * col_tiles; w = next++) {
       const int64_t i0 = (w / col_tiles) * rows, j0 = (w % col_tiles) * kTileCols;
       const int64_t m = std::min(rows, a.rows - i0), n = std::min(kTileCols, b.rows - j0);
-      const float* raw = dots.compute(a, screen_a, inv_a, i0, m, b, screen_b, inv_b, j0, n, packed, false);
+      const float* raw = dots.compute(a, screen_a, inv_a, i0, m, b, screen_b, inv_b, j0, n, *packed, false);
       if (raw != nullptr) fn(i0, m, j0, n, raw, TileDots::ld(), dots.need());
     }
   });

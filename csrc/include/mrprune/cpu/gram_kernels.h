@@ -27,7 +27,6 @@
 #pragma once
 
 #include <algorithm>
-#include <array>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -524,24 +523,18 @@ class TileDots {
   // The entries (r, c) of compute() with need[r * kMaxCols + c] != 0, bit for bit; the others are left undefined.
   // float32 and converted rows on AVX-512 only multiply the rows that need a 32-column panel (in groups of up to 8:
   // the kernels' lanes are independent, so which rows share a group changes no bit) and pack only the panels that are
-  // needed; bfloat16 pairs skip the 8 x 32 kernel blocks without a needed entry; the portable loops compute the whole
-  // block.
+  // needed; bfloat16 pairs (never screened: gram.h) and the portable loops compute the whole block.
   const float* compute_masked(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
-                              const uint8_t* need, const PackedPanels* packed = nullptr) {
+                              const uint8_t* need) {
 #ifdef MRPRUNE_X86_AVX512
-    if (avx512_ && a.d > 0 && m > 0 && n > 0) {
-      const Mode mode = mode_for(elem_, a.d);
-      if (!mode.pairs && !mode.amx) {
-        masked_rows(a, i0, m, b, j0, n, need, mode.convert);
-      } else {
-        compute_avx512(a, i0, m, b, j0, n, packed != nullptr && packed->serves(b) && j0 % kNR == 0 ? packed : nullptr,
-                       false, need);
-      }
+    const Mode mode = mode_for(elem_, a.d);
+    if (avx512_ && a.d > 0 && m > 0 && n > 0 && !mode.pairs && !mode.amx) {
+      masked_rows(a, i0, m, b, j0, n, need, mode.convert);
       return result_.get();
     }
 #endif
     (void)need;
-    return compute(a, i0, m, b, j0, n, packed);
+    return compute(a, i0, m, b, j0, n);
   }
 
  private:
@@ -581,25 +574,10 @@ class TileDots {
   }
 
 #ifdef MRPRUNE_X86_AVX512
-  // need (optional): compute_masked's flags; the 8 x 32 kernel blocks without one are skipped (not on AMX).
   void compute_avx512(const RowMatrix& a, int64_t i0, int64_t m, const RowMatrix& b, int64_t j0, int64_t n,
-                      const PackedPanels* packed, bool upper = false, const uint8_t* need = nullptr) {
+                      const PackedPanels* packed, bool upper = false) {
     const Mode mode = mode_for(elem_, a.d);
     const bool amx = mode.amx, pairs = mode.pairs, convert = mode.convert;
-    // block_needed[g * (kMaxCols / kNR) + p]: whether kernel block (rows 8g.., panel p) holds a needed entry
-    std::array<bool, (kMaxRows / kMR) * (kMaxCols / kNR)> block_needed;
-    if (need != nullptr && !amx) {
-      for (int64_t r0 = 0; r0 < m; r0 += kMR) {
-        for (int64_t c0 = 0; c0 < n; c0 += kNR) {
-          bool any = false;
-          for (int64_t r = r0; r < std::min(m, r0 + kMR) && !any; ++r) {
-            const uint8_t* flags = need + r * kMaxCols + c0;
-            any = std::any_of(flags, flags + std::min<int64_t>(kNR, n - c0), [](uint8_t f) { return f != 0; });
-          }
-          block_needed[(r0 / kMR) * (kMaxCols / kNR) + c0 / kNR] = any;
-        }
-      }
-    }
     const int64_t words = mode.words;  // 32-bit words per row
     const void* brows[kMaxCols];
     for (int64_t c = 0; c < n; ++c) brows[c] = b.row(j0 + c);
@@ -655,7 +633,6 @@ class TileDots {
         }
         for (int64_t p = 0; p < panels; ++p) {
           if (upper && j0 + (p + 1) * kNR <= i0 + r0) continue;  // every column below every row
-          if (need != nullptr && !block_needed[(r0 / kMR) * (kMaxCols / kNR) + p]) continue;
           float* c = result_.get() + r0 * ld() + p * kNR;
           const float* bp = panel(p);
           if (pairs) {
